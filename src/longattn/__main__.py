@@ -1,0 +1,3 @@
+from longattn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""The registry: mechanism name -> spec (callable, parameters, capabilities).
+
+Every mechanism enters the library here, once. The functional API
+(:func:`longattn.attention`), the multi-head module, the benchmark, the pictures
+and the trainer all find mechanisms through this table, so adding one is one file
+plus its :func:`register` call, never an edit of a switch statement.
+
+A mechanism's callable has the signature::
+
+    fn(q, k, v, *, causal: bool, key_padding_mask: Tensor | None,
+       scale: float | None, **params) -> Tensor          # [B, H, Nq, Dv]
+
+Learned mechanisms (they own parameters or buffers) also give ``module``: a
+builder ``module(heads=H, head_dim=D, **params) -> nn.Module`` whose forward is
+``forward(q, k, v, *, causal=False, key_padding_mask=None, scale=None)``.
+Their functional form takes the learned tensors (or the module) as parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+REQUIRED = dataclasses.MISSING
+"""Marker for a parameter without a default (the caller must give it)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a mechanism: its name, default and a one-line meaning."""
+
+    name: str
+    default: Any = REQUIRED
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """What the registry knows of a mechanism.
+
+    Attributes:
+        name: registry key, e.g. ``"local"``.
+        fn: the functional form (see module docstring).
+        params: the parameters ``fn`` accepts beyond q, k, v, causal,
+            key_padding_mask and scale.
+        family: the module/family it belongs to (``"pattern"``, ``"kernel"``...).
+        exact: equals softmax attention over its pattern to rounding error.
+        causal: can be asked for ``causal=True``.
+        learned: owns parameters or buffers (use ``module``).
+        cross: accepts Nq != Nk (cross-attention).
+        subquadratic: never builds an Nq x Nk tensor (section 1 of DESIGN.md).
+        bias: accepts an additive score bias (e.g. ALiBi) as ``bias=``.
+        paper: the reference, e.g. ``"Beltagy et al. 2020, Longformer"``.
+        summary: one line for tables.
+        module: builder of an ``nn.Module`` for learned mechanisms.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    params: tuple[Param, ...] = ()
+    family: str = ""
+    exact: bool = True
+    causal: bool = True
+    learned: bool = False
+    cross: bool = False
+    subquadratic: bool = True
+    bias: bool = False
+    paper: str = ""
+    summary: str = ""
+    module: Callable[..., nn.Module] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params if not p.required}
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Raise TypeError naming unknown or missing parameters."""
+        unknown = sorted(set(params) - set(self.param_names))
+        if unknown:
+            raise TypeError(
+                f"mechanism {self.name!r} got unknown parameter(s) {unknown}; "
+                f"it accepts {list(self.param_names) or 'no parameters'}"
+            )
+        missing = [p.name for p in self.params if p.required and p.name not in params]
+        if missing:
+            raise TypeError(f"mechanism {self.name!r} needs parameter(s) {missing}")
+
+    def describe(self) -> dict[str, Any]:
+        """A plain dict, for tables and JSON."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "exact": self.exact,
+            "causal": self.causal,
+            "learned": self.learned,
+            "cross": self.cross,
+            "subquadratic": self.subquadratic,
+            "params": {
+                p.name: (None if p.required else _jsonable(p.default)) for p in self.params
+            },
+            "paper": self.paper,
+            "summary": self.summary,
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return repr(x)
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+
+
+def register(
+    name: str,
+    *,
+    params: tuple[Param, ...] | list[Param] = (),
+    **caps: Any,
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator registering ``fn`` under ``name``.
+
+    Example::
+
+        @register("local", params=(Param("before", 64), Param("after", 64)),
+                  family="pattern", exact=True, causal=True)
+        def local_attention(q, k, v, *, causal, key_padding_mask, scale, before, after):
+            ...
+    """
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"mechanism {name!r} is already registered")
+        _REGISTRY[name] = Mechanism(name=name, fn=fn, params=tuple(params), **caps)
+        return fn
+
+    return deco
+
+
+def add(spec: Mechanism) -> Mechanism:
+    """Register a ready-made :class:`Mechanism`."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"mechanism {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> Mechanism:
+    """The spec of ``name``; a ValueError listing the known names otherwise."""
+    _load()
+    if not isinstance(name, str):
+        raise TypeError(f"mechanism must be a str, got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown mechanism {name!r}; registered: {sorted(_REGISTRY)}"
+        ) from None
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def specs() -> Iterator[Mechanism]:
+    _load()
+    for n in sorted(_REGISTRY):
+        yield _REGISTRY[n]
+
+
+def mechanisms() -> list[dict[str, Any]]:
+    """Every registered mechanism as a dict: name, family, capabilities, parameters."""
+    return [s.describe() for s in specs()]
+
+
+def _load() -> None:
+    # importing the ops package imports every family module, which registers itself
+    import longattn.ops  # noqa: F401
+
+
+class FunctionalAttention(nn.Module):
+    """nn.Module wrapper of a parameter-free mechanism (what ``build`` returns for it)."""
+
+    def __init__(self, name: str, **params: Any) -> None:
+        super().__init__()
+        spec = get(name)
+        spec.check_params(params)
+        self.spec = spec
+        self.params = {**spec.defaults(), **params}
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        scale: float | None = None,
+        **extra: Any,
+    ) -> Tensor:
+        return self.spec.fn(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+            **self.params, **extra,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.name}, " + ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+
+
+def build(name: str, *, heads: int, head_dim: int, **params: Any) -> nn.Module:
+    """An ``nn.Module`` computing mechanism ``name`` on [B, H, N, D] tensors.
+
+    Learned mechanisms get their own module (owning parameters/buffers); others are
+    wrapped in :class:`FunctionalAttention`.
+    """
+    spec = get(name)
+    if spec.module is not None:
+        return spec.module(heads=heads, head_dim=head_dim, **params)
+    return FunctionalAttention(name, **params)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mechanism: str = "local",
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    **params: Any,
+) -> Tensor:
+    """Attention of ``q`` over ``k``/``v`` with the registered ``mechanism``.
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, H, Nk, D]; v: [B, H, Nk, Dv].
+        mechanism: a name from :func:`mechanisms`.
+        causal: query i sees key j only if j <= i (needs Nq == Nk).
+        key_padding_mask: bool [B, Nk], True = a real token.
+        scale: score scale, default 1/sqrt(D).
+        **params: the mechanism's parameters; unknown ones raise TypeError.
+
+    Returns:
+        [B, H, Nq, Dv], in the dtype of ``q``.
+    """
+    spec = get(mechanism)
+    spec.check_params(params)
+    if causal and not spec.causal:
+        raise ValueError(f"mechanism {mechanism!r} cannot be causal (causal=True was given)")
+    full = {**spec.defaults(), **params}
+    return spec.fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **full)
+
