@@ -1,0 +1,673 @@
+"""Attention patterns: which key j each query i may see (DESIGN.md section 4).
+
+Each pattern is written once as a *predicate* ``visible(i, j, h)`` on broadcast
+integer tensors (attention-gym style). The same pattern also describes itself to
+the exact engine (:mod:`longattn.ops.blocksparse`) as a list of *components*
+without any N x N object:
+
+- :class:`Band`: a band ``-before <= u_j - u_i <= after`` inside groups of
+  positions: the whole sequence (local), residue classes mod d (dilated, strided:
+  "a band after regrouping by residue"), or contiguous chunks (block-diagonal).
+  The engine runs it as unmasked square and triangular tiles.
+- :class:`Gather`: blocks of queries, each with a short list of key positions
+  (global columns and rows, random blocks, Sparse Transformer summary columns).
+
+A pattern's components may overlap; the engine counts every key once (a later
+component is masked by the earlier ones) and merges them into one softmax.
+
+Small masks (N=8, before=1, after=2), ``#`` visible::
+
+    local(1, 2)        dilated(1, 2)      strided(3)         global_tokens([0])
+    ###.....           #.#.....           #..#..#.           ########
+    ####....           .#.#....           .#..#..#           ##......
+    .####...           #.#.#...           ..#..#..           #.#.....
+    ..####..           .#.#.#..           #..#..#.           #..#....
+    ...####.           ..#.#.#.           .#..#..#           #...#...
+    ....####           ...#.#.#           ..#..#..           #....#..
+    .....###           ....#.#.           #..#..#.           #.....#.
+    ......##           .....#.#           .#..#..#           #......#
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Predicate = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``pred(i, j, h) -> bool``: i, j, h are broadcastable int64 tensors."""
+
+INF = 1 << 40  # an "unbounded" window
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Engine components
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How a Band regroups positions.
+
+    kind "all": one group, the sequence. "residue": group g holds g, g+d, g+2d, ...
+    (dilated/strided). "chunk": group g holds [g*d, (g+1)*d) (block-diagonal).
+    """
+
+    kind: str = "all"
+    d: int = 1
+
+    def groups(self, n: int) -> list[Tensor]:
+        """The positions of each group, in order (u = index in the group)."""
+        if self.kind == "all":
+            return [torch.arange(n)]
+        if self.kind == "residue":
+            return [torch.arange(g, n, self.d) for g in range(min(self.d, n))]
+        if self.kind == "chunk":
+            return [torch.arange(s, min(s + self.d, n)) for s in range(0, n, self.d)]
+        raise ValueError(f"unknown grouping {self.kind!r}")
+
+    def same_group(self, i: Tensor, j: Tensor) -> Tensor:
+        if self.kind == "all":
+            return torch.ones((), dtype=torch.bool)
+        if self.kind == "residue":
+            return (j - i) % self.d == 0
+        return i // self.d == j // self.d
+
+    def offset(self, i: Tensor, j: Tensor) -> Tensor:
+        """u_j - u_i for positions in the same group."""
+        if self.kind == "residue":
+            return (j - i) // self.d
+        return j - i
+
+
+@dataclass(frozen=True)
+class Band:
+    """Keys with ``-before <= u_j - u_i <= after`` in the query's group."""
+
+    before: int
+    after: int
+    grouping: Grouping = field(default_factory=Grouping)
+
+    def pred(self, i: Tensor, j: Tensor, h: Tensor) -> Tensor:
+        off = self.grouping.offset(i, j)
+        return self.grouping.same_group(i, j) & (off >= -self.before) & (off <= self.after)
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Query blocks, each with its list of key positions.
+
+    qpos: [T, bq] query positions (-1 = none); kpos: [Hk, T, K] key positions
+    (-1 = none), Hk = 1 (all heads) or H. ``pred`` is what the component covers
+    (used to count overlapping keys once); ``dense_keys`` says every listed key is
+    visible (no mask needed, apart from causality, padding and overlaps).
+    """
+
+    qpos: Tensor
+    kpos: Tensor
+    pred: Predicate
+    dense_keys: bool = False
+
+
+Component = Band | Gather
+
+
+# --------------------------------------------------------------------------------------
+# Patterns
+# --------------------------------------------------------------------------------------
+
+
+class Pattern:
+    """A set of visible (query, key) pairs; see the module docstring."""
+
+    #: True when visibility depends on the head (random blocks, per-head lists)
+    head_dependent: bool = False
+
+    def visible(self, i: Tensor, j: Tensor, h: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def components(self, n: int, heads: int) -> list[Component]:  # pragma: no cover
+        raise NotImplementedError
+
+    def prepare(self, n: int, heads: int) -> None:
+        """Bind length-dependent state (random tables, head counts) before ``visible``."""
+        for child in self.children():
+            child.prepare(n, heads)
+
+    def children(self) -> list["Pattern"]:
+        return []
+
+    def heads_split(self, heads: int) -> list[tuple[int, int, "Pattern"]] | None:
+        """For per-head lists: [(first head, number of heads, pattern)], else None."""
+        return None
+
+    def mask(self, n: int, heads: int = 1, causal: bool = False) -> Tensor:
+        """The dense bool mask [heads, n, n] (True = visible), for tests and pictures."""
+        _check_int("n", n, 1)
+        self.prepare(n, heads)
+        i = torch.arange(n)[None, :, None]
+        j = torch.arange(n)[None, None, :]
+        h = torch.arange(heads)[:, None, None]
+        m = self.visible(i, j, h).expand(heads, n, n)
+        if causal:
+            m = m & (j <= i)
+        return m.clone()
+
+    def visible_count(self, n: int, heads: int = 1, causal: bool = False, chunk: int = 1024) -> int:
+        """Visible (i, j) pairs summed over heads, without an n x n tensor (chunked rows)."""
+        total = 0
+        self.prepare(n, heads)
+        j = torch.arange(n)[None, None, :]
+        h = torch.arange(heads)[:, None, None]
+        for s in range(0, n, chunk):
+            i = torch.arange(s, min(s + chunk, n))[None, :, None]
+            m = self.visible(i, j, h)
+            if causal:
+                m = m & (j <= i)
+            total += int(m.expand(heads, i.shape[1], n).sum())
+        return total
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return Union([self, other])
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return Intersection([self, other])
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Full(Pattern):
+    """Every key: ``True``."""
+
+    def visible(self, i, j, h):
+        return torch.ones((), dtype=torch.bool)
+
+    def components(self, n, heads):
+        return [Band(INF, INF)]
+
+
+class Causal(Pattern):
+    """``j <= i``."""
+
+    def visible(self, i, j, h):
+        return j <= i
+
+    def components(self, n, heads):
+        return [Band(INF, 0)]
+
+
+class Local(Pattern):
+    """Sliding window ``i - before <= j <= i + after`` (truncated attention)."""
+
+    def __init__(self, before: int = 64, after: int = 64) -> None:
+        self.before = _check_int("before", before, 0)
+        self.after = _check_int("after", after, 0)
+
+    def visible(self, i, j, h):
+        return (j >= i - self.before) & (j <= i + self.after)
+
+    def components(self, n, heads):
+        return [Band(self.before, self.after)]
+
+
+class Dilated(Pattern):
+    """Longformer's dilated window: ``(j - i) % d == 0 and |j - i| <= radius * d``."""
+
+    def __init__(self, radius: int = 8, dilation: int = 2) -> None:
+        self.radius = _check_int("radius", radius, 0)
+        self.dilation = _check_int("dilation", dilation, 1)
+
+    def visible(self, i, j, h):
+        return ((j - i) % self.dilation == 0) & ((j - i).abs() <= self.radius * self.dilation)
+
+    def components(self, n, heads):
+        return [Band(self.radius, self.radius, Grouping("residue", self.dilation))]
+
+
+class Strided(Pattern):
+    """Every s-th position, unbounded: ``(j - i) % s == 0``."""
+
+    def __init__(self, stride: int = 64) -> None:
+        self.stride = _check_int("stride", stride, 1)
+
+    def visible(self, i, j, h):
+        return (j - i) % self.stride == 0
+
+    def components(self, n, heads):
+        return [Band(INF, INF, Grouping("residue", self.stride))]
+
+
+class BlockDiagonal(Pattern):
+    """Within the same block of ``block`` positions: ``j // block == i // block``."""
+
+    def __init__(self, block: int = 64) -> None:
+        self.block = _check_int("block", block, 1)
+
+    def visible(self, i, j, h):
+        return i // self.block == j // self.block
+
+    def components(self, n, heads):
+        return [Band(INF, INF, Grouping("chunk", self.block))]
+
+
+def _as_index(idx: Sequence[int] | Tensor, name: str) -> Tensor:
+    t = torch.as_tensor(idx, dtype=torch.long).flatten()
+    if t.numel() == 0:
+        raise ValueError(f"{name} must name at least one position")
+    if (t < 0).any():
+        raise ValueError(f"{name} must be non-negative positions, got {t.tolist()[:8]}")
+    return torch.unique(t)
+
+
+def _member(x: Tensor, idx: Tensor) -> Tensor:
+    return torch.isin(x, idx.to(x.device))
+
+
+def _blocks(pos: Tensor, bq: int) -> Tensor:
+    """Cut a 1-D position list into [T, bq] rows, padding with -1."""
+    n = pos.numel()
+    t = -(-n // bq)
+    out = torch.full((t * bq,), -1, dtype=torch.long)
+    out[:n] = pos
+    return out.view(t, bq)
+
+
+QUERY_BLOCK = 128
+
+
+class GlobalTokens(Pattern):
+    """Global positions: ``i in idx or j in idx``. Positions >= N are ignored."""
+
+    def __init__(self, indices: Sequence[int] | Tensor = (0,)) -> None:
+        self.indices = _as_index(indices, "indices")
+
+    def visible(self, i, j, h):
+        return _member(i, self.indices) | _member(j, self.indices)
+
+    def components(self, n, heads):
+        idx = self.indices[self.indices < n]
+        if idx.numel() == 0:
+            return []
+        cols = idx
+        rows_pred = lambda i, j, h: _member(i, idx)  # noqa: E731
+        cols_pred = lambda i, j, h: _member(j, idx)  # noqa: E731
+        qpos = _blocks(torch.arange(n), QUERY_BLOCK)
+        comps: list[Component] = [
+            Gather(qpos, cols.expand(1, qpos.shape[0], -1).clone(), cols_pred, dense_keys=True),
+        ]
+        comps.append(Gather(idx[None, :], torch.arange(n)[None, None, :], rows_pred, dense_keys=True))
+        return comps
+
+
+class RandomBlocks(Pattern):
+    """BigBird random attention: key block ``j // block`` is one of ``blocks_per_row``
+    blocks drawn (without replacement) for query block ``i // block``, per head.
+
+    The draw is a pure function of (seed, n, head): reproducible, and the same in
+    training and evaluation.
+    """
+
+    head_dependent = True
+
+    def __init__(self, blocks_per_row: int = 3, block: int = 64, seed: int = 0) -> None:
+        self.blocks_per_row = _check_int("blocks_per_row", blocks_per_row, 0)
+        self.block = _check_int("block", block, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self._cache: dict[tuple[int, int], Tensor] = {}
+
+    def table(self, n: int, heads: int) -> Tensor:
+        """[heads, nblocks, r] drawn key blocks (r = min(blocks_per_row, nblocks))."""
+        key = (n, heads)
+        if key not in self._cache:
+            nb = -(-n // self.block)
+            r = min(self.blocks_per_row, nb)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
+            # one independent draw per (head, query block), without replacement
+            scores = torch.rand(heads, nb, nb, generator=g)
+            self._cache[key] = scores.topk(r, dim=-1).indices.sort(-1).values
+        return self._cache[key]
+
+    def prepare(self, n: int, heads: int) -> None:
+        self._active = self.table(n, heads)
+
+    def visible(self, i, j, h):
+        tab = getattr(self, "_active", None)
+        if tab is None:
+            raise RuntimeError("RandomBlocks.prepare(n, heads) must be called before visible()")
+        return _in_table(tab, self.block, i, j, h)
+
+    def components(self, n, heads):
+        if self.blocks_per_row == 0:
+            return []
+        tab = self.table(n, heads)  # [H, nb, r]
+        nb, r = tab.shape[1], tab.shape[2]
+        b = self.block
+        qpos = _blocks(torch.arange(n), b)  # [nb, b]
+        kpos = (tab[..., None] * b + torch.arange(b)).reshape(heads, nb, r * b)
+        kpos = torch.where(kpos < n, kpos, torch.full_like(kpos, -1))
+        pred = lambda i, j, h: _in_table(tab, b, i, j, h)  # noqa: E731
+        return [Gather(qpos, kpos, pred, dense_keys=True)]
+
+
+def _in_table(tab: Tensor, block: int, i: Tensor, j: Tensor, h: Tensor) -> Tensor:
+    """Is key block j // block among the drawn blocks tab[h, i // block, :]?"""
+    hh = h.clamp(0, tab.shape[0] - 1)
+    qb = (i // block).clamp(0, tab.shape[1] - 1)
+    drawn = tab[hh, qb]  # [..., r]
+    return (drawn == (j // block)[..., None]).any(-1)
+
+
+class SparseTransformerStrided(Pattern):
+    """Child et al. 2019, strided: head kind A ``0 <= i - j < l``; kind B
+    ``(i - j) % l == 0``; both causal. ``mode="heads"``: the first half of the heads
+    are kind A, the rest kind B; ``mode="union"``: A or B in every head."""
+
+    def __init__(self, l: int = 64, mode: str = "heads") -> None:  # noqa: E741
+        self.l = _check_int("l", l, 1)
+        if mode not in ("heads", "union"):
+            raise ValueError(f"mode must be 'heads' or 'union', got {mode!r}")
+        self.mode = mode
+        self._a = Local(self.l - 1, 0)
+        self._b = Intersection([Strided(self.l), Causal()])
+        self._inner: Pattern = (
+            PerHead([self._a, self._b]) if mode == "heads" else Union([self._a, self._b])
+        )
+        self.head_dependent = mode == "heads"
+
+    def children(self):
+        return [self._inner]
+
+    def visible(self, i, j, h):
+        return self._inner.visible(i, j, h) & (j <= i)
+
+    def components(self, n, heads):
+        return self._inner.components(n, heads)
+
+    def heads_split(self, heads):
+        return self._inner.heads_split(heads)
+
+
+class SparseTransformerFixed(Pattern):
+    """Child et al. 2019, fixed: kind A ``j // l == i // l``; kind B
+    ``j % l >= l - c`` (the last c positions of every block are summaries); causal.
+    ``mode`` as in :class:`SparseTransformerStrided`."""
+
+    def __init__(self, l: int = 64, c: int = 8, mode: str = "heads") -> None:  # noqa: E741
+        self.l = _check_int("l", l, 1)
+        self.c = _check_int("c", c, 1)
+        if self.c > self.l:
+            raise ValueError(f"c must be <= l, got c={c}, l={l}")
+        if mode not in ("heads", "union"):
+            raise ValueError(f"mode must be 'heads' or 'union', got {mode!r}")
+        self.mode = mode
+        self._a = Intersection([BlockDiagonal(self.l), Causal()])
+        self._b = _SummaryColumns(self.l, self.c)
+        self._inner: Pattern = (
+            PerHead([self._a, self._b]) if mode == "heads" else Union([self._a, self._b])
+        )
+        self.head_dependent = mode == "heads"
+
+    def children(self):
+        return [self._inner]
+
+    def visible(self, i, j, h):
+        return self._inner.visible(i, j, h) & (j <= i)
+
+    def components(self, n, heads):
+        return self._inner.components(n, heads)
+
+    def heads_split(self, heads):
+        return self._inner.heads_split(heads)
+
+
+class _SummaryColumns(Pattern):
+    """``j % l >= l - c`` and ``j <= i``: causal summary columns of the fixed pattern.
+
+    Query block t sees only summary keys up to its end, so keys are listed as a
+    prefix per query block (cost ~ N * visible, not N * all summaries)."""
+
+    def __init__(self, l: int, c: int) -> None:  # noqa: E741
+        self.l, self.c = l, c
+
+    def visible(self, i, j, h):
+        return (j % self.l >= self.l - self.c) & (j <= i)
+
+    def components(self, n, heads):
+        keys = torch.arange(n)
+        keys = keys[keys % self.l >= self.l - self.c]
+        return prefix_gather(keys, n, self.visible)
+
+
+def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 8) -> list[Component]:
+    """Gather components for "query i sees the sorted ``keys`` that are <= i".
+
+    Query blocks are taken ``group`` at a time; each group lists the keys up to its
+    last query, so the work is about N * visible rather than N * len(keys)."""
+    comps: list[Component] = []
+    qpos_all = _blocks(torch.arange(n), bq)
+    for t0 in range(0, qpos_all.shape[0], group):
+        qpos = qpos_all[t0 : t0 + group]
+        last = int(qpos.max())
+        ks = keys[keys <= last]
+        if ks.numel() == 0:
+            continue
+        comps.append(Gather(qpos, ks.expand(1, qpos.shape[0], -1).clone(), pred))
+    return comps
+
+
+class Union(Pattern):
+    """Visible in any operand. Overlaps are counted once by the engine."""
+
+    def __init__(self, parts: Sequence[Pattern]) -> None:
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Union needs at least one pattern")
+        for p in parts:
+            if not isinstance(p, Pattern):
+                raise TypeError(f"Union operands must be Patterns, got {type(p).__name__}")
+            if p.heads_split(1) is not None:
+                raise ValueError("a per-head pattern list cannot be an operand of a union")
+        self.parts = parts
+        self.head_dependent = any(p.head_dependent for p in parts)
+
+    def children(self):
+        return self.parts
+
+    def visible(self, i, j, h):
+        out = self.parts[0].visible(i, j, h)
+        for p in self.parts[1:]:
+            out = out | p.visible(i, j, h)
+        return out
+
+    def components(self, n, heads):
+        return [c for p in self.parts for c in p.components(n, heads)]
+
+
+class Intersection(Pattern):
+    """Visible in every operand: the first operand's components, masked by the rest."""
+
+    def __init__(self, parts: Sequence[Pattern]) -> None:
+        parts = list(parts)
+        if len(parts) < 1:
+            raise ValueError("Intersection needs at least one pattern")
+        for p in parts:
+            if p.heads_split(1) is not None:
+                raise ValueError("a per-head pattern list cannot be an operand of an intersection")
+        self.parts = parts
+        self.head_dependent = any(p.head_dependent for p in parts)
+
+    def children(self):
+        return self.parts
+
+    def visible(self, i, j, h):
+        out = self.parts[0].visible(i, j, h)
+        for p in self.parts[1:]:
+            out = out & p.visible(i, j, h)
+        return out
+
+    def components(self, n, heads):
+        first, rest = self.parts[0], self.parts[1:]
+        causal_only = all(isinstance(p, Causal) for p in rest)
+        out: list[Component] = []
+        for c in first.components(n, heads):
+            if causal_only and isinstance(c, Band):
+                # a band cut to j <= i is the band with after = 0: still unmasked tiles
+                out.append(Band(c.before, min(c.after, 0), c.grouping))
+            else:
+                out.append(_Restricted(c, lambda i, j, h, r=rest: _all(r, i, j, h)))
+        return out
+
+
+def _all(patterns: Sequence[Pattern], i: Tensor, j: Tensor, h: Tensor) -> Tensor:
+    out = patterns[0].visible(i, j, h)
+    for p in patterns[1:]:
+        out = out & p.visible(i, j, h)
+    return out
+
+
+@dataclass(frozen=True)
+class _Restricted:
+    """A component whose coverage is cut by an extra predicate (always masked)."""
+
+    inner: Component
+    extra: Predicate
+
+    def pred(self, i, j, h):
+        return self.inner.pred(i, j, h) & self.extra(i, j, h)
+
+
+class PerHead(Pattern):
+    """One pattern per head group: heads split evenly, group g uses ``patterns[g]``.
+
+    The lecture form of Longformer (one head local, one strided, one global) and
+    BigBird (random, local, strided, global heads). ``heads`` must be a multiple of
+    ``len(patterns)``.
+    """
+
+    head_dependent = True
+
+    def __init__(self, patterns: Sequence[Pattern]) -> None:
+        patterns = list(patterns)
+        if not patterns:
+            raise ValueError("PerHead needs at least one pattern")
+        for p in patterns:
+            if not isinstance(p, Pattern):
+                raise TypeError(f"PerHead entries must be Patterns, got {type(p).__name__}")
+        self.patterns = patterns
+        self._heads = len(patterns)
+
+    def prepare(self, n: int, heads: int) -> None:
+        self._heads = heads
+        for _, per, p in self.heads_split(heads):
+            p.prepare(n, per)
+
+    def heads_split(self, heads: int) -> list[tuple[int, int, Pattern]]:
+        g = len(self.patterns)
+        if heads % g:
+            raise ValueError(
+                f"a per-head list of {g} patterns needs heads divisible by {g}, got heads={heads}"
+            )
+        per = heads // g
+        return [(k * per, per, p) for k, p in enumerate(self.patterns)]
+
+    def visible(self, i, j, h):
+        g = len(self.patterns)
+        per = max(self._heads // g, 1)
+        out = None
+        for k, p in enumerate(self.patterns):
+            sel = (h // per).clamp(max=g - 1) == k
+            local_h = h - k * per
+            v = p.visible(i, j, local_h.clamp(min=0)) & sel
+            out = v if out is None else out | v
+        return out
+
+    def components(self, n, heads):
+        raise RuntimeError("PerHead patterns are split by heads_split() before planning")
+
+
+def longformer(window: int = 256, global_indices: Sequence[int] = (0,), dilation: int = 1) -> Pattern:
+    """Beltagy et al. 2020: a sliding window (optionally dilated) plus global tokens.
+
+    ``window`` is the one-sided width: i - window <= j <= i + window."""
+    w = _check_int("window", window, 0)
+    base: Pattern = Local(w, w) if dilation == 1 else Dilated(max(w // dilation, 0), dilation)
+    return Union([base, GlobalTokens(global_indices)])
+
+
+def bigbird(block: int = 64, random_blocks: int = 3, global_blocks: int = 1, seed: int = 0) -> Pattern:
+    """Zaheer et al. 2020: random blocks + a window of 3 blocks + global blocks.
+
+    Window: query block t sees key blocks t-1, t, t+1 (``j//b - i//b`` in [-1, 1]);
+    global: the first ``global_blocks`` blocks are global rows and columns."""
+    b = _check_int("block", block, 1)
+    g = _check_int("global_blocks", global_blocks, 0)
+    parts: list[Pattern] = [_BlockWindow(b, 1)]
+    if random_blocks:
+        parts.append(RandomBlocks(random_blocks, b, seed))
+    if g:
+        parts.append(GlobalTokens(range(g * b)))
+    return Union(parts)
+
+
+class _BlockWindow(Pattern):
+    """Key blocks within ``radius`` blocks of the query block: |j//b - i//b| <= radius."""
+
+    def __init__(self, block: int, radius: int) -> None:
+        self.block, self.radius = block, radius
+
+    def visible(self, i, j, h):
+        return ((j // self.block) - (i // self.block)).abs() <= self.radius
+
+    def components(self, n, heads):
+        b, r = self.block, self.radius
+        qpos = _blocks(torch.arange(n), b)
+        t = torch.arange(qpos.shape[0])
+        kb = t[:, None] + torch.arange(-r, r + 1)  # [T, 2r+1] key blocks
+        kpos = (kb[..., None] * b + torch.arange(b)).reshape(1, len(t), -1)
+        kpos = torch.where((kpos >= 0) & (kpos < n), kpos, torch.full_like(kpos, -1))
+        return [Gather(qpos, kpos, self.visible, dense_keys=True)]
+
+
+# --------------------------------------------------------------------------------------
+# Names -> patterns (used by the registry and `longattn show`)
+# --------------------------------------------------------------------------------------
+
+PATTERNS: dict[str, Callable[..., Pattern]] = {
+    "full": Full,
+    "causal": Causal,
+    "local": Local,
+    "dilated": Dilated,
+    "strided": Strided,
+    "block_diagonal": BlockDiagonal,
+    "global": lambda indices=(0,): GlobalTokens(indices),
+    "random": RandomBlocks,
+    "sparse_transformer_strided": SparseTransformerStrided,
+    "sparse_transformer_fixed": SparseTransformerFixed,
+    "longformer": longformer,
+    "bigbird": bigbird,
+}
+
+
+def make(name: str, **params) -> Pattern:
+    """Build a named pattern: ``make("local", before=2, after=2)``."""
+    try:
+        ctor = PATTERNS[name]
+    except KeyError:
+        raise ValueError(f"unknown pattern {name!r}; known: {sorted(PATTERNS)}") from None
+    try:
+        return ctor(**params)
+    except TypeError as e:
+        raise TypeError(f"pattern {name!r}: {e}") from None
