@@ -1,0 +1,195 @@
+"""Pathfinder (Linsley et al. 2018; Pathfinder-32/64/128 in LRA, Tay et al. 2021).
+
+A W x W image holds two marker disks and several curvy paths. Label 1 when the
+markers sit at the two ends of the same path, 0 when they end two different paths.
+Positives and negatives hold the same number of paths (a positive's second marker
+path is replaced by one more distractor), so counting pixels does not give the
+answer. The model reads the image as a sequence of W*W quantised-intensity tokens,
+row by row.
+
+Drawing (our own generator from the task's description): a path is a random walk
+of unit steps whose heading turns by at most ``max_turn`` radians per step; each
+new pixel must stay ``margin`` pixels from the border and must not touch (8-way)
+any other path or an older part of its own path, so two paths never join. Markers
+are 3 x 3 disks centred on path ends. Every image is checked by a flood fill
+before it is kept (positives connected, negatives not). Cost: O(W * paths) per
+image, plus the O(W^2) check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from longattn.tasks import TaskData, TaskSpec, register_task
+
+
+@dataclass(frozen=True)
+class PathfinderConfig:
+    size: int = 32
+    path_len: int = 0  # pixels per path; 0 = 3/4 of size
+    distractors: int = 2  # unmarked paths in a negative (a positive has one more); distractors + 2 paths in all
+    max_turn: float = 0.5  # radians per unit step
+    margin: int = 2
+    levels: int = 2  # intensity levels (tokens 1..levels; 0 = padding, unused here)
+    n_train: int = 8000
+    n_val: int = 1000
+    n_test: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise ValueError(f"size must be >= 8, got {self.size}")
+        if self.distractors < 1:
+            raise ValueError(f"distractors must be >= 1, got {self.distractors}")
+        if self.levels < 2:
+            raise ValueError(f"levels must be >= 2, got {self.levels}")
+
+    @property
+    def length(self) -> int:
+        return self.path_len or (3 * self.size) // 4
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels + 1
+
+    @property
+    def num_classes(self) -> int:
+        return 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.size * self.size
+
+
+def _walk(rng: np.random.Generator, owner: np.ndarray, pid: int, cfg: PathfinderConfig) -> list[tuple[int, int]] | None:
+    """Draw one path into ``owner`` (pixel -> path id, 0 = empty); None if it got stuck."""
+    W, m = cfg.size, cfg.margin
+    y, x = rng.uniform(m, W - 1 - m, size=2)
+    theta = rng.uniform(0, 2 * math.pi)
+    pix = [(int(round(y)), int(round(x)))]
+    if not _free(owner, pix[0], pid, pix, W, m):
+        return None
+    owner[pix[0]] = pid
+    tries = 0
+    while len(pix) < cfg.length:
+        t = theta + rng.uniform(-cfg.max_turn, cfg.max_turn)
+        ny, nx = y + math.sin(t), x + math.cos(t)
+        p = (int(round(ny)), int(round(nx)))
+        if p == pix[-1]:
+            y, x, theta = ny, nx, t
+            continue
+        if _free(owner, p, pid, pix, W, m):
+            y, x, theta = ny, nx, t
+            pix.append(p)
+            owner[p] = pid
+            tries = 0
+        else:
+            tries += 1
+            theta += rng.uniform(-1.0, 1.0)  # look around
+            if tries > 20:
+                for q in pix:
+                    owner[q] = 0
+                return None
+    return pix
+
+
+def _free(owner: np.ndarray, p: tuple[int, int], pid: int, pix: list[tuple[int, int]], W: int, m: int) -> bool:
+    py, px = p
+    if not (m <= py < W - m and m <= px < W - m):
+        return False
+    recent = set(pix[-2:])
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            q = (py + dy, px + dx)
+            o = owner[q]
+            if o and (o != pid or q not in recent):
+                return False
+    return True
+
+
+def _connected(img: np.ndarray, a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """8-connected path of non-zero pixels from a to b (BFS)."""
+    W = img.shape[0]
+    seen = np.zeros(img.shape, dtype=bool)
+    queue = deque([a])
+    seen[a] = True
+    while queue:
+        y, x = queue.popleft()
+        if (y, x) == b:
+            return True
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                ny, nx = y + dy, x + dx
+                if 0 <= ny < W and 0 <= nx < W and not seen[ny, nx] and img[ny, nx] > 0:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+    return False
+
+
+def draw(rng: np.random.Generator, cfg: PathfinderConfig, positive: bool) -> tuple[np.ndarray, tuple, tuple]:
+    """One image (float32 [W, W] in [0, 1]) and its two marker centres."""
+    W = cfg.size
+    for _ in range(1000):
+        owner = np.zeros((W, W), dtype=np.int32)
+        n_paths = cfg.distractors + 2
+        paths = []
+        for pid in range(1, n_paths + 1):
+            p = None
+            for _ in range(50):
+                p = _walk(rng, owner, pid, cfg)
+                if p is not None:
+                    break
+            if p is None:
+                break
+            paths.append(p)
+        if len(paths) < n_paths:
+            continue
+        a_path = paths[0]
+        if positive:
+            ma, mb = a_path[0], a_path[-1]
+        else:
+            b_path = paths[1]
+            ma = a_path[0] if rng.random() < 0.5 else a_path[-1]
+            mb = b_path[0] if rng.random() < 0.5 else b_path[-1]
+        img = (owner > 0).astype(np.float32)
+        for cy, cx in (ma, mb):
+            img[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = 1.0
+        if _connected(img, ma, mb) == positive:
+            return img, ma, mb
+    raise RuntimeError(f"could not draw a Pathfinder image with {cfg}")
+
+
+def quantise(img: np.ndarray, levels: int) -> np.ndarray:
+    """Intensities in [0, 1] -> tokens 1..levels (0 is padding)."""
+    return 1 + np.clip(np.rint(img * (levels - 1)), 0, levels - 1).astype(np.int64)
+
+
+def generate(cfg: PathfinderConfig, split: str, seed: int) -> TaskData:
+    n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 2).astype(np.int64)  # balanced
+    x = np.empty((n, cfg.size * cfg.size), dtype=np.int64)
+    for i in range(n):
+        img, _, _ = draw(rng, cfg, bool(labels[i]))
+        x[i] = quantise(img, cfg.levels).reshape(-1)
+    return TaskData(x=x, mask=np.ones_like(x, dtype=bool), y=labels)
+
+
+def image(tokens: np.ndarray, cfg: PathfinderConfig) -> np.ndarray:
+    """Token row -> float image [W, W] in [0, 1] (for tests and pictures)."""
+    return (np.asarray(tokens).reshape(cfg.size, cfg.size) - 1) / (cfg.levels - 1)
+
+
+SPEC = register_task(
+    TaskSpec(
+        name="pathfinder",
+        config=PathfinderConfig,
+        generate=generate,
+        kind="classify",
+        summary="are the two markers joined by one path? W x W pixels as tokens (2 classes)",
+        paper="Linsley et al. 2018; Tay et al. 2021 (LRA)",
+    )
+)
