@@ -76,10 +76,17 @@ def test_listops_labels_lengths_depth():
 
 # ---------------------------------------------------------------- Pathfinder
 def _marker_centres(img: np.ndarray) -> list[tuple[int, int]]:
-    """Centres of the 3x3 all-ones blocks (markers); paths are one pixel wide."""
+    """One pixel of each marker: 3x3 all-ones blocks (paths are one pixel wide), where
+    touching blocks (a path curling along its own marker) count as one marker."""
     W = img.shape[0]
     cs = [(y, x) for y in range(1, W - 1) for x in range(1, W - 1) if img[y - 1 : y + 2, x - 1 : x + 2].all()]
-    return cs
+    groups: list[list[tuple[int, int]]] = []
+    for c in cs:
+        near = [g for g in groups if any(abs(c[0] - d[0]) <= 1 and abs(c[1] - d[1]) <= 1 for d in g)]
+        for g in near:
+            groups.remove(g)
+        groups.append(sum(near, []) + [c])
+    return [g[0] for g in groups]
 
 
 def test_pathfinder_positives_connect_negatives_do_not():

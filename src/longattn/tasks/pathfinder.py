@@ -11,7 +11,7 @@ Drawing (our own generator from the task's description): a path is a random walk
 of unit steps whose heading turns by at most ``max_turn`` radians per step; each
 new pixel must stay ``margin`` pixels from the border and must not touch (8-way)
 any other path or an older part of its own path, so two paths never join. Markers
-are 3 x 3 disks centred on path ends. Every image is checked by a flood fill
+are 3 x 3 disks centred on path ends, touching no other path. Every image is checked by a flood fill
 before it is kept (positives connected, negatives not). Cost: O(W * paths) per
 image, plus the O(W^2) check.
 """
@@ -150,10 +150,18 @@ def draw(rng: np.random.Generator, cfg: PathfinderConfig, positive: bool) -> tup
         a_path = paths[0]
         if positive:
             ma, mb = a_path[0], a_path[-1]
+            pa, pb = 1, 1
         else:
             b_path = paths[1]
             ma = a_path[0] if rng.random() < 0.5 else a_path[-1]
             mb = b_path[0] if rng.random() < 0.5 else b_path[-1]
+            pa, pb = 1, 2
+        # a marker (3x3) must not touch another path: its 5x5 surround holds only its own
+        if any(
+            np.setdiff1d(owner[max(cy - 2, 0) : cy + 3, max(cx - 2, 0) : cx + 3], [0, pid]).size
+            for (cy, cx), pid in ((ma, pa), (mb, pb))
+        ):
+            continue
         img = (owner > 0).astype(np.float32)
         for cy, cx in (ma, mb):
             img[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = 1.0
