@@ -1,0 +1,269 @@
+"""Incremental (token-by-token) decoding for causal LM Transformers, and ``generate``.
+
+Each self-attention head group of each layer keeps a decoding state, chosen by the
+group's mechanism name in :data:`DECODE_STATES` (add one with
+:func:`register_state`; no switch over names):
+
+=============  ==========================  ===========================  ==============
+mechanism      state                       per-step cost                memory
+=============  ==========================  ===========================  ==============
+``full``       KV cache (:class:`KVCache`) O(t * D)                     O(t * D)
+``local``      rolling window of the last  O(W * D), W = before + 1     O(W * D)
+               ``before + 1`` keys
+               (:class:`LocalWindowCache`)
+``linear``     recurrent S = sum phi(k)v^T, O(D * Dv)                   O(D * Dv),
+               z = sum phi(k)                                           constant in N
+               (:class:`LinearState`, Katharopoulos et al. 2020)
+=============  ==========================  ===========================  ==============
+
+Every state computes the same numbers as the parallel causal forward (tests hold
+token-by-token logits equal to ``model(x)``). Models whose mechanisms have no
+decoding state are still served by :func:`generate`: it falls back to re-running
+the whole prefix every step (O(T) forwards; documented, never silent about
+``use_cache=True``, which then raises ValueError).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longattn.layers.attention import HeadGroup
+
+DECODE_STATES: dict[str, type["DecodeState"]] = {}
+"""mechanism name -> decoding-state class."""
+
+
+def register_state(name: str) -> Callable[[type["DecodeState"]], type["DecodeState"]]:
+    """Class decorator: ``@register_state("local") class LocalWindowCache(DecodeState): ...``."""
+
+    def deco(cls: type[DecodeState]) -> type[DecodeState]:
+        if name in DECODE_STATES:
+            raise ValueError(f"a decoding state for {name!r} is already registered")
+        DECODE_STATES[name] = cls
+        return cls
+
+    return deco
+
+
+class DecodeState(ABC):
+    """Decoding state of one head group: ``step`` takes the new q, k, v [B, h, 1, D]
+    at position ``pos`` and returns the new query's output [B, h, 1, Dv]."""
+
+    def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
+        self.params = {**group.spec.defaults(), **group.params}
+        self.scale = group.head_dim ** -0.5
+        self.slopes = None if alibi_slopes is None else alibi_slopes[group.start:group.stop]
+
+    @abstractmethod
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor: ...
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held by the state (for the O(window) / O(1) memory checks)."""
+
+
+def _softmax_attend(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None) -> Tensor:
+    work = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(work)
+    return torch.matmul(torch.softmax(s, -1), v.to(work)).to(q.dtype)
+
+
+def _alibi_row(slopes: Tensor | None, pos: int, key_pos: Tensor) -> Tensor | None:
+    if slopes is None:
+        return None
+    dist = (pos - key_pos).abs().to(torch.float32)            # [Nk]
+    return -(slopes.to(key_pos.device)[None, :, None, None] * dist[None, None, None, :])
+
+
+@register_state("full")
+class KVCache(DecodeState):
+    """All keys and values so far; exact causal softmax attention of the new query."""
+
+    def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
+        super().__init__(group, alibi_slopes)
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        key_pos = torch.arange(pos + 1 - self.k.shape[2], pos + 1, device=k.device)
+        return _softmax_attend(q, self.k, self.v, self.scale, _alibi_row(self.slopes, pos, key_pos))
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+@register_state("local")
+class LocalWindowCache(DecodeState):
+    """Rolling window of the last ``before + 1`` keys (causal local: i - before <= j <= i)."""
+
+    def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
+        super().__init__(group, alibi_slopes)
+        self.window = int(self.params["before"]) + 1
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        k_all = k if self.k is None else torch.cat((self.k, k), dim=2)
+        v_all = v if self.v is None else torch.cat((self.v, v), dim=2)
+        self.k = k_all[:, :, -self.window:].clone()   # clone: drop the larger buffer
+        self.v = v_all[:, :, -self.window:].clone()
+        key_pos = torch.arange(pos + 1 - self.k.shape[2], pos + 1, device=k.device)
+        return _softmax_attend(q, self.k, self.v, self.scale, _alibi_row(self.slopes, pos, key_pos))
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "elu": lambda x: F.elu(x) + 1.0,
+    "elu+1": lambda x: F.elu(x) + 1.0,
+    "relu": F.relu,
+}
+"""Deterministic feature maps phi of causal linear attention, by name."""
+
+
+@register_state("linear")
+class LinearState(DecodeState):
+    """Recurrent causal linear attention: S += phi(k) v^T, z += phi(k);
+    out = phi(q)^T S / (phi(q)^T z + eps). Memory O(D * Dv), independent of N."""
+
+    def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
+        super().__init__(group, alibi_slopes)
+        fm = self.params.get("feature_map", "elu")
+        if fm not in FEATURE_MAPS:
+            raise ValueError(f"no decoding state for linear attention with feature_map={fm!r}; "
+                             f"known: {sorted(FEATURE_MAPS)}")
+        self.phi = FEATURE_MAPS[fm]
+        self.eps = float(self.params.get("eps", 1e-6))
+        self.S: Tensor | None = None
+        self.z: Tensor | None = None
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        work = torch.promote_types(q.dtype, torch.float32)
+        fq, fk = self.phi(q.to(work)), self.phi(k.to(work))          # [B, h, 1, D]
+        kv = fk.transpose(-1, -2) @ v.to(work)                         # [B, h, D, Dv]
+        self.S = kv if self.S is None else self.S + kv
+        self.z = fk[:, :, 0] if self.z is None else self.z + fk[:, :, 0]
+        num = fq @ self.S                                              # [B, h, 1, Dv]
+        den = (fq[:, :, 0] * self.z).sum(-1)[..., None, None]          # [B, h, 1, 1]
+        return (num / (den + self.eps)).to(q.dtype)
+
+    def nbytes(self) -> int:
+        return 0 if self.S is None else self.S.nbytes + self.z.nbytes
+
+
+# --------------------------------------------------------------------------------------
+def _attn_modules(model: nn.Module) -> list:
+    return [blk.attn for blk in model.blocks]
+
+
+def supports_cache(model: nn.Module) -> bool:
+    """True when every head group of every layer has a decoding state."""
+    return all(g.name in DECODE_STATES for a in _attn_modules(model) for g in a.groups)
+
+
+def _check_lm(model: nn.Module) -> None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(model, "blocks"):
+        raise TypeError(f"generate needs a longattn.model.Transformer, got {type(model).__name__}")
+    if cfg.head != "lm" or not cfg.is_causal or cfg.input != "tokens":
+        raise ValueError("generate needs a causal token LM: ModelConfig(head='lm', causal=True, input='tokens')")
+
+
+def init_cache(model: nn.Module) -> list[list[DecodeState]]:
+    """Fresh decoding states: one list per layer, one state per head group."""
+    _check_lm(model)
+    cache = []
+    for attn in _attn_modules(model):
+        missing = [g.name for g in attn.groups if g.name not in DECODE_STATES]
+        if missing:
+            raise ValueError(f"no decoding state for mechanism(s) {missing}; known: {sorted(DECODE_STATES)}")
+        slopes = attn.alibi_slopes if attn.use_alibi else None
+        cache.append([DECODE_STATES[g.name](g, slopes) for g in attn.groups])
+    return cache
+
+
+@torch.no_grad()
+def decode_step(model: nn.Module, tokens: Tensor, cache: list[list[DecodeState]], pos: int) -> Tensor:
+    """Feed tokens [B] at position ``pos``; return next-token logits [B, vocab]. Eval mode expected."""
+    h = model.embed(tokens.reshape(-1, 1), offset=pos)
+    for blk, states in zip(model.blocks, cache):
+        h = blk.step(h, states, pos)
+    if model.final_norm is not None:
+        h = model.final_norm(h)
+    return model.head(h)[:, 0]
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator | None) -> Tensor:
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, *, use_cache: bool | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Continue ``prompt`` [B, T] (int64) by ``max_new_tokens`` tokens -> [B, T + new].
+
+    ``temperature=0`` is greedy; ``top_k`` keeps the k likeliest tokens. With
+    ``use_cache`` None (default) the per-layer decoding states are used when every
+    mechanism has one, else the prefix is re-run each step; ``use_cache=True`` on a
+    model without states raises ValueError. The model runs in eval mode (restored after).
+    """
+    _check_lm(model)
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be int64 [B, T] with T >= 1, got {tuple(prompt.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    cached = supports_cache(model) if use_cache is None else use_cache
+    if cached and not supports_cache(model):
+        missing = sorted({g.name for a in _attn_modules(model) for g in a.groups} - set(DECODE_STATES))
+        raise ValueError(f"use_cache=True but mechanism(s) {missing} have no decoding state")
+    was_training = model.training
+    model.eval()
+    try:
+        out = prompt
+        if cached:
+            cache = init_cache(model)
+            for t in range(prompt.shape[1]):
+                logits = decode_step(model, prompt[:, t], cache, t)
+            for i in range(max_new_tokens):
+                nxt = _sample(logits, temperature, top_k, generator)
+                out = torch.cat((out, nxt[:, None]), dim=1)
+                if i + 1 < max_new_tokens:
+                    logits = decode_step(model, nxt, cache, out.shape[1] - 1)
+        else:
+            for _ in range(max_new_tokens):
+                logits = model(out)[:, -1]
+                out = torch.cat((out, _sample(logits, temperature, top_k, generator)[:, None]), dim=1)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def incremental_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits [B, T, vocab] of ``x`` [B, T] computed token by token through the states
+    (what ``generate`` sees); equals ``model(x)`` in eval mode."""
+    _check_lm(model)
+    cache = init_cache(model)
+    return torch.stack([decode_step(model, x[:, t], cache, t) for t in range(x.shape[1])], dim=1)

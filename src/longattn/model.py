@@ -1,0 +1,305 @@
+"""Transformer models configured by one dataclass (nanoGPT-like, one file).
+
+Stable API (the trainer, ``longattn.train``, relies on it)::
+
+    from longattn.model import ModelConfig, Transformer
+    cfg = ModelConfig(vocab_size=256, max_len=1024, dim=128, depth=2, heads=4,
+                      mechanism="local", mechanism_params={"before": 64, "after": 64},
+                      head="classify", num_classes=10, pool="mean")
+    model = Transformer(cfg)
+    logits = model(x, key_padding_mask=mask)
+
+``x``: int64 tokens [B, N] (``input="tokens"``) or float features [B, N, in_dim]
+(``input="continuous"``); ``key_padding_mask``: optional bool [B, N], True = a real
+token. ``forward`` returns logits:
+
+=================  ===================  ===========================================
+``head``           output               use
+=================  ===================  ===========================================
+``"lm"``           [B, N, vocab_size]   language modelling (causal by default)
+``"classify"``     [B, num_classes]     sequence classification (``pool`` cls/mean)
+``"tokens"``       [B, N, num_classes]  per-position labels (e.g. associative recall)
+=================  ===================  ===========================================
+
+Extra keyword arguments of ``forward`` are per-call mechanism parameters (e.g.
+``edge_index=`` for ``"graph"``). :class:`EncoderDecoder` is the seq2seq model
+(``forward(src, tgt, src_padding_mask, tgt_padding_mask) -> [B, Nt, vocab]``).
+Token-by-token generation of LM models: :func:`longattn.decoding.generate`.
+
+Positional encodings (``pos``): "sinusoidal" and "learned" are added to the
+embeddings; "rope" rotates q and k in every layer; "alibi" adds a score bias
+(mechanisms with the ``bias`` capability only, i.e. ``full``); "none".
+Pooling "cls" prepends a learned CLS token that is global in every layer when the
+mechanism can make positions global (see
+:func:`longattn.layers.attention.global_support`), otherwise an ordinary first token
+(with a sparse local pattern prefer ``pool="mean"``). ``global_tokens=G`` prepends G
+learned tokens that are global in every layer and stripped before the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from longattn.layers.attention import global_support, parse_mechanisms
+from longattn.layers.blocks import Decoder, Encoder
+from longattn.layers.positional import (
+    FrequencyEncoding,
+    LearnedPositionalEncoding,
+    SinusoidalPositionalEncoding,
+)
+from longattn.layers.norms import NORMS
+from longattn import registry
+
+_HEADS = ("lm", "classify", "tokens")
+_POOLS = ("cls", "mean")
+_POS = ("sinusoidal", "learned", "rope", "alibi", "none")
+_INPUTS = ("tokens", "continuous")
+
+
+@dataclass
+class ModelConfig:
+    """Everything a :class:`Transformer` needs. Validated on creation (ValueError)."""
+
+    vocab_size: int = 256          # token vocabulary (input="tokens"; LM output size)
+    max_len: int = 1024            # longest sequence (learned positions need it)
+    dim: int = 128                 # model width
+    depth: int = 2                 # number of blocks
+    heads: int = 4                 # attention heads (must divide dim)
+    mechanism: Union[str, list] = "full"   # registry name, or one item per head group
+    mechanism_params: dict = field(default_factory=dict)  # parameters of a single mechanism
+    causal: bool | None = None     # None -> True for head="lm", else False
+    head: str = "lm"               # "lm" | "classify" | "tokens"
+    num_classes: int = 2           # classes for "classify" / "tokens"
+    pool: str = "mean"             # "cls" | "mean" (classify head)
+    norm: str = "layer"            # "layer" | "rms" | "batch"
+    prenorm: bool = True           # pre-norm (True) or post-norm blocks
+    pos: str = "sinusoidal"        # "sinusoidal" | "learned" | "rope" | "alibi" | "none"
+    dropout: float = 0.0           # residual / embedding / feed-forward dropout
+    attn_dropout: float = 0.0      # attention dropout (mechanisms with a "dropout" param)
+    mlp_ratio: int = 4             # feed-forward hidden = mlp_ratio * dim
+    input: str = "tokens"          # "tokens" | "continuous"
+    in_dim: int = 1                # features per position for input="continuous"
+    freq_bands: int = 0            # frequency encoding bands L for continuous input (0 = off)
+    global_tokens: int = 0         # learned global tokens prepended (non-causal only)
+    tie_embeddings: bool = True    # LM head shares the token embedding
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+
+        for name in ("vocab_size", "max_len", "dim", "depth", "heads", "num_classes", "mlp_ratio", "in_dim"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        choice("head", _HEADS)
+        choice("pool", _POOLS)
+        choice("pos", _POS)
+        choice("input", _INPUTS)
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {sorted(NORMS)}, got {self.norm!r}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.global_tokens < 0:
+            raise ValueError(f"global_tokens must be >= 0, got {self.global_tokens}")
+        if self.is_causal and self.global_tokens:
+            raise ValueError("global_tokens > 0 needs a non-causal model (a global token sees the future)")
+        if self.is_causal and self.head == "classify" and self.pool == "cls":
+            raise ValueError("a causal model cannot pool a leading CLS token; use pool='mean'")
+        if self.pos == "rope" and (self.dim // self.heads) % 2:
+            raise ValueError(f"pos='rope' needs an even head_dim, got {self.dim // self.heads}")
+        if self.pos == "sinusoidal" and self.dim % 2:
+            raise ValueError(f"pos='sinusoidal' needs an even dim, got {self.dim}")
+
+    @property
+    def is_causal(self) -> bool:
+        return (self.head == "lm") if self.causal is None else bool(self.causal)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+class Transformer(nn.Module):
+    """Encoder-only or decoder-only Transformer over any attention mechanism (see module doc)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        items = parse_mechanisms(cfg.mechanism, cfg.mechanism_params, cfg.heads)
+        specs = [registry.get(name) for name, _ in items]
+        can_global = all(global_support(s) is not None and s.module is None for s in specs)
+        if cfg.input == "tokens":
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.freq = None
+        else:
+            self.freq = FrequencyEncoding(cfg.freq_bands)
+            self.tok_emb = nn.Linear(self.freq.out_features(cfg.in_dim), cfg.dim)
+        self.pos_enc: nn.Module | None = None
+        if cfg.pos == "sinusoidal":
+            self.pos_enc = SinusoidalPositionalEncoding(cfg.dim)
+        elif cfg.pos == "learned":
+            self.pos_enc = LearnedPositionalEncoding(cfg.dim, cfg.max_len)
+        self.drop = nn.Dropout(cfg.dropout)
+        # prefix tokens: [CLS] then global tokens; global in every layer when possible
+        self.use_cls = cfg.head == "classify" and cfg.pool == "cls"
+        if cfg.global_tokens and not can_global:
+            raise ValueError(
+                f"global_tokens={cfg.global_tokens}: mechanism {cfg.mechanism!r} cannot make positions "
+                "global (see longattn.layers.attention.global_support)"
+            )
+        self.n_prefix = int(self.use_cls) + cfg.global_tokens
+        self.prefix_global = self.n_prefix > 0 and can_global and not cfg.is_causal
+        self.prefix = nn.Parameter(torch.randn(self.n_prefix, cfg.dim) * 0.02) if self.n_prefix else None
+        self.encoder = Encoder(
+            cfg.dim, cfg.depth, cfg.heads, mechanism=cfg.mechanism,
+            mechanism_params=cfg.mechanism_params, causal=cfg.is_causal, norm=cfg.norm,
+            prenorm=cfg.prenorm, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+            mlp_ratio=cfg.mlp_ratio, rope=cfg.pos == "rope", alibi=cfg.pos == "alibi",
+        )
+        out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
+        self.head = nn.Linear(cfg.dim, out, bias=cfg.head != "lm")
+        self.apply(_init_weights)
+        if cfg.head == "lm" and cfg.tie_embeddings and cfg.input == "tokens":
+            self.head.weight = self.tok_emb.weight
+
+    # -- pieces used by forward and by longattn.decoding ---------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.blocks
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return self.encoder.norm
+
+    def embed(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Token ids [B, N] or features [B, N, in_dim] at positions offset.. -> [B, N, dim]."""
+        cfg = self.cfg
+        if cfg.input == "tokens":
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"x must be int tokens [B, N], got {x.dtype} {tuple(x.shape)}")
+            h = self.tok_emb(x)
+        else:
+            if x.dim() != 3 or x.shape[-1] != cfg.in_dim or not x.is_floating_point():
+                raise ValueError(f"x must be float features [B, N, {cfg.in_dim}], got {x.dtype} {tuple(x.shape)}")
+            h = self.tok_emb(self.freq(x.to(self.tok_emb.weight.dtype)))
+        if self.pos_enc is not None:
+            h = self.pos_enc(h, offset)
+        return self.drop(h)
+
+    def features(self, x: Tensor, key_padding_mask: Tensor | None = None, **call_params: Any) -> Tensor:
+        """Final hidden states [B, P + N, dim], P prefix (CLS/global) positions first."""
+        h = self.embed(x)
+        B = h.shape[0]
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"key_padding_mask must be [B, N] = {list(h.shape[:2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if self.prefix is not None:
+            h = torch.cat((self.prefix.to(h.dtype).expand(B, -1, -1), h), dim=1)
+            if key_padding_mask is not None:
+                real = torch.ones(B, self.n_prefix, dtype=torch.bool, device=h.device)
+                key_padding_mask = torch.cat((real, key_padding_mask), dim=1)
+        n_global = self.n_prefix if self.prefix_global else 0
+        return self.encoder(h, key_padding_mask, n_global, **call_params)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, **call_params: Any) -> Tensor:
+        """Logits: [B, N, vocab] (lm), [B, num_classes] (classify), [B, N, num_classes] (tokens)."""
+        h = self.features(x, key_padding_mask, **call_params)
+        P = self.n_prefix
+        if self.cfg.head != "classify":
+            return self.head(h[:, P:])
+        if self.use_cls:
+            return self.head(h[:, 0])
+        body = h[:, P:]
+        if key_padding_mask is None:
+            pooled = body.mean(1)
+        else:
+            m = key_padding_mask.to(body.dtype)[..., None]
+            pooled = (body * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(pooled)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class EncoderDecoder(nn.Module):
+    """Seq2seq Transformer (Vaswani et al. 2017): encoder over src, causal decoder over tgt.
+
+    The encoder uses ``cfg.mechanism`` (non-causal); the decoder's self-attention uses
+    the same mechanism, causal; cross-attention uses ``cross_mechanism`` (needs
+    ``spec.cross``). Positional encoding: ``cfg.pos`` (sinusoidal/learned/rope/alibi/none).
+    Output: ``forward(src, tgt, ...) -> [B, Nt, vocab_size]`` (teacher forcing).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, src_vocab_size: int | None = None,
+                 decoder_depth: int | None = None, cross_mechanism: Any = "full",
+                 cross_params: dict | None = None) -> None:
+        super().__init__()
+        if cfg.input != "tokens":
+            raise ValueError("EncoderDecoder takes token inputs (input='tokens')")
+        self.cfg = cfg
+        self.src_emb = nn.Embedding(src_vocab_size or cfg.vocab_size, cfg.dim)
+        self.tgt_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_enc: nn.Module | None = None
+        if cfg.pos == "sinusoidal":
+            self.pos_enc = SinusoidalPositionalEncoding(cfg.dim)
+        elif cfg.pos == "learned":
+            self.pos_enc = LearnedPositionalEncoding(cfg.dim, cfg.max_len)
+        self.drop = nn.Dropout(cfg.dropout)
+        common = dict(norm=cfg.norm, prenorm=cfg.prenorm, dropout=cfg.dropout,
+                      attn_dropout=cfg.attn_dropout, mlp_ratio=cfg.mlp_ratio,
+                      rope=cfg.pos == "rope", alibi=cfg.pos == "alibi")
+        self.encoder = Encoder(cfg.dim, cfg.depth, cfg.heads, mechanism=cfg.mechanism,
+                               mechanism_params=cfg.mechanism_params, causal=False, **common)
+        self.decoder = Decoder(cfg.dim, decoder_depth or cfg.depth, cfg.heads, mechanism=cfg.mechanism,
+                               mechanism_params=cfg.mechanism_params, cross_mechanism=cross_mechanism,
+                               cross_params=cross_params, **common)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(_init_weights)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tgt_emb.weight
+
+    def _embed(self, emb: nn.Embedding, x: Tensor) -> Tensor:
+        h = emb(x)
+        if self.pos_enc is not None:
+            h = self.pos_enc(h)
+        return self.drop(h)
+
+    def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
+        return self.encoder(self._embed(self.src_emb, src), src_padding_mask)
+
+    def decode(self, tgt: Tensor, memory: Tensor, tgt_padding_mask: Tensor | None = None,
+               src_padding_mask: Tensor | None = None) -> Tensor:
+        h = self.decoder(self._embed(self.tgt_emb, tgt), memory, tgt_padding_mask, src_padding_mask)
+        return self.head(h)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_padding_mask: Tensor | None = None,
+                tgt_padding_mask: Tensor | None = None) -> Tensor:
+        """src [B, Ns], tgt [B, Nt] int64 -> logits [B, Nt, vocab_size]."""
+        return self.decode(tgt, self.encode(src, src_padding_mask), tgt_padding_mask, src_padding_mask)
+
+    @torch.no_grad()
+    def greedy(self, src: Tensor, bos: int, max_new_tokens: int,
+               src_padding_mask: Tensor | None = None) -> Tensor:
+        """Greedy decoding by re-running the target prefix (O(T^2) total); -> [B, 1 + new]."""
+        memory = self.encode(src, src_padding_mask)
+        out = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
+        for _ in range(max_new_tokens):
+            nxt = self.decode(out, memory, None, src_padding_mask)[:, -1].argmax(-1)
+            out = torch.cat((out, nxt[:, None]), dim=1)
+        return out
