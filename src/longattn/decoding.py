@@ -134,7 +134,8 @@ FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
 @register_state("linear")
 class LinearState(DecodeState):
     """Recurrent causal linear attention: S += phi(k) v^T, z += phi(k);
-    out = phi(q)^T S / (phi(q)^T z + eps). Memory O(D * Dv), independent of N."""
+    out = phi(q)^T S / phi(q)^T z (0 where the normaliser is 0), with q, k unscaled as in
+    the parallel form (``scale=None``). Memory O(D * Dv), independent of N."""
 
     def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
         super().__init__(group, alibi_slopes)
@@ -143,7 +144,6 @@ class LinearState(DecodeState):
             raise ValueError(f"no decoding state for linear attention with feature_map={fm!r}; "
                              f"known: {sorted(FEATURE_MAPS)}")
         self.phi = FEATURE_MAPS[fm]
-        self.eps = float(self.params.get("eps", 1e-6))
         self.S: Tensor | None = None
         self.z: Tensor | None = None
 
@@ -155,10 +155,36 @@ class LinearState(DecodeState):
         self.z = fk[:, :, 0] if self.z is None else self.z + fk[:, :, 0]
         num = fq @ self.S                                              # [B, h, 1, Dv]
         den = (fq[:, :, 0] * self.z).sum(-1)[..., None, None]          # [B, h, 1, 1]
-        return (num / (den + self.eps)).to(q.dtype)
+        safe = torch.where(den == 0, torch.ones_like(den), den)
+        return torch.where(den == 0, torch.zeros_like(num), num / safe).to(q.dtype)
 
     def nbytes(self) -> int:
         return 0 if self.S is None else self.S.nbytes + self.z.nbytes
+
+
+@register_state("performer")
+class ModuleStepState(DecodeState):
+    """State of a learned mechanism whose module offers ``init_state(batch)`` and
+    ``step(state, q, k, v) -> (out, state)`` (the kernel family's recurrent form:
+    Performer keeps S, z and a running log-scale; memory O(F * Dv))."""
+
+    def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
+        super().__init__(group, alibi_slopes)
+        if group.impl is None or not hasattr(group.impl, "step") or not hasattr(group.impl, "init_state"):
+            raise ValueError(f"mechanism {group.name!r} has no module with init_state/step for decoding")
+        self.module = group.impl
+        self.state: Any = None
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        if self.state is None:
+            self.state = self.module.init_state(q.shape[0], v.shape[-1], device=q.device)
+        out, self.state = self.module.step(self.state, q, k, v)
+        return out
+
+    def nbytes(self) -> int:
+        if self.state is None:
+            return 0
+        return sum(t.nbytes for t in vars(self.state).values() if isinstance(t, Tensor))
 
 
 # --------------------------------------------------------------------------------------

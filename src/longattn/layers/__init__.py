@@ -1,6 +1,11 @@
 """nn.Modules: multi-head attention over any mechanism, positional encodings, norms, blocks."""
 
-from longattn.layers.attention import MultiHeadAttention, global_support, parse_mechanisms
+from longattn.layers.attention import (
+    GraphAttention,
+    MultiHeadAttention,
+    global_support,
+    parse_mechanisms,
+)
 from longattn.layers.blocks import Decoder, DecoderBlock, Encoder, EncoderBlock, FeedForward
 from longattn.layers.norms import (
     NORMS,
@@ -22,7 +27,7 @@ from longattn.layers.positional import (
 )
 
 __all__ = [
-    "MultiHeadAttention", "global_support", "parse_mechanisms",
+    "MultiHeadAttention", "GraphAttention", "global_support", "parse_mechanisms",
     "FeedForward", "EncoderBlock", "DecoderBlock", "Encoder", "Decoder",
     "LayerNorm", "RMSNorm", "SequenceBatchNorm", "NORMS", "make_norm",
     "label_smoothing_cross_entropy",

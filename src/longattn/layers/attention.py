@@ -326,3 +326,27 @@ class MultiHeadAttention(nn.Module):
             s = slice(grp.start, grp.stop)
             outs.append(st.step(q[:, s], k[:, s], v[:, s], pos))
         return self.out_proj(torch.cat(outs, dim=1).transpose(1, 2).flatten(2))
+
+
+class GraphAttention(MultiHeadAttention):
+    """Multi-head attention restricted to the edges of a graph (mechanism ``"graph"``).
+
+    ``forward(x, edge_index)``: x node features [N, dim] or [B, N, dim] (one graph
+    shared by the batch); edge_index LongTensor [2, E] with row 0 the source (key j)
+    and row 1 the target (query i). Node i attends over its in-neighbours with a
+    softmax over those edges only (Velickovic et al. 2018 in dot-product form), O(E)
+    through the registered ``graph`` mechanism. A node without in-edges gets zeros.
+    """
+
+    def __init__(self, dim: int, heads: int, **kw: Any) -> None:
+        super().__init__(dim, heads, "graph", **kw)
+
+    def forward(self, x: Tensor, edge_index: Tensor, *,  # type: ignore[override]
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"edge_index must be a LongTensor [2, E], got {edge_index!r:.80}")
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x[None]
+        out = super().forward(x, key_padding_mask=key_padding_mask, edge_index=edge_index)
+        return out[0] if unbatched else out
