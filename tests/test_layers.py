@@ -92,6 +92,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids oversubscription on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------ multi-head equality
 @pytest.mark.parametrize("name", sorted(HAND_MASKS))
 @pytest.mark.parametrize("causal", [False, True])

@@ -22,6 +22,15 @@ def grid_mask(h: int, w: int, rh: int, rw: int) -> torch.Tensor:
     return mask
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids oversubscription on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CASES = [(5, 7, 1, 2), (4, 20, 2, 1), (3, 3, 0, 0), (6, 9, 3, 5), (1, 30, 0, 4), (8, 11, 2, 9)]
 
 
