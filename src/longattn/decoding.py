@@ -14,6 +14,9 @@ mechanism      state                       per-step cost                memory
 ``linear``     recurrent S = sum phi(k)v^T, O(D * Dv)                   O(D * Dv),
                z = sum phi(k)                                           constant in N
                (:class:`LinearState`, Katharopoulos et al. 2020)
+``performer``  the module's own recurrent  O(F * Dv)                    O(F * Dv)
+               step (:class:`ModuleStepState`
+               over ``init_state``/``step``)
 =============  ==========================  ===========================  ==============
 
 Every state computes the same numbers as the parallel causal forward (tests hold

@@ -1,0 +1,194 @@
+"""Token-by-token decoding equals the parallel forward; local/linear states stay bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longattn import registry
+from longattn.decoding import (
+    DECODE_STATES,
+    decode_step,
+    generate,
+    incremental_logits,
+    init_cache,
+    supports_cache,
+)
+from longattn.model import ModelConfig, Transformer
+from longattn.ops.reference import dense_attention
+from longattn.registry import Mechanism
+
+D64 = torch.float64
+
+
+def need(name: str) -> None:
+    if name not in registry.names():
+        pytest.skip(f"mechanism {name!r} not registered yet")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lm(mechanism="full", params=None, **kw) -> Transformer:
+    cfg = ModelConfig(vocab_size=17, max_len=64, dim=32, depth=2, heads=4, head="lm",
+                      mechanism=mechanism, mechanism_params=params or {}, **kw)
+    return Transformer(cfg).to(D64).eval()
+
+
+def check_incremental(m: Transformer, n: int = 20) -> None:
+    x = torch.randint(0, 17, (2, n))
+    with torch.no_grad():
+        torch.testing.assert_close(incremental_logits(m, x), m(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned", "rope", "alibi", "none"])
+def test_full_kv_cache_equals_parallel(pos):
+    check_incremental(lm(pos=pos))
+
+
+@pytest.mark.parametrize("norm,prenorm", [("layer", False), ("rms", True), ("batch", True)])
+def test_full_kv_cache_equals_parallel_norms(norm, prenorm):
+    m = lm(norm=norm, prenorm=prenorm)
+    if norm == "batch":  # give the running statistics something non-trivial
+        m.train()
+        with torch.no_grad():
+            m(torch.randint(0, 17, (4, 20)))
+        m.eval()
+    check_incremental(m)
+
+
+def _state_bytes(m: Transformer, n: int) -> list[int]:
+    cache = init_cache(m)
+    x = torch.randint(0, 17, (1, n))
+    sizes = []
+    for t in range(n):
+        decode_step(m, x[:, t], cache, t)
+        sizes.append(sum(s.nbytes() for layer in cache for s in layer))
+    return sizes
+
+
+def test_kv_cache_grows_with_n():
+    sizes = _state_bytes(lm(), 12)
+    assert sizes[11] == 12 * sizes[0]
+
+
+def test_local_window_cache_equals_parallel_and_is_bounded():
+    need("local")
+    m = lm("local", {"before": 3, "after": 3})
+    check_incremental(m, 20)
+    sizes = _state_bytes(m, 24)
+    assert sizes[3] == sizes[23] == 4 * sizes[0], "the window holds before + 1 keys, no more"
+
+
+def _linear_params():
+    spec = registry.get("linear")
+    return {"feature_map": "elu"} if "feature_map" in spec.param_names else {}
+
+
+def test_linear_recurrent_state_equals_parallel_and_is_constant():
+    need("linear")
+    m = lm("linear", _linear_params())
+    check_incremental(m, 20)
+    sizes = _state_bytes(m, 24)
+    assert sizes[0] == sizes[23] > 0
+
+
+def test_linear_state_against_hand_quadratic_form():
+    """The state's per-step math alone: phi(q_t) sum_{j<=t} phi(k_j) v_j^T / phi(q_t) sum phi(k_j)."""
+    need("linear")
+    m = lm("linear", _linear_params())
+    grp = m.blocks[0].attn.groups[0]
+    st = DECODE_STATES["linear"](grp)
+    q, k, v = (torch.randn(1, 4, 9, 8, dtype=D64) for _ in range(3))
+    phi = lambda x: torch.nn.functional.elu(x) + 1
+    w = (phi(q) @ phi(k).transpose(-1, -2)).tril()
+    ref = (w / w.sum(-1, keepdim=True)) @ v
+    out = torch.cat([st.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t) for t in range(9)], 2)
+    torch.testing.assert_close(out, ref)
+
+
+def test_performer_module_state_equals_parallel():
+    need("performer")
+    m = lm("performer", {"num_features": 16})
+    check_incremental(m, 12)
+
+
+def test_mixed_heads_full_and_linear():
+    need("linear")
+    m = lm(["full", ("linear", _linear_params())])
+    check_incremental(m, 12)
+
+
+def test_kv_state_softmax_against_oracle():
+    m = lm()
+    grp = m.blocks[0].attn.groups[0]
+    st = DECODE_STATES["full"](grp)
+    q, k, v = (torch.randn(2, 4, 7, 8, dtype=D64) for _ in range(3))
+    out = torch.cat([st.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t) for t in range(7)], 2)
+    torch.testing.assert_close(out, dense_attention(q, k, v, causal=True))
+
+
+# ------------------------------------------------------------------ generate
+def test_greedy_generate_equals_parallel_argmax():
+    m = lm(pos="rope")
+    prompt = torch.randint(0, 17, (3, 4))
+    out = generate(m, prompt, 6, temperature=0)
+    assert out.shape == (3, 10) and torch.equal(out[:, :4], prompt)
+    with torch.no_grad():
+        for t in range(4, 10):
+            torch.testing.assert_close(out[:, t], m(out[:, :t])[:, -1].argmax(-1))
+    assert torch.equal(generate(m, prompt, 6, temperature=0.7, top_k=1), out)
+
+
+def test_sampling_is_reproducible_and_restores_mode():
+    m = lm()
+    m.train()
+    prompt = torch.randint(0, 17, (2, 3))
+    a = generate(m, prompt, 5, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = generate(m, prompt, 5, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and m.training
+
+
+@pytest.fixture
+def stateless(monkeypatch):
+    """A causal mechanism with no decoding state (dense causal attention by the oracle)."""
+    def fn(q, k, v, *, causal, key_padding_mask, scale):
+        return dense_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+
+    registry.get("full")
+    monkeypatch.setitem(registry._REGISTRY, "_test_nostate",
+                        Mechanism(name="_test_nostate", fn=fn, causal=True, cross=True))
+
+
+def test_fallback_reruns_prefix_for_mechanisms_without_state(stateless):
+    full = lm()
+    other = lm("_test_nostate")
+    other.load_state_dict(full.state_dict())
+    assert supports_cache(full) and not supports_cache(other)
+    prompt = torch.randint(0, 17, (2, 3))
+    assert torch.equal(generate(other, prompt, 5, temperature=0), generate(full, prompt, 5, temperature=0))
+    with pytest.raises(ValueError, match="no decoding state"):
+        generate(other, prompt, 2, use_cache=True)
+
+
+def test_generate_bad_inputs():
+    m = lm()
+    p = torch.randint(0, 17, (1, 3))
+    with pytest.raises(ValueError, match="causal token LM"):
+        generate(Transformer(ModelConfig(vocab_size=17, dim=16, heads=2, head="classify")), p, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(m, p, 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(m, p, 2, top_k=0)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(m, torch.randint(0, 17, (3,)), 2)
