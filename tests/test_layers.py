@@ -451,3 +451,57 @@ def test_label_smoothing_cross_entropy_matches_torch():
     assert label_smoothing_cross_entropy(logits[:2, :3], all_ignored, 0.1, ignore_index=-1).item() == 0.0
     with pytest.raises(ValueError, match="smoothing"):
         label_smoothing_cross_entropy(logits, target, 1.5)
+
+
+# ------------------------------------------------------------------ every registered mechanism
+def _every_mechanism():
+    for spec in registry.specs():
+        if spec.name.startswith("_test"):
+            continue
+        params = dict(HAND_MASKS.get(spec.name, ({}, None))[0])
+        if any(p.required and p.name not in params for p in spec.params):
+            continue
+        yield spec.name, params
+
+
+@pytest.mark.parametrize("case", list(_every_mechanism()), ids=lambda c: c[0])
+def test_every_registered_mechanism_runs_in_the_layer(case):
+    """Forward + backward with padding, causal where allowed; learned ones own a submodule."""
+    name, params = case
+    spec = registry.get(name)
+    for causal in ([False, True] if spec.causal else [False]):
+        mha = MultiHeadAttention(32, 4, name, causal=causal, **params)
+        x = torch.randn(2, N, 32, requires_grad=True)
+        kpm = torch.ones(2, N, dtype=torch.bool)
+        kpm[0, -3:] = False
+        out = mha(x, key_padding_mask=kpm)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all()
+        if spec.module is not None:  # built by registry.build, registered as a submodule
+            assert mha.groups[0].impl in list(mha.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_layer(dtype):
+    mha = MultiHeadAttention(16, 2, "full", rope=True)
+    x = torch.randn(2, 9, 16)
+    ref = mha(x)
+    out = mha.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_layer_adds_nothing_quadratic():
+    """MultiHeadAttention around local2d at 128 x 128 = 16384 positions, forward + backward:
+    far below one N x N fp32 score map per head (4 heads: 4 GiB)."""
+    from longattn.testing import peak_memory_mb
+
+    setup = """
+from longattn.layers import MultiHeadAttention
+mha = MultiHeadAttention(64, 4, "local2d", rope=True, height=128, width=128)
+x = torch.randn(1, 128 * 128, 64, requires_grad=True)
+"""
+    peak = peak_memory_mb(setup, "out = mha(x); out.sum().backward()")
+    n = 128 * 128
+    assert peak < n * n * 4 * 4 / 2 ** 20 / 16, f"peak {peak:.0f} MiB looks quadratic"

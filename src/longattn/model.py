@@ -143,7 +143,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         items = parse_mechanisms(cfg.mechanism, cfg.mechanism_params, cfg.heads)
         specs = [registry.get(name) for name, _ in items]
-        can_global = all(global_support(s) is not None and s.module is None for s in specs)
+        modes = [global_support(s) for s in specs]
+        can_global = all(m is not None and not (s.module is not None and m[0] == "param")
+                         for s, m in zip(specs, modes))
         if cfg.input == "tokens":
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.freq = None
