@@ -1,0 +1,490 @@
+"""Fewer keys: attention over a short summary of the sequence.
+
+- ``linformer`` (Wang et al. 2020): learned E, F [k, max_len] project keys and values
+  along the sequence to k rows; softmax(Q (E K)^T) (F V). O(N k D).
+- ``compressed`` (memory-compressed attention, Liu et al. 2018, "Generating Wikipedia
+  by Summarizing Long Sequences"): a strided convolution (kernel = stride = c) turns
+  every c keys/values into one slot. O(N (N/c + c) D); with ``slots=S`` (c = ceil(N/S))
+  O(N (S + c) D), linear in N.
+- ``nystrom`` (Xiong et al. 2021, Nystromformer): m landmarks (segment means),
+  softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V with an iterative
+  Moore-Penrose pseudo-inverse. O(N m D + m^3).
+
+None of them builds an Nq x Nk tensor. Each reduces to full attention in its
+degenerate setting (identity projections with k = N; c = 1; m = N) and tests show it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor, nn
+
+from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.registry import Param, register
+
+__all__ = [
+    "linformer_attention",
+    "LinformerAttention",
+    "compressed_attention",
+    "CompressedAttention",
+    "nystrom_attention",
+    "iterative_pinv",
+]
+
+
+def _work(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _masked_softmax(scores: Tensor, visible: Tensor | None) -> Tensor:
+    """softmax over the last dim with ``visible`` (bool, broadcastable); rows with none -> 0."""
+    if visible is None:
+        return torch.softmax(scores, -1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    any_vis = visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(~any_vis, 0.0)
+    return torch.softmax(scores, -1) * any_vis
+
+
+# --------------------------------------------------------------------------- linformer
+
+_PROJ_CACHE: dict[tuple, Tensor] = {}
+
+
+def _linformer_init(k: int, max_len: int, generator: torch.Generator | None = None) -> Tensor:
+    """A [k, max_len] projection, N(0, 2 / (k + max_len)) (Xavier normal)."""
+    std = math.sqrt(2.0 / (k + max_len))
+    return torch.randn(k, max_len, generator=generator) * std
+
+
+def _fixed_projection(k: int, max_len: int, seed: int) -> Tensor:
+    key = (k, max_len, seed)
+    if key not in _PROJ_CACHE:
+        if len(_PROJ_CACHE) > 16:
+            _PROJ_CACHE.clear()
+        _PROJ_CACHE[key] = _linformer_init(k, max_len, torch.Generator().manual_seed(seed))
+    return _PROJ_CACHE[key]
+
+
+def _project(x: Tensor, P: Tensor, name: str, H: int) -> Tensor:
+    """[k, L] or [H, k, L] projection of x [B, H, N, D] along N (first N columns)."""
+    N = x.shape[2]
+    if P.dim() not in (2, 3) or (P.dim() == 3 and P.shape[0] != H):
+        raise ValueError(f"{name} must be [k, max_len] or [H={H}, k, max_len], got {tuple(P.shape)}")
+    if N > P.shape[-1]:
+        raise ValueError(
+            f"sequence length {N} exceeds linformer max_len {P.shape[-1]} (the width of {name}); "
+            f"build it with max_len >= {N}"
+        )
+    P = P[..., :N].to(x.dtype)
+    if P.dim() == 2:
+        return torch.matmul(P, x)  # [k, N] @ [B, H, N, D]
+    return torch.matmul(P[None], x)
+
+
+def linformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    E: Tensor | None = None,
+    F: Tensor | None = None,
+    share_kv: bool = False,
+    seed: int = 0,
+    max_len: int = 4096,
+    proj_dim: int = 256,
+) -> Tensor:
+    """Linformer. q [B,H,Nq,D], k [B,H,Nk,D], v [B,H,Nk,Dv] -> [B,H,Nq,Dv].
+
+    Padded keys/values are zeroed before the projection (so they reach no output);
+    inputs shorter than max_len use the first Nk columns of E and F. Cost
+    O(Nk k (D + Dv) + Nq k (D + Dv)). Causal is refused: a projection along the
+    sequence mixes future keys into every projected row.
+    """
+    if causal:
+        raise ValueError(
+            "linformer cannot be causal (causal=True was given): E and F mix every "
+            "position, future ones included, into each projected key"
+        )
+    d = check_qkv(q, k, v, causal=False, key_padding_mask=key_padding_mask)
+    s = default_scale(scale, d.D)
+    if E is None:
+        check_int("proj_dim", proj_dim, minimum=1)
+        check_int("max_len", max_len, minimum=1)
+        check_int("seed", seed)
+        E = _fixed_projection(proj_dim, max_len, seed)
+        if F is None:
+            F = E if share_kv else _fixed_projection(proj_dim, max_len, seed + 1)
+    elif F is None:
+        F = E
+    for name, P in (("E", E), ("F", F)):
+        if not isinstance(P, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(P).__name__}")
+    work = _work(q.dtype)
+    kw_, vw = k.to(work), v.to(work)
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, None, :, None]
+        kw_ = kw_.masked_fill(~real, 0.0)
+        vw = vw.masked_fill(~real, 0.0)
+    kp = _project(kw_, E.to(q.device), "E", d.H)  # [B, H, k, D]
+    vp = _project(vw, F.to(q.device), "F", d.H)  # [B, H, k, Dv]
+    scores = torch.matmul(q.to(work), kp.transpose(-1, -2)) * s
+    if key_padding_mask is None:
+        return torch.matmul(torch.softmax(scores, -1), vp).to(q.dtype)
+    # a projected key that no real key reaches (|E| @ real == 0) is masked too: with
+    # identity projections this is exactly the padded key (so k = N is exact)
+    real = key_padding_mask.to(work)[:, None, :, None]  # [B, 1, Nk, 1]
+    reach = _project(real, E.abs().to(q.device), "E", d.H)[..., 0] > 0  # [B, 1|H, k]
+    p = _masked_softmax(scores, reach[:, :, None, :])
+    return torch.matmul(p, vp).to(q.dtype)
+
+
+class LinformerAttention(nn.Module):
+    """Linformer module owning E (and F unless ``share_kv``): [H, k, max_len] if
+    ``headwise`` else [k, max_len] shared by the heads (k = ``proj_dim``).
+    Xavier-normal init."""
+
+    def __init__(
+        self,
+        heads: int,
+        head_dim: int,
+        proj_dim: int = 256,
+        max_len: int = 4096,
+        share_kv: bool = False,
+        headwise: bool = False,
+        E: Tensor | None = None,
+        F: Tensor | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        k = check_int("proj_dim", proj_dim, minimum=1)
+        check_int("max_len", max_len, minimum=1)
+        self.heads, self.share_kv = heads, bool(share_kv)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def init(given: Tensor | None) -> nn.Parameter:
+            if given is not None:
+                return nn.Parameter(given.detach().clone().float())
+            if headwise:
+                return nn.Parameter(torch.stack([_linformer_init(k, max_len, gen) for _ in range(heads)]))
+            return nn.Parameter(_linformer_init(k, max_len, gen))
+
+        self.E = init(E)
+        self.F = None if self.share_kv else init(F)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        return linformer_attention(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+            E=self.E, F=self.E if self.F is None else self.F,
+        )
+
+
+register(
+    "linformer",
+    params=(
+        Param("proj_dim", 256, "k: projected length (rows of E, F)"),
+        Param("max_len", 4096, "longest sequence (columns of E, F)"),
+        Param("share_kv", False, "one projection for keys and values (F = E)"),
+        Param("E", None, "[k, max_len] or [H, k, max_len] key projection; None: fixed random from seed"),
+        Param("F", None, "value projection like E; None: E if share_kv else fixed random"),
+        Param("seed", 0, "seed of the fixed random projections (functional form)"),
+    ),
+    family="lowrank",
+    exact=False,
+    causal=False,
+    learned=True,
+    cross=True,
+    subquadratic=True,
+    paper="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity",
+    summary="softmax(Q (EK)^T)(FV): keys/values projected to k rows along the sequence",
+    module=LinformerAttention,
+)(linformer_attention)
+
+
+# --------------------------------------------------------------------------- compressed
+
+
+def _compress(
+    x: Tensor, real: Tensor, c: int, weight: Tensor | None, H: int, name: str
+) -> Tensor:
+    """[B, H, N, D] (N a multiple of c, padded rows zero) -> [B, H, N/c, Dout].
+
+    ``weight`` None: mean over the real positions of each window; else a strided
+    Conv1d (kernel = stride = c) over the sequence, channels = D, weight
+    [Dout, D, c] shared by the heads or [H, Dout, D, c] per head.
+    """
+    B, _, N, D = x.shape
+    if weight is None:
+        cnt = real.view(B, 1, N // c, c).sum(-1, dtype=x.dtype).clamp_min(1.0)  # [B, 1, S]
+        return x.view(B, H, N // c, c, D).sum(3) / cnt[..., None]
+    w = weight.to(x.dtype)
+    if w.dim() == 3 and w.shape[1:] == (D, c):
+        y = Fn.conv1d(x.reshape(B * H, N, D).transpose(1, 2), w, stride=c)  # [B*H, Dout, S]
+        return y.view(B, H, w.shape[0], N // c).transpose(-1, -2)
+    if w.dim() == 4 and w.shape[0] == H and w.shape[2:] == (D, c):
+        y = Fn.conv1d(x.transpose(-1, -2).reshape(B, H * D, N), w.reshape(H * w.shape[1], D, c),
+                      stride=c, groups=H)
+        return y.view(B, H, w.shape[1], N // c).transpose(-1, -2)
+    raise ValueError(f"{name} must be [Dout, D={D}, c={c}] or [H={H}, Dout, D={D}, c={c}], got {tuple(w.shape)}")
+
+
+def compressed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    stride: int | None = None,
+    slots: int = 256,
+    conv_k: Tensor | None = None,
+    conv_v: Tensor | None = None,
+) -> Tensor:
+    """Memory-compressed attention. q [B,H,Nq,D], k [B,H,Nk,D], v [B,H,Nk,Dv] -> [B,H,Nq,Dv].
+
+    Keys/values are cut into windows of c (the last one zero-padded); each window
+    becomes one slot (conv, or mean of its real keys). Padded keys are zeroed before
+    compressing; a slot with no real key is masked.
+    Causal: query i sees slot s only if the whole window of s lies before i's own
+    block (s < i // c), plus the keys of its own block j in [c * (i // c), i],
+    uncompressed: one softmax over both, so no query is left without keys.
+    Cost O(Nq (S + c) D) time and memory with S = ceil(Nk / c) slots: linear in N
+    with ``slots`` (c grows with N), O(N^2 / c) with a fixed ``stride``.
+    """
+    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    s = default_scale(scale, d.D)
+    if stride is None:
+        for w in (conv_k, conv_v):
+            if w is not None:
+                stride = int(w.shape[-1])
+        if stride is None:
+            check_int("slots", slots, minimum=1)
+            stride = -(-d.Nk // slots)
+    c = check_int("stride", stride, minimum=1)
+    for name, w in (("conv_k", conv_k), ("conv_v", conv_v)):
+        if w is not None and (not isinstance(w, Tensor) or w.shape[-1] != c):
+            raise ValueError(f"{name} must be a conv weight with kernel size = stride = {c}, got "
+                             f"{tuple(w.shape) if isinstance(w, Tensor) else w!r}")
+    work = _work(q.dtype)
+    S = -(-d.Nk // c)
+    pad = S * c - d.Nk
+    real = torch.ones(d.B, d.Nk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        real = key_padding_mask
+    real = Fn.pad(real, (0, pad), value=False)  # [B, S*c]
+    kz = Fn.pad(k.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
+    vz = Fn.pad(v.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
+    kc = _compress(kz, real, c, conv_k, d.H, "conv_k")  # [B, H, S, D]
+    vc = _compress(vz, real, c, conv_v, d.H, "conv_v")  # [B, H, S, Dv]
+    slot_ok = real.view(d.B, S, c).any(-1)[:, None, None, :]  # [B, 1, 1, S]
+    qw = q.to(work)
+    sc = torch.matmul(qw, kc.transpose(-1, -2)) * s  # [B, H, Nq, S]
+    if not causal:
+        p = _masked_softmax(sc, slot_ok)
+        return torch.matmul(p, vc).to(q.dtype)
+    # causal: slots strictly before the own block, plus the own block uncompressed
+    N = d.Nq
+    i = torch.arange(N, device=q.device)
+    past_slot = torch.arange(S, device=q.device)[None, :] < (i // c)[:, None]  # [N, S]: O(N S)
+    vis_c = past_slot[None, None] & slot_ok
+    qb = Fn.pad(qw, (0, 0, 0, pad)).view(d.B, d.H, S, c, d.D)
+    sb = torch.matmul(qb, kz.view(d.B, d.H, S, c, d.D).transpose(-1, -2)) * s  # [B,H,S,c,c]
+    tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    vis_b = tril & real.view(d.B, 1, S, 1, c)
+    sb = sb.reshape(d.B, d.H, S * c, c)[:, :, :N]
+    vis_b = vis_b.expand(d.B, d.H, S, c, c).reshape(d.B, d.H, S * c, c)[:, :, :N]
+    p = _masked_softmax(torch.cat([sc, sb], -1), torch.cat([vis_c.expand(d.B, d.H, N, S), vis_b], -1))
+    out = torch.matmul(p[..., :S], vc)
+    pb = Fn.pad(p[..., S:], (0, 0, 0, pad)).view(d.B, d.H, S, c, c)
+    out = out + torch.matmul(pb, vz.view(d.B, d.H, S, c, -1)).reshape(d.B, d.H, S * c, -1)[:, :, :N]
+    return out.to(q.dtype)
+
+
+class CompressedAttention(nn.Module):
+    """Memory-compressed attention owning its strided convolutions.
+
+    With ``stride=c`` the module learns conv weights [D, D, c] for keys and values
+    (``per_head``: [H, D, D, c]), initialised to the window mean (plus small noise),
+    as in Liu et al. 2018. With ``stride=None`` the compression is the
+    parameter-free window mean with c = ceil(N / slots) (linear cost).
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        head_dim: int,
+        stride: int | None = None,
+        slots: int = 256,
+        conv_k: Tensor | None = None,
+        conv_v: Tensor | None = None,
+        per_head: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.stride, self.slots = stride, slots
+        self.conv_k: nn.Parameter | None = None
+        self.conv_v: nn.Parameter | None = None
+        if stride is None:
+            check_int("slots", slots, minimum=1)
+            if conv_k is not None or conv_v is not None:
+                raise ValueError("conv_k/conv_v need a fixed stride (stride=None uses the window mean)")
+            return
+        c = check_int("stride", stride, minimum=1)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def init(given: Tensor | None) -> nn.Parameter:
+            if given is not None:
+                return nn.Parameter(given.detach().clone().float())
+            w = torch.eye(head_dim)[:, :, None].repeat(1, 1, c) / c
+            w = w + torch.randn(head_dim, head_dim, c, generator=gen) * (0.02 / math.sqrt(head_dim * c))
+            return nn.Parameter(w.repeat(heads, 1, 1, 1) if per_head else w)
+
+        self.conv_k, self.conv_v = init(conv_k), init(conv_v)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        return compressed_attention(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+            stride=self.stride, slots=self.slots, conv_k=self.conv_k, conv_v=self.conv_v,
+        )
+
+
+register(
+    "compressed",
+    params=(
+        Param("stride", None, "c = kernel = stride of the compression; None: c = ceil(N / slots)"),
+        Param("slots", 256, "number of compressed slots when stride is None (linear cost)"),
+        Param("conv_k", None, "conv weight [D, D, c] or [H, D, D, c] for keys; None: mean of the window"),
+        Param("conv_v", None, "conv weight for values, like conv_k"),
+    ),
+    family="lowrank",
+    exact=False,
+    causal=True,
+    learned=True,
+    cross=True,
+    subquadratic=True,
+    paper="Liu et al. 2018, Generating Wikipedia by Summarizing Long Sequences",
+    summary="memory-compressed attention: strided conv (kernel = stride = c) over keys/values",
+    module=CompressedAttention,
+)(compressed_attention)
+
+
+# --------------------------------------------------------------------------- nystrom
+
+
+def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
+    """Moore-Penrose pseudo-inverse of a [..., m, m] batch by the iteration of
+    Razavi et al. 2014 used in Nystromformer:
+    Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4, Z0 = A^T / (||A||_1 ||A||_inf).
+    O(iters m^3). Converges to A^+ (zero rows/columns included)."""
+    check_int("pinv_iters", iters, minimum=0)
+    m = a.shape[-1]
+    eye = torch.eye(m, dtype=a.dtype, device=a.device)
+    n1 = a.abs().sum(-2).amax(-1)  # max column sum
+    ninf = a.abs().sum(-1).amax(-1)  # max row sum
+    denom = (n1 * ninf).clamp_min(torch.finfo(a.dtype).tiny)
+    z = a.transpose(-1, -2) / denom[..., None, None]
+    for _ in range(iters):
+        az = torch.matmul(a, z)
+        z = 0.25 * torch.matmul(z, 13 * eye - torch.matmul(az, 15 * eye - torch.matmul(az, 7 * eye - az)))
+    return z
+
+
+def _segment_means(x: Tensor, real: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """[B, H, N, D], real [B, N] -> (means of the real rows of m contiguous segments
+    of length ceil(N / m) [B, H, M, D], segment has a real row [B, M]); M <= m."""
+    B, H, N, D = x.shape
+    seg = -(-N // m)
+    M = -(-N // seg)
+    pad = M * seg - N
+    real_p = Fn.pad(real, (0, pad), value=False)
+    xz = Fn.pad(x, (0, 0, 0, pad)).masked_fill(~real_p[:, None, :, None], 0.0)
+    cnt = real_p.view(B, M, seg).sum(-1, dtype=x.dtype)  # [B, M]
+    means = xz.view(B, H, M, seg, D).sum(3) / cnt.clamp_min(1.0)[:, None, :, None]
+    return means, cnt > 0
+
+
+@register(
+    "nystrom",
+    params=(
+        Param("landmarks", 64, "number of landmarks m (segment means); capped at N"),
+        Param("pinv_iters", 6, "iterations of the Moore-Penrose pseudo-inverse"),
+    ),
+    family="lowrank",
+    exact=False,
+    causal=False,
+    cross=True,
+    subquadratic=True,
+    paper="Xiong et al. 2021, Nystromformer",
+    summary="softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V, m landmarks",
+)
+def nystrom_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    landmarks: int = 64,
+    pinv_iters: int = 6,
+) -> Tensor:
+    """Nystrom attention. q [B,H,Nq,D], k [B,H,Nk,D], v [B,H,Nk,Dv] -> [B,H,Nq,Dv].
+
+    Landmarks are the means of m contiguous segments (of length ceil(N/m); of the
+    real keys only, and for self-attention of the real queries only). Padded keys
+    get no weight; key landmarks without a real key are masked. Evaluated right to
+    left: softmax(Ql K^T) V first, so cost O((Nq + Nk) m D + m^3) time and
+    O((Nq + Nk) m) memory. Causal is refused (landmarks mix the future).
+    """
+    if causal:
+        raise ValueError(
+            "nystrom cannot be causal (causal=True was given): its landmarks average "
+            "future keys into every query's view"
+        )
+    d = check_qkv(q, k, v, causal=False, key_padding_mask=key_padding_mask)
+    s = default_scale(scale, d.D)
+    check_int("landmarks", landmarks, minimum=1)
+    check_int("pinv_iters", pinv_iters, minimum=0)
+    work = _work(q.dtype)
+    qw, kw_, vw = q.to(work), k.to(work), v.to(work)
+    real_k = torch.ones(d.B, d.Nk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        real_k = key_padding_mask
+    real_q = real_k if (key_padding_mask is not None and d.Nq == d.Nk) else torch.ones(
+        d.B, d.Nq, dtype=torch.bool, device=q.device)
+    ql, ql_ok = _segment_means(qw, real_q, min(landmarks, d.Nq))  # [B, H, Mq, D]
+    kl, kl_ok = _segment_means(kw_, real_k, min(landmarks, d.Nk))  # [B, H, Mk, D]
+    kl_vis = kl_ok[:, None, None, :]
+    f1 = _masked_softmax(torch.matmul(qw, kl.transpose(-1, -2)) * s, kl_vis)  # [B, H, Nq, Mk]
+    a = _masked_softmax(torch.matmul(ql, kl.transpose(-1, -2)) * s, kl_vis)  # [B, H, Mq, Mk]
+    a = a * ql_ok[:, None, :, None]
+    b = _masked_softmax(torch.matmul(ql, kw_.transpose(-1, -2)) * s, real_k[:, None, None, :])
+    b = b * ql_ok[:, None, :, None]  # [B, H, Mq, Nk]
+    bv = torch.matmul(b, vw)  # [B, H, Mq, Dv]
+    out = torch.matmul(f1, torch.matmul(iterative_pinv(a, pinv_iters), bv))
+    return out.to(q.dtype)
