@@ -626,6 +626,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--max-eval", type=int, default=0, help="validate on at most this many examples (0 = all)")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--device", default="auto")
@@ -639,7 +640,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mechanism_params=parse_kv(args.param, "--param"), layers=args.layers, dim=args.dim,
         heads=args.heads, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, dropout=args.dropout, pool=args.pool, pos=args.pos, seed=args.seed,
-        eval_every=args.eval_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
+        eval_every=args.eval_every, max_eval=args.max_eval, ckpt_every=args.ckpt_every, log_every=args.log_every,
         out=getattr(args, "out", None), resume=getattr(args, "resume", False), device=args.device,
         progress=not args.no_progress,
     )

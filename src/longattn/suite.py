@@ -1,0 +1,379 @@
+"""The long-range suite: does each mechanism learn what full attention learns?
+
+    longattn suite --quick                                   # every mechanism, every task, <= 10 min
+    longattn suite --tasks listops recall --mechanisms full local performer --out runs/suite
+
+Every chosen mechanism trains on every chosen task with the same budget (model
+size, steps, batch, learning rate, data), and the suite writes to ``--out``:
+
+- ``results.json``: one record per (task, mechanism): test accuracy at the best
+  validation step, the majority-class baseline, train time, peak memory, tokens/s,
+  parameters, the mechanism parameters used, or why the pair was skipped / failed;
+- ``results.md``: an LRA-style table (mechanisms x tasks, with a majority-class row
+  and an average), then train time and peak memory tables;
+- ``accuracy.png``: accuracy per task per mechanism, baseline dashed.
+
+Mechanisms that need per-task parameters (windows, ``max_len`` of Linformer and
+the Synthesizer, the image side of 2-D patterns) take them from
+:data:`MECHANISM_PARAMS`, a table keyed by mechanism name whose values may name
+task quantities (``"{seq_len}"``, ``"{side}"``, ``"{seq_len_4}"`` = seq_len // 4).
+Only the parameters a mechanism declares in the registry are passed. A pair is
+skipped (and reported as such) when the task is causal and the mechanism cannot be,
+or when a required parameter cannot be resolved for the task (e.g. a 2-D pattern on
+a 1-D task).
+
+By default each run is its own subprocess (peak memory per process; a crash in
+one mechanism does not stop the suite); ``--quick`` runs in-process to save the
+start-up time of ~75 processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longattn import tasks
+
+DEFAULT_TASKS = ("listops", "pathfinder", "recall", "copy", "digits")
+
+# Per-task budgets: (task options, trainer options), the same for every mechanism.
+# "default" aims at about an hour for the whole suite on 2 CPU cores; "quick" at
+# <= 10 minutes. Sizes: seq_len listops <= 256 (mean ~110), pathfinder 32x32 = 1024,
+# recall 64, copy 64, digits 64.
+BUDGETS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
+    "default": {
+        "listops": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
+        "pathfinder": ({"n_train": 6000}, dict(steps=250, batch=32, eval_every=125, max_eval=500)),
+        "recall": ({"n_train": 8000}, dict(steps=800, batch=32, eval_every=200)),
+        "copy": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
+        "copy_masked": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
+        "digits": ({}, dict(steps=400, batch=32, eval_every=200)),
+    },
+    "quick": {
+        "listops": ({"min_len": 16, "max_len": 48, "max_depth": 4, "n_train": 1000, "n_val": 200, "n_test": 200},
+                    dict(steps=60, batch=16, eval_every=60)),
+        "pathfinder": ({"size": 16, "distractors": 1, "n_train": 600, "n_val": 200, "n_test": 200},
+                       dict(steps=40, batch=16, eval_every=40)),
+        "recall": ({"num_keys": 8, "num_values": 8, "pairs": 4, "queries": 4, "seq_len": 24, "n_train": 1000,
+                    "n_val": 200, "n_test": 200}, dict(steps=60, batch=16, eval_every=60)),
+        "copy": ({"length": 8, "symbols": 8, "n_train": 1000, "n_val": 200, "n_test": 200},
+                 dict(steps=60, batch=16, eval_every=60)),
+        "copy_masked": ({"length": 8, "symbols": 8, "n_train": 1000, "n_val": 200, "n_test": 200},
+                        dict(steps=60, batch=16, eval_every=60)),
+        "digits": ({}, dict(steps=40, batch=16, eval_every=40)),
+    },
+}
+MODEL = {"default": dict(layers=2, dim=64, heads=4, lr=2e-3, warmup=60),
+         "quick": dict(layers=1, dim=32, heads=4, lr=3e-3, warmup=10)}
+
+# CPU-sized parameters per mechanism (only those the mechanism declares are used).
+MECHANISM_PARAMS: dict[str, dict[str, Any]] = {
+    "local": {"before": 16, "after": 16, "window": 16, "block": 16},
+    "local2d": {"height": "{side}", "width": "{side}", "radius_h": 2, "radius_w": 2},
+    "strided": {"stride": 8, "block": 16, "local": 8},
+    "dilated": {"radius": 8, "dilation": 2},
+    "longformer": {"window": 16, "before": 16, "after": 16, "global_idx": [0], "block": 16},
+    "bigbird": {"block": 16, "blocks_per_row": 2, "window_blocks": 3, "global_blocks": 1, "seed": 0},
+    "sparse_transformer": {"l": 16, "stride": 16, "block": 16},
+    "linformer": {"max_len": "{seq_len}", "k": 32},
+    "compressed": {"stride": 4, "kernel": 4},
+    "nystrom": {"landmarks": 16, "num_landmarks": 16},
+    "performer": {"num_features": 64},
+    "lsh": {"bucket_size": 16, "n_hashes": 2},
+    "clustered": {"clusters": 4, "n_clusters": 4},
+    "routing": {"clusters": 4, "n_clusters": 4},
+    "sinkhorn": {"block": 16, "bucket_size": 16},
+    "synthesizer": {"max_len": "{seq_len}"},
+}
+
+
+@dataclass
+class TaskInfo:
+    name: str
+    seq_len: int
+    side: int | None  # image side for image tasks
+    causal: bool
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+            key = value[1:-1]
+            table = {"seq_len": self.seq_len, "side": self.side, "seq_len_4": self.seq_len // 4}
+            if key not in table:
+                raise ValueError(f"unknown task quantity {value!r} in MECHANISM_PARAMS")
+            return table[key]
+        return value
+
+
+def task_info(name: str, options: dict[str, Any]) -> TaskInfo:
+    spec = tasks.get(name)
+    cfg = spec.make_config(**options)
+    side = math.isqrt(cfg.seq_len) if name in ("pathfinder", "digits") else None
+    return TaskInfo(name=name, seq_len=cfg.seq_len, side=side, causal=spec.causal)
+
+
+def mechanism_params(mechanism: str, info: TaskInfo) -> tuple[dict[str, Any] | None, str]:
+    """(params for ``mechanism`` on the task, "") or (None, why it cannot run there)."""
+    from longattn.registry import get
+
+    spec = get(mechanism)
+    if info.causal and not spec.causal:
+        return None, f"{mechanism} cannot be causal; {info.name} is a causal task"
+    table = MECHANISM_PARAMS.get(mechanism, {})
+    params = {}
+    for p in spec.params:
+        if p.name in table:
+            val = info.resolve(table[p.name])
+            if val is None:
+                if p.required:
+                    return None, f"{mechanism} needs {p.name}, which {info.name} does not define"
+                continue
+            params[p.name] = val
+        elif p.required:
+            return None, f"{mechanism} needs {p.name}; add it to longattn.suite.MECHANISM_PARAMS"
+    return params, ""
+
+
+@dataclass
+class SuiteConfig:
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    mechanisms: list[str] | None = None  # None = every registered mechanism
+    quick: bool = False
+    out: str = "suite-results"
+    seed: int = 0
+    isolate: bool | None = None  # subprocess per run; None = not quick
+    steps: int | None = None  # override every task's steps (tests, smoke runs)
+    progress: bool = True
+    timeout_s: int = 3600
+
+
+def run_one(task: str, mechanism: str, cfg: SuiteConfig, run_dir: Path) -> dict[str, Any]:
+    """Train ``mechanism`` on ``task`` with the suite's budget; a result record."""
+    mode = "quick" if cfg.quick else "default"
+    topts, trainopts = BUDGETS[mode].get(task, ({}, dict(steps=300, batch=32, eval_every=100)))
+    trainopts = {**MODEL[mode], **trainopts}
+    if cfg.steps is not None:
+        trainopts.update(steps=cfg.steps, eval_every=cfg.steps)
+    info = task_info(task, topts)
+    params, why = mechanism_params(mechanism, info)
+    rec: dict[str, Any] = {"task": task, "mechanism": mechanism, "seq_len": info.seq_len}
+    if params is None:
+        return {**rec, "status": "skipped", "reason": why}
+    rec["mechanism_params"] = params
+    isolate = (not cfg.quick) if cfg.isolate is None else cfg.isolate
+    t0 = time.perf_counter()
+    try:
+        if isolate:
+            res = _run_subprocess(task, mechanism, params, topts, trainopts, cfg, run_dir)
+        else:
+            from longattn.train import TrainConfig, train
+
+            tc = TrainConfig(task=task, task_options=topts, mechanism=mechanism, mechanism_params=params,
+                             seed=cfg.seed, out=str(run_dir), progress=cfg.progress,
+                             ckpt_every=10**9, **trainopts)
+            res = train(tc)
+            res.pop("model", None)
+    except Exception as e:  # one broken mechanism must not stop the suite
+        return {**rec, "status": "failed", "error": f"{type(e).__name__}: {e}"[-2000:],
+                "wall_s": time.perf_counter() - t0}
+    keep = ("test_acc", "final_test_acc", "best_val_acc", "majority_baseline", "train_time_s", "peak_mem_mb",
+            "tokens_per_s", "params", "steps")
+    return {**rec, "status": "ok", **{k: res[k] for k in keep}, "wall_s": time.perf_counter() - t0}
+
+
+def _run_subprocess(task: str, mechanism: str, params: dict[str, Any], topts: dict[str, Any],
+                    trainopts: dict[str, Any], cfg: SuiteConfig, run_dir: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "longattn", "train", "--task", task, "--mechanism", mechanism,
+           "--seed", str(cfg.seed), "--out", str(run_dir), "--ckpt-every", str(10**9)]
+    for k, v in topts.items():
+        cmd += ["--task-option", f"{k}={json.dumps(v)}"]
+    for k, v in params.items():
+        cmd += ["--param", f"{k}={json.dumps(v)}"]
+    flags = {"layers": "--layers", "dim": "--dim", "heads": "--heads", "steps": "--steps", "batch": "--batch",
+             "lr": "--lr", "warmup": "--warmup", "eval_every": "--eval-every", "max_eval": "--max-eval"}
+    for k, v in trainopts.items():
+        if k in flags:
+            cmd += [flags[k], str(v)]
+    if not cfg.progress:
+        cmd.append("--no-progress")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if cfg.progress else subprocess.PIPE,
+                          text=True, timeout=cfg.timeout_s)
+    if proc.returncode != 0:
+        tail = (proc.stderr or "")[-1500:]
+        raise RuntimeError(f"train exited with {proc.returncode}: {tail}")
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
+    """Every chosen mechanism on every chosen task; writes results.json/.md and accuracy.png."""
+    from longattn.registry import names as mechanism_names
+
+    mechs = cfg.mechanisms or mechanism_names()
+    for t in cfg.tasks:
+        tasks.get(t)  # unknown names fail before any training
+    known = set(mechanism_names())
+    bad = [m for m in mechs if m not in known]
+    if bad:
+        raise ValueError(f"unknown mechanism(s) {bad}; registered: {sorted(known)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    for task in cfg.tasks:
+        for mech in mechs:
+            print(f"[suite] {task} / {mech}", file=sys.stderr, flush=True)
+            rec = run_one(task, mech, cfg, out / "runs" / task / mech)
+            records.append(rec)
+            if rec["status"] != "ok":
+                print(f"[suite]   {rec['status']}: {rec.get('reason') or rec.get('error')}", file=sys.stderr)
+            write_outputs(records, out, cfg, with_plot=False)  # partial results survive an interruption
+    write_outputs(records, out, cfg)
+    return records
+
+
+def write_outputs(records: list[dict[str, Any]], out: Path, cfg: SuiteConfig, with_plot: bool = True) -> None:
+    payload = {"config": asdict(cfg), "results": records}
+    _atomic_text(out / "results.json", json.dumps(payload, indent=2, default=str))
+    _atomic_text(out / "results.md", markdown(records, quick=cfg.quick))
+    if not with_plot:
+        return
+    try:
+        plot(records, out / "accuracy.png")
+    except Exception as e:  # a missing display backend must not lose the results
+        print(f"[suite] plot failed: {e}", file=sys.stderr)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _grid(records: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    task_order = list(dict.fromkeys(r["task"] for r in records))
+    mech_order = list(dict.fromkeys(r["mechanism"] for r in records))
+    cells = {(r["task"], r["mechanism"]): r for r in records}
+    return task_order, mech_order, cells
+
+
+def markdown(records: list[dict[str, Any]], quick: bool = False) -> str:
+    """LRA-style tables: accuracy (with a majority-class row), train time, peak memory, tokens/s."""
+    task_order, mech_order, cells = _grid(records)
+    base = {t: next((cells[(t, m)]["majority_baseline"] for m in mech_order
+                     if cells.get((t, m), {}).get("status") == "ok"), None) for t in task_order}
+
+    def fmt(r: dict | None, key: str, scale: float = 1.0, nd: int = 1) -> str:
+        if r is None:
+            return ""
+        if r.get("status") == "skipped":
+            return "n/a"
+        if r.get("status") == "failed":
+            return "failed"
+        v = r.get(key)
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.{nd}f}"
+
+    head = "| mechanism | " + " | ".join(task_order) + " | avg |"
+    sep = "|---" * (len(task_order) + 2) + "|"
+    lines = [f"# Long-range suite{' (quick)' if quick else ''}", "",
+             "Test accuracy (%) at the best validation step; every mechanism trained with the same budget.",
+             "**bold** = above the majority-class baseline.", "", head, sep]
+    for m in mech_order:
+        row, accs = [], []
+        for t in task_order:
+            r = cells.get((t, m))
+            s = fmt(r, "test_acc", 100)
+            if r is not None and r.get("status") == "ok":
+                accs.append(r["test_acc"])
+                if base[t] is not None and r["test_acc"] > base[t]:
+                    s = f"**{s}**"
+            row.append(s)
+        avg = f"{100 * sum(accs) / len(accs):.1f}" if accs and len(accs) == len(task_order) else ""
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {avg} |")
+    lines.append("| *majority class* | " + " | ".join("" if base[t] is None else f"{100 * base[t]:.1f}"
+                                                       for t in task_order) + " | |")
+    for title, key, scale, nd in (("Train time (s)", "train_time_s", 1.0, 0),
+                                  ("Peak memory added by training (MB)", "peak_mem_mb", 1.0, 0),
+                                  ("Training throughput (tokens/s)", "tokens_per_s", 1.0, 0)):
+        lines += ["", f"## {title}", "", "| mechanism | " + " | ".join(task_order) + " |",
+                  "|---" * (len(task_order) + 1) + "|"]
+        for m in mech_order:
+            lines.append(f"| {m} | " + " | ".join(fmt(cells.get((t, m)), key, scale, nd) for t in task_order) + " |")
+    notes = [r for r in records if r.get("status") in ("skipped", "failed")]
+    if notes:
+        lines += ["", "## Skipped / failed", ""]
+        lines += [f"- {r['task']} / {r['mechanism']}: {r['status']}: {r.get('reason') or r.get('error')}"
+                  for r in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: accuracy per task (groups) per mechanism (bars); baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_order, mech_order, cells = _grid(records)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(task_order) * max(1, len(mech_order)) / 3), 4))
+    width = 0.8 / max(1, len(mech_order))
+    cmap = plt.get_cmap("tab20")
+    for j, m in enumerate(mech_order):
+        xs, ys = [], []
+        for i, t in enumerate(task_order):
+            r = cells.get((t, m))
+            if r is not None and r.get("status") == "ok":
+                xs.append(i - 0.4 + (j + 0.5) * width)
+                ys.append(100 * r["test_acc"])
+        ax.bar(xs, ys, width=width, label=m, color=cmap(j % 20))
+    for i, t in enumerate(task_order):
+        b = next((cells[(t, m)]["majority_baseline"] for m in mech_order
+                  if cells.get((t, m), {}).get("status") == "ok"), None)
+        if b is not None:
+            ax.hlines(100 * b, i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
+    ax.set_xticks(range(len(task_order)))
+    ax.set_xticklabels(task_order)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy per task and mechanism (dashed: majority class)")
+    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- CLI
+def _run(args: argparse.Namespace) -> int:
+    cfg = SuiteConfig(tasks=args.tasks or list(DEFAULT_TASKS), mechanisms=args.mechanisms, quick=args.quick,
+                      out=args.out, seed=args.seed, isolate=args.isolate, steps=args.steps,
+                      progress=not args.no_progress)
+    try:
+        records = run_suite(cfg)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    print(markdown(records, quick=cfg.quick))
+    print(f"[suite] wrote {Path(cfg.out) / 'results.json'}, results.md, accuracy.png", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("suite", help="train every mechanism on every long-range task; table + plot")
+    p.add_argument("--tasks", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_TASKS)}")
+    p.add_argument("--mechanisms", nargs="+", default=None, help="default: every registered mechanism")
+    p.add_argument("--quick", action="store_true", help="tiny budget: <= 10 minutes on 2 cores")
+    p.add_argument("--out", default="suite-results")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="override the steps of every run")
+    iso = p.add_mutually_exclusive_group()
+    iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                     help="one subprocess per run (default unless --quick)")
+    iso.add_argument("--in-process", dest="isolate", action="store_false")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run)

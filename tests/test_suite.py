@@ -1,0 +1,93 @@
+"""Suite: per-task mechanism parameters, tables, and a tiny end-to-end quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longattn import registry, suite
+from longattn.registry import Mechanism, Param
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LONGATTN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _fake(name: str, **caps) -> Mechanism:
+    def fn(q, k, v, *, causal, key_padding_mask, scale, **params):  # pragma: no cover - never called
+        return v
+
+    return Mechanism(name=name, fn=fn, **caps)
+
+
+def test_mechanism_params_come_from_the_table(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "fake_lowrank",
+                        _fake("fake_lowrank", causal=False, params=(Param("max_len", registry.REQUIRED), Param("k", 8))))
+    monkeypatch.setitem(registry._REGISTRY, "fake_2d",
+                        _fake("fake_2d", params=(Param("height", registry.REQUIRED), Param("width", registry.REQUIRED), Param("radius_h", 1))))
+    monkeypatch.setitem(suite.MECHANISM_PARAMS, "fake_lowrank", {"max_len": "{seq_len}", "k": 4, "junk": 1})
+    monkeypatch.setitem(suite.MECHANISM_PARAMS, "fake_2d", {"height": "{side}", "width": "{side}"})
+    lo = suite.task_info("listops", {"max_len": 100})
+    pf = suite.task_info("pathfinder", {"size": 16})
+    cp = suite.task_info("copy", {"length": 5})
+    assert (lo.seq_len, lo.side, pf.seq_len, pf.side, cp.causal) == (100, None, 256, 16, True)
+
+    params, why = suite.mechanism_params("fake_lowrank", lo)
+    assert params == {"max_len": 100, "k": 4} and why == ""  # only declared parameters are passed
+    params, why = suite.mechanism_params("fake_lowrank", cp)
+    assert params is None and "cannot be causal" in why
+    assert suite.mechanism_params("fake_2d", pf)[0] == {"height": 16, "width": 16}
+    params, why = suite.mechanism_params("fake_2d", lo)
+    assert params is None and "height" in why
+    assert suite.mechanism_params("full", cp) == ({}, "")
+
+
+def test_markdown_table_marks_baseline_skips_and_failures():
+    recs = [
+        {"task": "listops", "mechanism": "full", "status": "ok", "test_acc": 0.40, "majority_baseline": 0.17,
+         "train_time_s": 12.0, "peak_mem_mb": 30.0, "tokens_per_s": 1000.0},
+        {"task": "listops", "mechanism": "weak", "status": "ok", "test_acc": 0.10, "majority_baseline": 0.17,
+         "train_time_s": 10.0, "peak_mem_mb": 20.0, "tokens_per_s": 900.0},
+        {"task": "copy", "mechanism": "full", "status": "ok", "test_acc": 0.9, "majority_baseline": 0.06,
+         "train_time_s": 5.0, "peak_mem_mb": 10.0, "tokens_per_s": 800.0},
+        {"task": "copy", "mechanism": "weak", "status": "skipped", "reason": "weak cannot be causal"},
+    ]
+    md = suite.markdown(recs)
+    assert "| full | **40.0** | **90.0** | 65.0 |" in md
+    assert "| weak | 10.0 | n/a |  |" in md
+    assert "| *majority class* | 17.0 | 6.0 | |" in md
+    assert "copy / weak: skipped: weak cannot be causal" in md
+
+
+def test_quick_suite_end_to_end(tmp_path):
+    cfg = suite.SuiteConfig(tasks=["recall", "copy"], mechanisms=["full", "linear"], quick=True, steps=2,
+                            out=str(tmp_path), progress=False)
+    recs = suite.run_suite(cfg)
+    assert [(r["task"], r["mechanism"], r["status"]) for r in recs] == [
+        ("recall", "full", "ok"), ("recall", "linear", "ok"), ("copy", "full", "ok"), ("copy", "linear", "ok")]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["results"]) == 4 and saved["config"]["quick"] is True
+    for r in saved["results"]:
+        assert 0.0 <= r["test_acc"] <= 1.0 and r["steps"] == 2 and r["train_time_s"] > 0
+        assert 0.0 < r["majority_baseline"] < 1.0
+    md = (tmp_path / "results.md").read_text()
+    assert "| mechanism | recall | copy | avg |" in md and "*majority class*" in md
+    png = (tmp_path / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_isolated_run_in_a_subprocess(tmp_path):
+    cfg = suite.SuiteConfig(quick=True, steps=2, out=str(tmp_path), progress=False, isolate=True)
+    rec = suite.run_one("recall", "full", cfg, tmp_path / "run")
+    assert rec["status"] == "ok", rec
+    assert rec["steps"] == 2 and rec["peak_mem_mb"] > 0
+
+
+def test_unknown_names_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        suite.run_suite(suite.SuiteConfig(tasks=["recall"], mechanisms=["nope"], out=str(tmp_path)))
+    with pytest.raises(ValueError, match="nada"):
+        suite.run_suite(suite.SuiteConfig(tasks=["nada"], mechanisms=["full"], out=str(tmp_path)))
