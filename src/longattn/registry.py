@@ -18,14 +18,18 @@ Their functional form takes the learned tensors (or the module) as parameters.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-REQUIRED = dataclasses.MISSING
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
 """Marker for a parameter without a default (the caller must give it)."""
 
 
