@@ -109,15 +109,21 @@ class Gather:
     """Query blocks, each with its list of key positions.
 
     qpos: [T, bq] query positions (-1 = none); kpos: [Hk, T, K] key positions
-    (-1 = none), Hk = 1 (all heads) or H. ``pred`` is what the component covers
-    (used to count overlapping keys once); ``dense_keys`` says every listed key is
-    visible (no mask needed, apart from causality, padding and overlaps).
+    (-1 = none), Hk = 1 (all heads) or H. ``more``: further (qpos, kpos) pairs of
+    other shapes, for other queries. A query appears in at most one block.
+    ``pred`` is what the component covers (used to count overlapping keys once);
+    ``dense_keys`` says every listed key is visible (no mask needed, apart from
+    causality, padding and overlaps).
     """
 
     qpos: Tensor
     kpos: Tensor
     pred: Predicate
     dense_keys: bool = False
+    more: tuple[tuple[Tensor, Tensor], ...] = ()
+
+    def blocks(self) -> list[tuple[Tensor, Tensor]]:
+        return [(self.qpos, self.kpos), *self.more]
 
 
 Component = Band | Gather
@@ -451,21 +457,21 @@ class _SummaryColumns(Pattern):
         return prefix_gather(keys, n, self.visible)
 
 
-def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 8) -> list[Component]:
+def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 4) -> list[Component]:
     """Gather components for "query i sees the sorted ``keys`` that are <= i".
 
     Query blocks are taken ``group`` at a time; each group lists the keys up to its
     last query, so the work is about N * visible rather than N * len(keys)."""
-    comps: list[Component] = []
+    blocks: list[tuple[Tensor, Tensor]] = []
     qpos_all = _blocks(torch.arange(n), bq)
     for t0 in range(0, qpos_all.shape[0], group):
         qpos = qpos_all[t0 : t0 + group]
-        last = int(qpos.max())
-        ks = keys[keys <= last]
-        if ks.numel() == 0:
-            continue
-        comps.append(Gather(qpos, ks.expand(1, qpos.shape[0], -1).clone(), pred))
-    return comps
+        ks = keys[keys <= int(qpos.max())]
+        if ks.numel():
+            blocks.append((qpos, ks.expand(1, qpos.shape[0], -1).clone()))
+    if not blocks:
+        return []
+    return [Gather(*blocks[0], pred, more=tuple(blocks[1:]))]
 
 
 class Union(Pattern):

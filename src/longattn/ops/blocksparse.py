@@ -59,6 +59,7 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 WORKSPACE = 1 << 24
 MIN_BAND_TILE = 16
 MAX_BAND_TILE = 256
+BAND_QUERY_TILE = 128
 
 
 @dataclass
@@ -75,6 +76,11 @@ class TileBatch:
     kpos: Tensor
     kind: str
     pred: Predicate
+    #: (q0, k0, step): tile t is queries [q0 + t*step, +bq) and keys [k0 + t*step, +K)
+    #: of the sequence itself, read as strided views (no gather copies)
+    view: tuple[int, int, int] | None = None
+    #: bool [bq, K] visibility shared by every tile (kind "shared")
+    shared: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -143,16 +149,28 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         return [TileBatch(*_flat(P, qu, ku), "mask", pred)]
 
     bq = min(MAX_BAND_TILE, _pow2_floor(a + b))
+    if G == 1 and bool((P[0] == torch.arange(L)).all()):
+        bq = BAND_QUERY_TILE
     nq = -(-L // bq)
     s = torch.arange(nq) * bq
     ar = torch.arange(bq)
-    interior = (s - a >= 0) & (s + b + bq <= L) & (s + bq <= L)
+    interior = (s - a >= 0) & (s + bq + b <= L)
     out: list[TileBatch] = []
     si = s[interior]
-    if si.numel():
+    if si.numel() and G == 1 and bool((P[0] == torch.arange(L)).all()):
+        # contiguous queries and keys: one call over strided views, one shared mask
+        K = bq + a + b
+        rel = torch.arange(K)[None, :] - a - ar[:, None]  # j - i
+        shared = (rel >= -a) & (rel <= b)
+        t0, t1 = int(si[0]) // bq, int(si[-1]) // bq + 1
+        assert t1 - t0 == si.numel()
         qu = si[:, None] + ar
-        rq = qu.flip(-1)
-        out.append(batch(rq, (si - a)[:, None] + ar.flip(0), "causal"))  # lower (reversed)
+        ku = (si - a)[:, None] + torch.arange(K)
+        kind = "mask" if masked else "shared"
+        out.append(TileBatch(qu, ku[None], kind, pred, view=(int(si[0]), int(si[0]) - a, bq), shared=shared))
+    elif si.numel():
+        qu = si[:, None] + ar
+        out.append(batch(qu.flip(-1), (si - a)[:, None] + ar.flip(0), "causal"))  # lower (reversed)
         mid = a + b - bq
         if mid > 0:
             out.append(batch(qu, (si - a + bq)[:, None] + torch.arange(mid), "full"))
@@ -175,19 +193,24 @@ def _flat(P: Tensor, qu: Tensor, ku: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _gather_batches(c: Gather, pred: Predicate, masked: bool) -> list[TileBatch]:
-    kind = "full" if (c.dense_keys and not masked and bool((c.kpos >= 0).all())) else "mask"
-    return [TileBatch(c.qpos, c.kpos, kind, pred)]
+    out = []
+    for qpos, kpos in c.blocks():
+        kind = "full" if (c.dense_keys and not masked and bool((kpos >= 0).all())) else "mask"
+        out.append(TileBatch(qpos, kpos, kind, pred))
+    return out
 
 
 def _component_pred(c: Component | _Restricted) -> Predicate:
     return c.pred
 
 
-def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[TileBatch]:
-    """The tile batches computing ``pattern`` (one head group) at length ``n``."""
+def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileBatch, bool]]:
+    """The tile batches computing ``pattern`` (one head group) at length ``n``, each
+    with a flag: True for the first component (its tiles partition its queries, so
+    their outputs are written, not merged)."""
     pattern.prepare(n, heads)
     comps = pattern.components(n, heads)
-    batches: list[TileBatch] = []
+    batches: list[tuple[TileBatch, bool]] = []
     for idx, c in enumerate(comps):
         earlier = [_component_pred(e) for e in comps[:idx]]
         own = _component_pred(c)
@@ -203,11 +226,12 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[TileBatch]:
         masked = bool(earlier) or isinstance(c, _Restricted)
         inner = c.inner if isinstance(c, _Restricted) else c
         if isinstance(inner, Band):
-            batches += _band_batches(inner, n, causal, pred, masked)
+            tbs = _band_batches(inner, n, causal, pred, masked)
         elif isinstance(inner, Gather):
-            batches += _gather_batches(inner, pred, masked or causal)
+            tbs = _gather_batches(inner, pred, masked or causal)
         else:  # pragma: no cover
             raise TypeError(f"unknown component {type(inner).__name__}")
+        batches += [(tb, idx == 0) for tb in tbs]
     return batches
 
 
@@ -218,23 +242,40 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[TileBatch]:
 
 @dataclass
 class _Chunk:
-    qidx: Tensor  # [Tc*bq] clamped positions
-    qvalid: Tensor  # [Tc*bq] bool
-    kidx: Tensor  # [Hk, Tc*K] clamped positions
-    kvalid: Tensor  # [Hk, Tc*K] bool
+    """A slice of a tile batch small enough for one kernel call."""
+
     Tc: int
     bq: int
     K: int
-    kind: str
-    mask: Tensor | None  # additive [B*H, Tc, bq, K] or None
-    alive: Tensor | None  # bool [B*H, Tc, bq]: row has a visible key
+    kind: str  # "full" | "causal" | "mask"
+    mask: Tensor | None  # additive, broadcastable to [B*H, Tc, bq, K]
+    alive: Tensor | None  # bool, broadcastable to [B*H, Tc, bq]: row sees some key
+    view: tuple[int, int, int] | None  # (q0, k0, step) of this chunk
+    qidx: Tensor | None = None  # [Tc*bq] clamped positions (gathered chunks)
+    qvalid: Tensor | None = None
+    kidx: Tensor | None = None  # [Hk, Tc*K]
+    kvalid: Tensor | None = None
+
+
+def _additive(vis: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros((), dtype=dtype).expand(vis.shape).masked_fill(~vis, float("-inf"))
 
 
 def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: torch.dtype):
     T, bq, K = tb.shape
     per_tile = B * H * max(bq * K, K * D, bq * D)
     step = max(1, WORKSPACE // per_tile)
-    use_mask = tb.kind == "mask" or kpm is not None
+    if tb.view is not None and kpm is None and tb.kind == "shared":
+        # strided views of the sequence; one shared [bq, K] mask, no copies
+        q0, k0, st = tb.view
+        mask = _additive(tb.shared, dtype)
+        alive = tb.shared.any(-1)
+        for t0 in range(0, T, step):
+            Tc = min(step, T - t0)
+            yield _Chunk(Tc, bq, K, "mask", mask, None if bool(alive.all()) else alive,
+                         (q0 + t0 * st, k0 + t0 * st, st))
+        return
+    use_mask = tb.kind in ("mask", "shared") or kpm is not None
     for t0 in range(0, T, step):
         qp = tb.qpos[t0 : t0 + step]
         kp = tb.kpos[:, t0 : t0 + step]
@@ -255,118 +296,156 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: to
                 vis = vis[None].expand(B, H, Tc, bq, K)
             vis = vis.reshape(B * H, Tc, bq, K)
             alive = vis.any(-1)
-            mask = torch.zeros((), dtype=dtype).expand(vis.shape).masked_fill(~vis, float("-inf"))
+            mask = _additive(vis, dtype)
             kind = "mask"
         yield _Chunk(
+            Tc, bq, K, kind, mask, alive, None,
             qidx=qp.reshape(-1).clamp(min=0),
             qvalid=qp.reshape(-1) >= 0,
             kidx=kp.reshape(kp.shape[0], -1).clamp(min=0),
             kvalid=kp.reshape(kp.shape[0], -1) >= 0,
-            Tc=Tc, bq=bq, K=K, kind=kind, mask=mask, alive=alive,
         )
 
 
-def _gather_q(x: Tensor, ch: _Chunk) -> Tensor:
-    B, H, N, D = x.shape
-    return x[:, :, ch.qidx].reshape(B * H, ch.Tc, ch.bq, D)
+def _windows(x: Tensor, start: int, step: int, T: int, width: int) -> Tensor:
+    """[BH, N, D] -> strided view [BH, T, width, D]: rows start + t*step + w."""
+    BH, N, D = x.shape
+    return x.as_strided(
+        (BH, T, width, D), (x.stride(0), step * x.stride(1), x.stride(1), x.stride(2)),
+        x.storage_offset() + start * x.stride(1),
+    )
 
 
-def _gather_k(x: Tensor, ch: _Chunk) -> Tensor:
-    B, H, N, D = x.shape
+def _gq(x: Tensor, ch: _Chunk) -> Tensor:
+    """The chunk's query rows of x ([BH, N, D]) as [BH, Tc, bq, D]."""
+    if ch.view is not None:
+        return _windows(x, ch.view[0], ch.view[2], ch.Tc, ch.bq)
+    return x.index_select(1, ch.qidx).view(x.shape[0], ch.Tc, ch.bq, x.shape[-1])
+
+
+def _gk(x: Tensor, ch: _Chunk, H: int) -> Tensor:
+    """The chunk's key rows of x ([BH, N, D]) as [BH, Tc, K, D]."""
+    if ch.view is not None:
+        return _windows(x, ch.view[1], ch.view[2], ch.Tc, ch.K)
+    BH, N, D = x.shape
     if ch.kidx.shape[0] == 1:
-        g = x[:, :, ch.kidx[0]]
-    else:
-        flat = (torch.arange(H)[:, None] * N + ch.kidx).reshape(-1)
-        g = x.reshape(B, H * N, D)[:, flat]
-    return g.reshape(B * H, ch.Tc, ch.K, D)
+        return x.index_select(1, ch.kidx[0]).view(BH, ch.Tc, ch.K, D)
+    B = BH // H
+    flat = (torch.arange(H)[:, None] * N + ch.kidx).reshape(-1)
+    return x.reshape(B, H * N, D).index_select(1, flat).view(BH, ch.Tc, ch.K, D)
 
 
-def _forward(q, k, v, batches, scale, kpm):
-    B, H, N, D = q.shape
+def _rows(x: Tensor, ch: _Chunk) -> tuple[slice, None] | tuple[Tensor, Tensor]:
+    """Where the chunk's valid queries live in x ([BH, N, ...]): a slice or an index."""
+    if ch.view is not None:
+        q0, _, st = ch.view
+        assert st == ch.bq
+        return slice(q0, q0 + ch.Tc * ch.bq), None
+    return ch.qidx[ch.qvalid], ch.qvalid
+
+
+def _forward_bh(q, k, v, batches, scale, kpm, H):
+    """(O [BH, N, Dv], Lse [BH, N]) in the accumulation dtype."""
+    BH, N, D = q.shape
     Dv = v.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    O = torch.zeros(B, H, N, Dv, dtype=acc)
-    Lse = torch.full((B, H, N), float("-inf"), dtype=acc)
-    for tb in batches:
-        for ch in _chunks(tb, B, H, D, kpm, q.dtype):
+    O = torch.zeros(BH, N, Dv, dtype=acc)
+    Lse = torch.full((BH, N), float("-inf"), dtype=acc)
+    for tb, first in batches:
+        for ch in _chunks(tb, BH // H, H, D, kpm, q.dtype):
             o, lse = _flash_fwd(
-                _gather_q(q, ch), _gather_k(k, ch), _gather_k(v, ch), 0.0,
+                _gq(q, ch), _gk(k, ch, H), _gk(v, ch, H), 0.0,
                 ch.kind == "causal", attn_mask=ch.mask, scale=scale,
             )
             lse = lse.to(acc)
             if ch.alive is not None:
                 lse = lse.masked_fill(~ch.alive, float("-inf"))
-            pos = ch.qidx[ch.qvalid]
-            lse = lse.reshape(B, H, -1)[:, :, ch.qvalid]
-            o = o.reshape(B, H, -1, Dv)[:, :, ch.qvalid].to(acc)
-            l_old = Lse[:, :, pos]
+            o = o.reshape(BH, -1, Dv)
+            lse = lse.reshape(BH, -1)
+            where, valid = _rows(O, ch)
+            if valid is not None:
+                o, lse = o[:, valid], lse[:, valid]
+            if first:  # the first component's tiles partition its queries: plain writes
+                O[:, where] = o
+                Lse[:, where] = lse
+                continue
+            l_old = Lse[:, where]
             l_new = torch.logaddexp(l_old, lse)
             dead = torch.isneginf(l_new)
-            w_old = torch.exp(l_old - l_new).masked_fill(dead, 0.0)
-            w_new = torch.exp(lse - l_new).masked_fill(dead, 0.0)
-            O[:, :, pos] = O[:, :, pos] * w_old[..., None] + o * w_new[..., None]
-            Lse[:, :, pos] = l_new
+            w_old = torch.exp(l_old - l_new).masked_fill_(dead, 0.0)
+            w_new = torch.exp(lse - l_new).masked_fill_(dead, 0.0)
+            O[:, where] = O[:, where] * w_old[..., None] + o * w_new[..., None]
+            Lse[:, where] = l_new
     return O, Lse
 
 
-def _backward(dO, q, k, v, O, Lse, batches, scale, kpm):
-    B, H, N, D = q.shape
+def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H):
+    BH, N, D = q.shape
     Dv = v.shape[-1]
+    B = BH // H
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(B, H, N + 1, D, dtype=acc)
-    dk = torch.zeros(B, H * (N + 1), D, dtype=acc)
-    dv = torch.zeros(B, H * (N + 1), Dv, dtype=acc)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    Lb = Lse.masked_fill(torch.isneginf(Lse), float("inf")).to(lse_dtype)
+    dq = torch.zeros(BH, N + 1, D, dtype=acc)
+    dk = torch.zeros(BH, N + 1, D, dtype=acc)
+    dv = torch.zeros(BH, N + 1, Dv, dtype=acc)
+    Lb = Lse.masked_fill(torch.isneginf(Lse), float("inf"))
+    if q.dtype != torch.float64:
+        Lb = Lb.float()
     heads = torch.arange(H)[:, None]
-    for tb in batches:
+    for tb, _ in batches:
         for ch in _chunks(tb, B, H, D, kpm, q.dtype):
-            qc = _gather_q(q, ch)
-            g = _gather_q(dO, ch)
-            if not bool(ch.qvalid.all()):
+            g = _gq(dO, ch)
+            if ch.qvalid is not None and not bool(ch.qvalid.all()):
                 g = g * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(g.dtype)
             gq, gk, gv = _flash_bwd(
-                g, qc, _gather_k(k, ch), _gather_k(v, ch), _gather_q(O, ch),
-                Lb[:, :, ch.qidx].reshape(B * H, ch.Tc, ch.bq), 0.0,
+                g, _gq(q, ch), _gk(k, ch, H), _gk(v, ch, H), _gq(O, ch),
+                _gq(Lb[..., None], ch)[..., 0], 0.0,
                 ch.kind == "causal", attn_mask=ch.mask, scale=scale,
             )
+            if ch.view is not None:
+                q0, k0, st = ch.view
+                _windows(dq, q0, st, ch.Tc, ch.bq).add_(gq)
+                for s0 in range(0, ch.K, st):  # key windows overlap: add them in strips
+                    w = min(st, ch.K - s0)
+                    _windows(dk, k0 + s0, st, ch.Tc, w).add_(gk[:, :, s0 : s0 + w])
+                    _windows(dv, k0 + s0, st, ch.Tc, w).add_(gv[:, :, s0 : s0 + w])
+                continue
             qi = torch.where(ch.qvalid, ch.qidx, N)
-            dq.index_add_(2, qi, gq.reshape(B, H, -1, D).to(acc))
+            dq.index_add_(1, qi, gq.reshape(BH, -1, D).to(acc))
             ki = torch.where(ch.kvalid, ch.kidx, N)  # [Hk, Tc*K]; ghosts -> slot N
             flat = (heads * (N + 1) + ki).reshape(-1)  # [H * Tc * K]
-            dk.index_add_(1, flat, gk.reshape(B, -1, D).to(acc))
-            dv.index_add_(1, flat, gv.reshape(B, -1, Dv).to(acc))
-    dk = dk.view(B, H, N + 1, D)
-    dv = dv.view(B, H, N + 1, Dv)
-    return (
-        dq[:, :, :N].to(q.dtype),
-        dk[:, :, :N].to(k.dtype),
-        dv[:, :, :N].to(v.dtype),
-    )
+            dk.view(B, H * (N + 1), D).index_add_(1, flat, gk.reshape(B, -1, D).to(acc))
+            dv.view(B, H * (N + 1), Dv).index_add_(1, flat, gv.reshape(B, -1, Dv).to(acc))
+    return dq[:, :N], dk[:, :N], dv[:, :N]
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, batches, scale, kpm):
-        O, Lse = _forward(q, k, v, batches, scale, kpm)
+        B, H, N, D = q.shape
+        flat = lambda x: x.reshape(B * H, N, x.shape[-1])  # noqa: E731
+        O, Lse = _forward_bh(flat(q), flat(k), flat(v), batches, scale, kpm, H)
         out = O.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, Lse)
         ctx.batches, ctx.scale, ctx.kpm = batches, scale, kpm
-        return out
+        return out.view(B, H, N, -1)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, Lse = ctx.saved_tensors
+        B, H, N, D = q.shape
+        flat = lambda x: x.reshape(B * H, N, x.shape[-1])  # noqa: E731
         dq, dk, dv = _backward(
-            dout.contiguous(), q, k, v, out, Lse, ctx.batches, ctx.scale, ctx.kpm
+            flat(dout.contiguous()), flat(q), flat(k), flat(v), out, Lse,
+            ctx.batches, ctx.scale, ctx.kpm, H,
         )
-        return dq, dk, dv, None, None, None
+        return (dq.to(q.dtype).view_as(q), dk.to(k.dtype).view_as(k),
+                dv.to(v.dtype).view(B, H, N, -1), None, None, None)
 
 
-_PLAN_CACHE: dict[tuple, list[TileBatch]] = {}
+_PLAN_CACHE: dict[tuple, tuple[Pattern, list[tuple[TileBatch, bool]]]] = {}
 
 
-def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[TileBatch]:
+def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileBatch, bool]]:
     key = (id(pattern), n, heads, causal)
     hit = _PLAN_CACHE.get(key)
     if hit is None or hit[0] is not pattern:
