@@ -514,6 +514,7 @@ def performer_attention(
     orthogonal: bool = True,
     projection: Tensor | None = None,
     chunk_size: int = 64,
+    redraw_interval: int | None = None,
 ) -> Tensor:
     """Performer (FAVOR+) attention: linear attention with :class:`FavorFeatureMap`.
 
@@ -522,6 +523,11 @@ def performer_attention(
     (:class:`PerformerAttention`) owns them and can :meth:`~PerformerAttention.redraw`.
     """
     d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    if redraw_interval is not None:
+        raise ValueError(
+            f"redraw_interval={redraw_interval!r} needs the module form "
+            "(longattn.build('performer', ...)); the functional form draws from seed"
+        )
     if projection is not None:
         fmap: FeatureMap = FavorFeatureMap(d.D, projection=projection)
     else:
@@ -714,6 +720,7 @@ register(
         Param("orthogonal", True, "orthogonal random features (FAVOR+)"),
         Param("projection", None, "[F, D] features to use instead of drawing (overrides seed)"),
         Param("chunk_size", 64, "chunk length of the causal prefix sums"),
+        Param("redraw_interval", None, "module form: redraw the features every n training forwards"),
     ),
     family="kernel",
     exact=False,
