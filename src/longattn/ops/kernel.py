@@ -156,13 +156,11 @@ def orthogonal_random_features(
     check_int("head_dim", head_dim, minimum=1)
     if not orthogonal:
         return torch.randn(num_features, head_dim, generator=generator, dtype=torch.float64).to(dtype)
-    blocks = []
-    for _ in range(math.ceil(num_features / head_dim)):
-        g = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
-        qm, r = torch.linalg.qr(g)
-        qm = qm * torch.sign(torch.diagonal(r))[None, :]  # unique (Haar) orthogonal
-        blocks.append(qm.T)
-    w = torch.cat(blocks, 0)[:num_features]
+    nb = math.ceil(num_features / head_dim)
+    g = torch.randn(nb, head_dim, head_dim, generator=generator, dtype=torch.float64)
+    qm, r = torch.linalg.qr(g)  # batched
+    qm = qm * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar-distributed
+    w = qm.transpose(-1, -2).reshape(nb * head_dim, head_dim)[:num_features]
     norms = torch.randn(num_features, head_dim, generator=generator, dtype=torch.float64).norm(dim=1)
     return (w * norms[:, None]).to(dtype)
 
