@@ -135,12 +135,17 @@ def linformer_attention(
     kp = _project(kw_, E.to(q.device), "E", d.H)  # [B, H, k, D]
     vp = _project(vw, F.to(q.device), "F", d.H)  # [B, H, k, Dv]
     scores = torch.matmul(q.to(work), kp.transpose(-1, -2)) * s
+    # a projected key that no real key reaches is masked: with identity projections
+    # (E = I, k >= N) these are exactly the padded keys and the missing rows, so k = N
+    # gives full attention
     if key_padding_mask is None:
-        return torch.matmul(torch.softmax(scores, -1), vp).to(q.dtype)
-    # a projected key that no real key reaches (|E| @ real == 0) is masked too: with
-    # identity projections this is exactly the padded key (so k = N is exact)
-    real = key_padding_mask.to(work)[:, None, :, None]  # [B, 1, Nk, 1]
-    reach = _project(real, E.abs().to(q.device), "E", d.H)[..., 0] > 0  # [B, 1|H, k]
+        reach = E[..., : d.Nk].abs().sum(-1).to(q.device) > 0  # [k] or [H, k]
+        if bool(reach.all()):
+            return torch.matmul(torch.softmax(scores, -1), vp).to(q.dtype)
+        reach = reach.expand(d.H, -1)[None]  # [1, H, k]
+    else:
+        real = key_padding_mask.to(work)[:, None, :, None]  # [B, 1, Nk, 1]
+        reach = _project(real, E.abs().to(q.device), "E", d.H)[..., 0] > 0  # [B, 1|H, k]
     p = _masked_softmax(scores, reach[:, :, None, :])
     return torch.matmul(p, vp).to(q.dtype)
 
