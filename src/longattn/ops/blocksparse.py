@@ -81,6 +81,8 @@ class TileBatch:
     view: tuple[int, int, int] | None = None
     #: bool [bq, K] visibility shared by every tile (kind "shared")
     shared: Tensor | None = None
+    #: its queries were already covered by an earlier batch of the same component
+    again: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -123,12 +125,10 @@ def _map(P: Tensor, u: Tensor) -> Tensor:
 def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool) -> list[TileBatch]:
     G = P.shape[0]
 
-    def batch(qu: Tensor, ku: Tensor, kind: str) -> TileBatch:
+    def batch(qu: Tensor, ku: Tensor, kind: str, again: bool = False) -> TileBatch:
         # qu [T, bq], ku [T, K] group-local; replicate over the G groups
-        T = qu.shape[0]
-        q = _map(P, qu[None].expand(G, -1, -1)).reshape(G * T, -1)
-        k = _map(P, ku[None].expand(G, -1, -1)).reshape(1, G * T, -1)
-        return TileBatch(q, k, "mask" if masked else kind, pred)
+        q, k = _flat(P, qu, ku)
+        return TileBatch(q, k, "mask" if masked else kind, pred, again=again)
 
     whole = torch.arange(L)[None]
     if a >= L - 1 and b >= L - 1:
@@ -173,8 +173,8 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         out.append(batch(qu.flip(-1), (si - a)[:, None] + ar.flip(0), "causal"))  # lower (reversed)
         mid = a + b - bq
         if mid > 0:
-            out.append(batch(qu, (si - a + bq)[:, None] + torch.arange(mid), "full"))
-        out.append(batch(qu, (si + b)[:, None] + ar, "causal"))  # upper
+            out.append(batch(qu, (si - a + bq)[:, None] + torch.arange(mid), "full", again=True))
+        out.append(batch(qu, (si + b)[:, None] + ar, "causal", again=True))  # upper
     sb = s[~interior]
     if sb.numel():
         qu = sb[:, None] + ar
@@ -231,7 +231,7 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileB
             tbs = _gather_batches(inner, pred, masked or causal)
         else:  # pragma: no cover
             raise TypeError(f"unknown component {type(inner).__name__}")
-        batches += [(tb, idx == 0) for tb in tbs]
+        batches += [(tb, idx == 0 and not tb.again) for tb in tbs]
     return batches
 
 
@@ -360,7 +360,7 @@ def _forward_bh(q, k, v, batches, scale, kpm, H):
             lse = lse.to(acc)
             if ch.alive is not None:
                 lse = lse.masked_fill(~ch.alive, float("-inf"))
-            o = o.reshape(BH, -1, Dv)
+            o = o.reshape(BH, -1, Dv).to(acc)
             lse = lse.reshape(BH, -1)
             where, valid = _rows(O, ch)
             if valid is not None:
