@@ -191,7 +191,9 @@ class Pattern:
         return Intersection([self, other])
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "head_dependent"
+        )
         return f"{type(self).__name__}({fields})"
 
 
