@@ -276,6 +276,7 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: to
                          (q0 + t0 * st, k0 + t0 * st, st))
         return
     use_mask = tb.kind in ("mask", "shared") or kpm is not None
+    tri = torch.ones(bq, K, dtype=torch.bool).tril() if tb.kind == "causal" else None
     for t0 in range(0, T, step):
         qp = tb.qpos[t0 : t0 + step]
         kp = tb.kpos[:, t0 : t0 + step]
@@ -283,18 +284,18 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: to
         mask = alive = None
         kind = tb.kind
         if use_mask:
-            i = qp[None, :, :, None]
-            j = kp[:, :, None, :]
-            h = torch.arange(H)[:, None, None, None]
-            vis = tb.pred(i, j, h)
-            if tb.kind == "causal":  # the tile structure itself (y <= x)
-                vis = vis & torch.ones(bq, K, dtype=torch.bool).tril()
-            vis = vis.expand(H, Tc, bq, K)
+            # evaluated without expanding over heads/batch unless it depends on them
+            vis = tb.pred(qp[None, :, :, None], kp[:, :, None, :], torch.arange(H)[:, None, None, None])
+            if tri is not None:  # the tile structure itself (y <= x)
+                vis = vis & tri
+            vis = vis.expand(*vis.shape[:-3], Tc, bq, K)
+            if vis.dim() < 4:
+                vis = vis[None]
             if kpm is not None:
-                vis = vis[None] & kpm[:, kp.clamp(min=0)][:, :, :, None, :]  # [B, H, Tc, bq, K]
-            else:
-                vis = vis[None].expand(B, H, Tc, bq, K)
-            vis = vis.reshape(B * H, Tc, bq, K)
+                vis = vis[None] & kpm[:, kp.clamp(min=0)][:, :, :, None, :]  # [B, H|1, Tc, bq, K]
+                vis = vis.expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
+            elif vis.shape[0] != 1 and B > 1:
+                vis = vis[None].expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
             alive = vis.any(-1)
             mask = _additive(vis, dtype)
             kind = "mask"
