@@ -79,6 +79,7 @@ def test_quick_suite_end_to_end(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # two interpreter start-ups (~20 s on a busy 2-core machine)
 def test_isolated_run_in_a_subprocess(tmp_path):
     cfg = suite.SuiteConfig(quick=True, steps=2, out=str(tmp_path), progress=False, isolate=True)
     rec = suite.run_one("recall", "full", cfg, tmp_path / "run")
