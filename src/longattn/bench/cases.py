@@ -1,0 +1,442 @@
+"""What the benchmark runs: each mechanism's settings, its inputs, and the peers.
+
+Everything here is data or a small builder, so adding a mechanism to the registry
+adds it to the benchmark (with its registry defaults) without touching this file;
+an entry in :data:`SETTINGS` only picks the benchmark's settings for it.
+
+Default shape: B=1, H=8, D=64, fp32 (see :data:`DEFAULT_SHAPE`).
+
+How the settings are equalised ("about 512 keys per query" where a mechanism has
+a budget):
+
+- ``local``: before = after = 256, i.e. 513 keys per query. The local-attention
+  peer (``LocalAttention(window_size=256, look_backward=1, look_forward=1,
+  exact_windowsize=True)``) computes 3 windows of 256 keys per query and masks
+  them down to exactly i - 256 <= j <= i + 256: the same set, so its useful FLOPs
+  are ours. FlexAttention gets the same predicate as a ``mask_mod``.
+- ``longformer``: window 256 each side + global token 0; ``dilated``: radius 128,
+  dilation 2 (the same span, half the keys); ``bigbird``: blocks of 64, 3-block
+  window + 3 random + 2 global blocks (= 512 keys for most queries).
+- ``performer``: 256 random features (performer-pytorch ``FastAttention`` with
+  ``nb_features=256`` is the peer); ``linformer``: k = 256, max_len = N;
+  ``compressed``: 256 slots; ``nystrom``: 64 landmarks (the paper's setting).
+- ``lsh``: chunks of 64, 2 hashing rounds (reformer-pytorch ``LSHAttention
+  (bucket_size=64, n_hashes=2)`` is the peer: it also attends to its chunk and the
+  previous one); ``clustered``: chunks of 256 + look-back, 16 clusters;
+  ``sinkhorn``: blocks of 256 (own block + sorted block = 512 keys).
+- ``local2d``: a 128-wide grid, radius 7 each way (225 keys); ``graph``: each node
+  receives 32 edges (16 nearest predecessors/successors + 16 random).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_SHAPE = {"batch": 1, "heads": 8, "dim": 64, "dtype": "float32"}
+
+# A setting value may be a callable of the case (n, heads, dim) -> value.
+Dyn = Callable[[int, int, int], Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Benchmark parameters of one mechanism (values may be callables of (n, heads, dim))."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    #: for patterns constant on block x block tiles: the parameter holding the block
+    block_param: str | None = None
+
+
+def _edge_index(n: int, heads: int, dim: int) -> Tensor:
+    """A graph where every node receives 32 edges: 16 neighbours + 16 random (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    i = torch.arange(n)
+    near = torch.cat([torch.arange(-8, 0), torch.arange(1, 9)])
+    src_near = (i[:, None] + near[None, :]).clamp(0, n - 1)
+    src_rand = torch.randint(0, n, (n, 16), generator=g)
+    src = torch.cat([src_near, src_rand], 1).flatten()
+    dst = i[:, None].expand(n, 32).flatten()
+    return torch.stack([src, dst])
+
+
+def _grid(n: int) -> tuple[int, int]:
+    w = min(128, n)
+    return n // w, w
+
+
+def _composed_pattern(n: int, heads: int, dim: int) -> Any:
+    from longattn import patterns as P
+
+    return P.Union([P.Local(128, 128), P.Strided(256)])
+
+
+SETTINGS: dict[str, Setting] = {
+    "full": Setting({}, "PyTorch SDPA (the dense peer)"),
+    "local": Setting({"before": 256, "after": 256}, "513 keys per query"),
+    "dilated": Setting({"radius": 128, "dilation": 2}, "span 256 each side, every 2nd key"),
+    "strided": Setting({"stride": 256}, "N/256 keys per query (O(N^2/256))"),
+    "block_diagonal": Setting({"block": 512}, "512-key blocks", "block"),
+    "global": Setting({"indices": tuple(range(16))}, "16 global tokens"),
+    "random": Setting({"blocks_per_row": 8, "block": 64, "seed": 0}, "8 random blocks of 64", "block"),
+    "longformer": Setting({"window": 256, "global_indices": (0,)}, "window 256 each side + token 0"),
+    "bigbird": Setting({"block": 64, "random_blocks": 3, "global_blocks": 2, "seed": 0},
+                       "3-block window + 3 random + 2 global blocks of 64", "block"),
+    "sparse_transformer_strided": Setting({"l": 256}, "l = 256"),
+    "sparse_transformer_fixed": Setting({"l": 256, "c": 32}, "l = 256, c = 32"),
+    "pattern": Setting({"pattern": _composed_pattern}, "Local(128,128) | Strided(256)"),
+    "graph": Setting({"edge_index": _edge_index}, "32 in-edges per node"),
+    "local2d": Setting({"height": lambda n, h, d: _grid(n)[0], "width": lambda n, h, d: _grid(n)[1],
+                        "radius_h": 7, "radius_w": 7}, "128-wide grid, 15 x 15 window"),
+    "additive": Setting({"block": 64}, "O(N^2 A) scores, 64 queries at a time"),
+    "linear": Setting({"feature_map": "elu", "chunk_size": 64}, "elu + 1 features"),
+    "performer": Setting({"num_features": 256, "seed": 0}, "256 orthogonal random features"),
+    "linformer": Setting({"proj_dim": 256, "max_len": lambda n, h, d: n, "seed": 0}, "k = 256"),
+    "compressed": Setting({"slots": 256}, "256 slots (stride N/256)"),
+    "nystrom": Setting({"landmarks": 64}, "64 landmarks"),
+    "lsh": Setting({"bucket_size": 64, "n_hashes": 2, "seed": 0}, "chunks of 64, 2 rounds"),
+    "clustered": Setting({"n_clusters": 16, "chunk_size": 256, "seed": 0}, "16 clusters, chunks of 256"),
+    "sinkhorn": Setting({"block_size": 256, "seed": 0}, "blocks of 256"),
+    "synthesizer": Setting({"kind": "random", "max_len": lambda n, h, d: n, "seed": 0},
+                           "random N x N scores per head"),
+}
+
+
+def settings(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
+    """The benchmark parameters of ``name`` at this size (callables resolved).
+
+    Mechanisms without an entry use their registry defaults. Raises ValueError when
+    a required parameter has no benchmark setting.
+    """
+    from longattn.registry import get
+
+    spec = get(name)
+    raw = SETTINGS.get(name, Setting()).params
+    out = {k: (v(n, heads, dim) if callable(v) else v) for k, v in raw.items()}
+    missing = [p.name for p in spec.params if p.required and p.name not in out]
+    if missing:
+        raise ValueError(f"mechanism {name!r} needs {missing}: add it to bench.cases.SETTINGS")
+    return out
+
+
+def describe_settings(name: str) -> str:
+    """The settings of ``name`` as a short string for tables."""
+    s = SETTINGS.get(name)
+    if s is None:
+        return "registry defaults"
+    parts = []
+    for k, v in s.params.items():
+        parts.append(f"{k}={'f(N)' if callable(v) else v!r}")
+    return ", ".join(parts) + (f" ({s.note})" if s.note else "")
+
+
+def pattern_of(name: str, params: dict[str, Any]) -> Any | None:
+    """The :class:`longattn.patterns.Pattern` a fixed-pattern mechanism computes, or None."""
+    from longattn import patterns as P
+    from longattn.registry import get
+
+    spec = get(name)
+    if "pattern" in params and isinstance(params["pattern"], P.Pattern):
+        return params["pattern"]
+    pname = spec.extra.get("pattern") if spec.extra else None
+    if pname is None:
+        return None
+    from longattn.ops.sparse import with_globals
+
+    kw = {k: v for k, v in params.items() if k != "global_idx"}
+    return with_globals(pname, params.get("global_idx", ()), **kw)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def make_inputs(batch: int, heads: int, n: int, dim: int, dtype: torch.dtype, train: bool,
+                seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Gaussian q, k, v [B, H, N, D] (requiring grad when ``train``)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=g).to(dtype) for _ in range(3))
+    if train:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def build_ours(name: str, n: int, heads: int, dim: int, causal: bool) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``f(q, k, v) -> out`` running registered mechanism ``name`` at its bench settings."""
+    from longattn.registry import build
+
+    params = settings(name, n, heads, dim)
+    module = build(name, heads=heads, head_dim=dim, **params)
+    module.train()
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return module(q, k, v, causal=causal)
+
+    run.module = module  # type: ignore[attr-defined]
+    return run
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A public implementation run beside ours at equal settings.
+
+    ``equals``: the mechanism (and thus the settings and useful FLOPs) it is
+    compared with; ``modes``: which of fwd/train it supports here; ``build(n, heads,
+    dim, causal) -> f(q, k, v)``; ``available()`` says whether it can run.
+    """
+
+    name: str
+    equals: str
+    package: str
+    build: Callable[[int, int, int, bool], Callable[[Tensor, Tensor, Tensor], Tensor]]
+    available: Callable[[], bool]
+    modes: tuple[str, ...] = ("fwd", "train")
+    causal: bool = True
+    note: str = ""
+
+
+def _has(module: str) -> Callable[[], bool]:
+    def check() -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec(module) is not None
+
+    return check
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except Exception:
+        return False
+    import shutil
+
+    return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+# mask_mods written from the predicates of DESIGN.md section 4 (for FlexAttention)
+def _flex_mask_mod(name: str, n: int, heads: int) -> Callable:
+    s = SETTINGS[name].params
+    if name == "local":
+        a, b = s["before"], s["after"]
+        return lambda bb, h, i, j: (j >= i - a) & (j <= i + b)
+    if name == "dilated":
+        r, d = s["radius"], s["dilation"]
+        return lambda bb, h, i, j: ((j - i) % d == 0) & ((j - i).abs() <= r * d)
+    if name == "strided":
+        st = s["stride"]
+        return lambda bb, h, i, j: (j - i) % st == 0
+    if name == "longformer":
+        w = s["window"]
+        g = max(s["global_indices"])
+        assert tuple(s["global_indices"]) == tuple(range(g + 1))
+        return lambda bb, h, i, j: ((j - i).abs() <= w) | (i <= g) | (j <= g)
+    if name == "bigbird":
+        from longattn import patterns as P
+
+        blk, r, gb = s["block"], s["random_blocks"], s["global_blocks"]
+        rnd = P.RandomBlocks(r, blk, s["seed"])
+        tab = rnd.table(n, heads)  # [H, T, r] key blocks per query block
+        T = -(-n // blk)
+        # a dense [H, T, T] block table: tiny (block level), indexable inside mask_mod
+        hit = torch.zeros(heads, T, T, dtype=torch.bool)
+        hit.scatter_(2, tab.long(), torch.ones_like(tab, dtype=torch.bool))
+        g = gb * blk
+
+        def mm(bb, h, i, j):
+            qb, kb = i // blk, j // blk
+            return ((qb - kb).abs() <= 1) | (i < g) | (j < g) | hit[h, qb, kb]
+
+        return mm
+    raise KeyError(name)
+
+
+FLEX_PATTERNS = ("local", "dilated", "strided", "longformer", "bigbird")
+
+
+def _build_flex(name: str) -> Callable[[int, int, int, bool], Callable]:
+    def build(n: int, heads: int, dim: int, causal: bool) -> Callable:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        mm = _flex_mask_mod(name, n, heads)
+        if causal:
+            base = mm
+            mm = lambda bb, h, i, j: base(bb, h, i, j) & (j <= i)  # noqa: E731
+        head_dep = name == "bigbird"
+        bm = create_block_mask(mm, B=None, H=heads if head_dep else None, Q_LEN=n, KV_LEN=n,
+                               device="cpu", BLOCK_SIZE=128)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return compiled(q, k, v, block_mask=bm)
+
+        return run
+
+    return build
+
+
+def _build_local_attention(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    from local_attention import LocalAttention
+
+    s = SETTINGS["local"].params
+    w = s["before"]
+    assert s["after"] == w, "local-attention needs before == after"
+    mod = LocalAttention(window_size=w, causal=causal, look_backward=1, look_forward=0 if causal else 1,
+                         exact_windowsize=True, autopad=True, use_rotary_pos_emb=False, dropout=0.0)
+
+    def run(q, k, v):
+        return mod(q, k, v)
+
+    return run
+
+
+def _build_performer(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    from performer_pytorch import FastAttention
+
+    mod = FastAttention(dim_heads=dim, nb_features=SETTINGS["performer"].params["num_features"], causal=causal)
+
+    def run(q, k, v):
+        return mod(q, k, v)
+
+    return run
+
+
+def _build_reformer(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    from reformer_pytorch import LSHAttention
+
+    s = SETTINGS["lsh"].params
+    mod = LSHAttention(bucket_size=s["bucket_size"], n_hashes=s["n_hashes"], causal=causal)
+
+    def run(q, k, v):
+        B, H, N, D = q.shape
+        out = mod(q.reshape(B * H, N, D), v.reshape(B * H, N, D))[0]
+        return out.reshape(B, H, N, -1)
+
+    return run
+
+
+def _build_linformer_pkg(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    from linformer import LinformerSelfAttention
+
+    mod = LinformerSelfAttention(dim=heads * dim, seq_len=n, heads=heads, dim_head=dim,
+                                 k=SETTINGS["linformer"].params["proj_dim"], one_kv_head=False,
+                                 share_kv=False)
+
+    def run(q, k, v):
+        B, H, N, D = q.shape
+        return mod(q.transpose(1, 2).reshape(B, N, H * D))
+
+    return run
+
+
+PEERS: dict[str, Peer] = {
+    **{
+        f"flex:{p}": Peer(f"flex:{p}", p, "torch.nn.attention.flex_attention", _build_flex(p),
+                          _flex_available, modes=("fwd",),
+                          note="torch.compile'd FlexAttention with a BlockMask (128) from the predicate; "
+                               "inference only on CPU")
+        for p in FLEX_PATTERNS
+    },
+    "local-attention": Peer("local-attention", "local", "local_attention", _build_local_attention,
+                            _has("local_attention"),
+                            note="LocalAttention(window 256, look back/forward 1, exact_windowsize)"),
+    "performer-pytorch": Peer("performer-pytorch", "performer", "performer_pytorch", _build_performer,
+                              _has("performer_pytorch"), note="FastAttention(nb_features=256)"),
+    "reformer-pytorch": Peer("reformer-pytorch", "lsh", "reformer_pytorch", _build_reformer,
+                             _has("reformer_pytorch"),
+                             note="LSHAttention(bucket_size=64, n_hashes=2), shared QK"),
+    "linformer-pkg": Peer("linformer-pkg", "linformer", "linformer", _build_linformer_pkg,
+                          _has("linformer"), causal=False,
+                          note="LinformerSelfAttention (includes its q/k/v/out projections)"),
+}
+
+
+def build_case(case: dict[str, Any]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``f(q, k, v)`` for a case dict (``mechanism`` or ``peer`` set)."""
+    n, h, d, causal = case["n"], case["heads"], case["dim"], case.get("causal", False)
+    if case.get("peer"):
+        return PEERS[case["peer"]].build(n, h, d, causal)
+    return build_ours(case["mechanism"], n, h, d, causal)
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+def estimate_bytes(case: dict[str, Any], flops_fwd: float | None = None) -> float:
+    """A rough upper estimate of a case's peak working memory (bytes), to skip cases
+    that cannot fit before running them.
+
+    Inputs (and their gradients in train) plus: for mechanisms that materialise
+    Nq x Nk scores (``subquadratic=False`` apart from ``full``, which runs the flash
+    kernel without a mask) ~3 score matrices forward, ~6 in training (times the
+    additive width A for additive attention); for the others ~16 values per key
+    visited per query (taken from the useful FLOPs when known, else 1024 keys).
+    """
+    from longattn.registry import get
+
+    B, H, N, D = case["batch"], case["heads"], case["n"], case["dim"]
+    el = torch.tensor([], dtype=getattr(torch, case.get("dtype", "float32"))).element_size()
+    el = max(el, 4)
+    train = case["mode"] == "train"
+    inputs = 3 * B * H * N * D * el * (2 if train else 1) + B * H * N * D * el * 2
+    name = case["mechanism"]
+    spec = get(name)
+    keys = 1024.0
+    if flops_fwd:
+        keys = max(1.0, flops_fwd / (4 * B * H * N * D))
+    if not spec.subquadratic and name != "full" and not case.get("peer"):
+        width = D if name == "additive" else 1
+        mats = 6 if train else 3
+        if name == "additive" and not train:
+            return inputs + 4 * B * H * 64 * N * width * 4
+        return inputs + mats * B * H * N * N * width * 4 + H * N * N * 4 * (3 if train else 1)
+    per = (8 if train else 4) * B * H * N * min(keys, N) * 4
+    return inputs + per + 64 * 2**20
+
+
+def is_quadratic(case: dict[str, Any]) -> bool:
+    """Whether the case's cost grows as N^2 (for extrapolating time/memory)."""
+    from longattn.registry import get
+
+    return not get(case["mechanism"]).subquadratic or case["mechanism"] in ("strided",)
+
+
+def param_count(fn: Callable) -> int:
+    mod = getattr(fn, "module", None)
+    return sum(p.numel() for p in mod.parameters()) if isinstance(mod, nn.Module) else 0
+
+
+def mechanism_names(requested: list[str] | None = None) -> list[str]:
+    """Registered mechanisms to benchmark (all by default), validated."""
+    from longattn.registry import names
+
+    known = names()
+    if not requested:
+        return known
+    bad = [m for m in requested if m not in known]
+    if bad:
+        raise ValueError(f"unknown mechanism(s) {bad}; registered: {known}")
+    return list(requested)
+
+
+def peer_names(requested: list[str] | None = None, mechanisms: list[str] | None = None) -> list[str]:
+    """Available peers whose equal mechanism is benchmarked (or the ones asked for)."""
+    if requested is not None:
+        bad = [p for p in requested if p not in PEERS]
+        if bad:
+            raise ValueError(f"unknown peer(s) {bad}; known: {sorted(PEERS)}")
+        return [p for p in requested if PEERS[p].available()]
+    return [p for p, peer in PEERS.items()
+            if (mechanisms is None or peer.equals in mechanisms) and peer.available()]
+
+
+def log2(x: float) -> float:
+    return math.log2(x) if x > 0 else float("-inf")

@@ -1,0 +1,471 @@
+"""The speed/memory sweep: every case in its own process, warm-up, repeats, median.
+
+Isolation. Each case runs in a fresh child process forked from a *forkserver*
+that has only imported torch and longattn (so starting a case costs a fork, not a
+Python start-up, and no thread pool or cached allocation of a previous case is
+inherited). Peak memory is per process: the child resets its high-water mark
+(``/proc/self/clear_refs``) once its inputs are built and warmed up, and reports
+``VmHWM - VmRSS`` at that point, i.e. the working memory of the attention call,
+not counting its inputs. ``MALLOC_MMAP_THRESHOLD_`` is fixed so that freed large
+buffers go back to the OS and each run's peak is seen again.
+
+Safety. Before running, a case is skipped when its estimated memory
+(:func:`longattn.bench.cases.estimate_bytes`, or the previous size's measured
+peak scaled by the model) exceeds the budget, or when its predicted time (the
+previous size's time scaled by the useful FLOPs; or the FLOPs at the machine's
+full matmul rate) cannot fit the per-case timeout. A running case is killed by a
+watchdog when its resident memory passes the budget, or when it passes its
+timeout; larger sizes of that mechanism are then skipped.
+
+Timing: ``warmup`` calls (compilation happens there), then at least
+``min_repeats`` and up to ``max_repeats`` timed calls until ``min_time_s`` of
+measured time. ``train`` = forward + backward of ``(out * g).sum()`` with a fixed
+random ``g``. Reported: median, min, max, first and third quartiles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+SCHEMA = "longattn.bench"
+SCHEMA_VERSION = 1
+
+# ------------------------------------------------------------------ configuration
+
+
+@dataclass
+class BenchConfig:
+    """What to sweep and how (see ``longattn bench --help``)."""
+
+    mechanisms: list[str] | None = None  # None: every registered mechanism
+    peers: list[str] | None = None  # None: every available peer of a benchmarked mechanism
+    ns: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
+    modes: list[str] = field(default_factory=lambda: ["fwd", "train"])
+    dtype: str = "float32"
+    batch: int = 1
+    heads: int = 8
+    dim: int = 64
+    causal: bool = False
+    threads: int = 0  # 0: all cores
+    warmup: int = 1
+    min_repeats: int = 3
+    max_repeats: int = 10
+    min_time_s: float = 1.0
+    timeout_s: float = 300.0
+    mem_budget_mb: float = 0.0  # 0: 60% of available memory
+    deadline_s: float = 0.0  # 0: none; else skip what would start after this many seconds
+    matmul_n: int = 2048
+
+    def resolved_threads(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+    def resolved_budget_mb(self) -> float:
+        if self.mem_budget_mb:
+            return self.mem_budget_mb
+        return 0.6 * available_mb()
+
+
+def available_mb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 4096.0
+
+
+# ------------------------------------------------------------------ child side
+
+
+def _status_kb(field_name: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(case: dict[str, Any], result_path: str) -> None:
+    """Run one case and write its measurement as JSON to ``result_path``."""
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    import gc
+
+    import torch
+
+    from longattn.bench import cases as C
+
+    out: dict[str, Any] = {"status": "error"}
+    try:
+        torch.set_num_threads(case["threads"])
+        torch.manual_seed(0)
+        dtype = getattr(torch, case["dtype"])
+        train = case["mode"] == "train"
+        fn = C.build_case(case)
+        q, k, v = C.make_inputs(case["batch"], case["heads"], case["n"], case["dim"], dtype, train)
+        g = None
+
+        def step() -> None:
+            nonlocal g
+            if train:
+                for t in (q, k, v):
+                    t.grad = None
+                o = fn(q, k, v)
+                if g is None:
+                    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
+                (o * g).sum().backward()
+            else:
+                with torch.no_grad():
+                    fn(q, k, v)
+
+        deadline = time.perf_counter() + case["soft_timeout_s"]
+        t0 = time.perf_counter()
+        for _ in range(max(case["warmup"], 0)):
+            step()
+        warm_s = time.perf_counter() - t0
+        gc.collect()
+        base_kb = _status_kb("VmRSS")
+        exact_peak = _reset_peak()
+        times: list[float] = []
+        while True:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+            if len(times) >= case["max_repeats"]:
+                break
+            if len(times) >= case["min_repeats"] and sum(times) >= case["min_time_s"]:
+                break
+            if time.perf_counter() + times[-1] > deadline:
+                break
+        peak_kb = _status_kb("VmHWM")
+        out = {
+            "status": "ok",
+            "times": times,
+            "warmup_s": warm_s,
+            "peak_mb": max(0.0, (peak_kb - base_kb) / 1024) if exact_peak else None,
+            "rss_peak_mb": peak_kb / 1024,
+            "params": C.param_count(fn),
+        }
+    except MemoryError as e:  # pragma: no cover - depends on the machine
+        out = {"status": "oom", "reason": f"MemoryError: {e}"[:300]}
+    except Exception as e:  # noqa: BLE001 - reported, not raised: the sweep goes on
+        out = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
+    with open(result_path, "w") as f:
+        json.dump(out, f)
+
+
+def _matmul_child(n: int, threads: int, result_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    a @ b
+    times = []
+    t_end = time.perf_counter() + 3.0
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 20):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    with open(result_path, "w") as f:
+        json.dump({"gflops": 2 * n**3 / min(times) / 1e9, "median_gflops": 2 * n**3 / statistics.median(times) / 1e9}, f)
+
+
+# ------------------------------------------------------------------ parent side
+
+_CTX: Any = None
+
+
+def _context() -> Any:
+    """The forkserver context (children forked from a process that imported torch)."""
+    global _CTX
+    if _CTX is None:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+        try:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "longattn.ops", "longattn.bench.cases"])
+        except ValueError:  # pragma: no cover - platforms without fork
+            ctx = mp.get_context("spawn")
+        _CTX = ctx
+    return _CTX
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_isolated(target: Callable, args: tuple, timeout_s: float, mem_limit_mb: float) -> dict[str, Any]:
+    """Run ``target(*args, result_path)`` in a child process with a timeout and a
+    resident-memory watchdog; return its JSON result or a status record."""
+    ctx = _context()
+    fd, path = tempfile.mkstemp(prefix="longattn-bench-", suffix=".json")
+    os.close(fd)
+    os.unlink(path)
+    proc = ctx.Process(target=target, args=(*args, path), daemon=False)
+    t0 = time.perf_counter()
+    proc.start()
+    status, reason, max_rss = None, "", 0.0
+    while proc.is_alive():
+        proc.join(0.05)
+        rss = _rss_mb(proc.pid) if proc.pid else 0.0
+        max_rss = max(max_rss, rss)
+        if mem_limit_mb and rss > mem_limit_mb:
+            proc.kill()
+            status, reason = "killed", f"resident memory {rss:.0f} MiB passed the budget {mem_limit_mb:.0f} MiB"
+        elif time.perf_counter() - t0 > timeout_s:
+            proc.kill()
+            status, reason = "timeout", f"ran past the {timeout_s:.0f} s timeout"
+    proc.join()
+    wall = time.perf_counter() - t0
+    try:
+        if status is None and os.path.exists(path):
+            with open(path) as f:
+                res = json.load(f)
+        else:
+            if status is None:
+                status = "killed"
+                reason = f"child exited with code {proc.exitcode} (killed by the OS? out of memory?)"
+            res = {"status": status, "reason": reason}
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    res["wall_s"] = wall
+    res["watch_rss_mb"] = max_rss
+    return res
+
+
+def measure_matmul_gflops(threads: int, n: int = 2048, timeout_s: float = 60.0) -> float | None:
+    """The machine's fp32 matmul rate (best of a few n x n products), in GFLOP/s."""
+    res = run_isolated(_matmul_child, (n, threads), timeout_s, 0.0)
+    return res.get("gflops")
+
+
+def _quantiles(xs: list[float]) -> dict[str, float]:
+    s = sorted(xs)
+    if len(s) >= 2:
+        q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
+    else:
+        q1 = q3 = s[0]
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "q1": q1, "q3": q3, "repeats": len(s)}
+
+
+@dataclass
+class Case:
+    label: str  # mechanism name, or peer name
+    mechanism: str  # the registered mechanism whose settings / FLOPs apply
+    peer: str | None
+    kind: str  # "dense" | "ours" | "peer"
+    modes: tuple[str, ...]
+
+
+def plan_cases(cfg: BenchConfig) -> list[Case]:
+    """The mechanisms and peers to run, in a stable order."""
+    from longattn.bench import cases as C
+    from longattn.registry import get
+
+    mechs = C.mechanism_names(cfg.mechanisms)
+    out = []
+    for m in mechs:
+        spec = get(m)
+        if cfg.causal and not spec.causal:
+            continue
+        out.append(Case(m, m, None, "dense" if m == "full" else "ours", tuple(cfg.modes)))
+    for p in C.peer_names(cfg.peers, mechs if cfg.peers is None else None):
+        peer = C.PEERS[p]
+        if cfg.causal and not peer.causal:
+            continue
+        modes = tuple(md for md in cfg.modes if md in peer.modes)
+        if modes:
+            out.append(Case(p, peer.equals, p, "peer", modes))
+    return out
+
+
+def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; return the result document (see :mod:`longattn.bench.report`)."""
+    from longattn.bench import cases as C
+    from longattn.bench import flops as Fl
+
+    t_start = time.perf_counter()
+    threads = cfg.resolved_threads()
+    budget_mb = cfg.resolved_budget_mb()
+    plan = plan_cases(cfg)
+    ns = sorted(set(cfg.ns))
+    matmul = measure_matmul_gflops(threads, cfg.matmul_n)
+    jobs = [(n, mode, c) for n in ns for mode in cfg.modes for c in plan if mode in c.modes]
+    results: list[dict[str, Any]] = []
+    last_ok: dict[tuple[str, str], dict[str, Any]] = {}
+    dead: dict[tuple[str, str], str] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="bench", unit="case", dynamic_ncols=True)
+    for n, mode, c in jobs:
+        rec: dict[str, Any] = {
+            "mechanism": c.label, "equals": c.mechanism, "kind": c.kind, "peer": c.peer,
+            "n": n, "mode": mode, "batch": cfg.batch, "heads": cfg.heads, "dim": cfg.dim,
+            "dtype": cfg.dtype, "causal": cfg.causal,
+        }
+        if bar is not None:
+            bar.set_postfix_str(f"{c.label} N={n} {mode}")
+        case = {**rec, "peer": c.peer, "mechanism": c.mechanism, "threads": threads,
+                "warmup": cfg.warmup, "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats,
+                "min_time_s": cfg.min_time_s}
+        try:
+            params = C.settings(c.mechanism, n, cfg.heads, cfg.dim)
+            fwd = Fl.forward_flops(c.mechanism, params, n=n, batch=cfg.batch, heads=cfg.heads,
+                                   dim=cfg.dim, causal=cfg.causal)
+        except Exception as e:  # noqa: BLE001
+            params, fwd = None, None
+            rec.update(status="skipped", reason=f"no benchmark setting: {e}")
+        flops = Fl.case_flops(mode, fwd)
+        rec["flops"] = flops
+        est_mb = C.estimate_bytes(case, fwd) / 2**20 if params is not None else None
+        rec["est_mb"] = est_mb
+        key = (c.label, mode)
+        remaining = (cfg.deadline_s - (time.perf_counter() - t_start)) if cfg.deadline_s else math.inf
+        timeout = min(cfg.timeout_s, remaining)
+        reason = None
+        if "status" in rec:
+            pass
+        elif key in dead:
+            reason = dead[key]
+        elif remaining <= 1.0:
+            reason = "time budget of the run spent"
+        else:
+            prev = last_ok.get(key)
+            if prev is not None and prev.get("flops") and flops:
+                pred_t = prev["time_s"]["median"] * flops / prev["flops"]
+                pred_t_total = pred_t * (cfg.warmup + 1) + prev.get("setup_s", 0.0)
+                if pred_t_total > timeout:
+                    reason = (f"predicted {pred_t_total:.0f} s (from N={prev['n']} scaled by useful FLOPs) "
+                              f"exceeds the {timeout:.0f} s timeout")
+                if prev.get("peak_mb") and prev.get("est_mb") and est_mb:
+                    pred_mb = prev["peak_mb"] * est_mb / prev["est_mb"]
+                    if pred_mb > budget_mb:
+                        reason = f"predicted {pred_mb:.0f} MiB exceeds the memory budget {budget_mb:.0f} MiB"
+            elif flops and matmul:
+                ideal = flops / (matmul * 1e9) * (cfg.warmup + 1)
+                if ideal > timeout:
+                    reason = f"needs {ideal:.0f} s even at the full matmul rate; timeout {timeout:.0f} s"
+            if reason is None and est_mb is not None and est_mb > budget_mb and (prev is None or not prev.get("peak_mb")):
+                reason = f"estimated {est_mb:.0f} MiB exceeds the memory budget {budget_mb:.0f} MiB"
+        if "status" not in rec and reason is not None:
+            rec.update(status="skipped", reason=reason)
+        if "status" not in rec:
+            case["soft_timeout_s"] = max(1.0, 0.8 * timeout)
+            res = run_isolated(_child, (case,), timeout, budget_mb)
+            rec["status"] = res["status"]
+            if res["status"] == "ok":
+                rec["time_s"] = _quantiles(res["times"])
+                rec["peak_mb"] = res["peak_mb"]
+                rec["rss_peak_mb"] = res["rss_peak_mb"]
+                rec["params"] = res["params"]
+                rec["setup_s"] = max(0.0, res["wall_s"] - sum(res["times"]) - res["warmup_s"])
+                med = rec["time_s"]["median"]
+                if flops:
+                    rec["gflops"] = flops / med / 1e9
+                    rec["frac_of_matmul"] = rec["gflops"] / matmul if matmul else None
+                last_ok[key] = rec
+            else:
+                rec["reason"] = res.get("reason", "")
+                if res["status"] in ("timeout", "killed", "oom"):
+                    dead[key] = f"N={n} was {res['status']}: {res.get('reason', '')}"
+                if log:
+                    log(f"{c.label} N={n} {mode}: {res['status']}: {res.get('reason', '')}")
+        results.append(rec)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    _add_ratios(results)
+    return {
+        "schema": SCHEMA,
+        "version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(threads, matmul),
+        "config": asdict(cfg),
+        "flops_convention": (
+            "forward = 4 * visible pairs * D for softmax attention (2 FLOPs per multiply-add); "
+            f"train = {Fl.TRAIN_FACTOR:g} x forward (backward = 2 matmuls per forward matmul, no recomputation)"
+        ),
+        "settings": {c.label: (C.describe_settings(c.mechanism) if c.peer is None else C.PEERS[c.peer].note)
+                     for c in plan},
+        "elapsed_s": time.perf_counter() - t_start,
+        "results": results,
+    }
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    """time / time of dense SDPA (``full``) at the same N and mode."""
+    dense = {(r["n"], r["mode"]): r["time_s"]["median"] for r in results
+             if r["mechanism"] == "full" and r.get("status") == "ok"}
+    for r in results:
+        d = dense.get((r["n"], r["mode"]))
+        if r.get("status") == "ok" and d:
+            r["speedup_vs_full"] = d / r["time_s"]["median"]
+
+
+def machine_info(threads: int, matmul: float | None) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mem_available_mb": available_mb(),
+        "matmul_gflops": matmul,
+    }
+
+
+def write_json(doc: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=_json_default))
+    return path
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return repr(x)
