@@ -39,6 +39,17 @@ def pad_mask(B, N, cut=20):
     return m
 
 
+@pytest.fixture(params=["one_segment", "many_segments"])
+def segments(request, monkeypatch):
+    """Run the fast forms on one feature segment, or on segments of 8-16 rows (so the
+    inter-segment state carry, max re-referencing included, is exercised)."""
+    import longattn.ops.kernel as kmod
+
+    if request.param == "many_segments":
+        monkeypatch.setattr(kmod, "_SEG_ELEMS", 2 * 3 * 8 * 12)
+    return request.param
+
+
 def hand_quadratic(q, k, v, phi, causal=False, mask=None):
     """Written out independently: w_ij = phi(q_i) . phi(k_j), masked, rows normalised."""
     w = phi(q) @ phi(k).transpose(-1, -2)
@@ -60,7 +71,7 @@ def test_naive_matches_hand_written_elu():
 
 @pytest.mark.parametrize("fm", MAPS, ids=MAP_IDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_order_identity_fast_equals_quadratic(fm, causal):
+def test_order_identity_fast_equals_quadratic(fm, causal, segments):
     # N = 37 is no multiple of chunk 8 or 5; padding on the last batch row
     q, k, v = qkv(Dv=5)
     mask = pad_mask(2, 37)
@@ -78,7 +89,7 @@ def test_cross_attention_noncausal():
 
 
 @pytest.mark.parametrize("fm", ["elu", "favor"])
-def test_gradients_equal_quadratic_form(fm):
+def test_gradients_equal_quadratic_form(fm, segments):
     q, k, v = qkv(N=19)
     mask = pad_mask(2, 19, cut=13)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -157,7 +168,7 @@ def test_favor_features_unbiased_kernel():
 
 @pytest.mark.parametrize("name,params", [("linear", {}), ("linear", {"feature_map": "relu"}),
                                           ("performer", {"num_features": 16})])
-def test_no_causal_leak(name, params):
+def test_no_causal_leak(name, params, segments):
     q, k, v = qkv(N=29)
     fn = lambda q, k, v: longattn.attention(q, k, v, name, causal=True, chunk_size=8, **params)
     for t in (0, 7, 8, 15, 27):
@@ -166,7 +177,7 @@ def test_no_causal_leak(name, params):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name,params", [("linear", {}), ("performer", {"num_features": 16})])
-def test_padding_no_leak(name, params, causal):
+def test_padding_no_leak(name, params, causal, segments):
     q, k, v = qkv(N=29)
     mask = pad_mask(2, 29, cut=11)
     mask[0, 3] = False  # a hole in the middle too

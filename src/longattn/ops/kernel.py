@@ -297,8 +297,8 @@ def _features(
 def _ratio(o: Tensor) -> Tensor:
     """[.., Dv + 1] (numerator, normaliser) -> numerator / normaliser; 0 where it is 0."""
     num, den = o[..., :-1], o[..., -1:]
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    zero = den == 0
+    return (num / den.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
 
 
 def _mask_keys(
@@ -354,13 +354,80 @@ def linear_attention_naive(
 # --------------------------------------------------------------------------- fast forms
 
 
-def _noncausal(fq: Tensor, fk: Tensor, sk: Tensor | None, va: Tensor) -> Tensor:
-    """[B,H,Nq,F], [B,H,Nk,F], [B,H,Nk] | None, [B,H,Nk,E] -> [B,H,Nq,E]. O(N F E)."""
-    if sk is not None:
-        m = sk.detach().amax(-1, keepdim=True)  # max over visible keys (padded are _NEG)
-        va = va * torch.exp(sk - m)[..., None]
-    state = torch.matmul(fk.transpose(-1, -2), va)  # [B, H, F, E]
-    return torch.matmul(fq, state)
+_SEG_ELEMS = 1 << 22
+"""Elements of one segment's feature tensor [B, H, L, F] (16 MiB in fp32). The fast
+forms compute features segment by segment: the same arithmetic, but small buffers
+that the allocator reuses instead of fresh N x F ones (page faults cost as much as
+the matmuls on CPU)."""
+
+
+def _segments(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
+def _segment_rows(B: int, H: int, F: int, chunk: int) -> int:
+    rows = max(chunk, _SEG_ELEMS // max(1, B * H * F))
+    return max(chunk, rows // chunk * chunk)
+
+
+def _linear_fast(
+    fmap: FeatureMap,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    scale: float | None,
+    causal: bool,
+    chunk: int,
+) -> Tensor:
+    """Linear attention on working-dtype inputs, segment by segment; returns [B,H,Nq,Dv].
+
+    Non-causal: pass 1 over key segments accumulates S|z = sum phi(k) [v, 1]^T
+    (re-referenced to the running max of the keys' log-scales), pass 2 maps each
+    query segment through it. Causal: one pass, each segment continuing the state
+    of the previous one (:func:`_causal_chunked`). O(N F Dv) time either way.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    s = scale if scale is not None else fmap.default_scale(D)
+    r = math.sqrt(s) if s is not None and s != 1.0 else None
+    F = D if isinstance(fmap, CallableFeatureMap) else fmap.num_features(D)
+    rows = _segment_rows(B, H, F, chunk)
+
+    def feats(x: Tensor, is_query: bool) -> tuple[Tensor, Tensor | None]:
+        return fmap(x * r if r is not None else x, is_query=is_query)
+
+    def keys(a: int, b: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        fk, sk = feats(k[:, :, a:b], False)
+        mask = None if key_padding_mask is None else key_padding_mask[:, a:b]
+        return _mask_keys(fk, sk, v[:, :, a:b], mask)
+
+    outs = []
+    if causal:
+        state, m0 = None, None
+        for a, b in _segments(Nq, rows):
+            fq, _ = feats(q[:, :, a:b], True)
+            fk, sk, va = keys(a, b)
+            o, state, m0 = _causal_chunked(fq, fk, sk, va, chunk, state, m0)
+            outs.append(_ratio(o))
+    else:
+        state, m_run = None, None
+        for a, b in _segments(Nk, rows):
+            fk, sk, va = keys(a, b)
+            if sk is None:
+                part = torch.matmul(fk.transpose(-1, -2), va)  # [B, H, F, Dv + 1]
+                state = part if state is None else state + part
+                continue
+            m_seg = sk.detach().amax(-1)  # [B, H]; padded keys are _NEG
+            m_new = m_seg if m_run is None else torch.maximum(m_run, m_seg)
+            part = torch.matmul(fk.transpose(-1, -2), va * torch.exp(sk - m_new[..., None])[..., None])
+            state = part if state is None else state * torch.exp(m_run - m_new)[..., None, None] + part
+            m_run = m_new
+        assert state is not None
+        for a, b in _segments(Nq, rows):
+            fq, _ = feats(q[:, :, a:b], True)
+            outs.append(_ratio(torch.matmul(fq, state)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
 @dataclass
@@ -444,9 +511,11 @@ def _causal_chunked(
     u = torch.matmul(fk_c.transpose(-1, -2), va_c * torch.exp(sk_c - m_after[..., None])[..., None])
     befores = []
     s_run = state
-    for c in range(nc):  # O(nc) cheap [F, E] updates; the heavy work is batched above
+    # O(nc) cheap [F, E] updates; the heavy work is batched above. unbind (not u[:, :, c]):
+    # one backward node for all chunks instead of a full-size zero gradient per chunk
+    for u_c, a_c in zip(u.unbind(2), alpha.unbind(2)):
         befores.append(s_run)
-        s_run = torch.addcmul(u[:, :, c], s_run, alpha[:, :, c])
+        s_run = torch.addcmul(u_c, s_run, a_c)
     before = torch.stack(befores, 2)  # [B, H, nc, F, E]
     inter = torch.matmul(fq_c, before) * torch.exp(m_before[..., None] - m_i)[..., None]
     out = out + inter
@@ -490,13 +559,8 @@ def linear_attention(
         default_scale(scale, d.D)
     fmap = resolve_feature_map(feature_map, d.D)
     work = _work_dtype(q.dtype)
-    fq, fk, sk = _features(fmap, q.to(work), k.to(work), scale)
-    fk, sk, va = _mask_keys(fk, sk, v.to(work), key_padding_mask)
-    if causal:
-        o, _, _ = _causal_chunked(fq, fk, sk, va, chunk_size)
-    else:
-        o = _noncausal(fq, fk, sk, va)
-    return _ratio(o).to(q.dtype)
+    out = _linear_fast(fmap, q.to(work), k.to(work), v.to(work), key_padding_mask, scale, causal, chunk_size)
+    return out.to(q.dtype)
 
 
 def performer_attention(
