@@ -111,14 +111,15 @@ def settings(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
     """The benchmark parameters of ``name`` at this size (callables resolved).
 
     Mechanisms without an entry use their registry defaults. Raises ValueError when
-    a required parameter has no benchmark setting.
+    a required parameter of a functional (non-module) mechanism has no setting.
     """
     from longattn.registry import get
 
     spec = get(name)
     raw = SETTINGS.get(name, Setting()).params
     out = {k: (v(n, heads, dim) if callable(v) else v) for k, v in raw.items()}
-    missing = [p.name for p in spec.params if p.required and p.name not in out]
+    # learned mechanisms are built as modules, which make their own tensors
+    missing = [p.name for p in spec.params if p.required and p.name not in out and spec.module is None]
     if missing:
         raise ValueError(f"mechanism {name!r} needs {missing}: add it to bench.cases.SETTINGS")
     return out

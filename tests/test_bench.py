@@ -1,0 +1,223 @@
+"""The benchmark harness, the FLOP counts, the error meter and the demo (all small)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longattn import patterns as P
+from longattn.bench import cases, flops, harness, report
+from longattn.bench.error import ErrorConfig, error_curve, measure
+
+D = 64
+
+
+# ----------------------------------------------------------------------- FLOPs
+
+
+def test_local_pairs_by_hand():
+    # local(before=2, after=1) at N=8: row i sees j in [i-2, i+1] clipped to [0, 7].
+    # rows 2..6 see 4 keys; row 0 sees {0,1} (loses 2), row 1 sees {0,1,2} (loses 1),
+    # row 7 sees {5,6,7} (loses 1): 8*4 - 2 - 1 - 1 = 28.
+    assert flops.pattern_pairs(P.Local(2, 1), 8, 1, causal=False) == 28
+    # causal: j in [i-2, i]: rows 0, 1 see 1, 2 keys; rows 2..7 see 3: 1 + 2 + 6*3 = 21
+    assert flops.pattern_pairs(P.Local(2, 1), 8, 1, causal=True) == 21
+    # 4 FLOPs per pair per feature (2 for q.k, 2 for p*v), times heads
+    got = flops.forward_flops("local", {"before": 2, "after": 1}, n=8, batch=1, heads=3, dim=D)
+    assert got == 4 * 28 * D * 3
+
+
+def test_strided_and_longformer_pairs_by_hand():
+    # strided(3) at N=7: residue classes {0,3,6}, {1,4}, {2,5} -> 9 + 4 + 4 = 17
+    assert flops.pattern_pairs(P.Strided(3), 7, 1, causal=False) == 17
+    # longformer(window=1, global 0) at N=5: band rows 2,3,3,3,2 = 13; the global row 0
+    # adds keys 2,3,4 (+3); the global column adds key 0 to rows 2,3,4 (+3) -> 19
+    pat = P.longformer(window=1, global_indices=(0,))
+    assert flops.pattern_pairs(pat, 5, 2, causal=False) == 2 * 19
+    # full causal at N=8: 8*9/2 = 36 pairs
+    assert flops.forward_flops("full", {}, n=8, batch=2, heads=1, dim=D, causal=True) == 2 * 4 * 36 * D
+
+
+def test_bigbird_block_count_by_hand():
+    # N=8, blocks of 2 (4 blocks), no random blocks, 1 global block.
+    # window |qb-kb| <= 1: 2 + 3 + 3 + 2 = 10 block pairs; global block 0 adds
+    # (qb0: kb2, kb3) + (qb2: kb0) + (qb3: kb0) = 4 -> 14 blocks * 4 pairs = 56
+    params = {"block": 2, "random_blocks": 0, "global_blocks": 1, "seed": 0}
+    got = flops.forward_flops("bigbird", params, n=8, batch=1, heads=2, dim=D)
+    assert got == 4 * 56 * D * 2
+
+
+@pytest.mark.parametrize("name", ["local", "dilated", "strided", "longformer", "bigbird", "random",
+                                  "sparse_transformer_strided", "sparse_transformer_fixed", "global"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_pair_counts_equal_the_dense_mask(name, causal):
+    n, heads = 300, 4
+    params = cases.settings(name, n, heads, D)
+    shrink = {"local": dict(before=7, after=3), "dilated": dict(radius=5, dilation=3),
+              "strided": dict(stride=17), "longformer": dict(window=9, global_indices=(0,)),
+              "bigbird": dict(block=16, random_blocks=2, global_blocks=1, seed=0),
+              "random": dict(blocks_per_row=3, block=16, seed=1), "global": dict(indices=(0, 7, 299)),
+              "sparse_transformer_strided": dict(l=16), "sparse_transformer_fixed": dict(l=16, c=4)}
+    params.update(shrink[name])
+    pat = cases.pattern_of(name, params)
+    want = int(pat.mask(n, heads, causal).sum())
+    got = flops.forward_flops(name, params, n=n, batch=1, heads=heads, dim=D, causal=causal)
+    assert got == 4 * want * D
+
+
+def test_train_flops_convention():
+    assert flops.case_flops("train", 10.0) == 10.0 * flops.TRAIN_FACTOR
+    assert flops.case_flops("fwd", 10.0) == 10.0
+    assert flops.case_flops("fwd", None) is None
+
+
+# ----------------------------------------------------------------------- harness
+
+
+def _tiny_cfg(**kw):
+    base = dict(mechanisms=["full", "local"], peers=[], ns=[128], modes=["fwd", "train"], threads=1,
+                warmup=1, min_repeats=1, max_repeats=2, min_time_s=0.0, timeout_s=60, matmul_n=128)
+    base.update(kw)
+    return harness.BenchConfig(**base)
+
+
+def test_harness_tiny_writes_schema_and_plots(tmp_path):
+    import matplotlib.image as mpimg
+
+    from longattn.bench.cli import write_bench
+
+    doc = harness.sweep(_tiny_cfg(), progress=False)
+    paths = write_bench(doc, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    for key in report.BENCH_KEYS:
+        assert key in data, key
+    assert data["schema"] == "longattn.bench" and data["version"] == harness.SCHEMA_VERSION
+    assert data["machine"]["matmul_gflops"] > 0
+    assert len(data["results"]) == 4
+    for r in data["results"]:
+        for key in report.RESULT_KEYS:
+            assert key in r, key
+        assert r["status"] == "ok", r
+        assert r["time_s"]["min"] <= r["time_s"]["median"] <= r["time_s"]["max"]
+        assert r["peak_mb"] is not None and r["peak_mb"] >= 0
+        assert r["gflops"] > 0 and r["flops"] > 0
+    local = [r for r in data["results"] if r["mechanism"] == "local"]
+    assert all("speedup_vs_full" in r for r in local)
+    for name in ("bench_time", "bench_memory"):
+        p = paths[name]
+        assert p.stat().st_size > 1000
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100
+    md = paths["markdown"].read_text()
+    assert "| `local` |" in md and "bench_time.png" in md
+
+
+def test_harness_skips_what_cannot_fit():
+    # synthesizer at N=4096 holds N x N scores per head: over a 50 MiB budget, so it is
+    # skipped before running (no process is started for it)
+    doc = harness.sweep(_tiny_cfg(mechanisms=["synthesizer"], ns=[4096], modes=["fwd"], mem_budget_mb=50),
+                        progress=False)
+    (r,) = doc["results"]
+    assert r["status"] == "skipped" and "memory budget" in r["reason"]
+
+
+def test_isolated_case_timeout_and_memory_watchdog():
+    case = {"mechanism": "full", "peer": None, "n": 2048, "mode": "train", "batch": 1, "heads": 8, "dim": 64,
+            "dtype": "float32", "causal": False, "threads": 1, "warmup": 50, "min_repeats": 50,
+            "max_repeats": 50, "min_time_s": 100.0, "soft_timeout_s": 100.0}
+    res = harness.run_isolated(harness._child, (case,), timeout_s=1.0, mem_limit_mb=0.0)
+    assert res["status"] == "timeout"
+    res = harness.run_isolated(harness._child, (case,), timeout_s=60.0, mem_limit_mb=1.0)
+    assert res["status"] == "killed" and "budget" in res["reason"]
+
+
+# ----------------------------------------------------------------------- error meter
+
+
+def test_error_meter_exact_zero_and_approximations_improve():
+    doc = measure(ErrorConfig(n=256, heads=2, dim=16, exact_n=128, threads=1,
+                              mechanisms=["full", "local", "strided", "bigbird", "performer", "nystrom", "lsh"]))
+    exact = {(r["mechanism"], r["input"]): r["rel_error"] for r in doc["exact"]}
+    assert {m for m, _ in exact} == {"full", "local", "strided", "bigbird"}
+    assert max(exact.values()) < 1e-12
+    # approximations: positive error, falling with the budget (fixed seed)
+    perf = dict(error_curve(doc, "performer", "local"))
+    assert perf[16] > perf[1024] > 0
+    nys = dict(error_curve(doc, "nystrom", "local"))
+    assert nys[4] > nys[16] > nys[64] > 0
+    lsh = dict(error_curve(doc, "lsh", "gaussian"))
+    assert lsh[1] > lsh[8] > 0
+    for r in doc["approximate"]:
+        assert r["rel_error"] is not None and r["rel_error"] > 0
+
+
+def test_error_meter_catches_a_wrong_mechanism():
+    # the meter must be able to fail: a "local" whose outputs are 1% off
+    from longattn.bench import error as E
+    from longattn.registry import get
+
+    spec = get("local")
+    real = spec.fn
+
+    def broken(q, k, v, **kw):
+        out = real(q, k, v, **kw)
+        return out * 0.99
+
+    object.__setattr__(spec, "fn", broken)
+    try:
+        doc = E.measure(E.ErrorConfig(n=64, heads=1, dim=8, exact_n=64, mechanisms=["local"], threads=1))
+    finally:
+        object.__setattr__(spec, "fn", real)
+    assert min(r["rel_error"] for r in doc["exact"]) > 1e-3
+
+
+# ----------------------------------------------------------------------- demo and CLI
+
+
+def test_demo_tiny_end_to_end(tmp_path):
+    from longattn.bench.cli import demo
+
+    page = demo(tmp_path / "report", tiny=True, progress=False, budget_s=60)
+    text = page.read_text()
+    out = page.parent
+    for f in ("bench.json", "error.json", "bench_time.png", "bench_memory.png", "error.png"):
+        assert (out / f).stat().st_size > 0, f
+        assert f in text
+    assert "## Speed and memory" in text and "## Approximation error" in text
+    err = json.loads((out / "error.json").read_text())
+    for key in report.ERROR_KEYS:
+        assert key in err
+
+
+def test_cli_registers_commands():
+    from longattn.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["bench", "--n", "128,256", "--mode", "fwd", "--mechanisms", "local,full"])
+    assert a.n == [128, 256] and a.mode == ["fwd"] and a.mechanisms == ["local", "full"]
+    assert p.parse_args(["demo", "--tiny"]).tiny
+    assert p.parse_args(["error", "--n", "64"]).n == 64
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "--mode", "backward"])
+
+
+def test_unknown_mechanism_is_refused():
+    with pytest.raises(ValueError, match="nope"):
+        cases.mechanism_names(["local", "nope"])
+    with pytest.raises(ValueError, match="nope"):
+        cases.peer_names(["nope"])
+
+
+def test_every_registered_mechanism_has_a_bench_setting():
+    from longattn.registry import names
+
+    for name in names():
+        params = cases.settings(name, 256, 8, D)  # raises if a required parameter is missing
+        assert isinstance(params, dict)
+
+
+def test_inputs_have_requested_shape():
+    q, k, v = cases.make_inputs(1, 2, 16, 8, torch.float32, train=True)
+    assert q.shape == (1, 2, 16, 8) and q.requires_grad
