@@ -221,3 +221,34 @@ def test_every_registered_mechanism_has_a_bench_setting():
 def test_inputs_have_requested_shape():
     q, k, v = cases.make_inputs(1, 2, 16, 8, torch.float32, train=True)
     assert q.shape == (1, 2, 16, 8) and q.requires_grad
+
+
+# ----------------------------------------------------------------------- peers compute the same thing
+
+
+@pytest.mark.parametrize("name", cases.FLEX_PATTERNS)
+def test_flex_mask_mods_equal_our_patterns(name):
+    # the FlexAttention peer is handed the same visible set as our mechanism
+    n, heads = 700, 8
+    mm = cases._flex_mask_mod(name, n, heads)
+    i = torch.arange(n)[None, :, None]
+    j = torch.arange(n)[None, None, :]
+    h = torch.arange(heads)[:, None, None]
+    got = mm(0, h, i, j).expand(heads, n, n)
+    want = cases.pattern_of(name, cases.settings(name, n, heads, D)).mask(n, heads)
+    assert torch.equal(got, want)
+
+
+def test_local_attention_peer_equals_local():
+    pytest.importorskip("local_attention")
+    from longattn.ops.reference import dense_attention
+
+    # N a multiple of the window (as in the benchmark): local-attention's autopad path
+    # lets the last rows see padding otherwise
+    n, heads, d = 768, 2, 16
+    q, k, v = cases.make_inputs(1, heads, n, d, torch.float32, train=False)
+    peer = cases.PEERS["local-attention"].build(n, heads, d, False)
+    s = cases.settings("local", n, heads, d)
+    mask = cases.pattern_of("local", s).mask(n, 1)
+    ref = dense_attention(q.double(), k.double(), v.double(), mask=mask)
+    assert torch.allclose(peer(q, k, v).double(), ref, atol=1e-4)

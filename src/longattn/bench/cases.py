@@ -290,6 +290,8 @@ def _build_local_attention(n: int, heads: int, dim: int, causal: bool) -> Callab
     s = SETTINGS["local"].params
     w = s["before"]
     assert s["after"] == w, "local-attention needs before == after"
+    if n % w:  # its autopad path lets the last rows see padding: not the same pattern
+        raise ValueError(f"local-attention peer needs N a multiple of the window {w}, got N={n}")
     mod = LocalAttention(window_size=w, causal=causal, look_backward=1, look_forward=0 if causal else 1,
                          exact_windowsize=True, autopad=True, use_rotary_pos_emb=False, dropout=0.0)
 

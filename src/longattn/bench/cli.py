@@ -146,9 +146,10 @@ def demo(out: str | Path = "report", *, tiny: bool = False, budget_s: float = 60
     else:
         peers = [p for p in peer_names(None, None) if not p.startswith("flex:") or p == "flex:local"]
         cfg = harness.BenchConfig(ns=[1024, 4096, 16384], peers=peers, min_repeats=2, max_repeats=5,
-                                  min_time_s=0.3, timeout_s=30, matmul_n=1024, threads=threads)
+                                  min_time_s=0.3, timeout_s=40, matmul_n=1024, threads=threads,
+                                  adaptive_repeats=True)
         ecfg = ErrorConfig(n=1024, threads=threads)
-        reserve = 120.0
+        reserve = 75.0
     cfg.deadline_s = max(10.0, budget_s - reserve)
     bench_doc = harness.sweep(cfg, progress=progress, log=_log)
     bench_paths = write_bench(bench_doc, out)

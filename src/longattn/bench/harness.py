@@ -19,7 +19,9 @@ timeout; larger sizes of that mechanism are then skipped.
 
 Timing: ``warmup`` calls (compilation happens there), then at least
 ``min_repeats`` and up to ``max_repeats`` timed calls until ``min_time_s`` of
-measured time. ``train`` = forward + backward of ``(out * g).sum()`` with a fixed
+measured time (with ``adaptive_repeats``, as in the demo, a case whose warm-up call
+took over ``2 * min_time_s`` gets one timed call, and one predicted to take over
+5 s per call gets no warm-up). ``train`` = forward + backward of ``(out * g).sum()`` with a fixed
 random ``g``. Reported: median, min, max, first and third quartiles.
 """
 
@@ -64,6 +66,7 @@ class BenchConfig:
     timeout_s: float = 300.0
     mem_budget_mb: float = 0.0  # 0: 60% of available memory
     deadline_s: float = 0.0  # 0: none; else skip what would start after this many seconds
+    adaptive_repeats: bool = False  # one timed call when a warm-up call took > 2 * min_time_s
     matmul_n: int = 2048
 
     def resolved_threads(self) -> int:
@@ -143,6 +146,9 @@ def _child(case: dict[str, Any], result_path: str) -> None:
         for _ in range(max(case["warmup"], 0)):
             step()
         warm_s = time.perf_counter() - t0
+        min_repeats = case["min_repeats"]
+        if case.get("adaptive_repeats") and case["warmup"] and warm_s / case["warmup"] > 2 * case["min_time_s"]:
+            min_repeats = 1
         gc.collect()
         base_kb = _status_kb("VmRSS")
         exact_peak = _reset_peak()
@@ -153,7 +159,7 @@ def _child(case: dict[str, Any], result_path: str) -> None:
             times.append(time.perf_counter() - t)
             if len(times) >= case["max_repeats"]:
                 break
-            if len(times) >= case["min_repeats"] and sum(times) >= case["min_time_s"]:
+            if len(times) >= min_repeats and sum(times) >= case["min_time_s"]:
                 break
             if time.perf_counter() + times[-1] > deadline:
                 break
@@ -338,7 +344,7 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
             bar.set_postfix_str(f"{c.label} N={n} {mode}")
         case = {**rec, "peer": c.peer, "mechanism": c.mechanism, "threads": threads,
                 "warmup": cfg.warmup, "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats,
-                "min_time_s": cfg.min_time_s}
+                "min_time_s": cfg.min_time_s, "adaptive_repeats": cfg.adaptive_repeats}
         try:
             params = C.settings(c.mechanism, n, cfg.heads, cfg.dim)
             fwd = Fl.forward_flops(c.mechanism, params, n=n, batch=cfg.batch, heads=cfg.heads,
@@ -364,7 +370,9 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
             prev = last_ok.get(key)
             if prev is not None and prev.get("flops") and flops:
                 pred_t = prev["time_s"]["median"] * flops / prev["flops"]
-                pred_t_total = pred_t * (cfg.warmup + 1) + prev.get("setup_s", 0.0)
+                if cfg.adaptive_repeats and pred_t > 5.0:  # a multi-second call needs no warm-up
+                    case["warmup"] = 0
+                pred_t_total = pred_t * (case["warmup"] + 1) + prev.get("setup_s", 0.0)
                 if pred_t_total > timeout:
                     reason = (f"predicted {pred_t_total:.0f} s (from N={prev['n']} scaled by useful FLOPs) "
                               f"exceeds the {timeout:.0f} s timeout")
