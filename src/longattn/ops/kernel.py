@@ -85,6 +85,10 @@ class FeatureMap(nn.Module):
     def default_scale(self, head_dim: int) -> float | None:  # noqa: D102
         return None
 
+    def scaled(self, x: Tensor, r: float | None, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
+        """Features of ``x * r`` (maps may fold r into their parameters)."""
+        return self(x * r if r is not None else x, is_query=is_query)
+
 
 class EluFeatureMap(FeatureMap):
     """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020). F = D."""
@@ -225,16 +229,23 @@ class FavorFeatureMap(FeatureMap):
         return head_dim ** -0.5
 
     def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
+        return self.scaled(x, None, is_query=is_query)
+
+    def scaled(self, x: Tensor, r: float | None, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
+        """Features of x * r, with r folded into W (no pass over x)."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"FAVOR+ features were drawn for D={self.head_dim}, got D={x.shape[-1]}")
         w = self.projection.to(x.dtype)
+        if r is not None:
+            w = w * r
         # phi = exp(W x - |x|^2/2): the |x|^2/2 term only shifts the row's log-scale
         a = torch.matmul(x, w.T)  # [.., N, F]
         m = a.detach().amax(-1, keepdim=True)
         f = a.sub_(m).exp_()  # in place: the matmul saved its inputs, not its output
         if is_query:
             return f, None  # a per-query scale cancels in the ratio
-        s = m.squeeze(-1) - 0.5 * (x * x).sum(-1)  # carries the gradient of -|x|^2/2
+        half = 0.5 if r is None else 0.5 * r * r
+        s = m.squeeze(-1) - half * (x * x).sum(-1)  # carries the gradient of -|x r|^2/2
         return f, s
 
 
@@ -354,8 +365,8 @@ def linear_attention_naive(
 # --------------------------------------------------------------------------- fast forms
 
 
-_SEG_ELEMS = 1 << 22
-"""Elements of one segment's feature tensor [B, H, L, F] (16 MiB in fp32). The fast
+_SEG_ELEMS = 6 << 20
+"""Elements of one segment's feature tensor [B, H, L, F] (24 MiB in fp32). The fast
 forms compute features segment by segment: the same arithmetic, but small buffers
 that the allocator reuses instead of fresh N x F ones (page faults cost as much as
 the matmuls on CPU)."""
@@ -395,7 +406,7 @@ def _linear_fast(
     rows = _segment_rows(B, H, F, chunk)
 
     def feats(x: Tensor, is_query: bool) -> tuple[Tensor, Tensor | None]:
-        return fmap(x * r if r is not None else x, is_query=is_query)
+        return fmap.scaled(x, r, is_query=is_query)
 
     def keys(a: int, b: int) -> tuple[Tensor, Tensor | None, Tensor]:
         fk, sk = feats(k[:, :, a:b], False)
@@ -638,6 +649,7 @@ def linear_attention_step(
     *,
     scale: float | None = None,
     key_padding_mask: Tensor | None = None,
+    chunk_size: int = 64,
 ) -> tuple[Tensor, LinearAttentionState]:
     """Feed T new tokens (T = 1 for decoding) and get their causal outputs.
 
@@ -650,7 +662,7 @@ def linear_attention_step(
 
     Returns:
         (out [B, H, T, Dv], new state). Equals the parallel causal form on the
-        concatenated sequence. O(T (F Dv + T F)) time, O(F Dv) state.
+        concatenated sequence. O(T (F Dv + chunk_size F)) time, O(F Dv) state.
     """
     d = check_qkv(q, k, v, causal=True, key_padding_mask=key_padding_mask)
     if not isinstance(state, LinearAttentionState):
@@ -668,7 +680,7 @@ def linear_attention_step(
     fk, sk, va = _mask_keys(fk, sk, v.to(work), key_padding_mask)
     if (sk is None) != (state.m is None):
         raise ValueError("state and feature_map disagree on log-scales (init the state with the same map)")
-    o, new, m = _causal_chunked(fq, fk, sk, va, d.Nq, joint, state.m)
+    o, new, m = _causal_chunked(fq, fk, sk, va, chunk_size, joint, state.m)
     out = _ratio(o).to(q.dtype)
     return out, LinearAttentionState(new[..., :-1], new[..., -1], m, state.length + d.Nq)
 

@@ -301,7 +301,7 @@ def compressed_attention(
     qw = q.to(work)
     sc = torch.matmul(qw, kc.transpose(-1, -2)) * s  # [B, H, Nq, S]
     if not causal:
-        p = _masked_softmax(sc, slot_ok)
+        p = _masked_softmax(sc, None if bool(slot_ok.all()) else slot_ok)
         return torch.matmul(p, vc).to(q.dtype)
     # causal: slots strictly before the own block, plus the own block uncompressed
     N = d.Nq
