@@ -170,9 +170,10 @@ class Pattern:
             m = m & (j <= i)
         return m.clone()
 
-    def visible_count(self, n: int, heads: int = 1, causal: bool = False, chunk: int = 1024) -> int:
+    def visible_count(self, n: int, heads: int = 1, causal: bool = False, chunk: int | None = None) -> int:
         """Visible (i, j) pairs summed over heads, without an n x n tensor (chunked rows)."""
         total = 0
+        chunk = chunk or max(1, (1 << 21) // (n * heads))
         self.prepare(n, heads)
         j = torch.arange(n)[None, None, :]
         h = torch.arange(heads)[:, None, None]
@@ -462,18 +463,38 @@ class _SummaryColumns(Pattern):
 def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 4) -> list[Component]:
     """Gather components for "query i sees the sorted ``keys`` that are <= i".
 
-    Query blocks are taken ``group`` at a time; each group lists the keys up to its
-    last query, so the work is about N * visible rather than N * len(keys)."""
-    blocks: list[tuple[Tensor, Tensor]] = []
+    Query blocks are taken ``group`` at a time (a span of ``bq * group`` queries).
+    Keys before the span are seen by every query of it (unmasked tiles); keys inside
+    the span form a short masked tail. Work ~ N * visible, not N * len(keys)."""
+    span = bq * group
+
+    def start(i: Tensor) -> Tensor:
+        return (i // span) * span
+
+    def prefix_pred(i, j, h):
+        return pred(i, j, h) & (j < start(i))
+
+    def tail_pred(i, j, h):
+        return pred(i, j, h) & (j >= start(i))
+
+    heads: list[tuple[Tensor, Tensor]] = []
+    tails: list[tuple[Tensor, Tensor]] = []
     qpos_all = _blocks(torch.arange(n), bq)
     for t0 in range(0, qpos_all.shape[0], group):
         qpos = qpos_all[t0 : t0 + group]
-        ks = keys[keys <= int(qpos.max())]
-        if ks.numel():
-            blocks.append((qpos, ks.expand(1, qpos.shape[0], -1).clone()))
-    if not blocks:
-        return []
-    return [Gather(*blocks[0], pred, more=tuple(blocks[1:]))]
+        s0, s1 = t0 * bq, int(qpos.max())
+        before = keys[keys < s0]
+        inside = keys[(keys >= s0) & (keys <= s1)]
+        if before.numel():
+            heads.append((qpos, before.expand(1, qpos.shape[0], -1).clone()))
+        if inside.numel():
+            tails.append((qpos, inside.expand(1, qpos.shape[0], -1).clone()))
+    comps: list[Component] = []
+    if heads:
+        comps.append(Gather(*heads[0], prefix_pred, more=tuple(heads[1:])))
+    if tails:
+        comps.append(Gather(*tails[0], tail_pred, more=tuple(tails[1:])))
+    return comps
 
 
 class Union(Pattern):

@@ -83,6 +83,8 @@ class TileBatch:
     shared: Tensor | None = None
     #: its queries were already covered by an earlier batch of the same component
     again: bool = False
+    #: kind "mask": bool [1 or H, T, bq, K], what each tile sees (computed once, at planning)
+    vis: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -192,11 +194,52 @@ def _flat(P: Tensor, qu: Tensor, ku: Tensor) -> tuple[Tensor, Tensor]:
     return q, k
 
 
-def _gather_batches(c: Gather, pred: Predicate, masked: bool) -> list[TileBatch]:
+def _gather_batches(c: Gather, pred: Predicate) -> list[TileBatch]:
+    return [TileBatch(qpos, kpos, "mask", pred) for qpos, kpos in c.blocks()]
+
+
+def _sub(tb: TileBatch, sel: list[int], kind: str, vis: Tensor | None = None) -> TileBatch:
+    idx = torch.tensor(sel, dtype=torch.long)
+    return TileBatch(tb.qpos[idx], tb.kpos[:, idx] if tb.kpos.shape[1] > 1 else tb.kpos.expand(-1, tb.qpos.shape[0], -1)[:, idx],
+                     kind, tb.pred, again=tb.again, vis=vis)
+
+
+def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
+    """Split a batch into tiles needing no mask (every key visible), tiles whose
+    visibility is the kernel's own causal structure, and partial tiles that keep
+    their bool mask. The predicate is evaluated here, once per plan."""
+    T, bq, K = tb.shape
+    if tb.kpos.shape[1] != T:
+        tb = TileBatch(tb.qpos, tb.kpos.expand(-1, T, -1), tb.kind, tb.pred, again=tb.again)
+    tri = torch.ones(bq, K, dtype=torch.bool).tril()
+    step = max(1, WORKSPACE // max(1, heads * bq * K))
+    full, causal, part, part_vis = [], [], [], []
+    for t0 in range(0, T, step):
+        qp = tb.qpos[t0 : t0 + step]
+        kp = tb.kpos[:, t0 : t0 + step]
+        Tc = qp.shape[0]
+        vis = tb.pred(qp[None, :, :, None], kp[:, :, None, :], torch.arange(heads)[:, None, None, None])
+        vis = vis.expand(*vis.shape[:-3], Tc, bq, K)
+        if vis.dim() < 4:
+            vis = vis[None]
+        ghost = (qp < 0)[None, :, :, None]  # rows of no query: any answer will do
+        is_full = (vis | ghost).flatten(2).all(-1).all(0)
+        is_causal = ((vis == tri) | ghost).flatten(2).all(-1).all(0) & ~is_full
+        for t in range(Tc):
+            if bool(is_full[t]):
+                full.append(t0 + t)
+            elif bool(is_causal[t]):
+                causal.append(t0 + t)
+            else:
+                part.append(t0 + t)
+                part_vis.append(vis[:, t])
     out = []
-    for qpos, kpos in c.blocks():
-        kind = "full" if (c.dense_keys and not masked and bool((kpos >= 0).all())) else "mask"
-        out.append(TileBatch(qpos, kpos, kind, pred))
+    if full:
+        out.append(_sub(tb, full, "full"))
+    if causal:
+        out.append(_sub(tb, causal, "causal"))
+    if part:
+        out.append(_sub(tb, part, "mask", torch.stack(part_vis, dim=1)))
     return out
 
 
@@ -228,10 +271,12 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileB
         if isinstance(inner, Band):
             tbs = _band_batches(inner, n, causal, pred, masked)
         elif isinstance(inner, Gather):
-            tbs = _gather_batches(inner, pred, masked or causal)
+            tbs = _gather_batches(inner, pred)
         else:  # pragma: no cover
             raise TypeError(f"unknown component {type(inner).__name__}")
-        batches += [(tb, idx == 0 and not tb.again) for tb in tbs]
+        for tb in tbs:
+            parts = [tb] if tb.kind == "shared" else _classify(tb, heads)
+            batches += [(p, idx == 0 and not p.again) for p in parts]
     return batches
 
 
@@ -242,7 +287,12 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileB
 
 @dataclass
 class _Chunk:
-    """A slice of a tile batch small enough for one kernel call."""
+    """A slice of a tile batch small enough for one kernel call.
+
+    Queries are either a contiguous run of rows (``q0`` set: strided views, slice
+    merges) or gathered by ``qidx``. Keys are band windows (``k0`` set), one list
+    shared by every tile (``kshared``: gathered once, broadcast), or gathered per tile.
+    """
 
     Tc: int
     bq: int
@@ -250,18 +300,30 @@ class _Chunk:
     kind: str  # "full" | "causal" | "mask"
     mask: Tensor | None  # additive, broadcastable to [B*H, Tc, bq, K]
     alive: Tensor | None  # bool, broadcastable to [B*H, Tc, bq]: row sees some key
-    view: tuple[int, int, int] | None  # (q0, k0, step) of this chunk
-    qidx: Tensor | None = None  # [Tc*bq] clamped positions (gathered chunks)
+    q0: int | None = None
+    k0: int | None = None
+    kstep: int = 0
+    qidx: Tensor | None = None  # [Tc*bq] clamped positions
     qvalid: Tensor | None = None
-    kidx: Tensor | None = None  # [Hk, Tc*K]
+    kidx: Tensor | None = None  # [Hk, Tc*K] or [Hk, K] when kshared
     kvalid: Tensor | None = None
+    kshared: bool = False
 
 
 def _additive(vis: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros((), dtype=dtype).expand(vis.shape).masked_fill(~vis, float("-inf"))
 
 
+def _contiguous_start(qpos: Tensor) -> int | None:
+    flat = qpos.reshape(-1)
+    q0 = int(flat[0])
+    if q0 >= 0 and torch.equal(flat, torch.arange(q0, q0 + flat.numel())):
+        return q0
+    return None
+
+
 def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: torch.dtype):
+    """The kernel calls of a tile batch: views or gathers, and the additive mask."""
     T, bq, K = tb.shape
     per_tile = B * H * max(bq * K, K * D, bq * D)
     step = max(1, WORKSPACE // per_tile)
@@ -273,38 +335,43 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: to
         for t0 in range(0, T, step):
             Tc = min(step, T - t0)
             yield _Chunk(Tc, bq, K, "mask", mask, None if bool(alive.all()) else alive,
-                         (q0 + t0 * st, k0 + t0 * st, st))
+                         q0=q0 + t0 * st, k0=k0 + t0 * st, kstep=st)
         return
-    use_mask = tb.kind in ("mask", "shared") or kpm is not None
-    tri = torch.ones(bq, K, dtype=torch.bool).tril() if tb.kind == "causal" else None
+    q0 = _contiguous_start(tb.qpos)
+    kshared = tb.kpos.shape[1] == 1 or bool((tb.kpos == tb.kpos[:, :1]).all())
+    tri = torch.ones(bq, K, dtype=torch.bool).tril()
     for t0 in range(0, T, step):
         qp = tb.qpos[t0 : t0 + step]
-        kp = tb.kpos[:, t0 : t0 + step]
+        kp = tb.kpos[:, t0 : t0 + step] if tb.kpos.shape[1] > 1 else tb.kpos
         Tc = qp.shape[0]
-        mask = alive = None
         kind = tb.kind
-        if use_mask:
-            # evaluated without expanding over heads/batch unless it depends on them
-            vis = tb.pred(qp[None, :, :, None], kp[:, :, None, :], torch.arange(H)[:, None, None, None])
-            if tri is not None:  # the tile structure itself (y <= x)
-                vis = vis & tri
-            vis = vis.expand(*vis.shape[:-3], Tc, bq, K)
-            if vis.dim() < 4:
-                vis = vis[None]
-            if kpm is not None:
-                vis = vis[None] & kpm[:, kp.clamp(min=0)][:, :, :, None, :]  # [B, H|1, Tc, bq, K]
-                vis = vis.expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
-            elif vis.shape[0] != 1 and B > 1:
-                vis = vis[None].expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
+        if kind == "shared":  # a view batch with padded keys: masked
+            vis: Tensor | None = tb.shared.expand(1, Tc, bq, K)
+            kind = "mask"
+        elif kind == "mask":
+            vis = tb.vis[:, t0 : t0 + step]
+        else:
+            vis = None
+        if kpm is not None:
+            base = vis if vis is not None else (tri if kind == "causal" else torch.ones((), dtype=torch.bool))
+            pad = kpm[:, kp.clamp(min=0)][:, :, :, None, :] & (kp >= 0)[None, :, :, None, :]
+            vis = (base & pad).expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
+            kind = "mask"
+        elif vis is not None and vis.shape[0] != 1 and B > 1:
+            vis = vis[None].expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
+        mask = alive = None
+        if vis is not None:
             alive = vis.any(-1)
             mask = _additive(vis, dtype)
-            kind = "mask"
+        kk = kp[:, :1] if kshared else kp
         yield _Chunk(
-            Tc, bq, K, kind, mask, alive, None,
+            Tc, bq, K, kind, mask, alive,
+            q0=None if q0 is None else q0 + t0 * bq,
             qidx=qp.reshape(-1).clamp(min=0),
             qvalid=qp.reshape(-1) >= 0,
-            kidx=kp.reshape(kp.shape[0], -1).clamp(min=0),
-            kvalid=kp.reshape(kp.shape[0], -1) >= 0,
+            kidx=kk.reshape(kk.shape[0], -1).clamp(min=0),
+            kvalid=kk.reshape(kk.shape[0], -1) >= 0,
+            kshared=kshared,
         )
 
 
@@ -319,30 +386,50 @@ def _windows(x: Tensor, start: int, step: int, T: int, width: int) -> Tensor:
 
 def _gq(x: Tensor, ch: _Chunk) -> Tensor:
     """The chunk's query rows of x ([BH, N, D]) as [BH, Tc, bq, D]."""
-    if ch.view is not None:
-        return _windows(x, ch.view[0], ch.view[2], ch.Tc, ch.bq)
+    if ch.q0 is not None:
+        return _windows(x, ch.q0, ch.bq, ch.Tc, ch.bq)
     return x.index_select(1, ch.qidx).view(x.shape[0], ch.Tc, ch.bq, x.shape[-1])
 
 
 def _gk(x: Tensor, ch: _Chunk, H: int) -> Tensor:
     """The chunk's key rows of x ([BH, N, D]) as [BH, Tc, K, D]."""
-    if ch.view is not None:
-        return _windows(x, ch.view[1], ch.view[2], ch.Tc, ch.K)
+    if ch.k0 is not None:
+        return _windows(x, ch.k0, ch.kstep, ch.Tc, ch.K)
     BH, N, D = x.shape
+    Tk = 1 if ch.kshared else ch.Tc
     if ch.kidx.shape[0] == 1:
-        return x.index_select(1, ch.kidx[0]).view(BH, ch.Tc, ch.K, D)
-    B = BH // H
-    flat = (torch.arange(H)[:, None] * N + ch.kidx).reshape(-1)
-    return x.reshape(B, H * N, D).index_select(1, flat).view(BH, ch.Tc, ch.K, D)
+        g = x.index_select(1, ch.kidx[0])
+    else:
+        flat = (torch.arange(H)[:, None] * N + ch.kidx).reshape(-1)
+        g = x.reshape(BH // H, H * N, D).index_select(1, flat)
+    return g.view(BH, Tk, ch.K, D).expand(BH, ch.Tc, ch.K, D)
 
 
-def _rows(x: Tensor, ch: _Chunk) -> tuple[slice, None] | tuple[Tensor, Tensor]:
-    """Where the chunk's valid queries live in x ([BH, N, ...]): a slice or an index."""
-    if ch.view is not None:
-        q0, _, st = ch.view
-        assert st == ch.bq
-        return slice(q0, q0 + ch.Tc * ch.bq), None
-    return ch.qidx[ch.qvalid], ch.qvalid
+def _merge(O: Tensor, Lse: Tensor, ch: _Chunk, o: Tensor, lse: Tensor, first: bool) -> None:
+    """Fold a chunk's (o, lse) into the running (O, Lse): one softmax over all keys."""
+    BH, _, Dv = O.shape
+    o = o.reshape(BH, -1, Dv)
+    lse = lse.reshape(BH, -1)
+    if ch.q0 is not None:
+        rows = slice(ch.q0, ch.q0 + ch.Tc * ch.bq)
+        o_old, l_old = O[:, rows], Lse[:, rows]
+    else:
+        pos = ch.qidx[ch.qvalid]
+        o, lse = o[:, ch.qvalid], lse[:, ch.qvalid]
+        o_old, l_old = O.index_select(1, pos), Lse.index_select(1, pos)
+    if first:  # the first component's tiles partition its queries: plain writes
+        o_new, l_new = o, lse
+    else:
+        l_new = torch.logaddexp(l_old, lse)
+        l_ref = torch.where(torch.isneginf(l_new), 0.0, l_new)
+        o_new = o_old.mul_(torch.exp(l_old - l_ref)[..., None]).add_(o.mul_(torch.exp(lse - l_ref)[..., None]))
+    if ch.q0 is not None:
+        if first:
+            O[:, rows] = o_new
+        Lse[:, rows] = l_new
+    else:
+        O.index_copy_(1, pos, o_new)
+        Lse.index_copy_(1, pos, l_new)
 
 
 def _forward_bh(q, k, v, batches, scale, kpm, H):
@@ -361,22 +448,7 @@ def _forward_bh(q, k, v, batches, scale, kpm, H):
             lse = lse.to(acc)
             if ch.alive is not None:
                 lse = lse.masked_fill(~ch.alive, float("-inf"))
-            o = o.reshape(BH, -1, Dv).to(acc)
-            lse = lse.reshape(BH, -1)
-            where, valid = _rows(O, ch)
-            if valid is not None:
-                o, lse = o[:, valid], lse[:, valid]
-            if first:  # the first component's tiles partition its queries: plain writes
-                O[:, where] = o
-                Lse[:, where] = lse
-                continue
-            l_old = Lse[:, where]
-            l_new = torch.logaddexp(l_old, lse)
-            dead = torch.isneginf(l_new)
-            w_old = torch.exp(l_old - l_new).masked_fill_(dead, 0.0)
-            w_new = torch.exp(lse - l_new).masked_fill_(dead, 0.0)
-            O[:, where] = O[:, where] * w_old[..., None] + o * w_new[..., None]
-            Lse[:, where] = l_new
+            _merge(O, Lse, ch, o.to(acc), lse, first)
     return O, Lse
 
 
@@ -395,25 +467,29 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H):
     for tb, _ in batches:
         for ch in _chunks(tb, B, H, D, kpm, q.dtype):
             g = _gq(dO, ch)
-            if ch.qvalid is not None and not bool(ch.qvalid.all()):
+            if ch.q0 is None and not bool(ch.qvalid.all()):
                 g = g * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(g.dtype)
             gq, gk, gv = _flash_bwd(
                 g, _gq(q, ch), _gk(k, ch, H), _gk(v, ch, H), _gq(O, ch),
                 _gq(Lb[..., None], ch)[..., 0], 0.0,
                 ch.kind == "causal", attn_mask=ch.mask, scale=scale,
             )
-            if ch.view is not None:
-                q0, k0, st = ch.view
-                _windows(dq, q0, st, ch.Tc, ch.bq).add_(gq)
+            if ch.q0 is not None:
+                _windows(dq, ch.q0, ch.bq, ch.Tc, ch.bq).add_(gq)
+            else:
+                qi = torch.where(ch.qvalid, ch.qidx, N)
+                dq.index_add_(1, qi, gq.reshape(BH, -1, D).to(acc))
+            if ch.k0 is not None:
+                st = ch.kstep
                 for s0 in range(0, ch.K, st):  # key windows overlap: add them in strips
                     w = min(st, ch.K - s0)
-                    _windows(dk, k0 + s0, st, ch.Tc, w).add_(gk[:, :, s0 : s0 + w])
-                    _windows(dv, k0 + s0, st, ch.Tc, w).add_(gv[:, :, s0 : s0 + w])
+                    _windows(dk, ch.k0 + s0, st, ch.Tc, w).add_(gk[:, :, s0 : s0 + w])
+                    _windows(dv, ch.k0 + s0, st, ch.Tc, w).add_(gv[:, :, s0 : s0 + w])
                 continue
-            qi = torch.where(ch.qvalid, ch.qidx, N)
-            dq.index_add_(1, qi, gq.reshape(BH, -1, D).to(acc))
-            ki = torch.where(ch.kvalid, ch.kidx, N)  # [Hk, Tc*K]; ghosts -> slot N
-            flat = (heads * (N + 1) + ki).reshape(-1)  # [H * Tc * K]
+            if ch.kshared:
+                gk, gv = gk.sum(1, keepdim=True), gv.sum(1, keepdim=True)
+            ki = torch.where(ch.kvalid, ch.kidx, N)  # [Hk, K']; ghosts -> slot N
+            flat = (heads * (N + 1) + ki).reshape(-1)  # [H * K']
             dk.view(B, H * (N + 1), D).index_add_(1, flat, gk.reshape(B, -1, D).to(acc))
             dv.view(B, H * (N + 1), Dv).index_add_(1, flat, gv.reshape(B, -1, Dv).to(acc))
     return dq[:, :N], dk[:, :N], dv[:, :N]
