@@ -123,6 +123,13 @@ def test_harness_skips_what_cannot_fit():
     assert r["status"] == "skipped" and "memory budget" in r["reason"]
 
 
+def test_harness_respects_the_run_deadline():
+    # a run whose time budget is spent skips (and lists) what it could not start
+    doc = harness.sweep(_tiny_cfg(deadline_s=1e-3), progress=False)
+    assert doc["results"] and all(r["status"] == "skipped" for r in doc["results"])
+    assert all("time budget" in r["reason"] for r in doc["results"])
+
+
 def test_isolated_case_timeout_and_memory_watchdog():
     case = {"mechanism": "full", "peer": None, "n": 2048, "mode": "train", "batch": 1, "heads": 8, "dim": 64,
             "dtype": "float32", "causal": False, "threads": 1, "warmup": 50, "min_repeats": 50,

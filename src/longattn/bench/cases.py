@@ -272,8 +272,11 @@ def _build_flex(name: str) -> Callable[[int, int, int, bool], Callable]:
             base = mm
             mm = lambda bb, h, i, j: base(bb, h, i, j) & (j <= i)  # noqa: E731
         head_dep = name == "bigbird"
-        bm = create_block_mask(mm, B=None, H=heads if head_dep else None, Q_LEN=n, KV_LEN=n,
-                               device="cpu", BLOCK_SIZE=128)
+        # eager create_block_mask evaluates the predicate on all N x N positions
+        # (~2.6 GB at N=16384); compiled, it works block by block
+        make = torch.compile(create_block_mask) if n > 4096 else create_block_mask
+        bm = make(mm, B=None, H=heads if head_dep else None, Q_LEN=n, KV_LEN=n,
+                  device="cpu", BLOCK_SIZE=128)
         compiled = torch.compile(flex_attention, dynamic=False)
 
         def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
