@@ -45,6 +45,8 @@ def _masked_softmax(scores: Tensor, visible: Tensor | None) -> Tensor:
         return torch.softmax(scores, -1)
     scores = scores.masked_fill(~visible, float("-inf"))
     any_vis = visible.any(-1, keepdim=True)
+    if bool(any_vis.all()):  # the usual case: no extra full-size passes
+        return torch.softmax(scores, -1)
     scores = scores.masked_fill(~any_vis, 0.0)
     return torch.softmax(scores, -1) * any_vis
 
