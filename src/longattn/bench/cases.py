@@ -18,7 +18,9 @@ a budget):
   dilation 2 (the same span, half the keys); ``bigbird``: blocks of 64, 3-block
   window + 3 random + 2 global blocks (= 512 keys for most queries).
 - ``performer``: 256 random features (performer-pytorch ``FastAttention`` with
-  ``nb_features=256`` is the peer); ``linformer``: k = 256, max_len = N;
+  ``nb_features=256`` is the peer); ``linformer``: k = 256, max_len = N (the
+  linformer package's ``LinformerSelfAttention(k=256)`` is the peer, with its
+  q/k/v/out projections replaced by identities so that only attention is timed);
   ``compressed``: 256 slots; ``nystrom``: 64 landmarks (the paper's setting).
 - ``lsh``: chunks of 64, 2 hashing rounds (reformer-pytorch ``LSHAttention
   (bucket_size=64, n_hashes=2)`` is the peer: it also attends to its chunk and the
@@ -335,6 +337,9 @@ def _build_linformer_pkg(n: int, heads: int, dim: int, causal: bool) -> Callable
     mod = LinformerSelfAttention(dim=heads * dim, seq_len=n, heads=heads, dim_head=dim,
                                  k=SETTINGS["linformer"].params["proj_dim"], one_kv_head=False,
                                  share_kv=False)
+    # it is a whole layer: drop its q/k/v/out projections so that it times the
+    # attention only (then q = k = v = the input, which does not change the cost)
+    mod.to_q = mod.to_k = mod.to_v = mod.to_out = nn.Identity()
 
     def run(q, k, v):
         B, H, N, D = q.shape
@@ -361,7 +366,7 @@ PEERS: dict[str, Peer] = {
                              note="LSHAttention(bucket_size=64, n_hashes=2), shared QK"),
     "linformer-pkg": Peer("linformer-pkg", "linformer", "linformer", _build_linformer_pkg,
                           _has("linformer"), causal=False,
-                          note="LinformerSelfAttention (includes its q/k/v/out projections)"),
+                          note="LinformerSelfAttention(k=256) with its q/k/v/out projections set to identity"),
 }
 
 
@@ -404,6 +409,8 @@ def estimate_bytes(case: dict[str, Any], flops_fwd: float | None = None) -> floa
         if name == "additive" and not train:
             return inputs + 4 * B * H * 64 * N * width * 4
         return inputs + mats * B * H * N * N * width * 4 + H * N * N * 4 * (3 if train else 1)
+    if name == "full":  # SDPA's flash kernel: O(N D) working memory
+        return inputs + 16 * B * H * N * D * 4 + 64 * 2**20
     per = (8 if train else 4) * B * H * N * min(keys, N) * 4
     return inputs + per + 64 * 2**20
 

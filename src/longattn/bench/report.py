@@ -63,6 +63,29 @@ def bench_table(doc: dict[str, Any], mode: str) -> str:
     return "\n".join(lines)
 
 
+def headline_table(doc: dict[str, Any]) -> str:
+    """Speed-up and memory against dense SDPA at the largest N where it ran, per mode."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in doc["results"]):
+        dense = [r for r in doc["results"] if r["mode"] == mode and r["mechanism"] == "full"
+                 and r.get("status") == "ok"]
+        if not dense:
+            continue
+        d = max(dense, key=lambda r: r["n"])
+        rows = [r for r in doc["results"] if r["mode"] == mode and r["n"] == d["n"] and r.get("status") == "ok"]
+        rows.sort(key=lambda r: -r.get("speedup_vs_full", 0.0))
+        out += [f"**{mode}, N={d['n']}** (dense SDPA: {_fmt_time(d['time_s']['median'])}, "
+                f"{_fmt(d.get('peak_mb'), '.0f')} MiB)", "",
+                "| mechanism | kind | time | speed-up vs full | peak MiB | useful GFLOP/s |",
+                "|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| `{r['mechanism']}` | {r['kind']} | {_fmt_time(r['time_s']['median'])} | "
+                       f"{_fmt(r.get('speedup_vs_full'), '.2f')} | {_fmt(r.get('peak_mb'), '.0f')} | "
+                       f"{_fmt(r.get('gflops'), '.1f')} |")
+        out.append("")
+    return "\n".join(out) if out else "(dense SDPA did not run: no ratios)"
+
+
 def _cell(r: dict[str, Any] | None) -> str:
     if r is None:
         return ""
@@ -239,7 +262,7 @@ def bench_markdown(doc: dict[str, Any], plots: list[Path] | None = None, rel_to:
            f"(`full`) at the same N. FLOPs: {doc['flops_convention']}.", ""]
     for p in plots or []:
         out.append(f"![{p.stem}]({p.relative_to(rel_to) if rel_to else p})")
-    out.append("")
+    out += ["", "### Against dense SDPA", "", headline_table(doc), ""]
     for mode in dict.fromkeys(r["mode"] for r in doc["results"]):
         out += [f"### {'forward (inference)' if mode == 'fwd' else 'training (forward + backward)'}", "",
                 bench_table(doc, mode), ""]
