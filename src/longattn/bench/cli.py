@@ -149,7 +149,7 @@ def demo(out: str | Path = "report", *, tiny: bool = False, budget_s: float = 60
                                   min_time_s=0.3, timeout_s=40, matmul_n=1024, threads=threads,
                                   adaptive_repeats=True)
         ecfg = ErrorConfig(n=1024, threads=threads)
-        reserve = 75.0
+        reserve = 100.0  # error meter (~25-40 s on 2 busy cores), pictures, plots
     cfg.deadline_s = max(10.0, budget_s - reserve)
     bench_doc = harness.sweep(cfg, progress=progress, log=_log)
     bench_paths = write_bench(bench_doc, out)

@@ -184,6 +184,8 @@ def plot_bench(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
                 style = dict(_STYLE[kind])
                 if kind != "dense":
                     style.setdefault("color", cmap(idx % 20))
+                if kind == "ours":
+                    style["marker"] = "o^vsD<>ph*"[idx % 10]
                 ax.plot(xs, ys, label=lab + (" (peer)" if kind == "peer" else ""), **style)
             _guides(ax, res, metric)
             ax.set_xscale("log", base=2)
@@ -193,10 +195,11 @@ def plot_bench(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
             ax.set_title(f"{metric} vs N, {mode} (B={doc['config']['batch']}, H={doc['config']['heads']}, "
                          f"D={doc['config']['dim']}, {doc['config']['dtype']})")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
+        handles, labels_ = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         fig.tight_layout()
         p = out_dir / fname
-        fig.savefig(p, dpi=90)
+        fig.savefig(p, dpi=90, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     return paths
