@@ -365,11 +365,11 @@ def linear_attention_naive(
 # --------------------------------------------------------------------------- fast forms
 
 
-_SEG_ELEMS = 6 << 20
-"""Elements of one segment's feature tensor [B, H, L, F] (24 MiB in fp32). The fast
-forms compute features segment by segment: the same arithmetic, but small buffers
-that the allocator reuses instead of fresh N x F ones (page faults cost as much as
-the matmuls on CPU)."""
+_SEG_ELEMS = 1 << 24
+"""Elements of one segment's feature tensor [B, H, L, F] (64 MiB in fp32). The fast
+forms compute features segment by segment: the same arithmetic, with bounded
+buffers instead of fresh N x F ones (first-touch page faults of huge buffers cost as
+much as the matmuls on CPU), and few enough segments that per-op overhead stays small."""
 
 
 def _segments(n: int, rows: int) -> list[tuple[int, int]]:
