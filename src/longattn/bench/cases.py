@@ -245,9 +245,11 @@ def _flex_mask_mod(name: str, n: int, heads: int) -> Callable:
     if name == "bigbird":
         from longattn import patterns as P
 
-        blk, r, gb = s["block"], s["random_blocks"], s["global_blocks"]
-        rnd = P.RandomBlocks(r, blk, s["seed"])
-        tab = rnd.table(n, heads)  # [H, T, r] key blocks per query block
+        blk, gb = s["block"], s["global_blocks"]
+        # the random part of the very pattern our mechanism runs (same draw)
+        pat = pattern_of("bigbird", settings("bigbird", n, heads, 64))
+        rnd = [c for c in pat.children() if isinstance(c, P.RandomBlocks)]
+        tab = rnd[0].table(n, heads) if rnd else torch.zeros(heads, -(-n // blk), 0, dtype=torch.long)
         T = -(-n // blk)
         # a dense [H, T, T] block table: tiny (block level), indexable inside mask_mod
         hit = torch.zeros(heads, T, T, dtype=torch.bool)
