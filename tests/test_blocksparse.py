@@ -73,6 +73,13 @@ def test_float64_with_padding_at_257(name, causal):
     _compare(PATTERNS[name], 257, causal, padded=True)
 
 
+@pytest.mark.parametrize("name", ["dilated", "strided", "st_strided_heads", "st_strided_union"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_residue_fold_when_stride_divides_n(name, causal):
+    # 1008 = 16 * 63 = 7 * 144 = 3 * 336: dilated/strided run as bands over N / stride
+    _compare(PATTERNS[name], 1008, causal, padded=True)
+
+
 @pytest.mark.parametrize("N", [1, 3, 17, 129, 300])
 @pytest.mark.parametrize("name", ["local", "local_wide", "dilated", "bigbird", "st_fixed_union"])
 def test_odd_lengths(name, N):

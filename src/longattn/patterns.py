@@ -326,26 +326,36 @@ class RandomBlocks(Pattern):
     blocks drawn (without replacement) for query block ``i // block``, per head.
 
     The draw is a pure function of (seed, n, head): reproducible, and the same in
-    training and evaluation.
+    training and evaluation. As in BigBird, the draw can avoid the key blocks that
+    other parts of a composition already cover: those within ``avoid_window`` blocks
+    of the query block and the first ``avoid_first`` (global) blocks. Rows have
+    ``min(blocks_per_row, blocks left)`` random blocks.
     """
 
     head_dependent = True
 
-    def __init__(self, blocks_per_row: int = 3, block: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self, blocks_per_row: int = 3, block: int = 64, seed: int = 0,
+        avoid_window: int = -1, avoid_first: int = 0,
+    ) -> None:
         self.blocks_per_row = _check_int("blocks_per_row", blocks_per_row, 0)
         self.block = _check_int("block", block, 1)
         self.seed = _check_int("seed", seed, 0)
+        self.avoid_window = _check_int("avoid_window", avoid_window, -1)
+        self.avoid_first = _check_int("avoid_first", avoid_first, 0)
         self._cache: dict[tuple[int, int], Tensor] = {}
 
     def table(self, n: int, heads: int) -> Tensor:
-        """[heads, nblocks, r] drawn key blocks (r = min(blocks_per_row, nblocks))."""
+        """[heads, nblocks, r] drawn key blocks."""
         key = (n, heads)
         if key not in self._cache:
             nb = -(-n // self.block)
-            r = min(self.blocks_per_row, nb)
+            t = torch.arange(nb)
+            allowed = ((t[None, :] - t[:, None]).abs() > self.avoid_window) & (t[None, :] >= self.avoid_first)
+            r = max(0, min(self.blocks_per_row, int(allowed.sum(-1).min())))
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
             # one independent draw per (head, query block), without replacement
-            scores = torch.rand(heads, nb, nb, generator=g)
+            scores = torch.rand(heads, nb, nb, generator=g).masked_fill(~allowed, -1.0)
             self._cache[key] = scores.topk(r, dim=-1).indices.sort(-1).values
         return self._cache[key]
 
@@ -359,9 +369,9 @@ class RandomBlocks(Pattern):
         return _in_table(tab, self.block, i, j, h)
 
     def components(self, n, heads):
-        if self.blocks_per_row == 0:
-            return []
         tab = self.table(n, heads)  # [H, nb, r]
+        if tab.shape[-1] == 0:
+            return []
         nb, r = tab.shape[1], tab.shape[2]
         b = self.block
         qpos = _blocks(torch.arange(n), b)  # [nb, b]
@@ -460,7 +470,7 @@ class _SummaryColumns(Pattern):
         return prefix_gather(keys, n, self.visible)
 
 
-def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 4) -> list[Component]:
+def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 16) -> list[Component]:
     """Gather components for "query i sees the sorted ``keys`` that are <= i".
 
     Query blocks are taken ``group`` at a time (a span of ``bq * group`` queries).
@@ -644,8 +654,8 @@ def bigbird(block: int = 64, random_blocks: int = 3, global_blocks: int = 1, see
     b = _check_int("block", block, 1)
     g = _check_int("global_blocks", global_blocks, 0)
     parts: list[Pattern] = [_BlockWindow(b, 1)]
-    if random_blocks:
-        parts.append(RandomBlocks(random_blocks, b, seed))
+    if random_blocks:  # drawn outside the window and the global blocks, as in the paper
+        parts.append(RandomBlocks(random_blocks, b, seed, avoid_window=1, avoid_first=g))
     if g:
         parts.append(GlobalTokens(range(g * b)))
     return Union(parts)

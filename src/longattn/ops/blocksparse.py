@@ -45,6 +45,7 @@ from torch import Tensor
 from longattn.ops._checks import check_qkv, default_scale
 from longattn.patterns import (
     Band,
+    Local,
     Component,
     Gather,
     Pattern,
@@ -322,6 +323,17 @@ def _contiguous_start(qpos: Tensor) -> int | None:
     return None
 
 
+def _affine_rows(pos: Tensor) -> tuple[int, int] | None:
+    """(start, step) if row t of ``pos`` [T, K] is start + t*step + arange(K), else None."""
+    T, K = pos.shape
+    p0 = int(pos[0, 0])
+    step = int(pos[1, 0]) - p0 if T > 1 else K
+    if p0 < 0 or step < 0:
+        return None
+    want = p0 + step * torch.arange(T)[:, None] + torch.arange(K)
+    return (p0, step) if torch.equal(pos, want) else None
+
+
 def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: torch.dtype):
     """The kernel calls of a tile batch: views or gathers, and the additive mask."""
     T, bq, K = tb.shape
@@ -339,6 +351,7 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: to
         return
     q0 = _contiguous_start(tb.qpos)
     kshared = tb.kpos.shape[1] == 1 or bool((tb.kpos == tb.kpos[:, :1]).all())
+    kaff = _affine_rows(tb.kpos[0]) if tb.kpos.shape[0] == 1 and not kshared else None
     tri = torch.ones(bq, K, dtype=torch.bool).tril()
     for t0 in range(0, T, step):
         qp = tb.qpos[t0 : t0 + step]
@@ -367,6 +380,8 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: to
         yield _Chunk(
             Tc, bq, K, kind, mask, alive,
             q0=None if q0 is None else q0 + t0 * bq,
+            k0=None if kaff is None else kaff[0] + t0 * kaff[1],
+            kstep=0 if kaff is None else kaff[1],
             qidx=qp.reshape(-1).clamp(min=0),
             qvalid=qp.reshape(-1) >= 0,
             kidx=kk.reshape(kk.shape[0], -1).clamp(min=0),
@@ -533,6 +548,28 @@ def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tup
     return hit[1]
 
 
+_FOLD_CACHE: dict[tuple, tuple[Pattern, tuple[int, Pattern] | None]] = {}
+
+
+def _residue_fold(pattern: Pattern, n: int, heads: int) -> tuple[int, Pattern] | None:
+    """(r, band) when the pattern is one band over residue classes mod r and r | n."""
+    key = (id(pattern), n, heads)
+    hit = _FOLD_CACHE.get(key)
+    if hit is None or hit[0] is not pattern:
+        pattern.prepare(n, heads)
+        comps = pattern.components(n, heads)
+        res = None
+        if len(comps) == 1 and isinstance(comps[0], Band):
+            c = comps[0]
+            r = c.grouping.d
+            if c.grouping.kind == "residue" and r > 1 and n % r == 0:
+                res = (r, Local(c.before, c.after))
+        if len(_FOLD_CACHE) > 256:
+            _FOLD_CACHE.clear()
+        hit = _FOLD_CACHE[key] = (pattern, res)
+    return hit[1]
+
+
 def pattern_attention(
     q: Tensor,
     k: Tensor,
@@ -571,6 +608,21 @@ def pattern_attention(
         return torch.cat(outs, dim=1)
     if q.device.type != "cpu":
         return _dense_fallback(q, k, v, pattern, causal, key_padding_mask, s)
+    fold = _residue_fold(pattern, d.Nq, d.H)
+    if fold is not None:
+        # a band over residue classes mod r (dilated, strided) is a plain band over
+        # sequences of length N / r once positions are regrouped: fold r into the batch
+        r, inner = fold
+        L = d.Nq // r
+
+        def fold_in(x: Tensor) -> Tensor:
+            return x.reshape(d.B, d.H, L, r, x.shape[-1]).permute(0, 3, 1, 2, 4).reshape(d.B * r, d.H, L, x.shape[-1])
+
+        kpm = None
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.reshape(d.B, L, r).transpose(1, 2).reshape(d.B * r, L)
+        out = pattern_attention(fold_in(q), fold_in(k), fold_in(v), inner, causal=causal, key_padding_mask=kpm, scale=s)
+        return out.reshape(d.B, r, d.H, L, d.Dv).permute(0, 2, 3, 1, 4).reshape(d.B, d.H, d.Nq, d.Dv)
     batches = _cached_plan(pattern, d.Nq, d.H, causal)
     q, k, v = (x.contiguous() for x in (q, k, v))
     return _BlockSparseAttention.apply(q, k, v, batches, s, key_padding_mask)
