@@ -30,7 +30,6 @@ Small masks (N=8, before=1, after=2), ``#`` visible::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -111,15 +110,13 @@ class Gather:
     qpos: [T, bq] query positions (-1 = none); kpos: [Hk, T, K] key positions
     (-1 = none), Hk = 1 (all heads) or H. ``more``: further (qpos, kpos) pairs of
     other shapes, for other queries. A query appears in at most one block.
-    ``pred`` is what the component covers (used to count overlapping keys once);
-    ``dense_keys`` says every listed key is visible (no mask needed, apart from
-    causality, padding and overlaps).
+    ``pred`` is exactly what the component covers: the engine evaluates it once per
+    plan to find the tiles that need no mask, and to count overlapping keys once.
     """
 
     qpos: Tensor
     kpos: Tensor
     pred: Predicate
-    dense_keys: bool = False
     more: tuple[tuple[Tensor, Tensor], ...] = ()
 
     def blocks(self) -> list[tuple[Tensor, Tensor]]:
@@ -315,9 +312,9 @@ class GlobalTokens(Pattern):
         cols_pred = lambda i, j, h: _member(j, idx)  # noqa: E731
         qpos = _blocks(torch.arange(n), QUERY_BLOCK)
         comps: list[Component] = [
-            Gather(qpos, cols.expand(1, qpos.shape[0], -1).clone(), cols_pred, dense_keys=True),
+            Gather(qpos, cols.expand(1, qpos.shape[0], -1).clone(), cols_pred),
         ]
-        comps.append(Gather(idx[None, :], torch.arange(n)[None, None, :], rows_pred, dense_keys=True))
+        comps.append(Gather(idx[None, :], torch.arange(n)[None, None, :], rows_pred))
         return comps
 
 
@@ -378,7 +375,7 @@ class RandomBlocks(Pattern):
         kpos = (tab[..., None] * b + torch.arange(b)).reshape(heads, nb, r * b)
         kpos = torch.where(kpos < n, kpos, torch.full_like(kpos, -1))
         pred = lambda i, j, h: _in_table(tab, b, i, j, h)  # noqa: E731
-        return [Gather(qpos, kpos, pred, dense_keys=True)]
+        return [Gather(qpos, kpos, pred)]
 
 
 def _in_table(tab: Tensor, block: int, i: Tensor, j: Tensor, h: Tensor) -> Tensor:
@@ -677,7 +674,7 @@ class _BlockWindow(Pattern):
         kb = t[:, None] + torch.arange(-r, r + 1)  # [T, 2r+1] key blocks
         kpos = (kb[..., None] * b + torch.arange(b)).reshape(1, len(t), -1)
         kpos = torch.where((kpos >= 0) & (kpos < n), kpos, torch.full_like(kpos, -1))
-        return [Gather(qpos, kpos, self.visible, dense_keys=True)]
+        return [Gather(qpos, kpos, self.visible)]
 
 
 # --------------------------------------------------------------------------------------

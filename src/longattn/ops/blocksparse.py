@@ -34,10 +34,7 @@ memory O(N * D) for inputs, outputs and lse, plus a bounded per-chunk workspace.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import reduce
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -46,7 +43,6 @@ from longattn.ops._checks import check_qkv, default_scale
 from longattn.patterns import (
     Band,
     Local,
-    Component,
     Gather,
     Pattern,
     Predicate,
@@ -244,10 +240,6 @@ def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
     return out
 
 
-def _component_pred(c: Component | _Restricted) -> Predicate:
-    return c.pred
-
-
 def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileBatch, bool]]:
     """The tile batches computing ``pattern`` (one head group) at length ``n``, each
     with a flag: True for the first component (its tiles partition its queries, so
@@ -256,8 +248,8 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileB
     comps = pattern.components(n, heads)
     batches: list[tuple[TileBatch, bool]] = []
     for idx, c in enumerate(comps):
-        earlier = [_component_pred(e) for e in comps[:idx]]
-        own = _component_pred(c)
+        earlier = [e.pred for e in comps[:idx]]
+        own = c.pred
 
         def pred(i, j, h, own=own, earlier=earlier):
             m = own(i, j, h) & (j >= 0) & (i >= 0)
