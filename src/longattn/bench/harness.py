@@ -325,7 +325,11 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
     plan = plan_cases(cfg)
     ns = sorted(set(cfg.ns))
     matmul = measure_matmul_gflops(threads, cfg.matmul_n)
-    jobs = [(n, mode, c) for n in ns for mode in cfg.modes for c in plan if mode in c.modes]
+    # by N, then dense SDPA first (every ratio needs it), then each mechanism with its
+    # modes side by side: a run cut short by its deadline loses whole mechanisms at
+    # the largest N, never the reference or a whole mode
+    plan = sorted(plan, key=lambda c: c.kind != "dense")
+    jobs = [(n, mode, c) for n in ns for c in plan for mode in cfg.modes if mode in c.modes]
     results: list[dict[str, Any]] = []
     last_ok: dict[tuple[str, str], dict[str, Any]] = {}
     dead: dict[tuple[str, str], str] = {}
