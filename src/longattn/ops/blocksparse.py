@@ -464,9 +464,11 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H):
     Dv = v.shape[-1]
     B = BH // H
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(BH, N + 1, D, dtype=acc)
-    dk = torch.zeros(BH, N + 1, D, dtype=acc)
-    dv = torch.zeros(BH, N + 1, Dv, dtype=acc)
+    # ghost queries (zeroed dO) and ghost keys (always masked) get exactly zero
+    # gradient from the kernel, so their clamped indices can point at row 0
+    dq = torch.zeros(BH, N, D, dtype=acc)
+    dk = torch.zeros(BH, N, D, dtype=acc)
+    dv = torch.zeros(BH, N, Dv, dtype=acc)
     Lb = Lse.masked_fill(torch.isneginf(Lse), float("inf"))
     if q.dtype != torch.float64:
         Lb = Lb.float()
@@ -484,8 +486,7 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H):
             if ch.q0 is not None:
                 _windows(dq, ch.q0, ch.bq, ch.Tc, ch.bq).add_(gq)
             else:
-                qi = torch.where(ch.qvalid, ch.qidx, N)
-                dq.index_add_(1, qi, gq.reshape(BH, -1, D).to(acc))
+                dq.index_add_(1, ch.qidx, gq.reshape(BH, -1, D).to(acc))
             if ch.k0 is not None:
                 st = ch.kstep
                 for s0 in range(0, ch.K, st):  # key windows overlap: add them in strips
@@ -495,11 +496,10 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H):
                 continue
             if ch.kshared:
                 gk, gv = gk.sum(1, keepdim=True), gv.sum(1, keepdim=True)
-            ki = torch.where(ch.kvalid, ch.kidx, N)  # [Hk, K']; ghosts -> slot N
-            flat = (heads * (N + 1) + ki).reshape(-1)  # [H * K']
-            dk.view(B, H * (N + 1), D).index_add_(1, flat, gk.reshape(B, -1, D).to(acc))
-            dv.view(B, H * (N + 1), Dv).index_add_(1, flat, gv.reshape(B, -1, Dv).to(acc))
-    return dq[:, :N], dk[:, :N], dv[:, :N]
+            flat = (heads * N + ch.kidx).reshape(-1)  # [H * K']
+            dk.view(B, H * N, D).index_add_(1, flat, gk.reshape(B, -1, D).to(acc))
+            dv.view(B, H * N, Dv).index_add_(1, flat, gv.reshape(B, -1, Dv).to(acc))
+    return dq, dk, dv
 
 
 class _BlockSparseAttention(torch.autograd.Function):
