@@ -23,21 +23,13 @@ only. The look-back chunk always covers that window.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
 _SLICE_ELEMS = 1 << 22  # score entries per slice: caps the transient score/prob tensors
-
-
-def _scores(q, k, mask, count, bias, scale):
-    """Masked scores of one slice: q [g, c, D] k [g, w, D] -> [g, c, w]."""
-    s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
-    if bias is not None:
-        s += bias
-    if count is not None:
-        s -= torch.log(count.to(s.dtype))
-    return s.masked_fill_(~mask, float("-inf"))
 
 
 _EXP_FLOOR = -80.0
@@ -52,54 +44,64 @@ def _exp_(x: Tensor) -> Tensor:
     return torch.nn.functional.threshold_(x, _EXP_FLOOR, float("-inf")).exp_()
 
 
-def _keys(x: Tensor, g0: int, g1: int, look_back: bool) -> Tensor:
-    """Keys of groups g0:g1: x[g0:g1], or [x[g-1] | x[g]] with look-back (x[-1] for g=0)."""
-    if not look_back:
-        return x[g0:g1]
-    prev = x[g0 - 1 : g1 - 1] if g0 > 0 else torch.cat([x[-1:], x[: g1 - 1]])
-    return torch.cat([prev, x[g0:g1]], dim=1)
+def _padded_front(x: Tensor) -> Tensor:
+    """[G, c, D] -> flat [(G + 1) * c, D] with one zero chunk in front."""
+    G, c, D = x.shape
+    out = x.new_zeros((G + 1) * c, D)
+    out[c:] = x.reshape(G * c, D)
+    return out
+
+
+def _look_back_view(flat: Tensor, g0: int, g1: int, c: int) -> Tensor:
+    """Keys of groups g0:g1 with look-back, as a zero-copy view [g1 - g0, 2c, D].
+
+    ``flat`` is :func:`_padded_front`'s layout: group g's own chunk starts at row
+    (g + 1) c, so its previous chunk and itself are the 2c contiguous rows from g c.
+    """
+    D = flat.shape[-1]
+    return flat.as_strided((g1 - g0, 2 * c, D), (c * D, D, 1), flat.storage_offset() + g0 * c * D)
 
 
 class _ChunkAttn(torch.autograd.Function):
-    """softmax(q k^T * scale + bias - log count, masked) v per group, returning (out, lse).
+    """softmax(q k^T * scale + bias) v per group, returning (out, lse).
 
-    q [G, c, D]; k, v [G, c, .] with look-back (keys of group g are groups g-1 and g,
-    so w = 2c) or [G, w, .] without; mask bool [G, c, w]; count int8 [G, c, w] or
-    None; bias float [G, c|1, w] or None (differentiable). Rows with no visible key
-    give out = 0 and lse = -inf. Runs in slices of the group axis, and the backward
-    recomputes the scores: memory is q, k, v, mask (+ count), out and lse.
+    q [G, c, D]; k, v [G, c, .] with look-back (the keys of group g are groups g-1
+    and g, w = 2c; group 0's first c keys are zeros and must be masked) or [G, w, .]
+    without; bias float [G, c, w] (0 / -inf masks, any finite value adds;
+    differentiable). Rows with no visible key give out = 0 and lse = -inf. Runs in
+    slices of the group axis; the backward recomputes the scores, so the memory kept
+    is q, k, v, bias, out and lse.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, count, bias, scale, look_back):
+    def forward(ctx, q, k, v, bias, scale, look_back):
         G, c, _ = q.shape
-        w = mask.shape[-1]
+        w = bias.shape[-1]
         step = max(1, _SLICE_ELEMS // (c * w))
+        if look_back:
+            k, v = _padded_front(k), _padded_front(v)
         out = q.new_empty(G, c, v.shape[-1])
         lse = q.new_empty(G, c)
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
-            b = None if bias is None else bias.expand(G, c, w)[g0:g1]
-            cnt = None if count is None else count[g0:g1]
-            s = _scores(q[g0:g1], _keys(k, g0, g1, look_back), mask[g0:g1], cnt, b, scale)
+            kk, vv = _kv(k, v, g0, g1, c, look_back)
+            s = torch.baddbmm(bias[g0:g1], q[g0:g1], kk.transpose(1, 2), alpha=scale)
             m = s.amax(-1, keepdim=True)
             m.masked_fill_(torch.isinf(m), 0.0)
             p = _exp_(s.sub_(m))
             z = p.sum(-1, keepdim=True)
-            torch.bmm(p, _keys(v, g0, g1, look_back), out=out[g0:g1])
+            torch.bmm(p, vv, out=out[g0:g1])
             out[g0:g1].div_(z.clamp_min(torch.finfo(z.dtype).tiny))
             lse[g0:g1] = (m + torch.log(z)).squeeze(-1)
-        ctx.save_for_backward(q, k, v, mask, count, bias, out, lse)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.scale, ctx.look_back, ctx.step = scale, look_back, step
-        ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
         return out, lse
 
     @staticmethod
     def backward(ctx, g_out, g_lse):
-        q, k, v, mask, count, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors
         scale, look_back, step = ctx.scale, ctx.look_back, ctx.step
         G, c, _ = q.shape
-        w = mask.shape[-1]
         if g_out is None:
             g_out = torch.zeros_like(out)
         delta = (g_out * out).sum(-1)
@@ -107,48 +109,52 @@ class _ChunkAttn(torch.autograd.Function):
             delta = delta - g_lse
         lse_b = lse.masked_fill(torch.isneginf(lse), float("inf"))
         dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
+        dk = torch.zeros_like(k)  # padded-front layout with look-back
         dv = torch.zeros_like(v)
-        dbias = torch.zeros_like(bias) if ctx.bias_grad else None
+        dbias = torch.empty_like(bias) if ctx.needs_input_grad[3] else None
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
-            kk, vv = _keys(k, g0, g1, look_back), _keys(v, g0, g1, look_back)
-            b = None if bias is None else bias.expand(G, c, w)[g0:g1]
-            cnt = None if count is None else count[g0:g1]
-            p = _scores(q[g0:g1], kk, mask[g0:g1], cnt, b, scale)
+            kk, vv = _kv(k, v, g0, g1, c, look_back)
+            p = torch.baddbmm(bias[g0:g1], q[g0:g1], kk.transpose(1, 2), alpha=scale)
             p = _exp_(p.sub_(lse_b[g0:g1, :, None]))
             go = g_out[g0:g1]
             dvs = torch.bmm(p.transpose(1, 2), go)
             ds = torch.bmm(go, vv.transpose(1, 2)).sub_(delta[g0:g1, :, None]).mul_(p)
-            if dbias is not None:  # d score = d bias (summed where the bias is broadcast)
-                dbias[g0:g1] += ds.sum(1, keepdim=True) if dbias.shape[1] == 1 else ds
+            if dbias is not None:
+                dbias[g0:g1] = ds
             torch.bmm(ds, kk, out=dq[g0:g1])
             dks = torch.bmm(ds.transpose(1, 2), q[g0:g1])
-            if look_back:
-                # keys [c:] are group g's own, keys [:c] belong to group g-1
-                dk[g0:g1] += dks[:, c:]
-                dv[g0:g1] += dvs[:, c:]
-                lo = max(g0, 1)
-                dk[lo - 1 : g1 - 1] += dks[lo - g0 :, :c]
-                dv[lo - 1 : g1 - 1] += dvs[lo - g0 :, :c]
-                # (group 0's look-back keys are always masked: their gradient is 0)
+            if look_back:  # overlapping windows: add the halves into the flat layout
+                dkw = _look_back_view(dk, g0, g1, c)
+                dvw = _look_back_view(dv, g0, g1, c)
+                dkw[:, :c] += dks[:, :c]
+                dvw[:, :c] += dvs[:, :c]
+                dkw[:, c:] += dks[:, c:]
+                dvw[:, c:] += dvs[:, c:]
             else:
-                dk[g0:g1] += dks
-                dv[g0:g1] += dvs
+                dk[g0:g1] = dks
+                dv[g0:g1] = dvs
         dq.mul_(scale)
         dk.mul_(scale)
-        return dq, dk, dv, None, None, dbias, None, None
+        if look_back:
+            dk = dk[c:].reshape(G, c, -1)
+            dv = dv[c:].reshape(G, c, -1)
+        return dq, dk, dv, dbias, None, None
+
+
+def _kv(k: Tensor, v: Tensor, g0: int, g1: int, c: int, look_back: bool) -> tuple[Tensor, Tensor]:
+    if look_back:
+        return _look_back_view(k, g0, g1, c), _look_back_view(v, g0, g1, c)
+    return k[g0:g1], v[g0:g1]
 
 
 def chunk_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor,
+    bias: Tensor,
     scale: float,
     *,
-    bias: Tensor | None = None,
-    count: Tensor | None = None,
     look_back: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query chunk over its own keys.
@@ -158,11 +164,9 @@ def chunk_attention(
             ``look_back`` k, v: [..., c, .] and the keys of chunk g are chunks g-1
             and g along the flattened leading dims (w = 2c); the first chunk's
             look-back keys must be masked by the caller.
-        mask: bool [..., c, w], True = visible.
+        bias: additive scores [..., c, w] in q's dtype: 0 / -inf for visibility,
+            any finite value to reweight; differentiable.
         scale: score scale.
-        bias: float additive scores [..., c or 1, w] (leading dims broadcastable),
-            or None; differentiable.
-        count: int8 [..., c, w] or None: scores are lowered by log(count).
 
     Returns:
         out [..., c, Dv] (zeros for rows with no visible key) and lse [..., c]
@@ -171,19 +175,108 @@ def chunk_attention(
     """
     lead = q.shape[:-2]
     c, D = q.shape[-2:]
-    w = mask.shape[-1]
+    w = bias.shape[-1]
     Dv = v.shape[-1]
     kv_len = c if look_back else w
-    if bias is not None:
-        bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
-        if bias.shape[1] not in (1, c):
-            raise ValueError(f"bias must be [..., {c} or 1, {w}], got {tuple(bias.shape)}")
+    if look_back and w != 2 * c:
+        raise ValueError(f"with look_back the bias must have 2c = {2 * c} keys, got {w}")
     out, lse = _ChunkAttn.apply(
         q.reshape(-1, c, D), k.reshape(-1, kv_len, D), v.reshape(-1, kv_len, Dv),
-        mask.reshape(-1, c, w), None if count is None else count.reshape(-1, c, w),
-        bias, scale, look_back,
+        bias.expand(*lead, c, w).reshape(-1, c, w), scale, look_back,
     )
     return out.reshape(*lead, c, Dv), lse.reshape(*lead, c)
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _flash_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+class _SortedRounds(torch.autograd.Function):
+    """R rounds of chunk attention in sorted orders, merged by log-sum-exp.
+
+    Inputs in sorted-chunk layout: q, k [B, H, R, C, c, D], v [.., Dv]; bias
+    [B, H, R, C, c, w] (0 / -inf / -log count; w = 2c with look-back, else c);
+    unsort: int64 [B * H * R * Np] rows of the sorted layout in token order.
+    Returns the merged output [B, H, Np, Dv] and log-sum-exp [B, H, Np] (-inf where
+    no round sees a key; not differentiable) in token order.
+
+    One call of PyTorch's fused CPU flash kernel does every chunk of every round.
+    The backward calls its backward with the *merged* output and log-sum-exp of
+    each query: that is the exact gradient of one softmax over the union of the
+    rounds' keys, so no gradient through the per-round lse is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, unsort, scale, look_back):
+        B, H, R, C, c, D = q.shape
+        Dv = v.shape[-1]
+        Np = C * c
+        G = B * H * R * C
+        qf, kf, vf = _flash_inputs(q, k, v, look_back)
+        bf = bias.reshape(G, 1, c, -1)
+        o, l = _flash(qf, kf, vf, 0.0, False, attn_mask=bf, scale=scale)
+        ctx.lse_dtype = l.dtype
+        l = l.to(q.dtype).masked_fill_(torch.isneginf(bf.amax(-1)), float("-inf"))  # no key
+        outs = o.reshape(-1, Dv).index_select(0, unsort).reshape(B, H, R, Np, Dv)
+        lses = l.reshape(-1).index_select(0, unsort).reshape(B, H, R, Np)
+        out, lse = merge_by_lse(outs, lses, dim=2)
+        ctx.save_for_backward(q, k, v, bias, unsort, out, lse)
+        ctx.scale, ctx.look_back = scale, look_back
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, _g_lse):
+        q, k, v, bias, unsort, out, lse = ctx.saved_tensors
+        B, H, R, C, c, D = q.shape
+        Dv = v.shape[-1]
+        Np = C * c
+        G = B * H * R * C
+        # token-order rows -> sorted layout: the inverse of unsort
+        sort = torch.empty_like(unsort)
+        sort[unsort] = torch.arange(unsort.numel(), device=unsort.device)
+        # row of the sorted layout -> row of [B, H, Np] (drop the round)
+        tok = torch.div(sort, R * Np, rounding_mode="floor") * Np + sort % Np
+        g_out = g_out.contiguous()
+        gs = g_out.reshape(-1, Dv).index_select(0, tok).reshape(G, 1, c, Dv)
+        os_ = out.reshape(-1, Dv).index_select(0, tok).reshape(G, 1, c, Dv)
+        lse_f = lse.masked_fill(torch.isneginf(lse), 0.0)  # those rows see no key anyway
+        ls = lse_f.reshape(-1).index_select(0, tok).reshape(G, 1, c).to(ctx.lse_dtype)
+        del sort, tok, lse_f
+        qf, kf, vf = _flash_inputs(q, k, v, ctx.look_back)
+        dq, dk, dv = _flash_bwd(gs, qf, kf, vf, os_, ls, 0.0, False,
+                                attn_mask=bias.reshape(G, 1, c, -1), scale=ctx.scale)
+        del gs, os_, ls, qf, kf, vf
+        if ctx.look_back:
+            # own keys, plus the look-back keys that belong to the previous chunk
+            dk, dv = _fold_look_back(dk.reshape(G, 2 * c, D)), _fold_look_back(dv.reshape(G, 2 * c, Dv))
+        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
+                None, None, None, None)
+
+
+def _fold_look_back(d: Tensor) -> Tensor:
+    """Gradient of look-back keys [G, 2c, D] -> of the chunks themselves [G, c, D]."""
+    c = d.shape[1] // 2
+    own = d[:, c:]
+    own[:-1] += d[1:, :c]
+    return own.contiguous()
+
+
+def _flash_inputs(q, k, v, look_back):
+    """Flash inputs: q [G, 1, c, D], k/v [G, 1, w, .] (look-back as a zero-copy view)."""
+    c, D = q.shape[-2:]
+    G = q.numel() // (c * D)
+    qf = q.reshape(G, 1, c, D)
+    kf = k.reshape(G, c, D)
+    vf = v.reshape(G, c, -1)
+    if look_back:
+        kf = _look_back_view(_padded_front(kf), 0, G, c)
+        vf = _look_back_view(_padded_front(vf), 0, G, c)
+    return qf, kf.unsqueeze(1), vf.unsqueeze(1)
 
 
 def merge_by_lse(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -201,14 +294,6 @@ def merge_by_lse(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     out = (outs * w.unsqueeze(-1)).sum(dim)
     lse = (m + torch.log(z)).squeeze(dim)
     return out, lse
-
-
-def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """x [B, H, N, D], idx [B, H, R, M] token ids -> [B, H, R, M, D]."""
-    B, H, N, D = x.shape
-    R, M = idx.shape[-2:]
-    flat = idx.reshape(B, H, R * M, 1).expand(B, H, R * M, D)
-    return torch.gather(x, 2, flat).reshape(B, H, R, M, D)
 
 
 def _with_look_back(x: Tensor, dim: int) -> Tensor:
@@ -252,8 +337,10 @@ def sorted_chunk_attention(
             exactly the softmax over the union of the rounds' key sets.
 
     Returns:
-        out [B, H, R, N, Dv] and lse [B, H, R, N] in token order; lse is -inf for
-        a query that sees no key in that round (its out is 0).
+        out [B, H, N, Dv], the rounds merged by their log-sum-exp, and the merged
+        lse [B, H, N] (not differentiable) in token order; lse is -inf for a query
+        that sees no key in any round (its out is 0). float32/float64 on CPU run
+        on PyTorch's fused flash kernel; other cases on :func:`chunk_attention`.
     """
     B, H, N, D = q.shape
     Dv = v.shape[-1]
@@ -279,9 +366,15 @@ def sorted_chunk_attention(
         slot = torch.empty_like(perm)
         slot.scatter_(-1, perm, pos.expand_as(perm))  # slot of token
 
-    qs = _gather_tokens(q, perm).reshape(B, H, R, C, chunk, D)
-    ks = _gather_tokens(k, perm).reshape(B, H, R, C, chunk, D)
-    vs = _gather_tokens(v, perm).reshape(B, H, R, C, chunk, Dv)
+        # rows of the flat [B * H * Np] token layout, in sorted order, and back
+        base = (torch.arange(B * H, device=dev) * Np).reshape(B, H, 1, 1)
+        rows = (perm + base).reshape(-1)
+        base_r = (torch.arange(B * H * R, device=dev) * Np).reshape(B, H, R, 1)
+        unsort = (slot + base_r).reshape(-1)
+
+    qs = q.reshape(-1, D).index_select(0, rows).reshape(B, H, R, C, chunk, D)
+    ks = k.reshape(-1, D).index_select(0, rows).reshape(B, H, R, C, chunk, D)
+    vs = v.reshape(-1, Dv).index_select(0, rows).reshape(B, H, R, C, chunk, Dv)
 
     use_lb = look_back or causal
     with torch.no_grad():
@@ -289,13 +382,24 @@ def sorted_chunk_attention(
             perm, slot, group, valid, chunk=chunk, causal=causal, look_back=use_lb,
             exclude_self=exclude_self, dedup=dedup and R > 1,
         )
-    out, lse = chunk_attention(qs, ks, vs, mask, scale, count=count, look_back=use_lb)
+        zero = torch.zeros((), dtype=q.dtype, device=dev)
+        bias = torch.where(mask, zero, torch.full((), float("-inf"), dtype=q.dtype, device=dev))
+        del mask
+        if count is not None:  # a pair visible in n rounds gets -log n in each
+            for n in range(2, R + 1):
+                bias.masked_fill_(count == n, -math.log(n))
+            del count
+    if _flash_ok(q):
+        out, lse = _SortedRounds.apply(qs, ks, vs, bias, unsort, scale, use_lb)
+        return out[:, :, :N], lse[:, :, :N]
+    out, lse = chunk_attention(qs, ks, vs, bias, scale, look_back=use_lb)
     out = out.reshape(B, H, R, Np, Dv)
     lse = lse.reshape(B, H, R, Np)
-    # back to token order
-    out = torch.gather(out, 3, slot[..., None].expand(B, H, R, Np, Dv))[:, :, :, :N]
-    lse = torch.gather(lse, 3, slot)[:, :, :, :N]
-    return out, lse
+    # back to token order, then merge the rounds
+    out = out.reshape(-1, Dv).index_select(0, unsort).reshape(B, H, R, Np, Dv)
+    lse = lse.reshape(-1).index_select(0, unsort).reshape(B, H, R, Np)
+    out, lse = merge_by_lse(out, lse, dim=2)
+    return out[:, :, :N], lse[:, :, :N]
 
 
 def _sorted_mask(
@@ -320,8 +424,8 @@ def _sorted_mask(
     if look_back:
         kvalid[:, :, :, 0, :chunk] = False  # chunk 0 has no previous chunk
     mask = kvalid[..., None, :] & at(valid_t, tq)[..., :, None]
-    if exclude_self:
-        mask &= tq[..., :, None] != tk[..., None, :]
+    if exclude_self:  # each token is once in its round's order: self is the own-chunk diagonal
+        mask[..., :, tk.shape[-1] - chunk :].diagonal(dim1=-2, dim2=-1).fill_(False)
     if causal:
         mask &= tk[..., None, :] <= tq[..., :, None]
         mask &= at(group, tq)[..., :, None] == at(group, tk)[..., None, :]
@@ -329,12 +433,13 @@ def _sorted_mask(
         mask &= sk[..., None, :] >= (sq - chunk)[..., :, None]
     if not dedup:
         return mask, None
-    count = torch.zeros(mask.shape, dtype=torch.int8, device=mask.device)
-    for r2 in range(R):
-        sl2 = slot[:, :, r2 : r2 + 1].expand(B, H, R, Np)
+    # rounds visible in = 1 (its own round) + hits in the other rounds
+    count = torch.ones(mask.shape, dtype=torch.int8, device=mask.device)
+    for shift in range(1, R):
+        sl2 = torch.roll(slot, shift, dims=2)  # query round r vs round r - shift
         aq, ak = at(sl2, tq), at(sl2, tk)
         if causal:
-            g2 = group[:, :, r2 : r2 + 1].expand(B, H, R, Np)
+            g2 = torch.roll(group, shift, dims=2)
             hit = at(g2, tq)[..., :, None] == at(g2, tk)[..., None, :]
             hit &= ak[..., None, :] <= aq[..., :, None]
             hit &= ak[..., None, :] >= (aq - chunk)[..., :, None]
@@ -345,7 +450,7 @@ def _sorted_mask(
             if look_back:
                 hit |= ck == cq - 1
         count += hit
-    count.masked_fill_(~mask, 1)
+    count.masked_fill_(~mask, 0)
     return mask, count
 
 

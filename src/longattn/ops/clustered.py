@@ -197,4 +197,4 @@ def clustered_attention(
         qw, kw, vw, clusters[:, :, None], chunk=chunk_size, scale=s,
         key_valid=key_padding_mask, causal=causal, look_back=look_back, exclude_self=False,
     )
-    return out[:, :, 0].to(q.dtype)
+    return out.to(q.dtype)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._chunked import ceil_div, merge_by_lse, sorted_chunk_attention, unit, work_dtype
+from longattn.ops._chunked import ceil_div, sorted_chunk_attention, unit, work_dtype
 from longattn.registry import Param, register
 
 
@@ -203,7 +203,6 @@ def lsh_attention(
         qw, kw, vw, buckets, chunk=bucket_size, scale=s, key_valid=key_padding_mask,
         causal=causal, look_back=True, exclude_self=True, dedup=dedup,
     )
-    out, lse = merge_by_lse(out, lse, dim=2)
     # a token with nothing else visible in any round attends to itself (if it is a real key)
     alone = torch.isneginf(lse).unsqueeze(-1)
     own = vw if key_padding_mask is None else vw * key_padding_mask[:, None, :, None]
