@@ -386,21 +386,15 @@ def _in_table(tab: Tensor, block: int, i: Tensor, j: Tensor, h: Tensor) -> Tenso
     return (drawn == (j // block)[..., None]).any(-1)
 
 
-class SparseTransformerStrided(Pattern):
-    """Child et al. 2019, strided: head kind A ``0 <= i - j < l``; kind B
-    ``(i - j) % l == 0``; both causal. ``mode="heads"``: the first half of the heads
-    are kind A, the rest kind B; ``mode="union"``: A or B in every head."""
+class _TwoKindHeads(Pattern):
+    """Sparse Transformer patterns: two causal kinds A and B, either in separate head
+    halves (``mode="heads"``, the paper's interleaved form) or united in every head."""
 
-    def __init__(self, l: int = 64, mode: str = "heads") -> None:  # noqa: E741
-        self.l = _check_int("l", l, 1)
+    def _combine(self, a: Pattern, b: Pattern, mode: str) -> None:
         if mode not in ("heads", "union"):
             raise ValueError(f"mode must be 'heads' or 'union', got {mode!r}")
         self.mode = mode
-        self._a = Local(self.l - 1, 0)
-        self._b = Intersection([Strided(self.l), Causal()])
-        self._inner: Pattern = (
-            PerHead([self._a, self._b]) if mode == "heads" else Union([self._a, self._b])
-        )
+        self._inner: Pattern = PerHead([a, b]) if mode == "heads" else Union([a, b])
         self.head_dependent = mode == "heads"
 
     def children(self):
@@ -416,7 +410,17 @@ class SparseTransformerStrided(Pattern):
         return self._inner.heads_split(heads)
 
 
-class SparseTransformerFixed(Pattern):
+class SparseTransformerStrided(_TwoKindHeads):
+    """Child et al. 2019, strided: head kind A ``0 <= i - j < l``; kind B
+    ``(i - j) % l == 0``; both causal. ``mode="heads"``: the first half of the heads
+    are kind A, the rest kind B; ``mode="union"``: A or B in every head."""
+
+    def __init__(self, l: int = 64, mode: str = "heads") -> None:  # noqa: E741
+        self.l = _check_int("l", l, 1)
+        self._combine(Local(self.l - 1, 0), Intersection([Strided(self.l), Causal()]), mode)
+
+
+class SparseTransformerFixed(_TwoKindHeads):
     """Child et al. 2019, fixed: kind A ``j // l == i // l``; kind B
     ``j % l >= l - c`` (the last c positions of every block are summaries); causal.
     ``mode`` as in :class:`SparseTransformerStrided`."""
@@ -426,27 +430,7 @@ class SparseTransformerFixed(Pattern):
         self.c = _check_int("c", c, 1)
         if self.c > self.l:
             raise ValueError(f"c must be <= l, got c={c}, l={l}")
-        if mode not in ("heads", "union"):
-            raise ValueError(f"mode must be 'heads' or 'union', got {mode!r}")
-        self.mode = mode
-        self._a = Intersection([BlockDiagonal(self.l), Causal()])
-        self._b = _SummaryColumns(self.l, self.c)
-        self._inner: Pattern = (
-            PerHead([self._a, self._b]) if mode == "heads" else Union([self._a, self._b])
-        )
-        self.head_dependent = mode == "heads"
-
-    def children(self):
-        return [self._inner]
-
-    def visible(self, i, j, h):
-        return self._inner.visible(i, j, h) & (j <= i)
-
-    def components(self, n, heads):
-        return self._inner.components(n, heads)
-
-    def heads_split(self, heads):
-        return self._inner.heads_split(heads)
+        self._combine(Intersection([BlockDiagonal(self.l), Causal()]), _SummaryColumns(self.l, self.c), mode)
 
 
 class _SummaryColumns(Pattern):
