@@ -153,6 +153,8 @@ def demo(out: str | Path = "report", *, tiny: bool = False, budget_s: float = 60
     cfg.deadline_s = max(10.0, budget_s - reserve)
     bench_doc = harness.sweep(cfg, progress=progress, log=_log)
     bench_paths = write_bench(bench_doc, out)
+    print("\nAgainst dense SDPA (time, peak memory above inputs, speed-up):\n")
+    print(report.headline_table(bench_doc), flush=True)
     err_doc = measure(ecfg, progress=progress, log=_log)
     err_paths = write_error(err_doc, out)
     gallery_note, gallery = _gallery(out / "patterns", budget_left=budget_s - (time.perf_counter() - t0), tiny=tiny)
