@@ -9,8 +9,14 @@ Two pieces:
   scores, so only q, k, v, the bias, out and lse are kept). Cost O(G c w D).
 - :func:`sorted_chunk_attention`: tokens are ordered by (group, position) -
   group = LSH bucket or k-means cluster, one order per round - cut into equal
-  chunks, and each chunk attends to itself and (optionally) the chunk before it.
-  Cost O(R N c D) time, O(R N c) memory: never an N x N tensor.
+  chunks, and each chunk attends to itself and (optionally) the chunk before it;
+  the rounds are merged by their log-sum-exp. Cost O(R N c D) time, O(R N c)
+  memory: never an N x N tensor. On CPU (float32/float64) every chunk of every
+  round goes through one call of PyTorch's fused flash kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu``, look-back keys as a
+  zero-copy strided view); its backward, given the merged output and lse, is the
+  exact gradient of the merged softmax. Elsewhere :func:`chunk_attention` runs it
+  (a test holds the two engines equal).
 
 Causal mode of :func:`sorted_chunk_attention` is *strictly* causal. With plain
 equal chunks the keys a query sees would depend on how many *future* tokens fell
@@ -32,16 +38,19 @@ from torch import Tensor
 _SLICE_ELEMS = 1 << 22  # score entries per slice: caps the transient score/prob tensors
 
 
-_EXP_FLOOR = -80.0
+def exp_floor(dtype: torch.dtype) -> float:
+    """Log-weights below this are flushed to 0: -30 for float32 (e^-30 ~ 1e-13, far
+    below its resolution next to the row's largest weight, 1), -80 for float64."""
+    return -80.0 if dtype == torch.float64 else -30.0
 
 
 def _exp_(x: Tensor) -> Tensor:
-    """In-place exp that flushes weights below e^-80 to 0.
+    """In-place exp that flushes weights below e^exp_floor to 0.
 
-    Such weights are below float32 resolution next to the row's largest (which is 1),
-    and left alone they become denormal numbers that slow the CPU matmuls ~20x.
+    Left alone, such weights and the gradients they scale become denormal numbers,
+    which slow the CPU matmuls ~20x.
     """
-    return torch.nn.functional.threshold_(x, _EXP_FLOOR, float("-inf")).exp_()
+    return torch.nn.functional.threshold_(x, exp_floor(x.dtype), float("-inf")).exp_()
 
 
 def _padded_front(x: Tensor) -> Tensor:

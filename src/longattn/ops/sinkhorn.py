@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._chunked import ceil_div, chunk_attention, work_dtype
+from longattn.ops._chunked import ceil_div, chunk_attention, exp_floor, work_dtype
 from longattn.registry import Param, register
 
 
@@ -111,8 +111,8 @@ def sinkhorn_permutation(
         past = torch.ones(nb, nb, dtype=torch.bool, device=x.device).tril(-1)
         x = x.masked_fill(~past, float("-inf"))
     log_p = sinkhorn(x, iters, rows_only=causal)
-    # entries below e^-80 are flushed to 0 (denormals would slow the block mixing ~20x)
-    return torch.exp(torch.nn.functional.threshold(log_p, -80.0, float("-inf")))
+    # tiny entries are flushed to 0 (denormals would slow the block mixing ~20x)
+    return torch.exp(torch.nn.functional.threshold(log_p, exp_floor(log_p.dtype), float("-inf")))
 
 
 def _check_sort_net(sort_net: object, H: int, D: int) -> tuple[Tensor, Tensor]:
@@ -279,12 +279,11 @@ def sinkhorn_attention(
     own = validb[:, None, :, None, :].expand(B, 1, nb, b, b)
     if causal:
         own = own & torch.ones(b, b, dtype=torch.bool, device=dev).tril()
-    srt = (mass > 0)[:, :, :, None, :]
-    mask = torch.cat([own.expand(B, H, nb, b, b), srt.expand(B, H, nb, b, b)], dim=-1)
-    log_mass = torch.where(mass > 0, torch.log(mass.clamp_min(torch.finfo(work).tiny)),
-                           torch.full_like(mass, float("-inf")))
-    bias = torch.cat([torch.zeros_like(log_mass), log_mass], dim=-1)[:, :, :, None, :]
+    ninf = torch.full((), float("-inf"), dtype=work, device=dev)
+    own_bias = torch.where(own, torch.zeros((), dtype=work, device=dev), ninf)
+    log_mass = torch.where(mass > 0, torch.log(mass.clamp_min(torch.finfo(work).tiny)), ninf)
+    bias = torch.cat([own_bias.expand(B, H, nb, b, b), log_mass[:, :, :, None, :].expand(B, H, nb, b, b)], -1)
     keys = torch.cat([kb, sk], dim=3)
     vals = torch.cat([vb, sv], dim=3)
-    out, _ = chunk_attention(qb, keys, vals, mask, s, bias=bias)
+    out, _ = chunk_attention(qb, keys, vals, bias, s)
     return out.reshape(B, H, Np, Dv)[:, :, :N].to(q.dtype)
