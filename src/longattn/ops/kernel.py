@@ -540,6 +540,7 @@ def _causal_chunked(
         Param("chunk_size", 64, "chunk length of the causal prefix sums"),
     ),
     family="kernel",
+    extra={"all_keys": True},  # every query weighs every key: prepended global tokens are global
     exact=False,
     causal=True,
     cross=True,
@@ -797,6 +798,7 @@ register(
         Param("redraw_interval", None, "module form: redraw the features every n training forwards"),
     ),
     family="kernel",
+    extra={"all_keys": True},  # every query weighs every key: prepended global tokens are global
     exact=False,
     causal=True,
     learned=True,

@@ -212,6 +212,7 @@ register(
         Param("seed", 0, "seed of the fixed random projections (functional form)"),
     ),
     family="lowrank",
+    extra={"all_keys": True},  # every query weighs every (projected) key
     exact=False,
     causal=False,
     learned=True,
@@ -389,6 +390,7 @@ register(
         Param("conv_v", None, "conv weight for values, like conv_k"),
     ),
     family="lowrank",
+    extra={"all_keys": True},  # every query weighs every (projected) key
     exact=False,
     causal=True,
     learned=True,
@@ -442,6 +444,7 @@ def _segment_means(x: Tensor, real: Tensor, m: int) -> tuple[Tensor, Tensor]:
         Param("pinv_iters", 6, "iterations of the Moore-Penrose pseudo-inverse"),
     ),
     family="lowrank",
+    extra={"all_keys": True},  # every query weighs every (projected) key
     exact=False,
     causal=False,
     cross=True,
