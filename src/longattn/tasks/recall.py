@@ -12,6 +12,14 @@ the query to its earlier key (content) and reading the token after it (position)
 a long-range, content-based lookup that fixed local patterns cannot do when the
 pair is far away. Tokens: 0 pad, 1 filler, keys 2..K+1, values K+2..K+V+1; labels
 are value indices 0..V-1. Bidirectional (``kind="tokens"``).
+
+Learning dynamics (measured, 2-layer dim-64 full attention, CPU): the model first
+learns which values are present (accuracy ~ 1/pairs, e.g. ~20% at 8 pairs) and
+then sits on that plateau until the two-step circuit (copy the value onto its key,
+then match query to key) forms -- the induction-head phase change. An independent
+``torch.nn.TransformerEncoder`` shows the same plateau, so it is not a model bug.
+At the default layout it had not broken after 3000 steps; at 16 keys/values, 4 pairs,
+length 32 it broke at ~2500-3000 steps and reached 46-59% by 4000-5000 steps.
 """
 
 from __future__ import annotations
