@@ -154,7 +154,7 @@ class ClusteredAttention(nn.Module):
         Param("n_clusters", 8, "k-means clusters (centroids per head)"),
         Param("chunk_size", 64, "chunk length of the (cluster, position) order"),
         Param("look_back", True, "non-causal: also attend to the previous chunk"),
-        Param("centroids", None, "centroids [H, n_clusters, D] (default: random from seed)"),
+        Param("centroids", None, "centroids [H, K, D] (default: random from seed; K overrides n_clusters)"),
         Param("seed", 0, "seed of the random centroids when none are given"),
     ),
     family="clustered",
