@@ -326,13 +326,17 @@ def _affine_rows(pos: Tensor) -> tuple[int, int] | None:
     return (p0, step) if torch.equal(pos, want) else None
 
 
-def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: torch.dtype):
+def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: torch.dtype,
+            backward: bool = False):
     """The kernel calls of a tile batch: views or gathers, and the additive mask."""
     T, bq, K = tb.shape
     per_tile = B * H * max(bq * K, K * D, bq * D)
     step = max(1, WORKSPACE // per_tile)
     if tb.view is not None and kpm is None and tb.kind == "shared":
-        # strided views of the sequence; one shared [bq, K] mask, no copies
+        # strided views of the sequence; one shared [bq, K] mask, no copies. Forward
+        # makes nothing bigger than the output: one call. Backward returns key
+        # gradients K/bq times the keys' size, so it stays chunked.
+        step = step if backward else T
         q0, k0, st = tb.view
         mask = _additive(tb.shared, dtype)
         alive = tb.shared.any(-1)
@@ -474,7 +478,7 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H):
         Lb = Lb.float()
     heads = torch.arange(H)[:, None]
     for tb, _ in batches:
-        for ch in _chunks(tb, B, H, D, kpm, q.dtype):
+        for ch in _chunks(tb, B, H, D, kpm, q.dtype, backward=True):
             g = _gq(dO, ch)
             if ch.q0 is None and not bool(ch.qvalid.all()):
                 g = g * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(g.dtype)
