@@ -122,6 +122,102 @@ def gallery_markdown(paths: list[Path], relative_to: Path) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def attention_maps(model: torch.nn.Module, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The attention matrix of every layer of ``model`` on one input ``x`` [1, N].
+
+    Every mechanism here is linear in the values, so a head group called with
+    v = identity [N, N] returns its effective attention matrix exactly, whatever it
+    computes inside (a pattern, LSH buckets, Performer features...). Returns one
+    [heads, Nq, Nk] tensor per attention layer, in call order.
+    """
+    from longattn.layers.attention import HeadGroup
+
+    maps: list[list[torch.Tensor]] = []
+    current: dict[int, int] = {}
+
+    def hook(mod: HeadGroup, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        q, k, v = args[:3]
+        nk, d = k.shape[2], v.shape[-1]
+        cols = []
+        for c0 in range(0, nk, d):  # value width stays d (fast kernels need Dv == D)
+            basis = torch.zeros(nk, d, dtype=v.dtype)
+            w = min(d, nk - c0)
+            basis[c0 : c0 + w, :w] = torch.eye(w, dtype=v.dtype)
+            cols.append(mod.forward(q, k, basis.expand(k.shape[0], k.shape[1], -1, -1), **kwargs)[0, :, :, :w])
+        a = torch.cat(cols, dim=-1)  # [heads, Nq, Nk]
+        layer = current.setdefault(id(mod.__dict__.get("_layer_owner", mod)), len(current))
+        while len(maps) <= layer:
+            maps.append([])
+        maps[layer].append(a)
+
+    groups = [m for m in model.modules() if isinstance(m, HeadGroup)]
+    owners = [m for m in model.modules() if any(isinstance(c, HeadGroup) for c in m.children())]
+    for o in owners:
+        for c in o.children():
+            if isinstance(c, HeadGroup):
+                c.__dict__["_layer_owner"] = o
+    handles = [g.register_forward_hook(hook, with_kwargs=True) for g in groups]
+    was = model.training
+    model.eval()
+    try:
+        model(x, key_padding_mask=key_padding_mask)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+        for g in groups:
+            g.__dict__.pop("_layer_owner", None)
+    return [torch.cat(m, dim=0) for m in maps]
+
+
+def load_trained(checkpoint: str | Path) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, train config, task config) rebuilt from a ``longattn train`` checkpoint."""
+    from longattn import tasks
+    from longattn.train import TrainConfig, build_model, load_checkpoint
+
+    st = load_checkpoint(checkpoint)
+    cfg = TrainConfig(**st["signature"])
+    spec = tasks.get(cfg.task)
+    task_cfg = spec.make_config(**cfg.task_options)
+    model = build_model(cfg, task_cfg, spec.kind)
+    model.load_state_dict(st["model"])
+    return model, cfg, task_cfg
+
+
+def show_checkpoint(checkpoint: str | Path, out: str | Path, example: int = 0) -> Path:
+    """Draw each layer's attention maps (per head) of a trained model on a test example."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from longattn import tasks
+
+    model, cfg, task_cfg = load_trained(checkpoint)
+    data = tasks.load(cfg.task, "test", seed=cfg.data_seed, config=task_cfg)
+    x = torch.as_tensor(data.x[example : example + 1])
+    m = torch.as_tensor(data.mask[example : example + 1])
+    maps = attention_maps(model, x, key_padding_mask=m)
+    n = int(m.sum())
+    rows, cols = len(maps), max(a.shape[0] for a in maps)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for r, a in enumerate(maps):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < a.shape[0]:
+                ax.imshow(a[c, :n, :n].float().numpy(), cmap="magma", interpolation="nearest")
+                ax.set_title(f"layer {r} head {c}", fontsize=8)
+    fig.suptitle(f"{cfg.task}, mechanism {cfg.mechanism}: attention on test example {example}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def _parse_params(items: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for it in items:
@@ -136,6 +232,11 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def _run_show(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        print(show_checkpoint(args.checkpoint, args.out if args.out != "pattern.png" else "attention.png"))
+        return 0
+    if args.pattern is None:
+        raise SystemExit("longattn show: give a PATTERN (or 'all'), or --checkpoint")
     if args.pattern == "all":
         paths = pattern_gallery(args.out if args.out != "pattern.png" else "report/patterns", args.n)
         for p in paths:
@@ -159,10 +260,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Draw a pattern, e.g.: longattn show local --n 64 --out local.png before=4 after=4. "
         "PATTERN 'all' draws the whole gallery. Patterns: " + ", ".join(sorted(P.PATTERNS)),
     )
-    p.add_argument("pattern", help="pattern name, or 'all'")
+    p.add_argument("pattern", nargs="?", help="pattern name, or 'all'")
     p.add_argument("param", nargs="*", help="pattern parameters as KEY=VALUE (e.g. before=4)")
     p.add_argument("--n", type=int, default=64, help="sequence length drawn (default 64)")
     p.add_argument("--heads", type=int, default=4, help="heads drawn for per-head patterns (default 4)")
     p.add_argument("--causal", action="store_true", help="intersect with j <= i")
     p.add_argument("--out", default="pattern.png", help="output PNG (a folder for 'all')")
+    p.add_argument("--checkpoint", help="draw the attention maps of a model trained by `longattn train`")
     p.set_defaults(run=_run_show)
