@@ -21,7 +21,11 @@ def _qkv(B, H, N, D, seed=0, dtype=torch.float64):
     return [torch.randn(B, H, N, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
 
 
-def test_graph_equals_dense_with_edge_mask():
+@pytest.mark.parametrize("edge_chunk", [1 << 24, 200])
+def test_graph_equals_dense_with_edge_mask(edge_chunk, monkeypatch):
+    from longattn.ops import graph
+
+    monkeypatch.setattr(graph, "EDGE_CHUNK", edge_chunk)  # one chunk, or many
     N = 60
     ei = _edges(N, 300)
     mask = torch.zeros(N, N, dtype=torch.bool)

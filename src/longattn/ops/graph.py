@@ -9,10 +9,21 @@ no N x N object for a sparse graph.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from longattn.ops._checks import check_qkv, default_scale
 from longattn.registry import REQUIRED, Param, register
+
+#: elements (B * H * edges * D) gathered at once
+EDGE_CHUNK = 1 << 24
+
+
+def _ckpt(fn, *args):
+    """Run ``fn`` without keeping its intermediates when gradients are needed."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def check_edge_index(edge_index: object, nq: int, nk: int) -> Tensor:
@@ -65,9 +76,18 @@ def graph_attention(
         keep &= src <= dst
     src, dst = src[keep], dst[keep]
     work = torch.promote_types(q.dtype, torch.float32)
-    qe = q.index_select(2, dst).to(work)  # [B, H, E, D]
-    ke = k.index_select(2, src).to(work)
-    score = (qe * ke).sum(-1) * s  # [B, H, E]
+    E = src.numel()
+    # edges are processed in chunks whose gathered rows are recomputed in the
+    # backward (checkpoint), so memory is O(E * H) for the scores, not O(E * H * D)
+    step = max(1, EDGE_CHUNK // max(1, d.B * d.H * max(d.D, d.Dv)))
+    chunks = [(s0, min(s0 + step, E)) for s0 in range(0, E, step)]
+
+    def edge_scores(q, k, s_, d_):
+        return (q.index_select(2, d_).to(work) * k.index_select(2, s_).to(work)).sum(-1) * s
+
+    score = torch.cat(
+        [_ckpt(edge_scores, q, k, src[a:b], dst[a:b]) for a, b in chunks], dim=2
+    ) if E else q.new_zeros(d.B, d.H, 0, dtype=work)
     if key_padding_mask is not None:
         score = score.masked_fill(~key_padding_mask[:, None, :].index_select(2, src), float("-inf"))
     idx = dst.expand(d.B, d.H, -1)
@@ -76,7 +96,13 @@ def graph_attention(
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     w = torch.exp(score - mx.gather(2, idx))  # padded edges -> 0
     den = torch.zeros(d.B, d.H, d.Nq, dtype=work, device=q.device).scatter_add(2, idx, w)
+
+    def weighted_values(w_, v, s_, d_):
+        out = torch.zeros(d.B, d.H, d.Nq, d.Dv, dtype=work, device=v.device)
+        return out.index_add(2, d_, w_[..., None] * v.index_select(2, s_).to(work))
+
     num = torch.zeros(d.B, d.H, d.Nq, d.Dv, dtype=work, device=q.device)
-    num = num.index_add(2, dst, w[..., None] * v.index_select(2, src).to(work))
+    for a, b in chunks:
+        num = num + _ckpt(weighted_values, w[:, :, a:b], v, src[a:b], dst[a:b])
     out = num / den.clamp_min(torch.finfo(work).tiny)[..., None]
     return out.to(q.dtype)
