@@ -209,3 +209,48 @@ pat = bigbird(64, 3, 1)
     small, large = peak(4096), peak(16384)
     # quadratic growth would be 16x; linear is 4x (plus constant overheads)
     assert large < 6 * max(small, 8.0), f"peak {small:.0f} MiB at 4K, {large:.0f} MiB at 16K"
+
+
+# --- paths added with the strided-view engine ------------------------------------------
+
+VIEW_PATTERNS = {
+    # causal groups of 64..512 positions run as prefix tiles (one call per query block)
+    "st_strided_prefix": P.SparseTransformerStrided(8),  # residue groups of 125
+    "st_fixed_prefix": P.SparseTransformerFixed(100, 10),  # chunks of 100 (last one 100)
+    "causal_blocks": P.BlockDiagonal(96) & P.Causal(),
+    # global rows planned first, the window after them skips their queries
+    "longformer_many_globals": P.longformer(40, list(range(0, 1000, 37))),
+    # a band inside residue classes of unequal length (1000 = 7 * 142 + 6)
+    "dilated_uneven": P.Dilated(40, 7),
+    "strided_uneven": P.Strided(7),
+}
+
+
+@pytest.mark.parametrize("name", list(VIEW_PATTERNS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_view_paths_equal_oracle(name, causal):
+    _compare(VIEW_PATTERNS[name], 1000, causal, padded=name.startswith("longformer"))
+
+
+@pytest.mark.parametrize("name", ["local", "dilated", "strided", "bigbird", "st_fixed_heads", "per_head", "longformer"])
+def test_plain_matmul_tile_kernel_equals_oracle(name, monkeypatch):
+    # the path other devices take (no CPU flash kernel), run here on the CPU
+    import longattn.ops.blocksparse as bs
+
+    monkeypatch.setattr(bs, "FORCE_MATH", True)
+    _compare(PATTERNS[name], 300, causal=True, padded=True)
+    _compare(PATTERNS[name], 300, causal=False, padded=False)
+
+
+def test_value_dim_differs_from_key_dim():
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 2, 130, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 2, 130, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    pat = PATTERNS["longformer"]
+    out = pattern_attention(q, k, v, pat, causal=True)
+    ref = dense_attention(q, k, v, pat.mask(130, 2, True)[None], causal=True)
+    assert out.shape == (2, 2, 130, 24)
+    assert (out - ref).abs().max() < 1e-10
+    ga = torch.autograd.grad(out.sum(), (q, k, v))
+    gb = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(ga, gb))

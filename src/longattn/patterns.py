@@ -112,12 +112,15 @@ class Gather:
     other shapes, for other queries. A query appears in at most one block.
     ``pred`` is exactly what the component covers: the engine evaluates it once per
     plan to find the tiles that need no mask, and to count overlapping keys once.
+    ``leading``: its queries see every key (global rows); the engine plans it before
+    the other components, so it needs no mask and theirs skip its queries.
     """
 
     qpos: Tensor
     kpos: Tensor
     pred: Predicate
     more: tuple[tuple[Tensor, Tensor], ...] = ()
+    leading: bool = False
 
     def blocks(self) -> list[tuple[Tensor, Tensor]]:
         return [(self.qpos, self.kpos), *self.more]
@@ -314,7 +317,8 @@ class GlobalTokens(Pattern):
         comps: list[Component] = [
             Gather(qpos, cols.expand(1, qpos.shape[0], -1).clone(), cols_pred),
         ]
-        comps.append(Gather(idx[None, :], torch.arange(n)[None, None, :], rows_pred))
+        # rows in blocks of 32 (bounded masks when keys are padded), every key listed
+        comps.append(Gather(_blocks(idx, 32), torch.arange(n)[None, None, :], rows_pred, leading=True))
         return comps
 
 

@@ -3,24 +3,31 @@
 How it works
 ------------
 A pattern's components are cut into *tile batches*: T tiles, each a block of bq
-queries and a list of K keys (gathered by position). Each tile batch is one call of
-PyTorch's CPU flash-attention kernel, which returns the tile's output and its
-log-sum-exp (lse). Tiles are of three kinds:
+queries and a list of K keys (by position). Each slice of a tile batch is one call of
+PyTorch's CPU flash-attention kernel, which returns the tiles' outputs and their
+log-sum-exp (lse). Tiles are of four kinds:
 
 - ``full``: every listed key is visible (no mask: the fast kernel path);
 - ``causal``: key y visible from query x iff y <= x inside the tile (the kernel's
-  own causal path; a *reversed* tile gives y >= x, the lower edge of a band);
+  own causal path);
+- ``shared``: one bool [bq, K] mask, the same for every tile (band interiors);
 - ``mask``: anything else (edges of the sequence, random blocks, global columns,
-  key padding), with an additive mask built from the pattern's predicate.
+  key padding), with a mask computed from the pattern's predicate once per plan.
 
-A band ``-a <= j - i <= b`` over query block [s, s+bq) is split into three tiles::
+Rows are read without copies wherever the positions allow it. When tile t, row w
+of a batch is position ``start + t * step + w * stride`` (a :class:`View`), the
+kernel reads the sequence itself through a strided view. That covers a sliding
+window (step = bq, stride 1), the same band inside residue classes mod r (dilated:
+stride r), whole groups as tiles (strided: step 1, stride r; block-diagonal: step =
+block), BigBird's block window and global rows. Other key lists (random blocks,
+global columns) are gathered, a bounded slice at a time::
 
-    keys:   [s-a, s-a+bq)      [s-a+bq, s+b)       [s+b, s+b+bq)
-            lower triangle     full middle         upper triangle
-            (reversed causal)  (no mask)           (causal)
+    local(2, 2), bq = 4:      tile 0 (edge)     tile 1 (view)      tile 2 (view)
+    queries 4..7 see keys     keys 0..5         keys 2..9          keys 6..13
+    2..9: K = bq + 4 = 8      (masked)          shared band mask   same mask
 
-so the work is about (a + b + 1) keys per query, with no masking. Dilated and
-strided patterns are bands after regrouping positions by residue mod the stride.
+The band tile bq is 32 rows, the CPU kernel's own query block for short sequences,
+so a window of w keys costs about w + 32 keys per query.
 
 All tiles of all components of one head form one softmax: outputs are merged with
 their lse (out = sum_t exp(lse_t - L) out_t, L = logsumexp_t lse_t), and a key that
@@ -29,20 +36,26 @@ The backward pass calls the kernel's backward per tile with the *merged* output
 and L, which gives the exact gradient of the single softmax.
 
 Cost: time ~ the visible entries (plus <= one tile of slack per query block);
-memory O(N * D) for inputs, outputs and lse, plus a bounded per-chunk workspace.
+memory O(N * D) for inputs, outputs and lse, plus a bounded per-slice workspace
+(``WORKSPACE`` elements, small enough to be reused by the allocator rather than
+mapped afresh).
+
+On devices other than the CPU the same tiles run through :func:`_math_fwd` and
+:func:`_math_bwd` (plain matmuls over one bounded slice at a time): still exact and
+sub-quadratic, just without the fused kernel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from longattn.ops._checks import check_qkv, default_scale
+from longattn.ops._chunked import _exp_
 from longattn.patterns import (
     Band,
-    Local,
     Gather,
     Pattern,
     Predicate,
@@ -52,11 +65,53 @@ from longattn.patterns import (
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-#: elements (B*H*T*bq*K) of mask / gathered keys allowed per kernel call
-WORKSPACE = 1 << 24
+#: elements allocated per kernel call (outputs, gathered rows, masks, gradients).
+#: 4M float32 = 16 MiB: below glibc's mmap threshold, so slices reuse heap memory
+#: instead of paying page faults on a fresh mapping every call.
+WORKSPACE = 1 << 22
 MIN_BAND_TILE = 16
-MAX_BAND_TILE = 256
-BAND_QUERY_TILE = 128
+#: query rows per band tile: the CPU flash kernel's query block for sequences < 192
+BAND_QUERY_TILE = 32
+#: causal groups up to this long are cut into query blocks over their prefixes (the
+#: kernel skips nothing below its 512-key block)
+SHORT_CAUSAL = 512
+#: run the plain-matmul tile kernel on the CPU too (tests of the non-CPU path)
+FORCE_MATH = False
+
+
+@dataclass(frozen=True)
+class View:
+    """Tile t, row w is position ``start + t * step + w * stride``: a strided view."""
+
+    start: int
+    step: int
+    stride: int
+
+    def at(self, t0: int) -> "View":
+        return replace(self, start=self.start + t0 * self.step)
+
+    def strip_rows(self, T: int, K: int) -> int:
+        """Widest strip of rows [s0, s0 + width) in which no position repeats over
+        tiles: gradient windows are added strip by strip."""
+        if T == 1 or self.step == 0:
+            return K
+        if self.step % self.stride == 0:
+            return min(K, self.step // self.stride)
+        if T * self.step <= self.stride:  # interleaved groups (residue classes)
+            return K
+        return 1
+
+
+def _as_view(pos: Tensor) -> View | None:
+    """The :class:`View` of positions ``pos`` [T, K], if they form one."""
+    T, K = pos.shape
+    p0 = int(pos[0, 0])
+    stride = int(pos[0, 1]) - p0 if K > 1 else 1
+    step = int(pos[1, 0]) - p0 if T > 1 else 0
+    if p0 < 0 or stride <= 0 or step < 0:
+        return None
+    want = p0 + step * torch.arange(T)[:, None] + stride * torch.arange(K)
+    return View(p0, step, stride) if torch.equal(pos, want) else None
 
 
 @dataclass
@@ -64,28 +119,35 @@ class TileBatch:
     """T tiles of bq queries x K keys (positions, -1 = none).
 
     qpos: [T, bq]; kpos: [Hk, T, K] with Hk in {1, H}; kind: "full" | "causal" |
-    "mask"; pred: what the tiles may see (used for "mask" tiles and whenever keys
-    are padded). ``visible``: the exact number of visible pairs per head (for FLOP
-    counts), when known.
+    "shared" | "mask"; pred: what the tiles may see (for masks and key padding).
     """
 
     qpos: Tensor
     kpos: Tensor
     kind: str
     pred: Predicate
-    #: (q0, k0, step): tile t is queries [q0 + t*step, +bq) and keys [k0 + t*step, +K)
-    #: of the sequence itself, read as strided views (no gather copies)
-    view: tuple[int, int, int] | None = None
-    #: bool [bq, K] visibility shared by every tile (kind "shared")
+    #: kind "shared": bool [bq, K] visibility of every tile
     shared: Tensor | None = None
-    #: its queries were already covered by an earlier batch of the same component
-    again: bool = False
     #: kind "mask": bool [1 or H, T, bq, K], what each tile sees (computed once, at planning)
     vis: Tensor | None = None
+    #: strided views of the sequence for queries / keys, when the positions form one
+    qview: View | None = None
+    kview: View | None = None
+    #: every tile lists the same keys (gathered once, broadcast)
+    kshared: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.qpos.shape[0], self.qpos.shape[1], self.kpos.shape[2]
+
+    def finish(self) -> "TileBatch":
+        """Find the views and shared key lists (once, at planning)."""
+        T = self.qpos.shape[0]
+        self.qview = _as_view(self.qpos)
+        if self.kpos.shape[0] == 1:
+            self.kview = _as_view(self.kpos[0] if self.kpos.shape[1] == T else self.kpos[0].expand(T, -1))
+        self.kshared = self.kpos.shape[1] == 1 or bool((self.kpos == self.kpos[:, :1]).all())
+        return self
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,7 +170,6 @@ def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool) 
         P = torch.stack(gs)  # [G, L] positions of each group
         a = min(c.before, L - 1)
         b = 0 if causal else min(c.after, L - 1)
-        b = min(b, c.after)
         out += _band_group_batches(P, L, a, b, pred, masked)
     return out
 
@@ -121,19 +182,35 @@ def _map(P: Tensor, u: Tensor) -> Tensor:
     return torch.where(ok, pos, torch.full_like(pos, -1))
 
 
-def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool) -> list[TileBatch]:
+def _flat(P: Tensor, qu: Tensor, ku: Tensor) -> tuple[Tensor, Tensor]:
+    """Group-local tiles (qu [T, bq], ku [T, K]) replicated over the groups of P."""
     G = P.shape[0]
+    q = _map(P, qu[None].expand(G, -1, -1)).reshape(G * qu.shape[0], -1)
+    k = _map(P, ku[None].expand(G, -1, -1)).reshape(1, G * ku.shape[0], -1)
+    return q, k
 
-    def batch(qu: Tensor, ku: Tensor, kind: str, again: bool = False) -> TileBatch:
-        # qu [T, bq], ku [T, K] group-local; replicate over the G groups
-        q, k = _flat(P, qu, ku)
-        return TileBatch(q, k, "mask" if masked else kind, pred, again=again)
 
+def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool) -> list[TileBatch]:
+    """Band ``-a <= u_j - u_i <= b`` inside each group (row of P, [G, L] positions)."""
     whole = torch.arange(L)[None]
-    if a >= L - 1 and b >= L - 1:
-        return [batch(whole, whole, "full")]
+    if a >= L - 1 and b >= L - 1:  # whole groups as tiles
+        return [TileBatch(*_flat(P, whole, whole), "mask" if masked else "full", pred)]
     if a >= L - 1 and b == 0:
-        return [batch(whole, whole, "causal")]
+        if masked or not 2 * BAND_QUERY_TILE <= L <= SHORT_CAUSAL:
+            return [TileBatch(*_flat(P, whole, whole), "mask" if masked else "causal", pred)]
+        # short causal groups: the kernel would compute the whole L x L square, so
+        # cut queries into blocks of bq, each over its prefix of keys (one call per
+        # block, all groups as tiles): ~L^2/2 + L*bq/2 pairs instead of L^2
+        out = []
+        for s0 in range(0, L, BAND_QUERY_TILE):
+            s1 = min(s0 + BAND_QUERY_TILE, L)
+            qu, ku = torch.arange(s0, s1)[None], torch.arange(s1)[None]
+            if s0 == 0:
+                out.append(TileBatch(*_flat(P, qu, ku), "causal", pred))
+            else:
+                shared = ku[0][None, :] <= qu[0][:, None]
+                out.append(TileBatch(*_flat(P, qu, ku), "shared", pred, shared=shared))
+        return out
     if a + b + 1 >= L or a + b < MIN_BAND_TILE or L < 2 * MIN_BAND_TILE:
         # short groups or tiny windows: masked tiles over the span
         bq = min(64, L) if a + b + 1 < L else L
@@ -147,48 +224,29 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         ku = lo[:, None] + torch.arange(span)
         return [TileBatch(*_flat(P, qu, ku), "mask", pred)]
 
-    bq = min(MAX_BAND_TILE, _pow2_floor(a + b))
-    if G == 1 and bool((P[0] == torch.arange(L)).all()):
-        bq = BAND_QUERY_TILE
-    nq = -(-L // bq)
-    s = torch.arange(nq) * bq
+    bq = max(MIN_BAND_TILE, min(BAND_QUERY_TILE, _pow2_floor(a + b)))
+    K = bq + a + b
+    s = torch.arange(-(-L // bq)) * bq
     ar = torch.arange(bq)
     interior = (s - a >= 0) & (s + bq + b <= L)
     out: list[TileBatch] = []
     si = s[interior]
-    if si.numel() and G == 1 and bool((P[0] == torch.arange(L)).all()):
-        # contiguous queries and keys: one call over strided views, one shared mask
-        K = bq + a + b
+    if si.numel():
+        # one batch per group: its tiles are a strided view with one shared mask
         rel = torch.arange(K)[None, :] - a - ar[:, None]  # j - i
         shared = (rel >= -a) & (rel <= b)
-        t0, t1 = int(si[0]) // bq, int(si[-1]) // bq + 1
-        assert t1 - t0 == si.numel()
         qu = si[:, None] + ar
         ku = (si - a)[:, None] + torch.arange(K)
-        kind = "mask" if masked else "shared"
-        out.append(TileBatch(qu, ku[None], kind, pred, view=(int(si[0]), int(si[0]) - a, bq), shared=shared))
-    elif si.numel():
-        qu = si[:, None] + ar
-        out.append(batch(qu.flip(-1), (si - a)[:, None] + ar.flip(0), "causal"))  # lower (reversed)
-        mid = a + b - bq
-        if mid > 0:
-            out.append(batch(qu, (si - a + bq)[:, None] + torch.arange(mid), "full", again=True))
-        out.append(batch(qu, (si + b)[:, None] + ar, "causal", again=True))  # upper
+        for g in range(P.shape[0]):
+            qpos, kpos = _flat(P[g : g + 1], qu, ku)
+            out.append(TileBatch(qpos, kpos, "mask" if masked else "shared", pred, shared=shared))
     sb = s[~interior]
     if sb.numel():
         qu = sb[:, None] + ar
         qu = torch.where(qu < L, qu, -1)
-        ku = (sb - a)[:, None] + torch.arange(bq + a + b)
-        qpos, kpos = _flat(P, qu, ku)
-        out.append(TileBatch(qpos, kpos, "mask", pred))
+        ku = (sb - a)[:, None] + torch.arange(K)
+        out.append(TileBatch(*_flat(P, qu, ku), "mask", pred))
     return out
-
-
-def _flat(P: Tensor, qu: Tensor, ku: Tensor) -> tuple[Tensor, Tensor]:
-    G = P.shape[0]
-    q = _map(P, qu[None].expand(G, -1, -1)).reshape(G * qu.shape[0], -1)
-    k = _map(P, ku[None].expand(G, -1, -1)).reshape(1, G * ku.shape[0], -1)
-    return q, k
 
 
 def _gather_batches(c: Gather, pred: Predicate) -> list[TileBatch]:
@@ -197,20 +255,21 @@ def _gather_batches(c: Gather, pred: Predicate) -> list[TileBatch]:
 
 def _sub(tb: TileBatch, sel: list[int], kind: str, vis: Tensor | None = None) -> TileBatch:
     idx = torch.tensor(sel, dtype=torch.long)
-    return TileBatch(tb.qpos[idx], tb.kpos[:, idx] if tb.kpos.shape[1] > 1 else tb.kpos.expand(-1, tb.qpos.shape[0], -1)[:, idx],
-                     kind, tb.pred, again=tb.again, vis=vis)
+    return TileBatch(tb.qpos[idx], tb.kpos[:, idx], kind, tb.pred, vis=vis,
+                     shared=tb.shared if kind == "shared" else None)
 
 
 def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
     """Split a batch into tiles needing no mask (every key visible), tiles whose
-    visibility is the kernel's own causal structure, and partial tiles that keep
-    their bool mask. The predicate is evaluated here, once per plan."""
+    visibility is the kernel's own causal structure, tiles seeing the batch's
+    ``shared`` mask, and partial tiles that keep their own bool mask; drop tiles
+    that see nothing. The predicate is evaluated here, once per plan."""
     T, bq, K = tb.shape
     if tb.kpos.shape[1] != T:
-        tb = TileBatch(tb.qpos, tb.kpos.expand(-1, T, -1), tb.kind, tb.pred, again=tb.again)
+        tb = TileBatch(tb.qpos, tb.kpos.expand(-1, T, -1), tb.kind, tb.pred, shared=tb.shared)
     tri = torch.ones(bq, K, dtype=torch.bool).tril()
     step = max(1, WORKSPACE // max(1, heads * bq * K))
-    full, causal, part, part_vis = [], [], [], []
+    full, causal, shared, part, part_vis = [], [], [], [], []
     for t0 in range(0, T, step):
         qp = tb.qpos[t0 : t0 + step]
         kp = tb.kpos[:, t0 : t0 + step]
@@ -222,11 +281,19 @@ def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
         ghost = (qp < 0)[None, :, :, None]  # rows of no query: any answer will do
         is_full = (vis | ghost).flatten(2).all(-1).all(0)
         is_causal = ((vis == tri) | ghost).flatten(2).all(-1).all(0) & ~is_full
+        is_shared = torch.zeros_like(is_full)
+        if tb.shared is not None:
+            is_shared = ((vis == tb.shared) | ghost).flatten(2).all(-1).all(0) & ~is_full & ~is_causal
+        empty = ~vis.flatten(2).any(-1).any(0)
         for t in range(Tc):
+            if bool(empty[t]):  # every key already counted by an earlier component
+                continue
             if bool(is_full[t]):
                 full.append(t0 + t)
             elif bool(is_causal[t]):
                 causal.append(t0 + t)
+            elif bool(is_shared[t]):
+                shared.append(t0 + t)
             else:
                 part.append(t0 + t)
                 part_vis.append(vis[:, t])
@@ -235,6 +302,8 @@ def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
         out.append(_sub(tb, full, "full"))
     if causal:
         out.append(_sub(tb, causal, "causal"))
+    if shared:
+        out.append(_sub(tb, shared, "shared"))
     if part:
         out.append(_sub(tb, part, "mask", torch.stack(part_vis, dim=1)))
     return out
@@ -242,10 +311,16 @@ def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
 
 def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileBatch, bool]]:
     """The tile batches computing ``pattern`` (one head group) at length ``n``, each
-    with a flag: True for the first component (its tiles partition its queries, so
-    their outputs are written, not merged)."""
+    with a flag: True when no earlier batch touched its queries (its outputs are
+    written, not merged).
+
+    Components whose queries see every key (``Gather.leading``: global rows) come
+    first: they need no mask, and the tiles of later components that are left with
+    no key (every key already counted) are dropped."""
     pattern.prepare(n, heads)
     comps = pattern.components(n, heads)
+    comps = [c for c in comps if getattr(c, "leading", False)] + [c for c in comps if not getattr(c, "leading", False)]
+    touched = torch.zeros(n, dtype=torch.bool)
     batches: list[tuple[TileBatch, bool]] = []
     for idx, c in enumerate(comps):
         earlier = [e.pred for e in comps[:idx]]
@@ -267,10 +342,65 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileB
             tbs = _gather_batches(inner, pred)
         else:  # pragma: no cover
             raise TypeError(f"unknown component {type(inner).__name__}")
+        mine = torch.zeros(n, dtype=torch.bool)
         for tb in tbs:
-            parts = [tb] if tb.kind == "shared" else _classify(tb, heads)
-            batches += [(p, idx == 0 and not p.again) for p in parts]
+            for p in [tb] if tb.kind == "shared" else _classify(tb, heads):
+                q = p.qpos[p.qpos >= 0]
+                batches.append((p.finish(), not bool(touched[q].any())))
+                mine[q] = True
+        touched |= mine
     return batches
+
+
+# ----------------------------------------------------------------------------------------
+# Tile kernels
+# ----------------------------------------------------------------------------------------
+
+
+def _scores(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None, scale: float) -> Tensor:
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s + attn_mask.to(acc)
+    return s
+
+
+def _math_fwd(q, k, v, dropout_p, is_causal, attn_mask=None, scale=None):
+    """The tile kernel in plain tensor ops, for devices without the CPU flash kernel.
+    Same contract as ``aten._scaled_dot_product_flash_attention_for_cpu``: output and
+    lse of [B, H, M, D] queries over [B, H, K, D] keys (a row with no visible key gets
+    a zero output; its lse is masked by the caller)."""
+    s = _scores(q, k, is_causal, attn_mask, scale)
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(torch.isinf(m), 0.0)
+    p = _exp_(s.sub_(m))
+    z = p.sum(-1, keepdim=True)
+    o = torch.matmul(p, v.to(p.dtype)).div_(z.clamp_min(torch.finfo(p.dtype).tiny))
+    return o.to(q.dtype), (m + torch.log(z)).squeeze(-1)
+
+
+def _math_bwd(g, q, k, v, o, lse, dropout_p, is_causal, attn_mask=None, scale=None):
+    """Backward of :func:`_math_fwd` given the merged output and lse, as the flash
+    kernel does it: p = exp(s - lse), dv = p^T g, ds = p * (g v^T - rowsum(g * o)),
+    dq = scale ds k, dk = scale ds^T q."""
+    s = _scores(q, k, is_causal, attn_mask, scale)
+    p = _exp_(s.sub_(lse.to(s.dtype)[..., None]))
+    ga = g.to(s.dtype)
+    delta = (ga * o.to(s.dtype)).sum(-1, keepdim=True)
+    dv = torch.matmul(p.transpose(-1, -2), ga)
+    ds = torch.matmul(ga, v.to(s.dtype).transpose(-1, -2)).sub_(delta).mul_(p)
+    dq = torch.matmul(ds, k.to(s.dtype)).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(s.dtype)).mul_(scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _kernels(device: torch.device):
+    """(forward, backward) tile kernels for a device."""
+    if device.type == "cpu" and not FORCE_MATH:
+        return _flash_fwd, _flash_bwd
+    return _math_fwd, _math_bwd
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,9 +412,9 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileB
 class _Chunk:
     """A slice of a tile batch small enough for one kernel call.
 
-    Queries are either a contiguous run of rows (``q0`` set: strided views, slice
-    merges) or gathered by ``qidx``. Keys are band windows (``k0`` set), one list
-    shared by every tile (``kshared``: gathered once, broadcast), or gathered per tile.
+    Queries and keys are strided views of the sequence (``qview`` / ``kview``) or
+    gathered rows (``qidx`` [Tc*bq]; ``kidx`` [Hk, Tc*K], or [Hk, K] when
+    ``kshared``), clamped to valid positions (``qvalid`` marks real queries).
     """
 
     Tc: int
@@ -293,241 +423,262 @@ class _Chunk:
     kind: str  # "full" | "causal" | "mask"
     mask: Tensor | None  # additive, broadcastable to [B*H, Tc, bq, K]
     alive: Tensor | None  # bool, broadcastable to [B*H, Tc, bq]: row sees some key
-    q0: int | None = None
-    k0: int | None = None
-    kstep: int = 0
-    qidx: Tensor | None = None  # [Tc*bq] clamped positions
-    qvalid: Tensor | None = None
-    kidx: Tensor | None = None  # [Hk, Tc*K] or [Hk, K] when kshared
-    kvalid: Tensor | None = None
-    kshared: bool = False
+    qview: View | None
+    kview: View | None
+    qidx: Tensor
+    qvalid: Tensor | None  # None: every query is real
+    kidx: Tensor
+    kshared: bool
 
 
 def _additive(vis: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros((), dtype=dtype).expand(vis.shape).masked_fill(~vis, float("-inf"))
+    return torch.zeros((), dtype=dtype, device=vis.device).expand(vis.shape).masked_fill(~vis, float("-inf"))
 
 
-def _contiguous_start(qpos: Tensor) -> int | None:
-    flat = qpos.reshape(-1)
-    q0 = int(flat[0])
-    if q0 >= 0 and torch.equal(flat, torch.arange(q0, q0 + flat.numel())):
-        return q0
-    return None
+def _slice_tiles(tb: TileBatch, B: int, H: int, D: int, Dv: int, padded: bool, backward: bool) -> int:
+    """Tiles per kernel call, so that what the call allocates stays under WORKSPACE."""
+    T, bq, K = tb.shape
+    per = bq * Dv  # the kernel's output (or, backward, dq)
+    per += 0 if tb.qview else bq * D
+    per += 0 if (tb.kview or tb.kshared) else K * (D + Dv)
+    per += bq * K if (padded or tb.kind == "mask") else 0
+    if backward:
+        per += K * (D + Dv) + bq * (D + Dv)  # key gradients; dO and O rows
+    return max(1, WORKSPACE // (B * H * per))
 
 
-def _affine_rows(pos: Tensor) -> tuple[int, int] | None:
-    """(start, step) if row t of ``pos`` [T, K] is start + t*step + arange(K), else None."""
-    T, K = pos.shape
-    p0 = int(pos[0, 0])
-    step = int(pos[1, 0]) - p0 if T > 1 else K
-    if p0 < 0 or step < 0:
-        return None
-    want = p0 + step * torch.arange(T)[:, None] + torch.arange(K)
-    return (p0, step) if torch.equal(pos, want) else None
-
-
-def _chunks(tb: TileBatch, B: int, H: int, D: int, kpm: Tensor | None, dtype: torch.dtype,
-            backward: bool = False):
+def _chunks(tb: TileBatch, B: int, H: int, D: int, Dv: int, kpm: Tensor | None, dtype: torch.dtype,
+            device: torch.device, backward: bool = False):
     """The kernel calls of a tile batch: views or gathers, and the additive mask."""
     T, bq, K = tb.shape
-    per_tile = B * H * max(bq * K, K * D, bq * D)
-    step = max(1, WORKSPACE // per_tile)
-    if tb.view is not None and kpm is None and tb.kind == "shared":
-        # strided views of the sequence; one shared [bq, K] mask, no copies. Forward
-        # makes nothing bigger than the output: one call. Backward returns key
-        # gradients K/bq times the keys' size, so it stays chunked.
-        step = step if backward else T
-        q0, k0, st = tb.view
-        mask = _additive(tb.shared, dtype)
-        alive = tb.shared.any(-1)
-        for t0 in range(0, T, step):
-            Tc = min(step, T - t0)
-            yield _Chunk(Tc, bq, K, "mask", mask, None if bool(alive.all()) else alive,
-                         q0=q0 + t0 * st, k0=k0 + t0 * st, kstep=st)
-        return
-    q0 = _contiguous_start(tb.qpos)
-    kshared = tb.kpos.shape[1] == 1 or bool((tb.kpos == tb.kpos[:, :1]).all())
-    kaff = _affine_rows(tb.kpos[0]) if tb.kpos.shape[0] == 1 and not kshared else None
+    step = _slice_tiles(tb, B, H, D, Dv, kpm is not None, backward)
     tri = torch.ones(bq, K, dtype=torch.bool).tril()
+    shared_mask = None
+    if tb.kind == "shared" and kpm is None:
+        shared_mask = _additive(tb.shared, dtype).to(device)
+        shared_alive = tb.shared.any(-1)
+        shared_alive = None if bool(shared_alive.all()) else shared_alive.to(device)
     for t0 in range(0, T, step):
         qp = tb.qpos[t0 : t0 + step]
         kp = tb.kpos[:, t0 : t0 + step] if tb.kpos.shape[1] > 1 else tb.kpos
         Tc = qp.shape[0]
         kind = tb.kind
-        if kind == "shared":  # a view batch with padded keys: masked
-            vis: Tensor | None = tb.shared.expand(1, Tc, bq, K)
-            kind = "mask"
-        elif kind == "mask":
-            vis = tb.vis[:, t0 : t0 + step]
-        else:
-            vis = None
-        if kpm is not None:
-            base = vis if vis is not None else (tri if kind == "causal" else torch.ones((), dtype=torch.bool))
-            pad = kpm[:, kp.clamp(min=0)][:, :, :, None, :] & (kp >= 0)[None, :, :, None, :]
-            vis = (base & pad).expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
-            kind = "mask"
-        elif vis is not None and vis.shape[0] != 1 and B > 1:
-            vis = vis[None].expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
         mask = alive = None
-        if vis is not None:
-            alive = vis.any(-1)
-            mask = _additive(vis, dtype)
-        kk = kp[:, :1] if kshared else kp
+        if shared_mask is not None:
+            mask, alive, kind = shared_mask, shared_alive, "mask"
+        else:
+            vis: Tensor | None = None
+            if kind == "shared":  # with padded keys
+                vis = tb.shared.expand(1, Tc, bq, K)
+                kind = "mask"
+            elif kind == "mask":
+                vis = tb.vis[:, t0 : t0 + step]
+            if kpm is not None:
+                base = vis if vis is not None else (tri if kind == "causal" else torch.ones((), dtype=torch.bool))
+                kpc = kp.to(kpm.device)
+                pad = kpm[:, kpc.clamp(min=0)][:, :, :, None, :] & (kpc >= 0)[None, :, :, None, :]
+                vis = (base.to(kpm.device) & pad).expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
+                kind = "mask"
+            elif vis is not None and vis.shape[0] != 1 and B > 1:
+                vis = vis[None].expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)
+            if vis is not None:
+                vis = vis.to(device)
+                alive = vis.any(-1)
+                mask = _additive(vis, dtype)
+        kk = kp[:, :1] if tb.kshared else kp
+        qflat = qp.reshape(-1)
+        valid = qflat >= 0
         yield _Chunk(
             Tc, bq, K, kind, mask, alive,
-            q0=None if q0 is None else q0 + t0 * bq,
-            k0=None if kaff is None else kaff[0] + t0 * kaff[1],
-            kstep=0 if kaff is None else kaff[1],
-            qidx=qp.reshape(-1).clamp(min=0),
-            qvalid=qp.reshape(-1) >= 0,
-            kidx=kk.reshape(kk.shape[0], -1).clamp(min=0),
-            kvalid=kk.reshape(kk.shape[0], -1) >= 0,
-            kshared=kshared,
+            qview=tb.qview.at(t0) if tb.qview else None,
+            kview=tb.kview.at(t0) if tb.kview else None,
+            qidx=qflat.clamp(min=0).to(device),
+            qvalid=None if bool(valid.all()) else valid.to(device),
+            kidx=kk.reshape(kk.shape[0], -1).clamp(min=0).to(device),
+            kshared=tb.kshared,
         )
 
 
-def _windows(x: Tensor, start: int, step: int, T: int, width: int) -> Tensor:
-    """[BH, N, D] -> strided view [BH, T, width, D]: rows start + t*step + w."""
+def _window(x: Tensor, v: View, T: int, width: int) -> Tensor:
+    """[BH, N, D] -> the strided view [BH, T, width, D] of rows v.start + t*step + w*stride."""
     BH, N, D = x.shape
     return x.as_strided(
-        (BH, T, width, D), (x.stride(0), step * x.stride(1), x.stride(1), x.stride(2)),
-        x.storage_offset() + start * x.stride(1),
+        (BH, T, width, D), (x.stride(0), v.step * x.stride(1), v.stride * x.stride(1), x.stride(2)),
+        x.storage_offset() + v.start * x.stride(1),
     )
+
+
+def _flat_index(idx: Tensor, BH: int, N: int) -> Tensor:
+    """Row numbers in x.reshape(BH * N, D) of positions idx ([M], or [H, M] per head)."""
+    base = torch.arange(BH, device=idx.device)[:, None] * N
+    if idx.shape[0] == 1 or idx.dim() == 1:
+        return (base + idx.reshape(1, -1)).reshape(-1)
+    return (base + idx.repeat(BH // idx.shape[0], 1)).reshape(-1)
+
+
+def _rows(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows idx of a contiguous [BH, N, D] tensor -> [BH, M, D] (a 2-D index_select,
+    much faster on the CPU than index_select along dim 1)."""
+    BH, N, D = x.shape
+    M = idx.shape[-1]
+    return x.reshape(BH * N, D).index_select(0, _flat_index(idx, BH, N)).view(BH, M, D)
 
 
 def _gq(x: Tensor, ch: _Chunk) -> Tensor:
     """The chunk's query rows of x ([BH, N, D]) as [BH, Tc, bq, D]."""
-    if ch.q0 is not None:
-        return _windows(x, ch.q0, ch.bq, ch.Tc, ch.bq)
-    return x.index_select(1, ch.qidx).view(x.shape[0], ch.Tc, ch.bq, x.shape[-1])
+    if ch.qview is not None:
+        return _window(x, ch.qview, ch.Tc, ch.bq)
+    return _rows(x, ch.qidx).view(x.shape[0], ch.Tc, ch.bq, x.shape[-1])
 
 
-def _gk(x: Tensor, ch: _Chunk, H: int) -> Tensor:
+def _gk(x: Tensor, ch: _Chunk) -> Tensor:
     """The chunk's key rows of x ([BH, N, D]) as [BH, Tc, K, D]."""
-    if ch.k0 is not None:
-        return _windows(x, ch.k0, ch.kstep, ch.Tc, ch.K)
-    BH, N, D = x.shape
+    if ch.kview is not None:
+        return _window(x, ch.kview, ch.Tc, ch.K)
+    BH, _, D = x.shape
     Tk = 1 if ch.kshared else ch.Tc
-    if ch.kidx.shape[0] == 1:
-        g = x.index_select(1, ch.kidx[0])
-    else:
-        flat = (torch.arange(H)[:, None] * N + ch.kidx).reshape(-1)
-        g = x.reshape(BH // H, H * N, D).index_select(1, flat)
-    return g.view(BH, Tk, ch.K, D).expand(BH, ch.Tc, ch.K, D)
+    return _rows(x, ch.kidx).view(BH, Tk, ch.K, D).expand(BH, ch.Tc, ch.K, D)
 
 
 def _merge(O: Tensor, Lse: Tensor, ch: _Chunk, o: Tensor, lse: Tensor, first: bool) -> None:
-    """Fold a chunk's (o, lse) into the running (O, Lse): one softmax over all keys."""
+    """Fold a chunk's (o [BH, Tc, bq, Dv], lse [BH, Tc, bq]) into the running (O, Lse):
+    one softmax over all keys. The first component's tiles partition its queries:
+    plain writes."""
+    if ch.qview is not None:
+        o_old = _window(O, ch.qview, ch.Tc, ch.bq)
+        l_old = _window(Lse[..., None], ch.qview, ch.Tc, ch.bq)[..., 0]
+        if first:
+            o_old.copy_(o)
+            l_old.copy_(lse)
+            return
+        l_new = torch.logaddexp(l_old, lse)
+        l_ref = torch.where(torch.isneginf(l_new), 0.0, l_new)
+        o_old.mul_(torch.exp(l_old - l_ref)[..., None]).add_(o.mul_(torch.exp(lse - l_ref)[..., None]))
+        l_old.copy_(l_new)
+        return
     BH, _, Dv = O.shape
     o = o.reshape(BH, -1, Dv)
     lse = lse.reshape(BH, -1)
-    if ch.q0 is not None:
-        rows = slice(ch.q0, ch.q0 + ch.Tc * ch.bq)
-        o_old, l_old = O[:, rows], Lse[:, rows]
-    else:
-        pos = ch.qidx[ch.qvalid]
-        o, lse = o[:, ch.qvalid], lse[:, ch.qvalid]
-        o_old, l_old = O.index_select(1, pos), Lse.index_select(1, pos)
-    if first:  # the first component's tiles partition its queries: plain writes
+    pos = ch.qidx
+    if ch.qvalid is not None:
+        pos, o, lse = pos[ch.qvalid], o[:, ch.qvalid], lse[:, ch.qvalid]
+    if first:
         o_new, l_new = o, lse
     else:
+        o_old, l_old = _rows(O, pos), _rows(Lse[..., None], pos)[..., 0]
         l_new = torch.logaddexp(l_old, lse)
         l_ref = torch.where(torch.isneginf(l_new), 0.0, l_new)
         o_new = o_old.mul_(torch.exp(l_old - l_ref)[..., None]).add_(o.mul_(torch.exp(lse - l_ref)[..., None]))
-    if ch.q0 is not None:
-        if first:
-            O[:, rows] = o_new
-        Lse[:, rows] = l_new
-    else:
-        O.index_copy_(1, pos, o_new)
-        Lse.index_copy_(1, pos, l_new)
+    O.index_copy_(1, pos, o_new)
+    Lse.index_copy_(1, pos, l_new)
 
 
-def _forward_bh(q, k, v, batches, scale, kpm, H):
-    """(O [BH, N, Dv], Lse [BH, N]) in the accumulation dtype."""
+def _accumulate(x: Tensor, ch: _Chunk, g: Tensor, heads: int) -> None:
+    """Add key gradients g [BH, Tc, K, D] into x [BH, N, D] at the chunk's keys."""
+    if ch.kview is not None:
+        v = ch.kview
+        if v.step == 0:  # every tile lists the same keys
+            _window(x, v, 1, ch.K).add_(g.sum(1, keepdim=True))
+            return
+        width = v.strip_rows(ch.Tc, ch.K)
+        for s0 in range(0, ch.K, width):  # overlapping windows: add strip by strip
+            w = min(width, ch.K - s0)
+            _window(x, View(v.start + s0 * v.stride, v.step, v.stride), ch.Tc, w).add_(g[:, :, s0 : s0 + w])
+        return
+    BH, N, D = x.shape
+    if ch.kshared:
+        g = g.sum(1, keepdim=True)
+    x.view(BH * N, D).index_add_(0, _flat_index(ch.kidx, BH, N), g.reshape(-1, D).to(x.dtype))
+
+
+def _forward_bh(q, k, v, batches, scale, kpm, H, O, Lse):
+    """Fill O [BH, N, Dv] (zeros) and Lse [BH, N] (-inf), in the accumulation dtype."""
     BH, N, D = q.shape
     Dv = v.shape[-1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    O = torch.zeros(BH, N, Dv, dtype=acc)
-    Lse = torch.full((BH, N), float("-inf"), dtype=acc)
+    acc = O.dtype
+    fwd, _ = _kernels(q.device)
     for tb, first in batches:
-        for ch in _chunks(tb, BH // H, H, D, kpm, q.dtype):
-            o, lse = _flash_fwd(
-                _gq(q, ch), _gk(k, ch, H), _gk(v, ch, H), 0.0,
-                ch.kind == "causal", attn_mask=ch.mask, scale=scale,
-            )
+        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device):
+            o, lse = fwd(_gq(q, ch), _gk(k, ch), _gk(v, ch), 0.0, ch.kind == "causal",
+                         attn_mask=ch.mask, scale=scale)
             lse = lse.to(acc)
             if ch.alive is not None:
                 lse = lse.masked_fill(~ch.alive, float("-inf"))
             _merge(O, Lse, ch, o.to(acc), lse, first)
-    return O, Lse
 
 
-def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H):
+def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, dq, dk, dv):
+    """Add the gradients into dq, dk, dv ([BH, N, .], accumulation dtype)."""
     BH, N, D = q.shape
     Dv = v.shape[-1]
-    B = BH // H
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = dq.dtype
+    _, bwd = _kernels(q.device)
     # ghost queries (zeroed dO) and ghost keys (always masked) get exactly zero
     # gradient from the kernel, so their clamped indices can point at row 0
-    dq = torch.zeros(BH, N, D, dtype=acc)
-    dk = torch.zeros(BH, N, D, dtype=acc)
-    dv = torch.zeros(BH, N, Dv, dtype=acc)
     Lb = Lse.masked_fill(torch.isneginf(Lse), float("inf"))
     if q.dtype != torch.float64:
         Lb = Lb.float()
-    heads = torch.arange(H)[:, None]
+    Lb = Lb[..., None].contiguous()
     for tb, _ in batches:
-        for ch in _chunks(tb, B, H, D, kpm, q.dtype, backward=True):
+        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, backward=True):
             g = _gq(dO, ch)
-            if ch.q0 is None and not bool(ch.qvalid.all()):
+            if ch.qvalid is not None:
                 g = g * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(g.dtype)
-            gq, gk, gv = _flash_bwd(
-                g, _gq(q, ch), _gk(k, ch, H), _gk(v, ch, H), _gq(O, ch),
-                _gq(Lb[..., None], ch)[..., 0], 0.0,
+            gq, gk, gv = bwd(
+                g, _gq(q, ch), _gk(k, ch), _gk(v, ch), _gq(O, ch), _gq(Lb, ch)[..., 0], 0.0,
                 ch.kind == "causal", attn_mask=ch.mask, scale=scale,
             )
-            if ch.q0 is not None:
-                _windows(dq, ch.q0, ch.bq, ch.Tc, ch.bq).add_(gq)
+            if ch.qview is not None:
+                _window(dq, ch.qview, ch.Tc, ch.bq).add_(gq)
             else:
                 dq.index_add_(1, ch.qidx, gq.reshape(BH, -1, D).to(acc))
-            if ch.k0 is not None:
-                st = ch.kstep
-                for s0 in range(0, ch.K, st):  # key windows overlap: add them in strips
-                    w = min(st, ch.K - s0)
-                    _windows(dk, ch.k0 + s0, st, ch.Tc, w).add_(gk[:, :, s0 : s0 + w])
-                    _windows(dv, ch.k0 + s0, st, ch.Tc, w).add_(gv[:, :, s0 : s0 + w])
-                continue
-            if ch.kshared:
-                gk, gv = gk.sum(1, keepdim=True), gv.sum(1, keepdim=True)
-            flat = (heads * N + ch.kidx).reshape(-1)  # [H * K']
-            dk.view(B, H * N, D).index_add_(1, flat, gk.reshape(B, -1, D).to(acc))
-            dv.view(B, H * N, Dv).index_add_(1, flat, gv.reshape(B, -1, Dv).to(acc))
-    return dq, dk, dv
+            _accumulate(dk, ch, gk, H)
+            _accumulate(dv, ch, gv, H)
+
+
+Groups = list[tuple[int, int, list[tuple[TileBatch, bool]]]]
+
+
+def _each_group(groups: Groups, B: int, ins: tuple[Tensor, ...], outs: tuple[Tensor, ...]):
+    """For each head group (h0, nh, batches): its slices of ``ins`` and ``outs``
+    ([B, H, N, .] -> contiguous [B * nh, N, .]). Views when the slice is contiguous
+    (B == 1, or one group); otherwise copies, and the outputs are written back."""
+    for h0, nh, batches in groups:
+        part = lambda x: x[:, h0 : h0 + nh].reshape(B * nh, x.shape[2], x.shape[3]).contiguous()  # noqa: E731
+        o_parts = [part(x) for x in outs]
+        yield batches, nh, [part(x) for x in ins], o_parts
+        for x, xp in zip(outs, o_parts):
+            if xp.data_ptr() != x[:, h0 : h0 + nh].data_ptr():  # a copy: write it back
+                x[:, h0 : h0 + nh] = xp.view(B, nh, *x.shape[2:])
 
 
 class _BlockSparseAttention(torch.autograd.Function):
+    """Exact attention over the tile plans of each head group (see the module doc)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, batches, scale, kpm):
+    def forward(ctx, q, k, v, groups: Groups, scale, kpm):
         B, H, N, D = q.shape
-        flat = lambda x: x.reshape(B * H, N, x.shape[-1])  # noqa: E731
-        O, Lse = _forward_bh(flat(q), flat(k), flat(v), batches, scale, kpm, H)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        O = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
+        Lse = torch.full((B, H, N, 1), float("-inf"), dtype=acc, device=q.device)
+        for batches, nh, (qg, kg, vg), (Og, Lg) in _each_group(groups, B, (q, k, v), (O, Lse)):
+            _forward_bh(qg, kg, vg, batches, scale, kpm, nh, Og, Lg[..., 0])
         out = O.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, Lse)
-        ctx.batches, ctx.scale, ctx.kpm = batches, scale, kpm
-        return out.view(B, H, N, -1)
+        ctx.groups, ctx.scale, ctx.kpm = groups, scale, kpm
+        return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, Lse = ctx.saved_tensors
         B, H, N, D = q.shape
-        flat = lambda x: x.reshape(B * H, N, x.shape[-1])  # noqa: E731
-        dq, dk, dv = _backward(
-            flat(dout.contiguous()), flat(q), flat(k), flat(v), out, Lse,
-            ctx.batches, ctx.scale, ctx.kpm, H,
-        )
-        return (dq.to(q.dtype).view_as(q), dk.to(k.dtype).view_as(k),
-                dv.to(v.dtype).view(B, H, N, -1), None, None, None)
+        acc = Lse.dtype
+        grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+        ins = (dout.contiguous(), q, k, v, out, Lse)
+        for batches, nh, (dOg, qg, kg, vg, Og, Lg), (dqg, dkg, dvg) in _each_group(ctx.groups, B, ins, grads):
+            _backward(dOg, qg, kg, vg, Og, Lg[..., 0], batches, ctx.scale, ctx.kpm, nh, dqg, dkg, dvg)
+        dq, dk, dv = grads
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 _PLAN_CACHE: dict[tuple, tuple[Pattern, list[tuple[TileBatch, bool]]]] = {}
@@ -541,28 +692,6 @@ def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tup
             _PLAN_CACHE.clear()
         hit = (pattern, plan(pattern, n, heads, causal))
         _PLAN_CACHE[key] = hit
-    return hit[1]
-
-
-_FOLD_CACHE: dict[tuple, tuple[Pattern, tuple[int, Pattern] | None]] = {}
-
-
-def _residue_fold(pattern: Pattern, n: int, heads: int) -> tuple[int, Pattern] | None:
-    """(r, band) when the pattern is one band over residue classes mod r and r | n."""
-    key = (id(pattern), n, heads)
-    hit = _FOLD_CACHE.get(key)
-    if hit is None or hit[0] is not pattern:
-        pattern.prepare(n, heads)
-        comps = pattern.components(n, heads)
-        res = None
-        if len(comps) == 1 and isinstance(comps[0], Band):
-            c = comps[0]
-            r = c.grouping.d
-            if c.grouping.kind == "residue" and r > 1 and n % r == 0:
-                res = (r, Local(c.before, c.after))
-        if len(_FOLD_CACHE) > 256:
-            _FOLD_CACHE.clear()
-        hit = _FOLD_CACHE[key] = (pattern, res)
     return hit[1]
 
 
@@ -582,7 +711,7 @@ def pattern_attention(
         q, k: [B, H, N, D]; v: [B, H, N, Dv] (self-attention: Nq == Nk).
         pattern: any :class:`longattn.patterns.Pattern`, per-head lists included.
         causal: intersect with j <= i.
-        key_padding_mask: bool [B, N], True = real token.
+        key_padding_mask: bool [B, N], True = a real token.
 
     Returns:
         [B, H, N, Dv]. Queries with no visible key get zeros. Differentiable in
@@ -592,40 +721,19 @@ def pattern_attention(
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a longattn.patterns.Pattern, got {type(pattern).__name__}")
     s = default_scale(scale, d.D)
-    split = pattern.heads_split(d.H)
-    if split is not None:
-        outs = [
-            pattern_attention(
-                q[:, h0 : h0 + nh], k[:, h0 : h0 + nh], v[:, h0 : h0 + nh], p,
-                causal=causal, key_padding_mask=key_padding_mask, scale=s,
-            )
-            for h0, nh, p in split
-        ]
-        return torch.cat(outs, dim=1)
-    if q.device.type != "cpu":
-        return _dense_fallback(q, k, v, pattern, causal, key_padding_mask, s)
-    fold = _residue_fold(pattern, d.Nq, d.H)
-    if fold is not None:
-        # a band over residue classes mod r (dilated, strided) is a plain band over
-        # sequences of length N / r once positions are regrouped: fold r into the batch
-        r, inner = fold
-        L = d.Nq // r
-
-        def fold_in(x: Tensor) -> Tensor:
-            return x.reshape(d.B, d.H, L, r, x.shape[-1]).permute(0, 3, 1, 2, 4).reshape(d.B * r, d.H, L, x.shape[-1])
-
-        kpm = None
-        if key_padding_mask is not None:
-            kpm = key_padding_mask.reshape(d.B, L, r).transpose(1, 2).reshape(d.B * r, L)
-        out = pattern_attention(fold_in(q), fold_in(k), fold_in(v), inner, causal=causal, key_padding_mask=kpm, scale=s)
-        return out.reshape(d.B, r, d.H, L, d.Dv).permute(0, 2, 3, 1, 4).reshape(d.B, d.H, d.Nq, d.Dv)
-    batches = _cached_plan(pattern, d.Nq, d.H, causal)
+    if d.Dv != d.D:  # the kernel wants one head size: zero columns change no score or output
+        w = max(d.D, d.Dv)
+        pad = lambda x: torch.nn.functional.pad(x, (0, w - x.shape[-1]))  # noqa: E731
+        return pattern_attention(pad(q), pad(k), pad(v), pattern, causal=causal,
+                                 key_padding_mask=key_padding_mask, scale=s)[..., : d.Dv]
+    groups = [(h0, nh, _cached_plan(p, d.Nq, nh, causal)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _BlockSparseAttention.apply(q, k, v, batches, s, key_padding_mask)
+    return _BlockSparseAttention.apply(q, k, v, groups, s, key_padding_mask)
 
 
-def _dense_fallback(q, k, v, pattern, causal, kpm, scale):  # pragma: no cover - GPU only
-    from longattn.ops.reference import dense_attention
-
-    m = pattern.mask(q.shape[2], q.shape[1], causal).to(q.device)
-    return dense_attention(q, k, v, m[None], causal=causal, key_padding_mask=kpm, scale=scale)
+def _head_groups(pattern: Pattern, h0: int, heads: int) -> list[tuple[int, int, Pattern]]:
+    """Per-head lists flattened to (first head, heads, pattern) groups."""
+    split = pattern.heads_split(heads)
+    if split is None:
+        return [(h0, heads, pattern)]
+    return [g for s0, nh, p in split for g in _head_groups(p, h0 + s0, nh)]
