@@ -70,8 +70,12 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 #: instead of paying page faults on a fresh mapping every call.
 WORKSPACE = 1 << 22
 MIN_BAND_TILE = 16
-#: query rows per band tile: the CPU flash kernel's query block for sequences < 192
+#: query rows per band tile: the CPU flash kernel's query block for sequences < 192.
+#: The backward, which writes a key gradient per tile (K/bq times the keys' size),
+#: runs its own plan with wider tiles: any tiling that covers each visible pair
+#: once gives the exact gradient, given the merged output and lse.
 BAND_QUERY_TILE = 32
+BAND_QUERY_TILE_BWD = 128
 #: causal groups up to this long are cut into query blocks over their prefixes (the
 #: kernel skips nothing below its 512-key block)
 SHORT_CAUSAL = 512
@@ -159,7 +163,7 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(x, 1).bit_length() - 1)
 
 
-def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool) -> list[TileBatch]:
+def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool, tile: int) -> list[TileBatch]:
     """Tiles of a band within groups (see the module docstring)."""
     groups = c.grouping.groups(n)
     by_len: dict[int, list[Tensor]] = {}
@@ -170,7 +174,7 @@ def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool) 
         P = torch.stack(gs)  # [G, L] positions of each group
         a = min(c.before, L - 1)
         b = 0 if causal else min(c.after, L - 1)
-        out += _band_group_batches(P, L, a, b, pred, masked)
+        out += _band_group_batches(P, L, a, b, pred, masked, tile)
     return out
 
 
@@ -190,20 +194,21 @@ def _flat(P: Tensor, qu: Tensor, ku: Tensor) -> tuple[Tensor, Tensor]:
     return q, k
 
 
-def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool) -> list[TileBatch]:
+def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool,
+                        tile: int) -> list[TileBatch]:
     """Band ``-a <= u_j - u_i <= b`` inside each group (row of P, [G, L] positions)."""
     whole = torch.arange(L)[None]
     if a >= L - 1 and b >= L - 1:  # whole groups as tiles
         return [TileBatch(*_flat(P, whole, whole), "mask" if masked else "full", pred)]
     if a >= L - 1 and b == 0:
-        if masked or not 2 * BAND_QUERY_TILE <= L <= SHORT_CAUSAL:
+        if masked or not 2 * tile <= L <= SHORT_CAUSAL:
             return [TileBatch(*_flat(P, whole, whole), "mask" if masked else "causal", pred)]
         # short causal groups: the kernel would compute the whole L x L square, so
         # cut queries into blocks of bq, each over its prefix of keys (one call per
         # block, all groups as tiles): ~L^2/2 + L*bq/2 pairs instead of L^2
         out = []
-        for s0 in range(0, L, BAND_QUERY_TILE):
-            s1 = min(s0 + BAND_QUERY_TILE, L)
+        for s0 in range(0, L, tile):
+            s1 = min(s0 + tile, L)
             qu, ku = torch.arange(s0, s1)[None], torch.arange(s1)[None]
             if s0 == 0:
                 out.append(TileBatch(*_flat(P, qu, ku), "causal", pred))
@@ -224,7 +229,7 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         ku = lo[:, None] + torch.arange(span)
         return [TileBatch(*_flat(P, qu, ku), "mask", pred)]
 
-    bq = max(MIN_BAND_TILE, min(BAND_QUERY_TILE, _pow2_floor(a + b)))
+    bq = max(MIN_BAND_TILE, min(tile, _pow2_floor(a + b)))
     K = bq + a + b
     s = torch.arange(-(-L // bq)) * bq
     ar = torch.arange(bq)
@@ -309,7 +314,7 @@ def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
     return out
 
 
-def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileBatch, bool]]:
+def plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int | None = None) -> list[tuple[TileBatch, bool]]:
     """The tile batches computing ``pattern`` (one head group) at length ``n``, each
     with a flag: True when no earlier batch touched its queries (its outputs are
     written, not merged).
@@ -337,7 +342,7 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileB
         masked = bool(earlier) or isinstance(c, _Restricted)
         inner = c.inner if isinstance(c, _Restricted) else c
         if isinstance(inner, Band):
-            tbs = _band_batches(inner, n, causal, pred, masked)
+            tbs = _band_batches(inner, n, causal, pred, masked, tile or BAND_QUERY_TILE)
         elif isinstance(inner, Gather):
             tbs = _gather_batches(inner, pred)
         else:  # pragma: no cover
@@ -656,7 +661,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     """Exact attention over the tile plans of each head group (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, groups: Groups, scale, kpm):
+    def forward(ctx, q, k, v, groups: Groups, bwd_groups: Groups | None, scale, kpm):
         B, H, N, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         O = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
@@ -665,7 +670,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             _forward_bh(qg, kg, vg, batches, scale, kpm, nh, Og, Lg[..., 0])
         out = O.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, Lse)
-        ctx.groups, ctx.scale, ctx.kpm = groups, scale, kpm
+        ctx.groups, ctx.scale, ctx.kpm = bwd_groups or groups, scale, kpm
         return out
 
     @staticmethod
@@ -678,19 +683,19 @@ class _BlockSparseAttention(torch.autograd.Function):
         for batches, nh, (dOg, qg, kg, vg, Og, Lg), (dqg, dkg, dvg) in _each_group(ctx.groups, B, ins, grads):
             _backward(dOg, qg, kg, vg, Og, Lg[..., 0], batches, ctx.scale, ctx.kpm, nh, dqg, dkg, dvg)
         dq, dk, dv = grads
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 _PLAN_CACHE: dict[tuple, tuple[Pattern, list[tuple[TileBatch, bool]]]] = {}
 
 
-def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool) -> list[tuple[TileBatch, bool]]:
-    key = (id(pattern), n, heads, causal)
+def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int) -> list[tuple[TileBatch, bool]]:
+    key = (id(pattern), n, heads, causal, tile)
     hit = _PLAN_CACHE.get(key)
     if hit is None or hit[0] is not pattern:
         if len(_PLAN_CACHE) > 256:
             _PLAN_CACHE.clear()
-        hit = (pattern, plan(pattern, n, heads, causal))
+        hit = (pattern, plan(pattern, n, heads, causal, tile))
         _PLAN_CACHE[key] = hit
     return hit[1]
 
@@ -726,9 +731,13 @@ def pattern_attention(
         pad = lambda x: torch.nn.functional.pad(x, (0, w - x.shape[-1]))  # noqa: E731
         return pattern_attention(pad(q), pad(k), pad(v), pattern, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=s)[..., : d.Dv]
-    groups = [(h0, nh, _cached_plan(p, d.Nq, nh, causal)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
+    groups = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        bwd = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE_BWD)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
+    else:
+        bwd = None
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _BlockSparseAttention.apply(q, k, v, groups, s, key_padding_mask)
+    return _BlockSparseAttention.apply(q, k, v, groups, bwd, s, key_padding_mask)
 
 
 def _head_groups(pattern: Pattern, h0: int, heads: int) -> list[tuple[int, int, Pattern]]:
