@@ -228,11 +228,15 @@ def test_memory_is_linear_not_quadratic():
     assert big < 8 * max(small, 8.0), f"peak grew {big / max(small, 8.0):.1f}x from 4K to 16K"
 
 
+@pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_portable_engine_equals_flash_engine(monkeypatch, causal):
-    """The matmul engine (used off CPU) and the fused CPU flash engine agree, with grads."""
+def test_portable_engine_equals_flash_engine(monkeypatch, causal, sliced):
+    """The matmul engine (used off CPU) and the fused CPU flash engine agree, with grads
+    (also when the flash engine runs in many slices: look-back keys across slices)."""
     import longattn.ops._chunked as chunked
 
+    if sliced:
+        monkeypatch.setattr(chunked, "_FLASH_SLICE", 4 * 8 * 3)  # 3 chunks per call
     q, v = rand(1, 2, 45, 8, seed=1), rand(1, 2, 45, 8, seed=2)
     kpm = rand(1, 45, seed=3) > -0.8
 

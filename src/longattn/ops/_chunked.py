@@ -29,7 +29,6 @@ only. The look-back chunk always covers that window.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -204,47 +203,89 @@ def _flash_ok(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
+#: score entries per flash call of the sorted-chunk engine: small enough that the
+#: slices reuse heap memory (no page faults on fresh mappings) and stay in cache
+_FLASH_SLICE = 1 << 19
+
+
+def code_bias(code: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive scores of visibility codes n (0 = hidden, n = visible in n rounds):
+    -|log n| is -inf for 0, 0 for 1 and -log n above."""
+    return code.to(dtype).log_().abs_().neg_()
+
+
+def _slice_keys(x: Tensor, g0: int, g1: int, c: int, look_back: bool) -> Tensor:
+    """Keys of groups g0:g1 from the flat sorted rows x [G * c, D]: [g1 - g0, 1, w, D].
+    With look-back, group g sees rows (g - 1) c .. (g + 1) c: a zero-copy view (the
+    first group's missing look-back rows are zeros, always masked)."""
+    D = x.shape[-1]
+    if not look_back:
+        return x[g0 * c : g1 * c].view(g1 - g0, 1, c, D)
+    if g0 == 0:
+        x = torch.cat([x.new_zeros(c, D), x[: g1 * c]])
+        start = 0
+    else:
+        start = (g0 - 1) * c
+    return x.as_strided((g1 - g0, 1, 2 * c, D), (c * D, c * D, D, 1), x.storage_offset() + start * D)
+
+
 class _SortedRounds(torch.autograd.Function):
     """R rounds of chunk attention in sorted orders, merged by log-sum-exp.
 
-    Inputs in sorted-chunk layout: q, k [B, H, R, C, c, D], v [.., Dv]; bias
-    [B, H, R, C, c, w] (0 / -inf / -log count; w = 2c with look-back, else c);
-    unsort: int64 [B * H * R * Np] rows of the sorted layout in token order.
-    Returns the merged output [B, H, Np, Dv] and log-sum-exp [B, H, Np] (-inf where
-    no round sees a key; not differentiable) in token order.
+    Inputs in sorted-chunk layout: q, k [B, H, R, C, c, D], v [.., Dv]; code int8
+    [B, H, R, C, c, w] (0 = hidden, n = visible in n rounds: score - log n; w = 2c
+    with look-back, else c); unsort: int64 [B * H * R * Np] rows of the sorted layout
+    in token order. Returns the merged output [B, H, Np, Dv] and log-sum-exp
+    [B, H, Np] (-inf where no round sees a key; not differentiable) in token order.
 
-    One call of PyTorch's fused CPU flash kernel does every chunk of every round.
-    The backward calls its backward with the *merged* output and log-sum-exp of
-    each query: that is the exact gradient of one softmax over the union of the
-    rounds' keys, so no gradient through the per-round lse is needed.
+    PyTorch's fused CPU flash kernel does the chunks, a bounded slice of them per
+    call (look-back keys as zero-copy views). The backward calls its backward with
+    the *merged* output and log-sum-exp of each query: that is the exact gradient of
+    one softmax over the union of the rounds' keys, so no gradient through the
+    per-round lse is needed.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, unsort, scale, look_back):
+    def forward(ctx, q, k, v, code, unsort, scale, look_back):
         B, H, R, C, c, D = q.shape
         Dv = v.shape[-1]
         Np = C * c
         G = B * H * R * C
-        qf, kf, vf = _flash_inputs(q, k, v, look_back)
-        bf = bias.reshape(G, 1, c, -1)
-        o, l = _flash(qf, kf, vf, 0.0, False, attn_mask=bf, scale=scale)
+        w = code.shape[-1]
+        qf, kf, vf = q.reshape(G, 1, c, D), k.reshape(G * c, D), v.reshape(G * c, Dv)
+        cf = code.reshape(G, 1, c, w)
+        o = q.new_empty(G, c, Dv)
+        l = None
+        step = max(1, _FLASH_SLICE // (c * w))
+        for g0 in range(0, G, step):
+            g1 = min(G, g0 + step)
+            bias = code_bias(cf[g0:g1], q.dtype)
+            os_, ls = _flash(qf[g0:g1], _slice_keys(kf, g0, g1, c, look_back), _slice_keys(vf, g0, g1, c, look_back),
+                             0.0, False, attn_mask=bias, scale=scale)
+            if l is None:
+                l = ls.new_empty(G, c)
+            o[g0:g1] = os_[:, 0]
+            l[g0:g1] = ls[:, 0]
         ctx.lse_dtype = l.dtype
-        l = l.to(q.dtype).masked_fill_(torch.isneginf(bf.amax(-1)), float("-inf"))  # no key
+        l = l.to(q.dtype).masked_fill_((cf[:, 0] == 0).all(-1), float("-inf"))  # no key
         outs = o.reshape(-1, Dv).index_select(0, unsort).reshape(B, H, R, Np, Dv)
         lses = l.reshape(-1).index_select(0, unsort).reshape(B, H, R, Np)
+        del o, l
         out, lse = merge_by_lse(outs, lses, dim=2)
-        ctx.save_for_backward(q, k, v, bias, unsort, out, lse)
+        ctx.save_for_backward(q, k, v, code, unsort, out, lse)
         ctx.scale, ctx.look_back = scale, look_back
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, g_out, _g_lse):
-        q, k, v, bias, unsort, out, lse = ctx.saved_tensors
+        q, k, v, code, unsort, out, lse = ctx.saved_tensors
         B, H, R, C, c, D = q.shape
         Dv = v.shape[-1]
         Np = C * c
         G = B * H * R * C
+        w = code.shape[-1]
+        look_back = ctx.look_back
         # token-order rows -> sorted layout: the inverse of unsort
         sort = torch.empty_like(unsort)
         sort[unsort] = torch.arange(unsort.numel(), device=unsort.device)
@@ -256,36 +297,30 @@ class _SortedRounds(torch.autograd.Function):
         lse_f = lse.masked_fill(torch.isneginf(lse), 0.0)  # those rows see no key anyway
         ls = lse_f.reshape(-1).index_select(0, tok).reshape(G, 1, c).to(ctx.lse_dtype)
         del sort, tok, lse_f
-        qf, kf, vf = _flash_inputs(q, k, v, ctx.look_back)
-        dq, dk, dv = _flash_bwd(gs, qf, kf, vf, os_, ls, 0.0, False,
-                                attn_mask=bias.reshape(G, 1, c, -1), scale=ctx.scale)
-        del gs, os_, ls, qf, kf, vf
-        if ctx.look_back:
-            # own keys, plus the look-back keys that belong to the previous chunk
-            dk, dv = _fold_look_back(dk.reshape(G, 2 * c, D)), _fold_look_back(dv.reshape(G, 2 * c, Dv))
+        qf, kf, vf = q.reshape(G, 1, c, D), k.reshape(G * c, D), v.reshape(G * c, Dv)
+        cf = code.reshape(G, 1, c, w)
+        dq = torch.empty(G, c, D, dtype=q.dtype, device=q.device)
+        dk = torch.zeros(G * c, D, dtype=k.dtype, device=k.device)
+        dv = torch.zeros(G * c, Dv, dtype=v.dtype, device=v.device)
+        step = max(1, _FLASH_SLICE // (c * w))
+        for g0 in range(0, G, step):
+            g1 = min(G, g0 + step)
+            dqs, dks, dvs = _flash_bwd(
+                gs[g0:g1], qf[g0:g1], _slice_keys(kf, g0, g1, c, look_back),
+                _slice_keys(vf, g0, g1, c, look_back), os_[g0:g1], ls[g0:g1], 0.0, False,
+                attn_mask=code_bias(cf[g0:g1], q.dtype), scale=ctx.scale,
+            )
+            dq[g0:g1] = dqs[:, 0]
+            for grad, part in ((dk, dks[:, 0]), (dv, dvs[:, 0])):
+                if not look_back:
+                    grad[g0 * c : g1 * c] += part.reshape(-1, grad.shape[-1])
+                    continue
+                # own keys, then the look-back keys (the previous group's own rows)
+                grad[g0 * c : g1 * c] += part[:, c:].reshape(-1, grad.shape[-1])
+                lo = max(g0, 1)
+                grad[(lo - 1) * c : (g1 - 1) * c] += part[lo - g0 :, :c].reshape(-1, grad.shape[-1])
         return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
                 None, None, None, None)
-
-
-def _fold_look_back(d: Tensor) -> Tensor:
-    """Gradient of look-back keys [G, 2c, D] -> of the chunks themselves [G, c, D]."""
-    c = d.shape[1] // 2
-    own = d[:, c:]
-    own[:-1] += d[1:, :c]
-    return own.contiguous()
-
-
-def _flash_inputs(q, k, v, look_back):
-    """Flash inputs: q [G, 1, c, D], k/v [G, 1, w, .] (look-back as a zero-copy view)."""
-    c, D = q.shape[-2:]
-    G = q.numel() // (c * D)
-    qf = q.reshape(G, 1, c, D)
-    kf = k.reshape(G, c, D)
-    vf = v.reshape(G, c, -1)
-    if look_back:
-        kf = _look_back_view(_padded_front(kf), 0, G, c)
-        vf = _look_back_view(_padded_front(vf), 0, G, c)
-    return qf, kf.unsqueeze(1), vf.unsqueeze(1)
 
 
 def merge_by_lse(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -391,16 +426,15 @@ def sorted_chunk_attention(
             perm, slot, group, valid, chunk=chunk, causal=causal, look_back=use_lb,
             exclude_self=exclude_self, dedup=dedup and R > 1,
         )
-        zero = torch.zeros((), dtype=q.dtype, device=dev)
-        bias = torch.where(mask, zero, torch.full((), float("-inf"), dtype=q.dtype, device=dev))
-        del mask
-        if count is not None:  # a pair visible in n rounds gets -log n in each
-            for n in range(2, R + 1):
-                bias.masked_fill_(count == n, -math.log(n))
-            del count
+        # visibility code: 0 hidden, n = visible in n rounds (score - log n in each)
+        code = mask.to(torch.int8) if count is None else count
+        del mask, count
     if _flash_ok(q):
-        out, lse = _SortedRounds.apply(qs, ks, vs, bias, unsort, scale, use_lb)
+        out, lse = _SortedRounds.apply(qs, ks, vs, code, unsort, scale, use_lb)
         return out[:, :, :N], lse[:, :, :N]
+    with torch.no_grad():
+        bias = code_bias(code, q.dtype)
+        del code
     out, lse = chunk_attention(qs, ks, vs, bias, scale, look_back=use_lb)
     out = out.reshape(B, H, R, Np, Dv)
     lse = lse.reshape(B, H, R, Np)
