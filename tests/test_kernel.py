@@ -47,6 +47,7 @@ def segments(request, monkeypatch):
 
     if request.param == "many_segments":
         monkeypatch.setattr(kmod, "_SEG_ELEMS", 2 * 3 * 8 * 12)
+        monkeypatch.setattr(kmod, "_INFER_ROWS", 8 * 12)  # FAVOR+ inference: blocks of 12/8 rows
     return request.param
 
 

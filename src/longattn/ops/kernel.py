@@ -413,6 +413,9 @@ def _linear_fast(
         mask = None if key_padding_mask is None else key_padding_mask[:, a:b]
         return _mask_keys(fk, sk, v[:, :, a:b], mask)
 
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not causal and not grad and isinstance(fmap, FavorFeatureMap) and q.device.type == "cpu":
+        return _favor_inference(fmap, q, k, v, key_padding_mask, r)
     outs = []
     if causal:
         state, m0 = None, None
@@ -439,6 +442,60 @@ def _linear_fast(
             fq, _ = feats(q[:, :, a:b], True)
             outs.append(_ratio(torch.matmul(fq, state)))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+_INFER_ROWS = 1 << 20
+"""Feature elements per block of the inference path (4 MiB in fp32): one buffer,
+reused by every block."""
+
+
+@torch.no_grad()
+def _favor_inference(
+    fmap: "FavorFeatureMap", q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+    r: float | None,
+) -> Tensor:
+    """Non-causal FAVOR+ without autograd: the arithmetic of the segmented form, head
+    by head over contiguous row blocks, every feature block written into one reused
+    buffer (``torch.mm(out=)``). Fresh N x F feature tensors would be mapped and
+    page-faulted on every call, which costs as much as the matmuls on the CPU."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    w = fmap.projection.to(q.dtype)
+    wt = (w if r is None else w * r).T.contiguous()  # [D, F]
+    F = wt.shape[1]
+    half = 0.5 if r is None else 0.5 * r * r
+    rows = max(1, _INFER_ROWS // F)
+    buf = q.new_empty(rows, F)
+    qf, kf, vf = (x.reshape(B * H, x.shape[2], x.shape[3]) for x in (q, k, v))
+    out = q.new_empty(B, H, Nq, Dv)
+    of = out.view(B * H, Nq, Dv)
+    for bh in range(B * H):
+        real = None if key_padding_mask is None else key_padding_mask[bh // H]
+        state, m_run = None, None
+        for a in range(0, Nk, rows):
+            b = min(Nk, a + rows)
+            x, f = kf[bh, a:b], buf[: b - a]
+            torch.mm(x, wt, out=f)
+            m = f.amax(-1, keepdim=True)
+            f.sub_(m).exp_()
+            s = m[:, 0] - half * (x * x).sum(-1)  # the keys' log-scales
+            if real is not None:
+                s.masked_fill_(~real[a:b], _NEG)
+            m_new = s.max() if m_run is None else torch.maximum(m_run, s.max())
+            e = torch.exp(s - m_new)
+            if real is not None:
+                e.masked_fill_(~real[a:b], 0.0)
+            va = torch.cat([vf[bh, a:b] * e[:, None], e[:, None]], -1)  # [L, Dv + 1]
+            part = f.T @ va
+            state = part if state is None else state.mul_(torch.exp(m_run - m_new)).add_(part)
+            m_run = m_new
+        for a in range(0, Nq, rows):
+            b = min(Nq, a + rows)
+            f = buf[: b - a]
+            torch.mm(qf[bh, a:b], wt, out=f)
+            f.sub_(f.amax(-1, keepdim=True)).exp_()  # a per-query scale cancels in the ratio
+            of[bh, a:b] = _ratio(f @ state)
+    return out
 
 
 @dataclass
