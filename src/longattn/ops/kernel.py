@@ -365,8 +365,8 @@ def linear_attention_naive(
 # --------------------------------------------------------------------------- fast forms
 
 
-_SEG_ELEMS = 1 << 24
-"""Elements of one segment's feature tensor [B, H, L, F] (64 MiB in fp32). The fast
+_SEG_ELEMS = 1 << 22
+"""Elements of one segment's feature tensor [B, H, L, F] (16 MiB in fp32). The fast
 forms compute features segment by segment: the same arithmetic, with bounded
 buffers instead of fresh N x F ones (first-touch page faults of huge buffers cost as
 much as the matmuls on CPU), and few enough segments that per-op overhead stays small."""
