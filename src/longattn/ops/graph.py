@@ -15,8 +15,16 @@ from torch import Tensor
 from longattn.ops._checks import check_qkv, default_scale
 from longattn.registry import REQUIRED, Param, register
 
-#: elements (B * H * edges * D) gathered at once
-EDGE_CHUNK = 1 << 24
+#: elements (B * H * edges * D) gathered at once (16 MiB in fp32: reused by the allocator)
+EDGE_CHUNK = 1 << 22
+
+
+def _rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[:, :, idx] for x [B, H, N, D] as one 2-D index_select (far faster on the CPU
+    than index_select along dim 2)."""
+    B, H, N, D = x.shape
+    flat = (torch.arange(B * H, device=x.device)[:, None] * N + idx).reshape(-1)
+    return x.reshape(B * H * N, D).index_select(0, flat).view(B, H, idx.numel(), D)
 
 
 def _ckpt(fn, *args):
@@ -83,7 +91,7 @@ def graph_attention(
     chunks = [(s0, min(s0 + step, E)) for s0 in range(0, E, step)]
 
     def edge_scores(q, k, s_, d_):
-        return (q.index_select(2, d_).to(work) * k.index_select(2, s_).to(work)).sum(-1) * s
+        return (_rows(q, d_).to(work) * _rows(k, s_).to(work)).sum(-1) * s
 
     score = torch.cat(
         [_ckpt(edge_scores, q, k, src[a:b], dst[a:b]) for a, b in chunks], dim=2
@@ -99,7 +107,7 @@ def graph_attention(
 
     def weighted_values(w_, v, s_, d_):
         out = torch.zeros(d.B, d.H, d.Nq, d.Dv, dtype=work, device=v.device)
-        return out.index_add(2, d_, w_[..., None] * v.index_select(2, s_).to(work))
+        return out.index_add(2, d_, w_[..., None] * _rows(v, s_).to(work))
 
     num = torch.zeros(d.B, d.H, d.Nq, d.Dv, dtype=work, device=q.device)
     for a, b in chunks:
