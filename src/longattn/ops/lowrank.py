@@ -51,6 +51,31 @@ def _masked_softmax(scores: Tensor, visible: Tensor | None) -> Tensor:
     return torch.softmax(scores, -1) * any_vis
 
 
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor | None) -> Tensor:
+    """softmax(q k^T * scale) v, keys masked by ``visible`` (bool, broadcastable to
+    [B, H, 1, Nk]; None = all); a row with no visible key gives 0.
+
+    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv]. On the CPU in float32/64
+    this is PyTorch's fused flash kernel (forward and backward): no [Nq, Nk] score
+    tensor, so the low-rank mechanisms stay O(N) in memory and allocate no large
+    transient buffers. Elsewhere, plain matmuls and :func:`_masked_softmax`.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and k.shape[-1] == v.shape[-1]:
+        B, H = q.shape[:2]
+        mask = None
+        if visible is not None and not bool(visible.all()):
+            mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+        # the kernel reads rows through strides but needs unit stride along D
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        k, v = k.expand(B, H, -1, -1), v.expand(B, H, -1, -1)
+        return _flash(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[0]
+    p = _masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, visible)
+    return torch.matmul(p, v)
+
+
 # --------------------------------------------------------------------------- linformer
 
 _PROJ_CACHE: dict[tuple, Tensor] = {}
@@ -136,20 +161,16 @@ def linformer_attention(
         vw = vw.masked_fill(~real, 0.0)
     kp = _project(kw_, E.to(q.device), "E", d.H)  # [B, H, k, D]
     vp = _project(vw, F.to(q.device), "F", d.H)  # [B, H, k, Dv]
-    scores = torch.matmul(q.to(work), kp.transpose(-1, -2)) * s
     # a projected key that no real key reaches is masked: with identity projections
     # (E = I, k >= N) these are exactly the padded keys and the missing rows, so k = N
     # gives full attention
     if key_padding_mask is None:
         reach = E[..., : d.Nk].abs().sum(-1).to(q.device) > 0  # [k] or [H, k]
-        if bool(reach.all()):
-            return torch.matmul(torch.softmax(scores, -1), vp).to(q.dtype)
         reach = reach.expand(d.H, -1)[None]  # [1, H, k]
     else:
         real = key_padding_mask.to(work)[:, None, :, None]  # [B, 1, Nk, 1]
         reach = _project(real, E.abs().to(q.device), "E", d.H)[..., 0] > 0  # [B, 1|H, k]
-    p = _masked_softmax(scores, reach[:, :, None, :])
-    return torch.matmul(p, vp).to(q.dtype)
+    return _softmax_attention(q.to(work), kp, vp, s, reach[:, :, None, :]).to(q.dtype)
 
 
 class LinformerAttention(nn.Module):
@@ -302,10 +323,9 @@ def compressed_attention(
     vc = _compress(vz, real, c, conv_v, d.H, "conv_v")  # [B, H, S, Dv]
     slot_ok = real.view(d.B, S, c).any(-1)[:, None, None, :]  # [B, 1, 1, S]
     qw = q.to(work)
-    sc = torch.matmul(qw, kc.transpose(-1, -2)) * s  # [B, H, Nq, S]
     if not causal:
-        p = _masked_softmax(sc, None if bool(slot_ok.all()) else slot_ok)
-        return torch.matmul(p, vc).to(q.dtype)
+        return _softmax_attention(qw, kc, vc, s, slot_ok).to(q.dtype)
+    sc = torch.matmul(qw, kc.transpose(-1, -2)) * s  # [B, H, Nq, S]
     # causal: slots strictly before the own block, plus the own block uncompressed
     N = d.Nq
     i = torch.arange(N, device=q.device)
@@ -490,11 +510,10 @@ def nystrom_attention(
     ql, ql_ok = _segment_means(qw, real_q, min(landmarks, d.Nq))  # [B, H, Mq, D]
     kl, kl_ok = _segment_means(kw_, real_k, min(landmarks, d.Nk))  # [B, H, Mk, D]
     kl_vis = kl_ok[:, None, None, :]
-    f1 = _masked_softmax(torch.matmul(qw, kl.transpose(-1, -2)) * s, kl_vis)  # [B, H, Nq, Mk]
     a = _masked_softmax(torch.matmul(ql, kl.transpose(-1, -2)) * s, kl_vis)  # [B, H, Mq, Mk]
     a = a * ql_ok[:, None, :, None]
-    b = _masked_softmax(torch.matmul(ql, kw_.transpose(-1, -2)) * s, real_k[:, None, None, :])
-    b = b * ql_ok[:, None, :, None]  # [B, H, Mq, Nk]
-    bv = torch.matmul(b, vw)  # [B, H, Mq, Dv]
-    out = torch.matmul(f1, torch.matmul(iterative_pinv(a, pinv_iters), bv))
+    # softmax(Ql K^T) V and softmax(Q Kl^T) (pinv(a) bv): attention over all keys from
+    # the few landmark queries, and from every query over the few landmark keys
+    bv = _softmax_attention(ql, kw_, vw, s, real_k[:, None, None, :]) * ql_ok[:, None, :, None]  # [B, H, Mq, Dv]
+    out = _softmax_attention(qw, kl, torch.matmul(iterative_pinv(a, pinv_iters), bv), s, kl_vis)
     return out.to(q.dtype)
