@@ -45,10 +45,10 @@ def lm(mechanism="full", params=None, **kw) -> Transformer:
     return Transformer(cfg).to(D64).eval()
 
 
-def check_incremental(m: Transformer, n: int = 20) -> None:
+def check_incremental(m: Transformer, n: int = 20, tol: float = 1e-9) -> None:
     x = torch.randint(0, 17, (2, n))
     with torch.no_grad():
-        torch.testing.assert_close(incremental_logits(m, x), m(x), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(incremental_logits(m, x), m(x), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("pos", ["sinusoidal", "learned", "rope", "alibi", "none"])
@@ -120,7 +120,9 @@ def test_linear_state_against_hand_quadratic_form():
 def test_performer_module_state_equals_parallel():
     need("performer")
     m = lm("performer", {"num_features": 16})
-    check_incremental(m, 12)
+    # FAVOR+ features are exponentials re-referenced to running maxima in a different
+    # order by the two forms: float64 rounding grows to ~1e-7 relative in the logits
+    check_incremental(m, 12, tol=1e-6)
 
 
 def test_mixed_heads_full_and_linear():

@@ -118,7 +118,7 @@ def test_pathfinder_positives_connect_negatives_do_not():
 def test_recall_labels_are_the_paired_values():
     from longattn.tasks import recall
 
-    cfg = recall.RecallConfig(num_keys=10, num_values=7, pairs=5, queries=4, seq_len=30, n_val=50)
+    cfg = recall.RecallConfig(num_keys=10, num_values=7, pairs=5, queries=4, seq_len=30, n_val=50, fused_pairs=False)
     data = recall.generate(cfg, "val", 3)
     for row, lab in zip(data.x, data.y):
         pairs = {int(row[i]): int(row[i + 1]) for i in range(0, 10, 2)}
@@ -130,6 +130,27 @@ def test_recall_labels_are_the_paired_values():
             assert lab[p] == value_token - (2 + cfg.num_keys)
         others = np.setdiff1d(np.arange(10, 30), qpos)
         assert (row[others] == recall.FILLER).all()
+
+
+def test_recall_fused_pair_tokens_decode_to_the_labels():
+    from longattn.tasks import recall
+
+    K, V = 10, 7
+    cfg = recall.RecallConfig(num_keys=K, num_values=V, pairs=5, queries=4, seq_len=30, n_val=50)
+    assert cfg.fused_pairs and cfg.vocab_size == 2 + K + K * V
+    data = recall.generate(cfg, "val", 3)
+    for row, lab in zip(data.x, data.y):
+        # decode each pair token by hand: token 2 + K + k * V + v
+        pairs = {}
+        for t in row[0:10:2]:
+            code = int(t) - 2 - K
+            assert 0 <= code < K * V
+            pairs[2 + code // V] = code % V  # key token -> value index
+        assert len(pairs) == 5 and (row[1:10:2] == recall.FILLER).all()
+        qpos = np.nonzero(lab != IGNORE)[0]
+        assert len(qpos) == 4 and (qpos >= 10).all()
+        for p in qpos:
+            assert 2 <= row[p] < 2 + K and lab[p] == pairs[int(row[p])]
 
 
 def test_copy_labels():

@@ -126,6 +126,18 @@ class ModelConfig:
         return asdict(self)
 
 
+def _init_token_embedding(emb: nn.Embedding) -> None:
+    """Token embeddings start at std dim^-0.5 and are read times sqrt(dim)
+    (:func:`_embed_tokens`): unit-scale inputs beside the unit-amplitude sinusoidal
+    positions (at GPT's std 0.02 the positions would drown the tokens 50:1 and
+    content-based tasks barely learn), while a tied LM head keeps small weights."""
+    nn.init.normal_(emb.weight, std=emb.embedding_dim ** -0.5)
+
+
+def _embed_tokens(emb: nn.Embedding, x: Tensor) -> Tensor:
+    return emb(x) * emb.embedding_dim ** 0.5
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
@@ -177,6 +189,10 @@ class Transformer(nn.Module):
         out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
         self.head = nn.Linear(cfg.dim, out, bias=cfg.head != "lm")
         self.apply(_init_weights)
+        if cfg.input == "tokens":
+            _init_token_embedding(self.tok_emb)
+        if isinstance(self.pos_enc, LearnedPositionalEncoding):
+            self.pos_enc.reset_parameters()
         if cfg.head == "lm" and cfg.tie_embeddings and cfg.input == "tokens":
             self.head.weight = self.tok_emb.weight
 
@@ -195,7 +211,7 @@ class Transformer(nn.Module):
         if cfg.input == "tokens":
             if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"x must be int tokens [B, N], got {x.dtype} {tuple(x.shape)}")
-            h = self.tok_emb(x)
+            h = _embed_tokens(self.tok_emb, x)
         else:
             if x.dim() != 3 or x.shape[-1] != cfg.in_dim or not x.is_floating_point():
                 raise ValueError(f"x must be float features [B, N, {cfg.in_dim}], got {x.dtype} {tuple(x.shape)}")
@@ -273,11 +289,15 @@ class EncoderDecoder(nn.Module):
                                cross_params=cross_params, **common)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(_init_weights)
+        if isinstance(self.pos_enc, LearnedPositionalEncoding):
+            self.pos_enc.reset_parameters()
+        _init_token_embedding(self.src_emb)
+        _init_token_embedding(self.tgt_emb)
         if cfg.tie_embeddings:
             self.head.weight = self.tgt_emb.weight
 
     def _embed(self, emb: nn.Embedding, x: Tensor) -> Tensor:
-        h = emb(x)
+        h = _embed_tokens(emb, x)
         if self.pos_enc is not None:
             h = self.pos_enc(h)
         return self.drop(h)

@@ -60,7 +60,12 @@ class LearnedPositionalEncoding(nn.Module):
         super().__init__()
         self.max_len = max_len
         self.table = nn.Embedding(max_len, dim)
-        nn.init.normal_(self.table.weight, std=0.02)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Unit scale, like the sinusoidal table and the (scaled) token embeddings, so
+        neither positions nor tokens drown the other at the start."""
+        nn.init.normal_(self.table.weight, std=1.0)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         n = x.shape[1]

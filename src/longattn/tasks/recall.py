@@ -13,6 +13,16 @@ a long-range, content-based lookup that fixed local patterns cannot do when the
 pair is far away. Tokens: 0 pad, 1 filler, keys 2..K+1, values K+2..K+V+1; labels
 are value indices 0..V-1. Bidirectional (``kind="tokens"``).
 
+``fused_pairs=True`` (the default) writes each pair as one token ``(k, v)``
+(tokens K+2 .. K+2+K*V-1, after the keys), followed by a filler so the layout and
+the distances stay those of the two-token form::
+
+    (k3,v7) . (k1,v2) . (k9,v4) . . . k1 . . . k9 .
+
+The lookup is the same long-range, content-based match of a query to its pair,
+without the positional first step (copy the value onto its key) whose learning
+plateau is described below; the two-token layout is ``fused_pairs=False``.
+
 Learning dynamics (measured, 2-layer dim-64 full attention, CPU): the model first
 learns which values are present (accuracy ~ 1/pairs, e.g. ~20% at 8 pairs) and
 then sits on that plateau until the two-step circuit (copy the value onto its key,
@@ -40,6 +50,7 @@ class RecallConfig:
     pairs: int = 8
     queries: int = 8
     seq_len: int = 64
+    fused_pairs: bool = True
     n_train: int = 8000
     n_val: int = 1000
     n_test: int = 1000
@@ -56,6 +67,8 @@ class RecallConfig:
 
     @property
     def vocab_size(self) -> int:
+        if self.fused_pairs:
+            return 2 + self.num_keys + self.num_keys * self.num_values
         return 2 + self.num_keys + self.num_values
 
     @property
@@ -68,6 +81,10 @@ class RecallConfig:
     def value_token(self, v: np.ndarray | int) -> np.ndarray | int:
         return 2 + self.num_keys + v
 
+    def pair_token(self, k: np.ndarray | int, v: np.ndarray | int) -> np.ndarray | int:
+        """The one token of pair (k, v) in the fused layout."""
+        return 2 + self.num_keys + k * self.num_values + v
+
 
 def generate(cfg: RecallConfig, split: str, seed: int) -> TaskData:
     n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
@@ -78,8 +95,11 @@ def generate(cfg: RecallConfig, split: str, seed: int) -> TaskData:
     for i in range(n):
         keys = rng.choice(cfg.num_keys, size=P, replace=False)
         vals = rng.integers(cfg.num_values, size=P)
-        x[i, 0 : 2 * P : 2] = cfg.key_token(keys)
-        x[i, 1 : 2 * P : 2] = cfg.value_token(vals)
+        if cfg.fused_pairs:
+            x[i, 0 : 2 * P : 2] = cfg.pair_token(keys, vals)
+        else:
+            x[i, 0 : 2 * P : 2] = cfg.key_token(keys)
+            x[i, 1 : 2 * P : 2] = cfg.value_token(vals)
         pos = 2 * P + np.sort(rng.choice(N - 2 * P, size=cfg.queries, replace=False))
         which = rng.choice(P, size=cfg.queries, replace=cfg.queries > P)
         x[i, pos] = cfg.key_token(keys[which])
@@ -93,6 +113,7 @@ SPEC = register_task(
         config=RecallConfig,
         generate=generate,
         kind="tokens",
+        version=2,
         summary="multi-query associative recall: key-value pairs, then queries; label = the value",
         paper="Ba et al. 2016; Arora et al. 2023 (Zoology, MQAR)",
     )
