@@ -92,3 +92,31 @@ def test_unknown_names_fail_before_training(tmp_path):
         suite.run_suite(suite.SuiteConfig(tasks=["recall"], mechanisms=["nope"], out=str(tmp_path)))
     with pytest.raises(ValueError, match="nada"):
         suite.run_suite(suite.SuiteConfig(tasks=["nada"], mechanisms=["full"], out=str(tmp_path)))
+
+
+def test_resume_reuses_only_finished_runs_with_the_same_settings(tmp_path, monkeypatch):
+    cfg = suite.SuiteConfig(tasks=["recall"], mechanisms=["full", "linear"], quick=True, steps=2,
+                            out=str(tmp_path), progress=False)
+    first = suite.run_suite(cfg)
+    # "linear" was interrupted: its run directory has no result.json.
+    (tmp_path / "runs" / "recall" / "linear" / "result.json").unlink()
+    import longattn.train as train_mod
+
+    calls = []
+    real = train_mod.train
+
+    def counting(tc):
+        calls.append(tc.mechanism)
+        return real(tc)
+
+    monkeypatch.setattr(train_mod, "train", counting)
+    cfg.resume = True
+    again = suite.run_suite(cfg)
+    assert calls == ["linear"]  # full reused, linear trained again
+    assert again[0]["resumed"] and again[0]["test_acc"] == first[0]["test_acc"]
+    assert not again[1].get("resumed") and again[1]["status"] == "ok"
+    # Other settings: nothing is reused.
+    calls.clear()
+    cfg.steps = 3
+    suite.run_suite(cfg)
+    assert calls == ["full", "linear"]

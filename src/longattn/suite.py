@@ -162,6 +162,29 @@ class SuiteConfig:
     steps: int | None = None  # override every task's steps (tests, smoke runs)
     progress: bool = True
     timeout_s: int = 3600
+    resume: bool = False  # reuse finished runs under ``out`` whose settings match
+
+
+# Settings a finished run's saved config must match to be reused by ``--resume``.
+_RESUME_KEYS = ("task", "task_options", "mechanism", "mechanism_params", "seed", "layers", "dim", "heads", "steps",
+                "batch", "lr", "warmup", "eval_every", "max_eval")
+
+
+def _finished(run_dir: Path, want: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result of a finished run in ``run_dir`` if its settings equal ``want``, else None."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        res = json.loads(path.read_text())
+        saved = res["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    diff = [k for k in want if json.dumps(saved.get(k), sort_keys=True) != json.dumps(want[k], sort_keys=True)]
+    if diff:
+        print(f"[suite]   {run_dir}: saved run differs in {diff}; training again", file=sys.stderr)
+        return None
+    return res
 
 
 def run_one(task: str, mechanism: str, cfg: SuiteConfig, run_dir: Path) -> dict[str, Any]:
@@ -177,6 +200,14 @@ def run_one(task: str, mechanism: str, cfg: SuiteConfig, run_dir: Path) -> dict[
     if params is None:
         return {**rec, "status": "skipped", "reason": why}
     rec["mechanism_params"] = params
+    keep = ("test_acc", "final_test_acc", "best_val_acc", "majority_baseline", "train_time_s", "peak_mem_mb",
+            "tokens_per_s", "params", "steps")
+    if cfg.resume:
+        want = {"task": task, "task_options": topts, "mechanism": mechanism, "mechanism_params": params,
+                "seed": cfg.seed, "max_eval": 0, **trainopts}
+        res = _finished(run_dir, {k: want[k] for k in _RESUME_KEYS if k in want})
+        if res is not None:
+            return {**rec, "status": "ok", **{k: res[k] for k in keep}, "wall_s": None, "resumed": True}
     isolate = (not cfg.quick) if cfg.isolate is None else cfg.isolate
     t0 = time.perf_counter()
     try:
@@ -193,8 +224,6 @@ def run_one(task: str, mechanism: str, cfg: SuiteConfig, run_dir: Path) -> dict[
     except Exception as e:  # one broken mechanism must not stop the suite
         return {**rec, "status": "failed", "error": f"{type(e).__name__}: {e}"[-2000:],
                 "wall_s": time.perf_counter() - t0}
-    keep = ("test_acc", "final_test_acc", "best_val_acc", "majority_baseline", "train_time_s", "peak_mem_mb",
-            "tokens_per_s", "params", "steps")
     return {**rec, "status": "ok", **{k: res[k] for k in keep}, "wall_s": time.perf_counter() - t0}
 
 
@@ -247,6 +276,8 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
         for mech in mechs:
             print(f"[suite] {task} / {mech}", file=sys.stderr, flush=True)
             rec = run_one(task, mech, cfg, out / "runs" / task / mech)
+            if rec.get("resumed"):
+                print("[suite]   finished before: reused (--resume)", file=sys.stderr)
             records.append(rec)
             if rec["status"] != "ok":
                 print(f"[suite]   {rec['status']}: {rec.get('reason') or rec.get('error')}", file=sys.stderr)
@@ -369,7 +400,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     cfg = SuiteConfig(tasks=args.tasks or list(DEFAULT_TASKS), mechanisms=args.mechanisms, quick=args.quick,
                       out=args.out, seed=args.seed, isolate=args.isolate, steps=args.steps,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, resume=args.resume)
     try:
         records = run_suite(cfg)
     except Exception:
@@ -394,4 +425,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="one subprocess per run (default unless --quick)")
     iso.add_argument("--in-process", dest="isolate", action="store_false")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs under --out that finished with the same settings (an interrupted suite "
+                        "continues where it stopped)")
     p.set_defaults(run=_run)

@@ -578,7 +578,7 @@ def _merge(O: Tensor, Lse: Tensor, ch: _Chunk, o: Tensor, lse: Tensor, first: bo
     Lse.index_copy_(1, pos, l_new)
 
 
-def _accumulate(x: Tensor, ch: _Chunk, g: Tensor, heads: int) -> None:
+def _accumulate(x: Tensor, ch: _Chunk, g: Tensor) -> None:
     """Add key gradients g [BH, Tc, K, D] into x [BH, N, D] at the chunk's keys."""
     if ch.kview is not None:
         v = ch.kview
@@ -637,8 +637,8 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, dq, dk, dv):
                 _window(dq, ch.qview, ch.Tc, ch.bq).add_(gq)
             else:
                 dq.index_add_(1, ch.qidx, gq.reshape(BH, -1, D).to(acc))
-            _accumulate(dk, ch, gk, H)
-            _accumulate(dv, ch, gv, H)
+            _accumulate(dk, ch, gk)
+            _accumulate(dv, ch, gv)
 
 
 Groups = list[tuple[int, int, list[tuple[TileBatch, bool]]]]
