@@ -125,3 +125,36 @@ def test_fully_masked_rows_zero_and_errors():
         longattn.attention(q, k, v, "synthesizer", mix=1.5, max_len=16)
     with pytest.raises(TypeError, match="weights"):
         longattn.attention(q, k, v, "synthesizer", weights=[1, 2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_left_padding_dead_rows_give_zeros_and_exact_gradients(kind):
+    """Causal + left padding: rows before the first real key see nothing (zeros, finite
+    gradients); the other rows and every gradient equal the masked formula."""
+    q, k, v = qkv()
+    w = {n: t.double().requires_grad_() for n, t in synthesizer_weights(
+        kind, H, D, 16, rank=4, generator=torch.Generator().manual_seed(2)).items()}
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, :4] = False  # batch 1: rows 0..3 have no visible key
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    g = torch.randn(B, H, N, D, dtype=D64, generator=torch.Generator().manual_seed(3))
+    out = longattn.attention(q, k, v, "synthesizer", kind=kind, weights=w, causal=True, key_padding_mask=mask,
+                             mix=0.25)
+    assert (out[1, :, :4] == 0).all()
+    (out * g).sum().backward()
+    got = [t.grad.clone() for t in (q, k, v, *w.values())]
+    for t in (q, k, v, *w.values()):
+        t.grad = None
+    # reference: the masked formula on the rows that see a key (no NaN anywhere)
+    dot = q @ k.transpose(-1, -2) / D ** 0.5
+    scores = 0.75 * hand_scores(kind, w, q) + 0.25 * dot
+    total = 0.0
+    for b, first in ((0, 0), (1, 4)):
+        p = softmax_masked(scores[b : b + 1], True, mask[b : b + 1])[:, :, first:]
+        ref = p @ v[b : b + 1]
+        torch.testing.assert_close(out[b : b + 1, :, first:], ref)
+        total = total + (ref * g[b : b + 1, :, first:]).sum()
+    total.backward()
+    for a, r in zip(got, (q.grad, k.grad, v.grad, *(t.grad for t in w.values()))):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, r)

@@ -189,17 +189,48 @@ def synthesizer_attention(
             raise ValueError(f"mix must be in [0, 1], got {mix!r}")
         dot = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * s
         scores = (1 - m) * scores + m * dot
-    scores = scores.expand(d.B, d.H, d.Nq, d.Nk)
-    visible = torch.ones(d.Nq, d.Nk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = visible.tril()
-    visible = visible.expand(d.B, d.H, d.Nq, d.Nk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    any_vis = visible.any(-1, keepdim=True)
-    p = torch.softmax(scores.masked_fill(~any_vis, 0.0), -1) * any_vis
+    # Masks stay in their small broadcast shapes ([Nq, Nk] causal, [B, 1, 1, Nk] padding):
+    # at N=1024 a [B, H, N, N] mask costs as much as the attention itself.
+    bias, alive = _mask_bias(d.B, d.Nq, d.Nk, causal, key_padding_mask, work, q.device)
+    if bias is not None:
+        scores = scores + bias
+    p = torch.softmax(scores, -1)
+    if alive is not None:
+        p = p * alive.to(work)
+    if p.shape[0] == 1 and d.B > 1:  # shared scores (random kinds): one softmax for the batch
+        return torch.einsum("hij,bhjd->bhid", p[0], v.to(work)).to(q.dtype)
     return torch.matmul(p, v.to(work)).to(q.dtype)
+
+
+def _mask_bias(B: int, Nq: int, Nk: int, causal: bool, key_padding_mask: Tensor | None, dtype: torch.dtype,
+               device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """(additive bias broadcastable to [B, 1, Nq, Nk] or None, alive [B, 1, Nq, 1] or None).
+
+    Rows with no visible key get a zero bias (a finite softmax) and alive = False
+    (their probabilities are zeroed, so they return zeros, not NaN).
+    """
+    if not causal and key_padding_mask is None:
+        return None, None
+    neg = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    bias = torch.zeros((), dtype=dtype, device=device)
+    alive = None
+    if causal:
+        upper = torch.ones(Nq, Nk, dtype=torch.bool, device=device).triu(1)
+        bias = bias + torch.where(upper, neg, 0.0)  # [Nq, Nk]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(device)
+        bias = bias + torch.where(kpm, 0.0, neg)[:, None, None, :]  # [B, 1, Nq|1, Nk]
+        if causal:  # row i sees a key iff the first real key is at or before i
+            first = torch.where(kpm.any(-1), kpm.to(torch.int8).argmax(-1), Nk)
+            alive = torch.arange(Nq, device=device)[None, :] >= first[:, None]  # [B, Nq]
+        else:
+            alive = kpm.any(-1)[:, None].expand(B, Nq)
+        alive = alive[:, None, :, None]
+        if bool(alive.all()):
+            alive = None
+        else:
+            bias = bias.masked_fill(~alive, 0.0)
+    return bias, alive
 
 
 class SynthesizerAttention(nn.Module):
