@@ -28,7 +28,7 @@ def test_mechanism_params_come_from_the_table(monkeypatch):
                         _fake("fake_lowrank", causal=False, params=(Param("max_len", registry.REQUIRED), Param("k", 8))))
     monkeypatch.setitem(registry._REGISTRY, "fake_2d",
                         _fake("fake_2d", params=(Param("height", registry.REQUIRED), Param("width", registry.REQUIRED), Param("radius_h", 1))))
-    monkeypatch.setitem(suite.MECHANISM_PARAMS, "fake_lowrank", {"max_len": "{seq_len}", "k": 4, "junk": 1})
+    monkeypatch.setitem(suite.MECHANISM_PARAMS, "fake_lowrank", {"max_len": "{seq_len}", "k": 4})
     monkeypatch.setitem(suite.MECHANISM_PARAMS, "fake_2d", {"height": "{side}", "width": "{side}"})
     lo = suite.task_info("listops", {"max_len": 100})
     pf = suite.task_info("pathfinder", {"size": 16})
@@ -36,13 +36,23 @@ def test_mechanism_params_come_from_the_table(monkeypatch):
     assert (lo.seq_len, lo.side, pf.seq_len, pf.side, cp.causal) == (100, None, 256, 16, True)
 
     params, why = suite.mechanism_params("fake_lowrank", lo)
-    assert params == {"max_len": 100, "k": 4} and why == ""  # only declared parameters are passed
+    assert params == {"max_len": 100, "k": 4} and why == ""
+    monkeypatch.setitem(suite.MECHANISM_PARAMS, "fake_lowrank", {"max_len": "{seq_len}", "junk": 1})
+    with pytest.raises(ValueError, match="junk"):  # a misspelt key is not silently dropped
+        suite.mechanism_params("fake_lowrank", lo)
+    monkeypatch.setitem(suite.MECHANISM_PARAMS, "fake_lowrank", {"max_len": "{seq_len}", "k": 4})
     params, why = suite.mechanism_params("fake_lowrank", cp)
     assert params is None and "cannot be causal" in why
     assert suite.mechanism_params("fake_2d", pf)[0] == {"height": 16, "width": 16}
     params, why = suite.mechanism_params("fake_2d", lo)
     assert params is None and "height" in why
     assert suite.mechanism_params("full", cp) == ({}, "")
+
+
+def test_every_table_entry_is_a_declared_parameter():
+    for name, table in suite.MECHANISM_PARAMS.items():
+        declared = {p.name for p in registry.get(name).params}
+        assert set(table) <= declared, (name, set(table) - declared)
 
 
 def test_markdown_table_marks_baseline_skips_and_failures():

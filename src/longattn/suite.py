@@ -18,8 +18,9 @@ Mechanisms that need per-task parameters (windows, ``max_len`` of Linformer and
 the Synthesizer, the image side of 2-D patterns) take them from
 :data:`MECHANISM_PARAMS`, a table keyed by mechanism name whose values may name
 task quantities (``"{seq_len}"``, ``"{side}"``, ``"{seq_len_4}"`` = seq_len // 4).
-Only the parameters a mechanism declares in the registry are passed (a learned
-mechanism's module makes its own tensors, e.g. Linformer's E and F). A pair is
+A key the mechanism does not declare in the registry is an error (a misspelt key
+would silently leave it at its defaults); a learned mechanism's module makes its
+own tensors (e.g. Linformer's E and F). A pair is
 skipped (and reported as such) when the task is causal and the mechanism cannot be,
 or when a required parameter cannot be resolved for the task (e.g. a 2-D pattern on
 a 1-D task).
@@ -60,7 +61,7 @@ BUDGETS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "default": {
         "listops": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
         "pathfinder": ({"n_train": 6000}, dict(steps=250, batch=32, eval_every=125, max_eval=500)),
-        "recall": ({"n_train": 8000}, dict(steps=1000, batch=32, eval_every=250)),
+        "recall": ({"n_train": 8000}, dict(steps=1500, batch=32, eval_every=250)),
         "copy": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
         "copy_masked": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
         "digits": ({}, dict(steps=400, batch=32, eval_every=200)),
@@ -100,7 +101,7 @@ MECHANISM_PARAMS: dict[str, dict[str, Any]] = {
     "performer": {"num_features": 64},
     "lsh": {"bucket_size": 16, "n_hashes": 2},
     "clustered": {"n_clusters": 4, "chunk_size": 16},
-    "sinkhorn": {"block": 16, "bucket_size": 16},
+    "sinkhorn": {"block_size": 16},
     "synthesizer": {"max_len": "{seq_len}"},
 }
 
@@ -137,6 +138,10 @@ def mechanism_params(mechanism: str, info: TaskInfo) -> tuple[dict[str, Any] | N
     if info.causal and not spec.causal:
         return None, f"{mechanism} cannot be causal; {info.name} is a causal task"
     table = MECHANISM_PARAMS.get(mechanism, {})
+    unknown = sorted(set(table) - {p.name for p in spec.params})
+    if unknown:  # a misspelt key would silently leave the mechanism at its defaults
+        raise ValueError(f"MECHANISM_PARAMS[{mechanism!r}] has {unknown}, which {mechanism} does not take; "
+                         f"it takes {[p.name for p in spec.params]}")
     params = {}
     for p in spec.params:
         if p.name in table:
