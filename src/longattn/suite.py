@@ -62,7 +62,7 @@ BUDGETS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
         "listops": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
         "pathfinder": ({"n_train": 6000}, dict(steps=250, batch=32, eval_every=125, max_eval=500)),
         "recall": ({"n_train": 8000}, dict(steps=1500, batch=32, eval_every=250)),
-        "copy": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
+        "copy": ({"n_train": 8000}, dict(steps=1000, batch=32, eval_every=250)),
         "copy_masked": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
         "digits": ({}, dict(steps=400, batch=32, eval_every=200)),
     },
