@@ -17,17 +17,18 @@ def unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def lsh_reference(q, v, buckets, chunk, causal, kpm):
+def lsh_reference(q, v, buckets, chunk, causal, kpm, dedup=True):
     """Dense shared-QK attention over the union of the rounds' visible sets, by loops.
 
     Per round: real tokens sorted by (bucket, position), padded ones after them.
     Non-causal: i sees j if chunk(j) is chunk(i) or the one before. Causal: j < i,
     same bucket, slot(i) - slot(j) <= chunk. Never self, unless nothing else at all.
+    ``dedup=False``: a pair visible in n rounds has n times its weight (score + log n).
     """
     B, H, N, _ = q.shape
     R = buckets.shape[2]
     real = torch.ones(B, N, dtype=torch.bool) if kpm is None else kpm
-    mask = torch.zeros(B, H, N, N, dtype=torch.bool)
+    count = torch.zeros(B, H, N, N, dtype=q.dtype)
     for b in range(B):
         for h in range(H):
             for r in range(R):
@@ -43,11 +44,13 @@ def lsh_reference(q, v, buckets, chunk, causal, kpm):
                             vis = j < i and bk[i] == bk[j] and slot[i] - slot[j] <= chunk
                         else:
                             vis = slot[i] // chunk - slot[j] // chunk in (0, 1)
-                        mask[b, h, i, j] |= vis
+                        count[b, h, i, j] += vis
+    mask = count > 0
     alone = ~mask.any(-1)
     eye = torch.eye(N, dtype=torch.bool)
     mask = mask | (eye & alone[..., None] & real[:, None, None, :])
-    return dense_attention(q, unit(q), v, mask)
+    bias = None if dedup else count.clamp_min(1).log()
+    return dense_attention(q, unit(q), v, mask, bias=bias)
 
 
 def rand(*shape, dtype=F64, seed=0):
@@ -73,6 +76,29 @@ def test_equals_union_reference(causal, padded, n_buckets, n_hashes):
     ga = torch.autograd.grad(out, (q1, v1), g)
     gb = torch.autograd.grad(ref, (q2, v2), g)
     for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+@pytest.mark.parametrize("dedup,n_hashes", [(True, 1), (False, 2), (False, 3)])
+def test_unpadded_uniform_mask_path_equals_reference(monkeypatch, dedup, n_hashes, sliced):
+    """N a multiple of the chunk, no padding, not causal: every chunk shares one mask
+    (the engine builds no visibility tensor); also with duplicates counted n times,
+    and in slices whose first chunk of a sequence falls mid-slice."""
+    import longattn.ops._chunked as chunked
+
+    if sliced:
+        monkeypatch.setattr(chunked, "_FLASH_SLICE", 4 * 8 * 3)  # 3 chunks per call
+    B, H, N, D = 2, 2, 32, 8
+    q, v = rand(B, H, N, D, seed=11), rand(B, H, N, D, seed=12)
+    q1, v1 = q.clone().requires_grad_(), v.clone().requires_grad_()
+    out = lsh_attention(q1, q1, v1, bucket_size=4, n_buckets=4, n_hashes=n_hashes, seed=7, dedup=dedup)
+    buckets = lsh_buckets(q, random_rotations(n_hashes, D, 4, 7, dtype=F64), 4)
+    q2, v2 = q.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = lsh_reference(q2, v2, buckets, 4, False, None, dedup=dedup)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    g = rand(*out.shape, seed=13)
+    for a, b in zip(torch.autograd.grad(out, (q1, v1), g), torch.autograd.grad(ref, (q2, v2), g)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
@@ -252,3 +278,18 @@ def test_portable_engine_equals_flash_engine(monkeypatch, causal, sliced):
     slow = run()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_unit_has_the_gradient_of_the_plain_formula():
+    """The keys' normalisation has a hand-written backward: equal to autograd's through
+    x / max(|x|, eps), also on a row whose norm is clamped."""
+    from longattn.ops._chunked import unit as fast_unit
+
+    x = rand(3, 5, 7, seed=21)
+    x[0, 0] = 1e-9
+    g = rand(3, 5, 7, seed=22)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fast_unit(a), b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    torch.testing.assert_close(ya, yb, atol=1e-15, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(ya, a, g)[0], torch.autograd.grad(yb, b, g)[0],
+                               atol=1e-12, rtol=1e-12)

@@ -214,6 +214,33 @@ def code_bias(code: Tensor, dtype: torch.dtype) -> Tensor:
     return code.to(dtype).log_().abs_().neg_()
 
 
+def uniform_bias(c: int, w: int, exclude_self: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The additive mask [1, 1, c, w] that every chunk shares when nothing is padded,
+    nothing is causal and no pair is counted in several rounds: every key visible
+    but, with ``exclude_self``, the token itself (the diagonal of the own chunk, the
+    last c keys)."""
+    b = torch.zeros(c, w, dtype=dtype, device=device)
+    if exclude_self:
+        b[:, w - c :].diagonal().fill_(float("-inf"))
+    return b[None, None]
+
+
+def _slice_bias(code: Tensor | None, uniform: Tensor | None, g0: int, g1: int, C: int,
+                look_back: bool, dtype: torch.dtype) -> Tensor:
+    """Additive mask of groups g0:g1 ([g1 - g0, 1, c, w]): from the visibility codes, or
+    the uniform mask broadcast, with the look-back keys of each sequence's first chunk
+    (group g with g % C == 0: it has no previous chunk) hidden."""
+    if code is not None:
+        return code_bias(code[g0:g1], dtype)
+    _, _, c, w = uniform.shape
+    bias = uniform.expand(g1 - g0, 1, c, w)
+    first = [g - g0 for g in range(-(-g0 // C) * C, g1, C)]
+    if look_back and first:
+        bias = bias.clone()
+        bias[first, :, :, : w - c] = float("-inf")
+    return bias
+
+
 def _slice_keys(x: Tensor, g0: int, g1: int, c: int, look_back: bool) -> Tensor:
     """Keys of groups g0:g1 from the flat sorted rows x [G * c, D]: [g1 - g0, 1, w, D].
     With look-back, group g sees rows (g - 1) c .. (g + 1) c: a zero-copy view (the
@@ -234,7 +261,8 @@ class _SortedRounds(torch.autograd.Function):
 
     Inputs in sorted-chunk layout: q, k [B, H, R, C, c, D], v [.., Dv]; code int8
     [B, H, R, C, c, w] (0 = hidden, n = visible in n rounds: score - log n; w = 2c
-    with look-back, else c); unsort: int64 [B * H * R * Np] rows of the sorted layout
+    with look-back, else c), or None with ``uniform`` [1, 1, c, w]: one mask shared by
+    every chunk (see :func:`_slice_bias`; no row may be left without a key); unsort: int64 [B * H * R * Np] rows of the sorted layout
     in token order. Returns the merged output [B, H, Np, Dv] and log-sum-exp
     [B, H, Np] (-inf where no round sees a key; not differentiable) in token order.
 
@@ -246,20 +274,20 @@ class _SortedRounds(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, code, unsort, scale, look_back):
+    def forward(ctx, q, k, v, code, uniform, unsort, scale, look_back):
         B, H, R, C, c, D = q.shape
         Dv = v.shape[-1]
         Np = C * c
         G = B * H * R * C
-        w = code.shape[-1]
+        w = (code if code is not None else uniform).shape[-1]
         qf, kf, vf = q.reshape(G, 1, c, D), k.reshape(G * c, D), v.reshape(G * c, Dv)
-        cf = code.reshape(G, 1, c, w)
+        cf = code.reshape(G, 1, c, w) if code is not None else None
         o = q.new_empty(G, c, Dv)
         l = None
         step = max(1, _FLASH_SLICE // (c * w))
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
-            bias = code_bias(cf[g0:g1], q.dtype)
+            bias = _slice_bias(cf, uniform, g0, g1, C, look_back, q.dtype)
             os_, ls = _flash(qf[g0:g1], _slice_keys(kf, g0, g1, c, look_back), _slice_keys(vf, g0, g1, c, look_back),
                              0.0, False, attn_mask=bias, scale=scale)
             if l is None:
@@ -267,24 +295,26 @@ class _SortedRounds(torch.autograd.Function):
             o[g0:g1] = os_[:, 0]
             l[g0:g1] = ls[:, 0]
         ctx.lse_dtype = l.dtype
-        l = l.to(q.dtype).masked_fill_((cf[:, 0] == 0).all(-1), float("-inf"))  # no key
+        l = l.to(q.dtype)
+        if cf is not None:
+            l.masked_fill_((cf[:, 0] == 0).all(-1), float("-inf"))  # rows with no key
         outs = o.reshape(-1, Dv).index_select(0, unsort).reshape(B, H, R, Np, Dv)
         lses = l.reshape(-1).index_select(0, unsort).reshape(B, H, R, Np)
         del o, l
         out, lse = merge_by_lse(outs, lses, dim=2)
-        ctx.save_for_backward(q, k, v, code, unsort, out, lse)
+        ctx.save_for_backward(q, k, v, code, uniform, unsort, out, lse)
         ctx.scale, ctx.look_back = scale, look_back
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, g_out, _g_lse):
-        q, k, v, code, unsort, out, lse = ctx.saved_tensors
+        q, k, v, code, uniform, unsort, out, lse = ctx.saved_tensors
         B, H, R, C, c, D = q.shape
         Dv = v.shape[-1]
         Np = C * c
         G = B * H * R * C
-        w = code.shape[-1]
+        w = (code if code is not None else uniform).shape[-1]
         look_back = ctx.look_back
         # token-order rows -> sorted layout: the inverse of unsort
         sort = torch.empty_like(unsort)
@@ -298,7 +328,7 @@ class _SortedRounds(torch.autograd.Function):
         ls = lse_f.reshape(-1).index_select(0, tok).reshape(G, 1, c).to(ctx.lse_dtype)
         del sort, tok, lse_f
         qf, kf, vf = q.reshape(G, 1, c, D), k.reshape(G * c, D), v.reshape(G * c, Dv)
-        cf = code.reshape(G, 1, c, w)
+        cf = code.reshape(G, 1, c, w) if code is not None else None
         dq = torch.empty(G, c, D, dtype=q.dtype, device=q.device)
         dk = torch.zeros(G * c, D, dtype=k.dtype, device=k.device)
         dv = torch.zeros(G * c, Dv, dtype=v.dtype, device=v.device)
@@ -308,7 +338,7 @@ class _SortedRounds(torch.autograd.Function):
             dqs, dks, dvs = _flash_bwd(
                 gs[g0:g1], qf[g0:g1], _slice_keys(kf, g0, g1, c, look_back),
                 _slice_keys(vf, g0, g1, c, look_back), os_[g0:g1], ls[g0:g1], 0.0, False,
-                attn_mask=code_bias(cf[g0:g1], q.dtype), scale=ctx.scale,
+                attn_mask=_slice_bias(cf, uniform, g0, g1, C, look_back, q.dtype), scale=ctx.scale,
             )
             dq[g0:g1] = dqs[:, 0]
             for grad, part in ((dk, dks[:, 0]), (dv, dvs[:, 0])):
@@ -320,7 +350,7 @@ class _SortedRounds(torch.autograd.Function):
                 lo = max(g0, 1)
                 grad[(lo - 1) * c : (g1 - 1) * c] += part[lo - g0 :, :c].reshape(-1, grad.shape[-1])
         return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def merge_by_lse(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -421,6 +451,12 @@ def sorted_chunk_attention(
     vs = v.reshape(-1, Dv).index_select(0, rows).reshape(B, H, R, C, chunk, Dv)
 
     use_lb = look_back or causal
+    if _flash_ok(q) and key_valid is None and not pad and not causal and not (dedup and R > 1) \
+            and (chunk > 1 or not exclude_self):
+        # every chunk sees the same mask: no per-entry visibility tensor at all
+        uniform = uniform_bias(chunk, 2 * chunk if use_lb else chunk, exclude_self, q.dtype, dev)
+        out, lse = _SortedRounds.apply(qs, ks, vs, None, uniform, unsort, scale, use_lb)
+        return out[:, :, :N], lse[:, :, :N]
     with torch.no_grad():
         mask, count = _sorted_mask(
             perm, slot, group, valid, chunk=chunk, causal=causal, look_back=use_lb,
@@ -430,7 +466,7 @@ def sorted_chunk_attention(
         code = mask.to(torch.int8) if count is None else count
         del mask, count
     if _flash_ok(q):
-        out, lse = _SortedRounds.apply(qs, ks, vs, code, unsort, scale, use_lb)
+        out, lse = _SortedRounds.apply(qs, ks, vs, code, None, unsort, scale, use_lb)
         return out[:, :, :N], lse[:, :, :N]
     with torch.no_grad():
         bias = code_bias(code, q.dtype)
@@ -502,9 +538,30 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+class _Unit(torch.autograd.Function):
+    """y = x / max(|x|, eps) with the short backward dx = (g - y <g, y>) / |x| (or
+    g / eps where the norm is clamped): two passes instead of autograd's division
+    and norm graphs."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        clamped = n < eps
+        n.clamp_(min=eps)
+        y = x / n
+        ctx.save_for_backward(y, n, clamped)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, n, clamped = ctx.saved_tensors
+        dot = (g * y).sum(-1, keepdim=True).masked_fill_(clamped, 0.0)
+        return torch.addcmul(g, y, dot, value=-1.0).div_(n), None
+
+
 def unit(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / ||x|| along the last dim (safe at 0)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    """x / ||x|| along the last dim (safe at 0: rows of norm below eps are x / eps)."""
+    return _Unit.apply(x, eps)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -69,20 +69,34 @@ def random_rotations(
     return r.to(device=device, dtype=dtype)
 
 
+#: rows hashed per block: the block's projections (rows x n_buckets/2) stay in cache
+_HASH_ROWS = 2048
+
+
 @torch.no_grad()
 def lsh_buckets(x: Tensor, rotations: Tensor, n_buckets: int) -> Tensor:
-    """Angular LSH: x [B, H, N, D], rotations [R, D, n_buckets/2] -> int64 [B, H, R, N]."""
-    B, H, N, _ = x.shape
+    """Angular LSH: x [B, H, N, D], rotations [R, D, n_buckets/2] -> int64 [B, H, R, N].
+
+    h(x) = argmax([x R, -x R]): the largest projection if it outweighs the most
+    negative one, else the most negative one's index + n_buckets / 2. Computed a block
+    of rows at a time (no N x n_buckets/2 projection tensor)."""
+    B, H, N, D = x.shape
     R = rotations.shape[0]
     if n_buckets == 1:
         return torch.zeros(B, H, R, N, dtype=torch.long, device=x.device)
-    out = torch.empty(B, H, R, N, dtype=torch.long, device=x.device)
-    for r in range(R):  # one round at a time: the projections are N x n_buckets/2
-        proj = torch.matmul(x, rotations[r].to(x.dtype))
-        hi, ihi = proj.max(-1)
-        lo, ilo = proj.min(-1)
-        out[:, :, r] = torch.where(hi >= -lo, ihi, ilo + n_buckets // 2)
-    return out
+    half = n_buckets // 2
+    rows = x.reshape(B * H * N, D)
+    out = torch.empty(R, B * H * N, dtype=torch.long, device=x.device)
+    rot = rotations.to(x.dtype)
+    proj = x.new_empty(min(_HASH_ROWS, rows.shape[0]), half)
+    for r in range(R):
+        for s in range(0, rows.shape[0], _HASH_ROWS):
+            blk = rows[s : s + _HASH_ROWS]
+            p = torch.mm(blk, rot[r], out=proj[: blk.shape[0]])
+            hi, ihi = p.max(-1)
+            lo, ilo = p.min(-1)
+            out[r, s : s + blk.shape[0]] = torch.where(hi >= -lo, ihi, ilo + half)
+    return out.view(R, B, H, N).permute(1, 2, 0, 3).contiguous()
 
 
 def _check_rotations(rotations: Tensor, n_hashes: int, D: int, n_buckets: int) -> None:
@@ -205,6 +219,7 @@ def lsh_attention(
     )
     # a token with nothing else visible in any round attends to itself (if it is a real key)
     alone = torch.isneginf(lse).unsqueeze(-1)
-    own = vw if key_padding_mask is None else vw * key_padding_mask[:, None, :, None]
-    out = torch.where(alone, own, out)
+    if bool(alone.any()):
+        own = vw if key_padding_mask is None else vw * key_padding_mask[:, None, :, None]
+        out = torch.where(alone, own, out)
     return out.to(q.dtype)
