@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 _NEG = -1e30  # finite "minus infinity" for running maxima (exp(_NEG - x) == 0, no NaN)
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 
 # --------------------------------------------------------------------------- feature maps
@@ -457,44 +459,58 @@ def _favor_inference(
     """Non-causal FAVOR+ without autograd: the arithmetic of the segmented form, head
     by head over contiguous row blocks, every feature block written into one reused
     buffer (``torch.mm(out=)``). Fresh N x F feature tensors would be mapped and
-    page-faulted on every call, which costs as much as the matmuls on the CPU."""
+    page-faulted on every call, which costs as much as the matmuls on the CPU.
+
+    The projections are taken in base 2 (W scaled by log2 e, features exp2(a - max a)):
+    the same features, and exp2 runs ~1.8x faster than exp on the CPU."""
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
-    w = fmap.projection.to(q.dtype)
+    w = fmap.projection.to(q.dtype) * _LOG2E
     wt = (w if r is None else w * r).T.contiguous()  # [D, F]
     F = wt.shape[1]
     half = 0.5 if r is None else 0.5 * r * r
     rows = max(1, _INFER_ROWS // F)
     buf = q.new_empty(rows, F)
+    va = q.new_empty(rows, Dv + 1)  # [v e, e]: values and the normaliser's column
+    ob = q.new_empty(rows, Dv + 1)
     qf, kf, vf = (x.reshape(B * H, x.shape[2], x.shape[3]) for x in (q, k, v))
     out = q.new_empty(B, H, Nq, Dv)
     of = out.view(B * H, Nq, Dv)
     for bh in range(B * H):
         real = None if key_padding_mask is None else key_padding_mask[bh // H]
-        state, m_run = None, None
+        state, m_run = None, None  # state [F, Dv + 1] = sum_j phi(k_j) [v_j, 1] exp(s_j - m_run)
         for a in range(0, Nk, rows):
             b = min(Nk, a + rows)
             x, f = kf[bh, a:b], buf[: b - a]
             torch.mm(x, wt, out=f)
             m = f.amax(-1, keepdim=True)
-            f.sub_(m).exp_()
-            s = m[:, 0] - half * (x * x).sum(-1)  # the keys' log-scales
+            f.sub_(m).exp2_()
+            s = m[:, 0] * _LN2 - half * (x * x).sum(-1)  # the keys' log-scales (base e)
             if real is not None:
                 s.masked_fill_(~real[a:b], _NEG)
             m_new = s.max() if m_run is None else torch.maximum(m_run, s.max())
-            e = torch.exp(s - m_new)
-            if real is not None:
+            e = s.sub_(m_new).exp_()
+            if real is not None:  # (exp(_NEG - m_new) is 1, not 0, when every key is padded)
                 e.masked_fill_(~real[a:b], 0.0)
-            va = torch.cat([vf[bh, a:b] * e[:, None], e[:, None]], -1)  # [L, Dv + 1]
-            part = f.T @ va
-            state = part if state is None else state.mul_(torch.exp(m_run - m_new)).add_(part)
+            vb = va[: b - a]
+            torch.mul(vf[bh, a:b], e[:, None], out=vb[:, :Dv])
+            vb[:, Dv] = e
+            if state is None:
+                state = f.T @ vb
+            else:
+                state.mul_(torch.exp(m_run - m_new)).addmm_(f.T, vb)
             m_run = m_new
         for a in range(0, Nq, rows):
             b = min(Nq, a + rows)
             f = buf[: b - a]
             torch.mm(qf[bh, a:b], wt, out=f)
-            f.sub_(f.amax(-1, keepdim=True)).exp_()  # a per-query scale cancels in the ratio
-            of[bh, a:b] = _ratio(f @ state)
+            f.sub_(f.amax(-1, keepdim=True)).exp2_()  # a per-query scale cancels in the ratio
+            o = torch.mm(f, state, out=ob[: b - a])
+            den = o[:, Dv:]
+            zero = den == 0  # no real key (or every feature underflowed): output 0
+            torch.div(o[:, :Dv], den.masked_fill_(zero, 1.0), out=of[bh, a:b])
+            if bool(zero.any()):
+                of[bh, a:b].masked_fill_(zero, 0.0)
     return out
 
 
