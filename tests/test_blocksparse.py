@@ -67,6 +67,30 @@ def test_float64_equals_oracle_at_1000(name, causal):
     _compare(PATTERNS[name], 1000, causal, padded=False)
 
 
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_unfilled_output_buffers_are_fully_written(name, causal, monkeypatch):
+    """Plans that claim their first writes cover every query leave the output buffers
+    uninitialised; filled with NaN instead, any row they miss would show."""
+    import longattn.ops.blocksparse as bs
+
+    monkeypatch.setattr(bs, "UNINIT_FILL", float("nan"))
+    _compare(PATTERNS[name], 259, causal, padded=False, B=1, H=4)
+    _compare(PATTERNS[name], 259, causal, padded=True, B=2, H=4)
+
+
+def test_some_plans_write_every_row_and_some_do_not():
+    from longattn.ops.blocksparse import _cached_plan
+
+    assert _cached_plan(P.Strided(16), 256, 2, False, 32)[1]
+    assert _cached_plan(P.Local(8, 8), 300, 2, True, 32)[1]
+    # global rows are planned first, the global columns' tiles then merge into rows
+    # that were already written: the buffers must start at zero / -inf
+    assert not _cached_plan(P.GlobalTokens([0, 5]), 64, 2, False, 32)[1]
+    # causal random blocks leave some queries with no key at all
+    assert not _cached_plan(P.RandomBlocks(1, 16), 259, 1, True, 32)[1]
+
+
 @pytest.mark.parametrize("name", ["local", "dilated", "strided", "global", "bigbird", "st_fixed_union", "per_head", "longformer"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_float64_with_padding_at_257(name, causal):

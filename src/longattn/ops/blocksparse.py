@@ -81,6 +81,9 @@ BAND_QUERY_TILE_BWD = 128
 SHORT_CAUSAL = 512
 #: run the plain-matmul tile kernel on the CPU too (tests of the non-CPU path)
 FORCE_MATH = False
+#: tests only: fill output buffers that the plan claims to write in full with this
+#: value instead of leaving them uninitialised (a wrong claim then shows as NaN)
+UNINIT_FILL: float | None = None
 
 
 @dataclass(frozen=True)
@@ -661,11 +664,19 @@ class _BlockSparseAttention(torch.autograd.Function):
     """Exact attention over the tile plans of each head group (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, groups: Groups, bwd_groups: Groups | None, scale, kpm):
+    def forward(ctx, q, k, v, groups: Groups, bwd_groups: Groups | None, scale, kpm, written: bool):
         B, H, N, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        O = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
-        Lse = torch.full((B, H, N, 1), float("-inf"), dtype=acc, device=q.device)
+        if written:  # every row is written by a first batch: no initial fill (and no page
+            # faults of a separate pass over a fresh N x D buffer)
+            O = torch.empty(B, H, N, v.shape[-1], dtype=acc, device=q.device)
+            Lse = torch.empty(B, H, N, 1, dtype=acc, device=q.device)
+            if UNINIT_FILL is not None:
+                O.fill_(UNINIT_FILL)
+                Lse.fill_(UNINIT_FILL)
+        else:
+            O = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
+            Lse = torch.full((B, H, N, 1), float("-inf"), dtype=acc, device=q.device)
         for batches, nh, (qg, kg, vg), (Og, Lg) in _each_group(groups, B, (q, k, v), (O, Lse)):
             _forward_bh(qg, kg, vg, batches, scale, kpm, nh, Og, Lg[..., 0])
         out = O.to(q.dtype)
@@ -683,21 +694,33 @@ class _BlockSparseAttention(torch.autograd.Function):
         for batches, nh, (dOg, qg, kg, vg, Og, Lg), (dqg, dkg, dvg) in _each_group(ctx.groups, B, ins, grads):
             _backward(dOg, qg, kg, vg, Og, Lg[..., 0], batches, ctx.scale, ctx.kpm, nh, dqg, dkg, dvg)
         dq, dk, dv = grads
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-_PLAN_CACHE: dict[tuple, tuple[Pattern, list[tuple[TileBatch, bool]]]] = {}
+_PLAN_CACHE: dict[tuple, tuple[Pattern, list[tuple[TileBatch, bool]], bool]] = {}
 
 
-def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int) -> list[tuple[TileBatch, bool]]:
+def _writes_every_row(batches: list[tuple[TileBatch, bool]], n: int) -> bool:
+    """Do the first-write batches of a plan cover every query (so the output buffers
+    need no initial value)?"""
+    covered = torch.zeros(n, dtype=torch.bool)
+    for tb, first in batches:
+        if first:
+            covered[tb.qpos[tb.qpos >= 0]] = True
+    return bool(covered.all())
+
+
+def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int) -> tuple[list[tuple[TileBatch, bool]], bool]:
+    """The plan of :func:`plan` and whether it writes every row, cached per pattern object."""
     key = (id(pattern), n, heads, causal, tile)
     hit = _PLAN_CACHE.get(key)
     if hit is None or hit[0] is not pattern:
         if len(_PLAN_CACHE) > 256:
             _PLAN_CACHE.clear()
-        hit = (pattern, plan(pattern, n, heads, causal, tile))
+        batches = plan(pattern, n, heads, causal, tile)
+        hit = (pattern, batches, _writes_every_row(batches, n))
         _PLAN_CACHE[key] = hit
-    return hit[1]
+    return hit[1], hit[2]
 
 
 def pattern_attention(
@@ -731,13 +754,15 @@ def pattern_attention(
         pad = lambda x: torch.nn.functional.pad(x, (0, w - x.shape[-1]))  # noqa: E731
         return pattern_attention(pad(q), pad(k), pad(v), pattern, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=s)[..., : d.Dv]
-    groups = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
+    plans = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
+    groups = [(h0, nh, batches) for h0, nh, (batches, _) in plans]
+    written = all(w for _, _, (_, w) in plans)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        bwd = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE_BWD)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
+        bwd = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE_BWD)[0]) for h0, nh, p in _head_groups(pattern, 0, d.H)]
     else:
         bwd = None
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _BlockSparseAttention.apply(q, k, v, groups, bwd, s, key_padding_mask)
+    return _BlockSparseAttention.apply(q, k, v, groups, bwd, s, key_padding_mask, written)
 
 
 def _head_groups(pattern: Pattern, h0: int, heads: int) -> list[tuple[int, int, Pattern]]:
