@@ -253,6 +253,19 @@ def test_errors():
         linear_attention_step(st, q[:, :, :1], k[:, :, :1], v[:, :, :1], "favor")
 
 
+def test_memory_no_n_by_n_favor_inference():
+    """Non-causal FAVOR+ without gradients (the reused-buffer path) at N=16384 (H=1,
+    D=32, 256 features): one N x N fp32 tensor would be 1 GiB, one N x F feature
+    tensor 16 MiB; the path keeps a 4 MiB block."""
+    setup = """
+import longattn
+q, k, v = (torch.randn(1, 1, 16384, 32) for _ in range(3))
+"""
+    run = "with torch.no_grad():\n    out = longattn.attention(q, k, v, 'performer', num_features=256)\n"
+    peak = peak_memory_mb(setup, run)
+    assert peak < 64, f"peak {peak:.0f} MiB at N=16384 (N^2 fp32 = 1024 MiB)"
+
+
 @pytest.mark.parametrize("name", ["linear", "performer"])
 def test_memory_no_n_by_n_causal_fwd_bwd(name):
     """Causal fwd+bwd at N=16384 (H=1, D=32): one N x N fp32 tensor would be 1 GiB;

@@ -235,19 +235,21 @@ def test_bad_inputs():
         longattn.attention(q, q, q, "lsh", buckets=4)
 
 
-def _peak(N: int) -> float:
+def _peak(N: int, causal: bool = True, dedup: bool = True) -> float:
     setup = f"""
 from longattn.ops.lsh import lsh_attention
 w = torch.randn(1, 2, 256, 32, requires_grad=True)
-lsh_attention(w, w, w, causal=True, bucket_size=64).sum().backward()  # warm-up (lazy init)
+lsh_attention(w, w, w, causal={causal}, bucket_size=64, dedup={dedup}).sum().backward()  # warm-up (lazy init)
 q = torch.randn(1, 2, {N}, 32, requires_grad=True); v = torch.randn(1, 2, {N}, 32, requires_grad=True)
 """
-    run = "out = lsh_attention(q, q, v, causal=True, bucket_size=64, n_hashes=2); out.sum().backward()"
+    run = (f"out = lsh_attention(q, q, v, causal={causal}, bucket_size=64, n_hashes=2, dedup={dedup}); "
+           "out.sum().backward()")
     return peak_memory_mb(setup, run)
 
 
-def test_memory_is_linear_not_quadratic():
-    small, big = _peak(4096), _peak(16384)
+@pytest.mark.parametrize("causal,dedup", [(True, True), (False, False)], ids=["causal", "shared_mask"])
+def test_memory_is_linear_not_quadratic(causal, dedup):
+    small, big = _peak(4096, causal, dedup), _peak(16384, causal, dedup)
     dense_scores_mb = 2 * 16384 * 16384 * 4 / 2**20  # one N x N fp32 matrix per head: 2 GiB
     assert big < dense_scores_mb / 6, f"peak {big:.0f} MiB at N=16384"
     # linear would be 4x, an N x N tensor 16x (hashing adds a little N * n_buckets)

@@ -451,22 +451,22 @@ def sorted_chunk_attention(
     vs = v.reshape(-1, Dv).index_select(0, rows).reshape(B, H, R, C, chunk, Dv)
 
     use_lb = look_back or causal
+    code = uniform = None
     if _flash_ok(q) and key_valid is None and not pad and not causal and not (dedup and R > 1) \
             and (chunk > 1 or not exclude_self):
         # every chunk sees the same mask: no per-entry visibility tensor at all
         uniform = uniform_bias(chunk, 2 * chunk if use_lb else chunk, exclude_self, q.dtype, dev)
-        out, lse = _SortedRounds.apply(qs, ks, vs, None, uniform, unsort, scale, use_lb)
-        return out[:, :, :N], lse[:, :, :N]
-    with torch.no_grad():
-        mask, count = _sorted_mask(
-            perm, slot, group, valid, chunk=chunk, causal=causal, look_back=use_lb,
-            exclude_self=exclude_self, dedup=dedup and R > 1,
-        )
-        # visibility code: 0 hidden, n = visible in n rounds (score - log n in each)
-        code = mask.to(torch.int8) if count is None else count
-        del mask, count
+    else:
+        with torch.no_grad():
+            mask, count = _sorted_mask(
+                perm, slot, group, valid, chunk=chunk, causal=causal, look_back=use_lb,
+                exclude_self=exclude_self, dedup=dedup and R > 1,
+            )
+            # visibility code: 0 hidden, n = visible in n rounds (score - log n in each)
+            code = mask.to(torch.int8) if count is None else count
+            del mask, count
     if _flash_ok(q):
-        out, lse = _SortedRounds.apply(qs, ks, vs, code, None, unsort, scale, use_lb)
+        out, lse = _SortedRounds.apply(qs, ks, vs, code, uniform, unsort, scale, use_lb)
         return out[:, :, :N], lse[:, :, :N]
     with torch.no_grad():
         bias = code_bias(code, q.dtype)

@@ -307,11 +307,14 @@ def _features(
     return fq, fk, sk
 
 
-def _ratio(o: Tensor) -> Tensor:
-    """[.., Dv + 1] (numerator, normaliser) -> numerator / normaliser; 0 where it is 0."""
+def _ratio(o: Tensor, out: Tensor | None = None) -> Tensor:
+    """[.., Dv + 1] (numerator, normaliser) -> numerator / normaliser; 0 where it is 0.
+    ``out``: write the result there (no autograd)."""
     num, den = o[..., :-1], o[..., -1:]
     zero = den == 0
-    return (num / den.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+    if out is None:
+        return (num / den.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+    return torch.div(num, den.masked_fill(zero, 1.0), out=out).masked_fill_(zero, 0.0)
 
 
 def _mask_keys(
@@ -505,12 +508,7 @@ def _favor_inference(
             f = buf[: b - a]
             torch.mm(qf[bh, a:b], wt, out=f)
             f.sub_(f.amax(-1, keepdim=True)).exp2_()  # a per-query scale cancels in the ratio
-            o = torch.mm(f, state, out=ob[: b - a])
-            den = o[:, Dv:]
-            zero = den == 0  # no real key (or every feature underflowed): output 0
-            torch.div(o[:, :Dv], den.masked_fill_(zero, 1.0), out=of[bh, a:b])
-            if bool(zero.any()):
-                of[bh, a:b].masked_fill_(zero, 0.0)
+            _ratio(torch.mm(f, state, out=ob[: b - a]), out=of[bh, a:b])
     return out
 
 
