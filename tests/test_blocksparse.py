@@ -82,13 +82,13 @@ def test_unfilled_output_buffers_are_fully_written(name, causal, monkeypatch):
 def test_some_plans_write_every_row_and_some_do_not():
     from longattn.ops.blocksparse import _cached_plan
 
-    assert _cached_plan(P.Strided(16), 256, 2, False, 32)[1]
-    assert _cached_plan(P.Local(8, 8), 300, 2, True, 32)[1]
+    assert _cached_plan(P.Strided(16), 256, 2, False, 32, (0, 256), None, False)[1]
+    assert _cached_plan(P.Local(8, 8), 300, 2, True, 32, (0, 300), None, False)[1]
     # global rows are planned first, the global columns' tiles then merge into rows
     # that were already written: the buffers must start at zero / -inf
-    assert not _cached_plan(P.GlobalTokens([0, 5]), 64, 2, False, 32)[1]
-    # causal random blocks leave some queries with no key at all
-    assert not _cached_plan(P.RandomBlocks(1, 16), 259, 1, True, 32)[1]
+    assert not _cached_plan(P.GlobalTokens([0, 5]), 64, 2, False, 32, (0, 64), None, False)[1]
+    # causal random blocks drawn outside the query's own block: block 0 has none
+    assert not _cached_plan(P.RandomBlocks(1, 16, avoid_window=0), 259, 1, True, 32, (0, 259), None, False)[1]
 
 
 @pytest.mark.parametrize("name", ["local", "dilated", "strided", "global", "bigbird", "st_fixed_union", "per_head", "longformer"])
@@ -187,10 +187,11 @@ def test_functional_api_and_registry():
         (lambda q, k, v: longattn.attention(q, k, v, "local", width=3), TypeError, "width"),
         (lambda q, k, v: longattn.attention(q, k, v, "local", before=-1), ValueError, "before"),
         (lambda q, k, v: longattn.attention(q[0], k, v, "local"), ValueError, "q must have shape"),
+        (lambda q, k, v: longattn.attention(q, k[:1], v, "local"), ValueError, "batch and heads"),
         (lambda q, k, v: longattn.attention(q, k[:, :1], v, "local"), ValueError, "batch and heads"),
         (lambda q, k, v: longattn.attention(q, k[..., :4], v, "local"), ValueError, "last dim"),
-        (lambda q, k, v: longattn.attention(q, k[:, :, :10], v[:, :, :10], "local", causal=True), ValueError, "causal"),
-        (lambda q, k, v: longattn.attention(q, k[:, :, :10], v[:, :, :10], "local"), ValueError, "self-attention"),
+        (lambda q, k, v: longattn.attention(q, k[:, :, :10], v[:, :, :10], "local", causal=True), ValueError, "Nq"),
+        (lambda q, k, v: longattn.attention(q, k[:, :, :10], v[:, :, :10], "local"), ValueError, "last Nq"),
         (lambda q, k, v: longattn.attention(q, k, v, "local", key_padding_mask=torch.ones(3, 3)), TypeError, "key_padding_mask"),
         (lambda q, k, v: longattn.attention(q, k, v, "local", key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask"),
         (lambda q, k, v: longattn.attention(q.int(), k, v, "local"), TypeError, "floating"),

@@ -30,6 +30,7 @@ Small masks (N=8, before=1, after=2), ``#`` visible::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -143,16 +144,30 @@ class Pattern:
     def visible(self, i: Tensor, j: Tensor, h: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def components(self, n: int, heads: int) -> list[Component]:  # pragma: no cover
+    def components(self, n: int, heads: int, rows: tuple[int, int] | None = None) -> list[Component]:  # pragma: no cover
+        """The engine components at length ``n``. ``rows`` = (q0, q1): only queries in
+        [q0, q1) will be computed (a decode step, a shard); a pattern may use it to
+        skip the rest, and the engine drops whatever it does not skip."""
         raise NotImplementedError
 
-    def prepare(self, n: int, heads: int) -> None:
-        """Bind length-dependent state (random tables, head counts) before ``visible``."""
+    def prepare(self, n: int, heads: int, causal: bool = False) -> None:
+        """Bind length-dependent state (random tables, head counts) before ``visible``.
+        ``causal``: the pattern will be intersected with j <= i (random blocks are then
+        drawn among earlier blocks only)."""
         for child in self.children():
-            child.prepare(n, heads)
+            child.prepare(n, heads, causal)
 
     def children(self) -> list["Pattern"]:
         return []
+
+    def length_quantum(self, causal: bool = False) -> int:
+        """1 when the visibility among positions [0, L) does not depend on the length
+        n >= L the pattern is laid over (then a packed document may be padded freely);
+        else q: only lengths rounded up to a multiple of q give the same layout."""
+        out = 1
+        for child in self.children():
+            out = math.lcm(out, child.length_quantum(causal))
+        return out
 
     def heads_split(self, heads: int) -> list[tuple[int, int, "Pattern"]] | None:
         """For per-head lists: [(first head, number of heads, pattern)], else None."""
@@ -161,7 +176,7 @@ class Pattern:
     def mask(self, n: int, heads: int = 1, causal: bool = False) -> Tensor:
         """The dense bool mask [heads, n, n] (True = visible), for tests and pictures."""
         _check_int("n", n, 1)
-        self.prepare(n, heads)
+        self.prepare(n, heads, causal)
         i = torch.arange(n)[None, :, None]
         j = torch.arange(n)[None, None, :]
         h = torch.arange(heads)[:, None, None]
@@ -174,7 +189,7 @@ class Pattern:
         """Visible (i, j) pairs summed over heads, without an n x n tensor (chunked rows)."""
         total = 0
         chunk = chunk or max(1, (1 << 21) // (n * heads))
-        self.prepare(n, heads)
+        self.prepare(n, heads, causal)
         j = torch.arange(n)[None, None, :]
         h = torch.arange(heads)[:, None, None]
         for s in range(0, n, chunk):
@@ -204,7 +219,7 @@ class Full(Pattern):
     def visible(self, i, j, h):
         return torch.ones((), dtype=torch.bool)
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         return [Band(INF, INF)]
 
 
@@ -214,7 +229,7 @@ class Causal(Pattern):
     def visible(self, i, j, h):
         return j <= i
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         return [Band(INF, 0)]
 
 
@@ -228,7 +243,7 @@ class Local(Pattern):
     def visible(self, i, j, h):
         return (j >= i - self.before) & (j <= i + self.after)
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         return [Band(self.before, self.after)]
 
 
@@ -242,7 +257,7 @@ class Dilated(Pattern):
     def visible(self, i, j, h):
         return ((j - i) % self.dilation == 0) & ((j - i).abs() <= self.radius * self.dilation)
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         return [Band(self.radius, self.radius, Grouping("residue", self.dilation))]
 
 
@@ -255,7 +270,7 @@ class Strided(Pattern):
     def visible(self, i, j, h):
         return (j - i) % self.stride == 0
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         return [Band(INF, INF, Grouping("residue", self.stride))]
 
 
@@ -268,7 +283,7 @@ class BlockDiagonal(Pattern):
     def visible(self, i, j, h):
         return i // self.block == j // self.block
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         return [Band(INF, INF, Grouping("chunk", self.block))]
 
 
@@ -298,7 +313,9 @@ QUERY_BLOCK = 128
 
 
 class GlobalTokens(Pattern):
-    """Global positions: ``i in idx or j in idx``. Positions >= N are ignored."""
+    """Global positions: ``i in idx or j in idx``. Positions >= N are ignored (the
+    registered mechanisms refuse them instead; a packed document shorter than an
+    index simply has no such token)."""
 
     def __init__(self, indices: Sequence[int] | Tensor = (0,)) -> None:
         self.indices = _as_index(indices, "indices")
@@ -306,19 +323,23 @@ class GlobalTokens(Pattern):
     def visible(self, i, j, h):
         return _member(i, self.indices) | _member(j, self.indices)
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         idx = self.indices[self.indices < n]
         if idx.numel() == 0:
             return []
+        q0, q1 = rows or (0, n)
         cols = idx
         rows_pred = lambda i, j, h: _member(i, idx)  # noqa: E731
         cols_pred = lambda i, j, h: _member(j, idx)  # noqa: E731
-        qpos = _blocks(torch.arange(n), QUERY_BLOCK)
+        start = q0 // QUERY_BLOCK * QUERY_BLOCK
+        qpos = _blocks(torch.arange(start, q1), QUERY_BLOCK)
         comps: list[Component] = [
             Gather(qpos, cols.expand(1, qpos.shape[0], -1).clone(), cols_pred),
         ]
         # rows in blocks of 32 (bounded masks when keys are padded), every key listed
-        comps.append(Gather(_blocks(idx, 32), torch.arange(n)[None, None, :], rows_pred, leading=True))
+        mine = idx[(idx >= q0) & (idx < q1)]
+        if mine.numel():
+            comps.append(Gather(_blocks(mine, 32), torch.arange(n)[None, None, :], rows_pred, leading=True))
         return comps
 
 
@@ -326,11 +347,17 @@ class RandomBlocks(Pattern):
     """BigBird random attention: key block ``j // block`` is one of ``blocks_per_row``
     blocks drawn (without replacement) for query block ``i // block``, per head.
 
-    The draw is a pure function of (seed, n, head): reproducible, and the same in
-    training and evaluation. As in BigBird, the draw can avoid the key blocks that
-    other parts of a composition already cover: those within ``avoid_window`` blocks
-    of the query block and the first ``avoid_first`` (global) blocks. Rows have
+    The draw for query block t of head h is a pure function of (seed, h, t) and of
+    the blocks it may choose from, so it is reproducible and the same in training and
+    evaluation. As in BigBird, the draw avoids the key blocks that other parts of a
+    composition already cover: those within ``avoid_window`` blocks of the query
+    block and the first ``avoid_first`` (global) blocks. Rows have
     ``min(blocks_per_row, blocks left)`` random blocks.
+
+    Causal (``prepare(n, heads, causal=True)``): block t draws among the blocks
+    before it only, so the draw does not depend on n: the pattern over a prefix is
+    the prefix of the pattern (cached decoding equals recomputation). Non-causal:
+    block t draws among all ``ceil(n / block)`` blocks, so the draws depend on n.
     """
 
     head_dependent = True
@@ -344,24 +371,31 @@ class RandomBlocks(Pattern):
         self.seed = _check_int("seed", seed, 0)
         self.avoid_window = _check_int("avoid_window", avoid_window, -1)
         self.avoid_first = _check_int("avoid_first", avoid_first, 0)
-        self._cache: dict[tuple[int, int], Tensor] = {}
+        self._cache: dict[tuple[int, int, bool, int, int], Tensor] = {}
+        self._causal = False
 
-    def table(self, n: int, heads: int) -> Tensor:
-        """[heads, nblocks, r] drawn key blocks."""
-        key = (n, heads)
+    def table(self, n: int, heads: int, causal: bool | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+        """[heads, blocks, r] drawn key blocks (-1 = none) for query blocks
+        ``rows`` (a block range, default all). O(blocks * r^2), no blocks^2 table."""
+        causal = self._causal if causal is None else causal
+        nb = -(-n // self.block)
+        t0, t1 = rows or (0, nb)
+        key = (n, heads, causal, t0, t1)
         if key not in self._cache:
-            nb = -(-n // self.block)
-            t = torch.arange(nb)
-            allowed = ((t[None, :] - t[:, None]).abs() > self.avoid_window) & (t[None, :] >= self.avoid_first)
-            r = max(0, min(self.blocks_per_row, int(allowed.sum(-1).min())))
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
-            # one independent draw per (head, query block), without replacement
-            scores = torch.rand(heads, nb, nb, generator=g).masked_fill(~allowed, -1.0)
-            self._cache[key] = scores.topk(r, dim=-1).indices.sort(-1).values
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = _draw_blocks(
+                self.seed, heads, torch.arange(t0, t1), nb, self.blocks_per_row,
+                self.avoid_window, self.avoid_first, causal,
+            )
         return self._cache[key]
 
-    def prepare(self, n: int, heads: int) -> None:
-        self._active = self.table(n, heads)
+    def prepare(self, n: int, heads: int, causal: bool = False) -> None:
+        self._causal = causal
+        self._active = self.table(n, heads, causal)
+
+    def length_quantum(self, causal: bool = False) -> int:
+        return 1 if causal else self.block
 
     def visible(self, i, j, h):
         tab = getattr(self, "_active", None)
@@ -369,17 +403,71 @@ class RandomBlocks(Pattern):
             raise RuntimeError("RandomBlocks.prepare(n, heads) must be called before visible()")
         return _in_table(tab, self.block, i, j, h)
 
-    def components(self, n, heads):
-        tab = self.table(n, heads)  # [H, nb, r]
+    def components(self, n, heads, rows=None):
+        b = self.block
+        nb = -(-n // b)
+        t0, t1 = (0, nb) if rows is None else (rows[0] // b, -(-rows[1] // b))
+        tab = self.table(n, heads, rows=(t0, t1))  # [H, T, r]
         if tab.shape[-1] == 0:
             return []
-        nb, r = tab.shape[1], tab.shape[2]
-        b = self.block
-        qpos = _blocks(torch.arange(n), b)  # [nb, b]
-        kpos = (tab[..., None] * b + torch.arange(b)).reshape(heads, nb, r * b)
-        kpos = torch.where(kpos < n, kpos, torch.full_like(kpos, -1))
-        pred = lambda i, j, h: _in_table(tab, b, i, j, h)  # noqa: E731
+        T, r = tab.shape[1], tab.shape[2]
+        qpos = _blocks(torch.arange(t0 * b, min(n, t1 * b)), b)  # [T, b]
+        kpos = (tab[..., None] * b + torch.arange(b)).reshape(heads, T, r * b)
+        kpos = torch.where((tab[..., None] >= 0).expand(-1, -1, -1, b).reshape(heads, T, r * b) & (kpos < n),
+                           kpos, torch.full_like(kpos, -1))
+        full_tab = self._active if getattr(self, "_active", None) is not None else self.table(n, heads)
+        pred = lambda i, j, h: _in_table(full_tab, b, i, j, h)  # noqa: E731
         return [Gather(qpos, kpos, pred)]
+
+
+_MASK62 = (1 << 62) - 1
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 62-bit integer hash (xor-shift-multiply rounds) of int64 tensors."""
+    x = x & _MASK62
+    x = ((x ^ (x >> 31)) * 0x5851F42D4C957F2D) & _MASK62
+    x = ((x ^ (x >> 29)) * 0x14057B7EF767814F) & _MASK62
+    return x ^ (x >> 32)
+
+
+def _draw_blocks(seed: int, heads: int, t: Tensor, nb: int, r: int, avoid_window: int,
+                 avoid_first: int, causal: bool) -> Tensor:
+    """For each head and query block in ``t``: up to ``r`` distinct key blocks, drawn by
+    Floyd's algorithm from a counter-based hash of (seed, head, block, step).
+
+    Allowed key blocks of query block t: ``j >= avoid_first``, ``|j - t| > avoid_window``,
+    and ``j <= t`` (causal) or ``j < nb``. They form at most two ranges, so a draw in
+    [0, m) maps to a block in O(1). Returns [heads, len(t), r], sorted, -1 padded."""
+    w = avoid_window
+    h = torch.arange(heads)[:, None]
+    tt = t[None, :]
+    # range A: [avoid_first, t - w - 1] (or [avoid_first, t] causal with w < 0)
+    a_hi = tt - w - 1 if w >= 0 else (tt if causal else torch.full_like(tt, nb - 1))
+    a_hi = torch.minimum(a_hi, torch.full_like(tt, nb - 1))
+    len_a = (a_hi - avoid_first + 1).clamp(min=0)
+    # range B: [max(t + w + 1, avoid_first), nb - 1], non-causal with w >= 0 only
+    b_lo = torch.maximum(tt + w + 1, torch.full_like(tt, avoid_first))
+    len_b = (nb - b_lo).clamp(min=0) if (w >= 0 and not causal) else torch.zeros_like(tt)
+    m = (len_a + len_b).expand(heads, -1)  # [H, T] blocks to choose from
+    k = m.clamp(max=r)  # draws per row
+    out = torch.full((heads, t.numel(), r), -1, dtype=torch.long)
+    base = _mix((seed * 0x2545F4914F6CDD1D & _MASK62) + h * 0x9E3779B97F4A7C1 + tt * 0x3C6EF372FE94F82B)
+    for s in range(r):
+        jj = m - k + s  # Floyd: for jj in m-k .. m-1, pick x in [0, jj]; if taken, take jj
+        act = s < k
+        x = _mix(base + (s * 0x632BE59BD9B4E019 & _MASK62)) % (jj + 1).clamp(min=1)
+        taken = (out[..., :s] == x[..., None]).any(-1) if s else torch.zeros_like(act)
+        x = torch.where(taken, jj, x)
+        out[..., s] = torch.where(act, x, torch.full_like(x, -1))
+    idx = out
+    in_a = idx < len_a[..., None]
+    blocks = torch.where(in_a, avoid_first + idx, b_lo[..., None] + (idx - len_a[..., None]))
+    blocks = torch.where(idx >= 0, blocks, torch.full_like(blocks, -1))
+    # sorted, -1 last
+    key = torch.where(blocks >= 0, blocks, torch.full_like(blocks, 1 << 40))
+    order = key.argsort(-1)
+    return torch.gather(blocks, -1, order)
 
 
 def _in_table(tab: Tensor, block: int, i: Tensor, j: Tensor, h: Tensor) -> Tensor:
@@ -387,7 +475,7 @@ def _in_table(tab: Tensor, block: int, i: Tensor, j: Tensor, h: Tensor) -> Tenso
     hh = h.clamp(0, tab.shape[0] - 1)
     qb = (i // block).clamp(0, tab.shape[1] - 1)
     drawn = tab[hh, qb]  # [..., r]
-    return (drawn == (j // block)[..., None]).any(-1)
+    return ((drawn == (j // block)[..., None]) & (drawn >= 0)).any(-1)
 
 
 class _TwoKindHeads(Pattern):
@@ -407,8 +495,8 @@ class _TwoKindHeads(Pattern):
     def visible(self, i, j, h):
         return self._inner.visible(i, j, h) & (j <= i)
 
-    def components(self, n, heads):
-        return self._inner.components(n, heads)
+    def components(self, n, heads, rows=None):
+        return self._inner.components(n, heads, rows)
 
     def heads_split(self, heads):
         return self._inner.heads_split(heads)
@@ -449,13 +537,14 @@ class _SummaryColumns(Pattern):
     def visible(self, i, j, h):
         return (j % self.l >= self.l - self.c) & (j <= i)
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         keys = torch.arange(n)
         keys = keys[keys % self.l >= self.l - self.c]
-        return prefix_gather(keys, n, self.visible)
+        return prefix_gather(keys, n, self.visible, rows=rows)
 
 
-def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 16) -> list[Component]:
+def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, group: int = 16,
+                  rows: tuple[int, int] | None = None) -> list[Component]:
     """Gather components for "query i sees the sorted ``keys`` that are <= i".
 
     Query blocks are taken ``group`` at a time (a span of ``bq * group`` queries).
@@ -475,7 +564,8 @@ def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, 
     heads: list[tuple[Tensor, Tensor]] = []
     tails: list[tuple[Tensor, Tensor]] = []
     qpos_all = _blocks(torch.arange(n), bq)
-    for t0 in range(0, qpos_all.shape[0], group):
+    q0, q1 = rows or (0, n)
+    for t0 in range(q0 // span * group, min(qpos_all.shape[0], -(-q1 // bq)), group):
         qpos = qpos_all[t0 : t0 + group]
         s0, s1 = t0 * bq, int(qpos.max())
         before = keys[keys < s0]
@@ -516,8 +606,8 @@ class Union(Pattern):
             out = out | p.visible(i, j, h)
         return out
 
-    def components(self, n, heads):
-        return [c for p in self.parts for c in p.components(n, heads)]
+    def components(self, n, heads, rows=None):
+        return [c for p in self.parts for c in p.components(n, heads, rows)]
 
 
 class Intersection(Pattern):
@@ -542,11 +632,11 @@ class Intersection(Pattern):
             out = out & p.visible(i, j, h)
         return out
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         first, rest = self.parts[0], self.parts[1:]
         causal_only = all(isinstance(p, Causal) for p in rest)
         out: list[Component] = []
-        for c in first.components(n, heads):
+        for c in first.components(n, heads, rows):
             if causal_only and isinstance(c, Band):
                 # a band cut to j <= i is the band with after = 0: still unmasked tiles
                 out.append(Band(c.before, min(c.after, 0), c.grouping))
@@ -593,10 +683,13 @@ class PerHead(Pattern):
         self.patterns = patterns
         self._heads = len(patterns)
 
-    def prepare(self, n: int, heads: int) -> None:
+    def children(self):
+        return self.patterns
+
+    def prepare(self, n: int, heads: int, causal: bool = False) -> None:
         self._heads = heads
         for _, per, p in self.heads_split(heads):
-            p.prepare(n, per)
+            p.prepare(n, per, causal)
 
     def heads_split(self, heads: int) -> list[tuple[int, int, Pattern]]:
         g = len(self.patterns)
@@ -618,7 +711,7 @@ class PerHead(Pattern):
             out = v if out is None else out | v
         return out
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         raise RuntimeError("PerHead patterns are split by heads_split() before planning")
 
 
@@ -627,6 +720,7 @@ def longformer(window: int = 256, global_indices: Sequence[int] = (0,), dilation
 
     ``window`` is the one-sided width: i - window <= j <= i + window."""
     w = _check_int("window", window, 0)
+    _check_int("dilation", dilation, 1)
     base: Pattern = Local(w, w) if dilation == 1 else Dilated(max(w // dilation, 0), dilation)
     return Union([base, GlobalTokens(global_indices)])
 
@@ -655,10 +749,11 @@ class _BlockWindow(Pattern):
     def visible(self, i, j, h):
         return ((j // self.block) - (i // self.block)).abs() <= self.radius
 
-    def components(self, n, heads):
+    def components(self, n, heads, rows=None):
         b, r = self.block, self.radius
-        qpos = _blocks(torch.arange(n), b)
-        t = torch.arange(qpos.shape[0])
+        q0, q1 = rows or (0, n)
+        t = torch.arange(q0 // b, -(-q1 // b))
+        qpos = _blocks(torch.arange(t[0] * b, min(n, int(t[-1] + 1) * b)), b)
         kb = t[:, None] + torch.arange(-r, r + 1)  # [T, 2r+1] key blocks
         kpos = (kb[..., None] * b + torch.arange(b)).reshape(1, len(t), -1)
         kpos = torch.where((kpos >= 0) & (kpos < n), kpos, torch.full_like(kpos, -1))

@@ -61,6 +61,11 @@ class Mechanism:
         cross: accepts Nq != Nk (cross-attention).
         subquadratic: never builds an Nq x Nk tensor (section 1 of DESIGN.md).
         bias: accepts an additive score bias (e.g. ALiBi) as ``bias=``.
+        gqa: computes grouped KV heads (k, v with H / g heads) without repeating
+            them; other mechanisms get K/V repeated by :func:`attention`.
+        bottom_right: accepts ``causal=True`` with Nq < Nk, the queries being the last
+            Nq positions (FlashAttention's bottom-right alignment: a decode step).
+        packed: accepts ``segment_ids`` (documents packed in one row).
         paper: the reference, e.g. ``"Beltagy et al. 2020, Longformer"``.
         summary: one line for tables.
         module: builder of an ``nn.Module`` for learned mechanisms.
@@ -76,6 +81,9 @@ class Mechanism:
     cross: bool = False
     subquadratic: bool = True
     bias: bool = False
+    gqa: bool = False
+    bottom_right: bool = False
+    packed: bool = False
     paper: str = ""
     summary: str = ""
     module: Callable[..., nn.Module] | None = None
@@ -110,6 +118,9 @@ class Mechanism:
             "learned": self.learned,
             "cross": self.cross,
             "subquadratic": self.subquadratic,
+            "gqa": self.gqa,
+            "bottom_right": self.bottom_right,
+            "packed": self.packed,
             "params": {
                 p.name: (None if p.required else _jsonable(p.default)) for p in self.params
             },
@@ -215,12 +226,15 @@ class FunctionalAttention(nn.Module):
         causal: bool = False,
         key_padding_mask: Tensor | None = None,
         scale: float | None = None,
+        segment_ids: Tensor | None = None,
         **extra: Any,
     ) -> Tensor:
-        return self.spec.fn(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            **self.params, **extra,
-        )
+        def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
+            return self.spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale,
+                                **self.params, **extra)
+
+        return run(self.spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                   segment_ids=segment_ids, params={**self.params, **extra})
 
     def extra_repr(self) -> str:
         return f"{self.spec.name}, " + ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -247,16 +261,25 @@ def attention(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
+    segment_ids: Tensor | None = None,
     **params: Any,
 ) -> Tensor:
     """Attention of ``q`` over ``k``/``v`` with the registered ``mechanism``.
 
     Args:
-        q: [B, H, Nq, D]; k: [B, H, Nk, D]; v: [B, H, Nk, Dv].
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]. Grouped KV heads:
+            H % Hkv == 0 and query head h reads kv head h // (H // Hkv) (SDPA's
+            ``enable_gqa``, HF's ``repeat_kv``); mechanisms with ``gqa`` never repeat
+            K/V in memory, the others get them repeated here.
         mechanism: a name from :func:`mechanisms`.
-        causal: query i sees key j only if j <= i (needs Nq == Nk).
+        causal: query i sees key j only if j <= i. With Nq < Nk (mechanisms with
+            ``bottom_right``) the queries are the last Nq positions, so
+            ``attention(q[:, :, -m:], k, v, causal=True)`` is the last m rows of the
+            full call (a decode step over a KV cache).
         key_padding_mask: bool [B, Nk], True = a real token.
         scale: score scale, default 1/sqrt(D).
+        segment_ids: integer [B, N]: documents packed in each row as runs of equal
+            ids; each attends as if run alone (mechanisms with ``packed``).
         **params: the mechanism's parameters; unknown ones raise TypeError.
 
     Returns:
@@ -267,5 +290,49 @@ def attention(
     if causal and not spec.causal:
         raise ValueError(f"mechanism {mechanism!r} cannot be causal (causal=True was given)")
     full = {**spec.defaults(), **params}
-    return spec.fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **full)
 
+    def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
+        return spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, **full)
+
+    return run(spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+               segment_ids=segment_ids, params=full)
+
+
+def run(
+    spec: Mechanism,
+    call: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    segment_ids: Tensor | None,
+    params: dict[str, Any] | None = None,
+) -> Tensor:
+    """``call(q, k, v, key_padding_mask)`` under the conventions of real models:
+    grouped KV heads (repeated here for mechanisms without ``gqa``), causal with
+    Nq < Nk (refused where the mechanism has no ``bottom_right``), and packed
+    documents (``segment_ids``, mechanisms with ``packed``)."""
+    if all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
+        H, Hkv = q.shape[1], k.shape[1]
+        if Hkv != H and not spec.gqa and Hkv >= 1 and H % Hkv == 0 and v.shape[1] == Hkv:
+            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        if causal and q.shape[2] != k.shape[2] and not spec.bottom_right:
+            why = spec.extra.get("no_bottom_right", "it has no bottom-right causal path")
+            raise ValueError(
+                f"mechanism {spec.name!r} cannot run causal with Nq ({q.shape[2]}) != Nk ({k.shape[2]}) "
+                f"(a decode step over a cache): {why}"
+            )
+    if segment_ids is None:
+        return call(q, k, v, key_padding_mask)
+    if not spec.packed:
+        able = [s.name for s in specs() if s.packed]
+        raise ValueError(f"segment_ids (packed documents) is not supported by mechanism {spec.name!r}; "
+                         f"mechanisms that accept it: {able}")
+    from longattn.ops.packing import packed_attention
+
+    quantum = spec.extra.get("length_quantum")
+    q_len = quantum(params or {}, causal) if callable(quantum) else 1
+    return packed_attention(call, q, k, v, segment_ids, causal=causal, key_padding_mask=key_padding_mask,
+                            quantum=q_len)

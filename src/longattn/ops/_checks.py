@@ -18,6 +18,11 @@ class Dims:
     Nk: int
     D: int
     Dv: int
+    Hkv: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.Hkv:
+            object.__setattr__(self, "Hkv", self.H)
 
 
 def check_qkv(
@@ -28,12 +33,17 @@ def check_qkv(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     cross: bool = True,
+    gqa: bool = False,
+    bottom_right: bool = False,
 ) -> Dims:
     """Validate [B, H, N, D] inputs; return their dimensions.
 
     Raises TypeError for non-tensors or non-float dtypes and ValueError for wrong
     ranks, mismatched B/H/D/Nk, a bad ``key_padding_mask``, ``causal`` with Nq != Nk,
     or Nq != Nk where the mechanism is self-attention only (``cross=False``).
+    ``gqa``: k, v may have Hkv heads with H % Hkv == 0 (grouped KV heads).
+    ``bottom_right``: Nq < Nk is allowed (causal or not): the queries are the last Nq
+    positions (FlashAttention's bottom-right alignment); Nq > Nk is still refused.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -47,10 +57,11 @@ def check_qkv(
     B, H, Nq, D = q.shape
     Bk, Hk, Nk, Dk = k.shape
     Bv, Hv, Nv, Dv = v.shape
-    if (Bk, Hk) != (B, H) or (Bv, Hv) != (B, H):
+    if Bk != B or Bv != B or Hv != Hk or (Hk != H and not (gqa and Hk >= 1 and H % Hk == 0)):
         raise ValueError(
-            f"q, k, v must agree in batch and heads: q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"q, k, v must agree in batch and heads"
+            + (" (k and v may have fewer heads, Hkv with H % Hkv == 0)" if gqa else "")
+            + f": q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if Dk != D:
         raise ValueError(f"k's last dim ({Dk}) must equal q's ({D})")
@@ -60,16 +71,20 @@ def check_qkv(
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if Nq == 0 or Nk == 0:
         raise ValueError(f"sequence lengths must be >= 1, got Nq={Nq}, Nk={Nk}")
-    if causal and Nq != Nk:
+    if bottom_right and Nq > Nk:
+        raise ValueError(
+            f"Nq ({Nq}) must be <= Nk ({Nk}): queries are the last Nq of the Nk positions"
+        )
+    if causal and Nq != Nk and not bottom_right:
         raise ValueError(
             f"causal=True needs self-attention lengths (Nq == Nk), got Nq={Nq}, Nk={Nk}"
         )
-    if not cross and Nq != Nk:
+    if not cross and Nq != Nk and not bottom_right:
         raise ValueError(
             f"this mechanism is self-attention only: Nq ({Nq}) must equal Nk ({Nk})"
         )
     check_key_padding_mask(key_padding_mask, B, Nk)
-    return Dims(B, H, Nq, Nk, D, Dv)
+    return Dims(B, H, Nq, Nk, D, Dv, Hk)
 
 
 def check_key_padding_mask(mask: Tensor | None, B: int, Nk: int) -> None:

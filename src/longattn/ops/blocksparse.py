@@ -79,6 +79,12 @@ BAND_QUERY_TILE_BWD = 128
 #: causal groups up to this long are cut into query blocks over their prefixes (the
 #: kernel skips nothing below its 512-key block)
 SHORT_CAUSAL = 512
+#: a band wider than this (a + b + 1 keys), or a whole group longer than WIDE_GROUP
+#: that cannot run as one kernel call, runs as row tiles of WIDE_TILE queries over one
+#: unmasked key range plus two triangles: no per-tile mask wider than WIDE_TILE
+WIDE_BAND = 2048
+WIDE_GROUP = 256
+WIDE_TILE = 64
 #: run the plain-matmul tile kernel on the CPU too (tests of the non-CPU path)
 FORCE_MATH = False
 #: tests only: fill output buffers that the plan claims to write in full with this
@@ -166,8 +172,11 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(x, 1).bit_length() - 1)
 
 
-def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool, tile: int) -> list[TileBatch]:
-    """Tiles of a band within groups (see the module docstring)."""
+def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool, tile: int,
+                  rows: tuple[int, int], padded: bool) -> list[TileBatch]:
+    """Tiles of a band within groups (see the module docstring), for the queries in
+    ``rows`` = [q0, q1) (tiles holding none of them are not built)."""
+    q0, q1 = rows
     groups = c.grouping.groups(n)
     by_len: dict[int, list[Tensor]] = {}
     for g in groups:
@@ -175,9 +184,17 @@ def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool, 
     out: list[TileBatch] = []
     for L, gs in sorted(by_len.items()):
         P = torch.stack(gs)  # [G, L] positions of each group
+        inside = ((P >= q0) & (P < q1)).any(1)
+        if not bool(inside.any()):
+            continue
+        P = P[inside]
+        # group-local query range: tiles before u0 or from u1 on hold no query of rows
+        u0 = int(torch.searchsorted(P, torch.full((P.shape[0], 1), q0)).min())
+        u1 = int(torch.searchsorted(P, torch.full((P.shape[0], 1), q1)).max())
         a = min(c.before, L - 1)
         b = 0 if causal else min(c.after, L - 1)
-        out += _band_group_batches(P, L, a, b, pred, masked, tile)
+        whole_ok = not masked and not padded and u0 == 0
+        out += _band_group_batches(P, L, a, b, pred, masked, tile, u0, u1, whole_ok)
     return out
 
 
@@ -198,9 +215,17 @@ def _flat(P: Tensor, qu: Tensor, ku: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool,
-                        tile: int) -> list[TileBatch]:
-    """Band ``-a <= u_j - u_i <= b`` inside each group (row of P, [G, L] positions)."""
+                        tile: int, u0: int = 0, u1: int | None = None, whole_ok: bool = True) -> list[TileBatch]:
+    """Band ``-a <= u_j - u_i <= b`` inside each group (row of P, [G, L] positions),
+    for group-local queries in [u0, u1). ``whole_ok``: a whole group may run as one
+    kernel call (nothing masked or padded, every query wanted)."""
+    u1 = L if u1 is None else u1
     whole = torch.arange(L)[None]
+    whole_group = a >= L - 1 and (b >= L - 1 or b == 0)
+    if not (whole_group and (whole_ok or L <= WIDE_GROUP)) and (
+        a + b + 1 > WIDE_BAND or (L > WIDE_GROUP and a + b + 1 >= L)
+    ):
+        return _wide_band_batches(P, L, a, b, pred, masked, u0, u1)
     if a >= L - 1 and b >= L - 1:  # whole groups as tiles
         return [TileBatch(*_flat(P, whole, whole), "mask" if masked else "full", pred)]
     if a >= L - 1 and b == 0:
@@ -212,6 +237,8 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         out = []
         for s0 in range(0, L, tile):
             s1 = min(s0 + tile, L)
+            if s1 <= u0 or s0 >= u1:
+                continue
             qu, ku = torch.arange(s0, s1)[None], torch.arange(s1)[None]
             if s0 == 0:
                 out.append(TileBatch(*_flat(P, qu, ku), "causal", pred))
@@ -224,6 +251,7 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         bq = min(64, L) if a + b + 1 < L else L
         nq = -(-L // bq)
         s = torch.arange(nq) * bq
+        s = s[(s + bq > u0) & (s < u1)]
         qu = s[:, None] + torch.arange(bq)
         qu = torch.where(qu < L, qu, -1)
         lo = (s - a).clamp(min=0) if a + b + 1 < L else torch.zeros_like(s)
@@ -233,8 +261,10 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         return [TileBatch(*_flat(P, qu, ku), "mask", pred)]
 
     bq = max(MIN_BAND_TILE, min(tile, _pow2_floor(a + b)))
+    if u1 - u0 < bq:  # a few queries (a decode step): one tile of just those rows
+        bq = u1 - u0
     K = bq + a + b
-    s = torch.arange(-(-L // bq)) * bq
+    s = u0 + torch.arange(-(-(u1 - u0) // bq)) * bq
     ar = torch.arange(bq)
     interior = (s - a >= 0) & (s + bq + b <= L)
     out: list[TileBatch] = []
@@ -254,6 +284,50 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
         qu = torch.where(qu < L, qu, -1)
         ku = (sb - a)[:, None] + torch.arange(K)
         out.append(TileBatch(*_flat(P, qu, ku), "mask", pred))
+    return out
+
+
+def _wide_band_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool, u0: int,
+                       u1: int) -> list[TileBatch]:
+    """A wide band (or a whole group that cannot be one kernel call) as row tiles of
+    bq = WIDE_TILE queries [s, s + bq), each over three key ranges::
+
+        left  [s - a, s + bq - 1 - a)   visible iff c >= w   (shared mask, bq x bq-1)
+        full  [s + bq - 1 - a, s + b)   every key visible    (no mask)
+        right [s + b, s + b + bq)       visible iff c <= w   (the kernel's causal tile)
+
+    (w: row in the tile, c: column in the range; ranges clipped to the group). Only
+    tiles cut by the group's ends need their own masks, and those are at most bq wide,
+    so memory stays O(L * D) however wide the band: a window covering the sequence
+    costs what dense flash attention costs."""
+    bq = min(WIDE_TILE, u1 - u0)
+    s = u0 + torch.arange(-(-(u1 - u0) // bq)) * bq
+    ar = torch.arange(bq)
+    qu = s[:, None] + ar
+    qu = torch.where(qu < L, qu, -1)
+    out: list[TileBatch] = []
+
+    def part(ku: Tensor, kind: str, shared: Tensor | None) -> None:
+        ku = torch.where((ku >= 0) & (ku < L), ku, -1)
+        keep = (ku >= 0).any(1)
+        if not bool(keep.any()):
+            return
+        clipped = (ku < 0).any(1)
+        for sel, k in ((keep & ~clipped, kind), (keep & clipped, "mask")):
+            if bool(sel.any()):
+                out.append(TileBatch(*_flat(P, qu[sel], ku[sel]), "mask" if masked else k, pred, shared=shared))
+
+    tri = torch.ones(bq, bq, dtype=torch.bool).tril()
+    if bq > 1:
+        part((s - a)[:, None] + torch.arange(bq - 1), "shared", torch.arange(bq - 1)[None, :] >= ar[:, None])
+    part((s + b)[:, None] + ar, "causal", tri)
+    lo = (s + bq - 1 - a).clamp(min=0)
+    hi = (s + b - 1).clamp(max=L - 1)
+    width = hi - lo + 1
+    for K in torch.unique(width[width > 0]).tolist():
+        sel = width == K
+        ku = lo[sel, None] + torch.arange(K)
+        out.append(TileBatch(*_flat(P, qu[sel], ku), "mask" if masked else "full", pred))
     return out
 
 
@@ -317,16 +391,25 @@ def _classify(tb: TileBatch, heads: int) -> list[TileBatch]:
     return out
 
 
-def plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int | None = None) -> list[tuple[TileBatch, bool]]:
+def plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int | None = None,
+         rows: tuple[int, int] | None = None, keys: Tensor | None = None,
+         padded: bool = False) -> list[tuple[TileBatch, bool]]:
     """The tile batches computing ``pattern`` (one head group) at length ``n``, each
     with a flag: True when no earlier batch touched its queries (its outputs are
-    written, not merged).
+    written, not merged). Positions are absolute (0..n-1).
+
+    ``rows`` = (q0, q1): plan only the queries in [q0, q1) (a decode step, a shard);
+    the work is proportional to what those queries see, not to n. ``keys``: the
+    sorted key positions that will be present (others count as absent: the caller
+    must provide every visible key). ``padded``: keys will be padded (then no whole
+    group runs as one masked kernel call).
 
     Components whose queries see every key (``Gather.leading``: global rows) come
     first: they need no mask, and the tiles of later components that are left with
     no key (every key already counted) are dropped."""
-    pattern.prepare(n, heads)
-    comps = pattern.components(n, heads)
+    q0, q1 = rows or (0, n)
+    pattern.prepare(n, heads, causal)
+    comps = pattern.components(n, heads, rows=None if (q0, q1) == (0, n) else (q0, q1))
     comps = [c for c in comps if getattr(c, "leading", False)] + [c for c in comps if not getattr(c, "leading", False)]
     touched = torch.zeros(n, dtype=torch.bool)
     batches: list[tuple[TileBatch, bool]] = []
@@ -345,19 +428,81 @@ def plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int | None = 
         masked = bool(earlier) or isinstance(c, _Restricted)
         inner = c.inner if isinstance(c, _Restricted) else c
         if isinstance(inner, Band):
-            tbs = _band_batches(inner, n, causal, pred, masked, tile or BAND_QUERY_TILE)
+            tbs = _band_batches(inner, n, causal, pred, masked, tile or BAND_QUERY_TILE, (q0, q1), padded)
         elif isinstance(inner, Gather):
             tbs = _gather_batches(inner, pred)
         else:  # pragma: no cover
             raise TypeError(f"unknown component {type(inner).__name__}")
-        mine = torch.zeros(n, dtype=torch.bool)
         for tb in tbs:
-            for p in [tb] if tb.kind == "shared" else _classify(tb, heads):
+            tb = _restrict(tb, q0, q1, keys)
+            if tb is None:
+                continue
+            # band tiles of kinds full / causal / shared are exact by construction
+            for p in [tb] if tb.kind != "mask" else _classify(tb, heads):
                 q = p.qpos[p.qpos >= 0]
-                batches.append((p.finish(), not bool(touched[q].any())))
-                mine[q] = True
-        touched |= mine
+                batches.append((p, not bool(touched[q].any())))
+                touched[q] = True
     return batches
+
+
+def _restrict(tb: TileBatch, q0: int, q1: int, keys: Tensor | None) -> TileBatch | None:
+    """``tb`` with queries outside [q0, q1) and keys not in ``keys`` marked absent (-1);
+    None when no query is left. A batch that loses keys is re-classified (kind mask)."""
+    qpos, kpos, kind = tb.qpos, tb.kpos, tb.kind
+    if q0 > 0 or q1 < INF_POS:
+        out = (qpos < q0) | (qpos >= q1)
+        if bool(out.any()):
+            qpos = qpos.masked_fill(out, -1)
+            live = (qpos >= 0).any(1)
+            if not bool(live.any()):
+                return None
+            if not bool(live.all()):
+                qpos = qpos[live]
+                kpos = kpos[:, live] if kpos.shape[1] == live.numel() else kpos
+    if keys is not None:
+        absent = (kpos >= 0) & ~torch.isin(kpos, keys)
+        if bool(absent.any()):
+            kpos, kind = kpos.masked_fill(absent, -1), "mask"
+    if qpos is tb.qpos and kpos is tb.kpos:
+        return tb
+    return TileBatch(qpos, kpos, kind, tb.pred, shared=tb.shared)
+
+
+INF_POS = 1 << 62
+
+
+def _to_rows(batches: list[tuple[TileBatch, bool]], q0: int, keys: Tensor | None) -> list[tuple[TileBatch, bool]]:
+    """Absolute positions -> rows of the q tensor (position - q0) and of the k tensor
+    (index in ``keys``); then find the strided views and shared key lists."""
+    out = []
+    for tb, first in batches:
+        qpos = tb.qpos if q0 == 0 else torch.where(tb.qpos >= 0, tb.qpos - q0, -1)
+        kpos = tb.kpos
+        if keys is not None:
+            kpos = torch.where(kpos >= 0, torch.searchsorted(keys, kpos.clamp(min=0)), -1)
+        out.append((replace(tb, qpos=qpos, kpos=kpos).finish(), first))
+    return out
+
+
+def needed_keys(pattern: Pattern, n: int, heads: int, *, causal: bool = False, q_start: int = 0,
+                q_stop: int | None = None) -> Tensor:
+    """The sorted key positions that queries [q_start, q_stop) of ``pattern`` (length
+    ``n``, ``heads`` heads) may see: what a shard of the sequence must fetch. It may
+    list a few keys more than are visible (the edges of band tiles), never fewer.
+    Cost ~ the tiles of those queries."""
+    q_stop = n if q_stop is None else q_stop
+    if not 0 <= q_start < q_stop <= n:
+        raise ValueError(f"need 0 <= q_start < q_stop <= n, got q_start={q_start}, q_stop={q_stop}, n={n}")
+    parts = [torch.empty(0, dtype=torch.long)]
+    for _, nh, p in _head_groups(pattern, 0, heads):
+        for tb, _ in plan(p, n, nh, causal, rows=(q_start, q_stop)):
+            k = tb.kpos
+            if tb.vis is not None:  # only the columns some tile row sees
+                seen = tb.vis.any(2)
+                shape = torch.broadcast_shapes(seen.shape, k.shape)
+                k = k.expand(shape)[seen.expand(shape)]
+            parts.append(torch.unique(k[k >= 0]))
+    return torch.unique(torch.cat(parts))
 
 
 # ----------------------------------------------------------------------------------------
@@ -443,12 +588,13 @@ def _additive(vis: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros((), dtype=dtype, device=vis.device).expand(vis.shape).masked_fill(~vis, float("-inf"))
 
 
-def _slice_tiles(tb: TileBatch, B: int, H: int, D: int, Dv: int, padded: bool, backward: bool) -> int:
+def _slice_tiles(tb: TileBatch, B: int, H: int, D: int, Dv: int, padded: bool, backward: bool,
+                 g: int = 1) -> int:
     """Tiles per kernel call, so that what the call allocates stays under WORKSPACE."""
     T, bq, K = tb.shape
     per = bq * Dv  # the kernel's output (or, backward, dq)
     per += 0 if tb.qview else bq * D
-    per += 0 if (tb.kview or tb.kshared) else K * (D + Dv)
+    per += 0 if (tb.kview or tb.kshared) and g == 1 else K * (D + Dv)  # gathered or head-expanded keys
     per += bq * K if (padded or tb.kind == "mask") else 0
     if backward:
         per += K * (D + Dv) + bq * (D + Dv)  # key gradients; dO and O rows
@@ -456,10 +602,10 @@ def _slice_tiles(tb: TileBatch, B: int, H: int, D: int, Dv: int, padded: bool, b
 
 
 def _chunks(tb: TileBatch, B: int, H: int, D: int, Dv: int, kpm: Tensor | None, dtype: torch.dtype,
-            device: torch.device, backward: bool = False):
+            device: torch.device, backward: bool = False, g: int = 1):
     """The kernel calls of a tile batch: views or gathers, and the additive mask."""
     T, bq, K = tb.shape
-    step = _slice_tiles(tb, B, H, D, Dv, kpm is not None, backward)
+    step = _slice_tiles(tb, B, H, D, Dv, kpm is not None, backward, g)
     tri = torch.ones(bq, K, dtype=torch.bool).tril()
     shared_mask = None
     if tb.kind == "shared" and kpm is None:
@@ -539,13 +685,33 @@ def _gq(x: Tensor, ch: _Chunk) -> Tensor:
     return _rows(x, ch.qidx).view(x.shape[0], ch.Tc, ch.bq, x.shape[-1])
 
 
-def _gk(x: Tensor, ch: _Chunk) -> Tensor:
-    """The chunk's key rows of x ([BH, N, D]) as [BH, Tc, K, D]."""
+def _expand_heads(x: Tensor, g: int) -> Tensor:
+    """[B * Hkv, ...] -> [B * Hkv * g, ...]: each kv head once for each of its g query
+    heads (head h reads kv head h // g). A copy of one chunk, never of the sequence."""
+    if g == 1:
+        return x
+    return x.unsqueeze(1).expand(x.shape[0], g, *x.shape[1:]).reshape(x.shape[0] * g, *x.shape[1:])
+
+
+def _kv_index(idx: Tensor, BHk: int, N: int, g: int) -> Tensor:
+    """Rows of x.reshape(BHk * N, D) ([B * Hkv, N, D] kv tensor) for per-query-head key
+    lists idx [H, M]: query head h of batch b reads kv row b * Hkv + h // g."""
+    H = idx.shape[0]
+    qh = torch.arange(BHk * g, device=idx.device)
+    kv_row = (qh // H) * (H // g) + (qh % H) // g
+    return (kv_row[:, None] * N + idx.repeat(BHk * g // H, 1)).reshape(-1)
+
+
+def _gk(x: Tensor, ch: _Chunk, g: int = 1) -> Tensor:
+    """The chunk's key rows of x ([B * Hkv, N, D]) as [B * Hkv * g, Tc, K, D]."""
     if ch.kview is not None:
-        return _window(x, ch.kview, ch.Tc, ch.K)
-    BH, _, D = x.shape
+        return _expand_heads(_window(x, ch.kview, ch.Tc, ch.K), g)
+    BH, N, D = x.shape
     Tk = 1 if ch.kshared else ch.Tc
-    return _rows(x, ch.kidx).view(BH, Tk, ch.K, D).expand(BH, ch.Tc, ch.K, D)
+    if g > 1 and ch.kidx.shape[0] > 1:  # per-head key lists: gather per query head
+        rows = x.reshape(BH * N, D).index_select(0, _kv_index(ch.kidx, BH, N, g))
+        return rows.view(BH * g, Tk, ch.K, D).expand(BH * g, ch.Tc, ch.K, D)
+    return _expand_heads(_rows(x, ch.kidx).view(BH, Tk, ch.K, D), g).expand(BH * g, ch.Tc, ch.K, D)
 
 
 def _merge(O: Tensor, Lse: Tensor, ch: _Chunk, o: Tensor, lse: Tensor, first: bool) -> None:
@@ -581,8 +747,18 @@ def _merge(O: Tensor, Lse: Tensor, ch: _Chunk, o: Tensor, lse: Tensor, first: bo
     Lse.index_copy_(1, pos, l_new)
 
 
-def _accumulate(x: Tensor, ch: _Chunk, g: Tensor) -> None:
-    """Add key gradients g [BH, Tc, K, D] into x [BH, N, D] at the chunk's keys."""
+def _accumulate(x: Tensor, ch: _Chunk, g: Tensor, heads_per_kv: int = 1) -> None:
+    """Add key gradients g [B * H, Tc, K, D] into x [B * Hkv, N, D] at the chunk's keys
+    (H = Hkv * heads_per_kv: the query heads of one kv head are summed)."""
+    r = heads_per_kv
+    if r > 1 and ch.kview is None and ch.kidx.shape[0] > 1:  # per-head key lists
+        BH, N, D = x.shape
+        if ch.kshared:
+            g = g.sum(1, keepdim=True)
+        x.view(BH * N, D).index_add_(0, _kv_index(ch.kidx, BH, N, r), g.reshape(-1, D).to(x.dtype))
+        return
+    if r > 1:
+        g = g.view(g.shape[0] // r, r, *g.shape[1:]).sum(1)
     if ch.kview is not None:
         v = ch.kview
         if v.step == 0:  # every tile lists the same keys
@@ -599,15 +775,16 @@ def _accumulate(x: Tensor, ch: _Chunk, g: Tensor) -> None:
     x.view(BH * N, D).index_add_(0, _flat_index(ch.kidx, BH, N), g.reshape(-1, D).to(x.dtype))
 
 
-def _forward_bh(q, k, v, batches, scale, kpm, H, O, Lse):
-    """Fill O [BH, N, Dv] (zeros) and Lse [BH, N] (-inf), in the accumulation dtype."""
+def _forward_bh(q, k, v, batches, scale, kpm, H, g, O, Lse):
+    """Fill O [BH, Nq, Dv] (zeros) and Lse [BH, Nq] (-inf), in the accumulation dtype.
+    k, v: [B * H / g, Nk, .] (g query heads per kv head)."""
     BH, N, D = q.shape
     Dv = v.shape[-1]
     acc = O.dtype
     fwd, _ = _kernels(q.device)
     for tb, first in batches:
-        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device):
-            o, lse = fwd(_gq(q, ch), _gk(k, ch), _gk(v, ch), 0.0, ch.kind == "causal",
+        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, g=g):
+            o, lse = fwd(_gq(q, ch), _gk(k, ch, g), _gk(v, ch, g), 0.0, ch.kind == "causal",
                          attn_mask=ch.mask, scale=scale)
             lse = lse.to(acc)
             if ch.alive is not None:
@@ -615,7 +792,7 @@ def _forward_bh(q, k, v, batches, scale, kpm, H, O, Lse):
             _merge(O, Lse, ch, o.to(acc), lse, first)
 
 
-def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, dq, dk, dv):
+def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, g, dq, dk, dv):
     """Add the gradients into dq, dk, dv ([BH, N, .], accumulation dtype)."""
     BH, N, D = q.shape
     Dv = v.shape[-1]
@@ -628,36 +805,43 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, dq, dk, dv):
         Lb = Lb.float()
     Lb = Lb[..., None].contiguous()
     for tb, _ in batches:
-        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, backward=True):
-            g = _gq(dO, ch)
+        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, backward=True, g=g):
+            gO = _gq(dO, ch)
             if ch.qvalid is not None:
-                g = g * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(g.dtype)
+                gO = gO * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(gO.dtype)
             gq, gk, gv = bwd(
-                g, _gq(q, ch), _gk(k, ch), _gk(v, ch), _gq(O, ch), _gq(Lb, ch)[..., 0], 0.0,
+                gO, _gq(q, ch), _gk(k, ch, g), _gk(v, ch, g), _gq(O, ch), _gq(Lb, ch)[..., 0], 0.0,
                 ch.kind == "causal", attn_mask=ch.mask, scale=scale,
             )
             if ch.qview is not None:
                 _window(dq, ch.qview, ch.Tc, ch.bq).add_(gq)
             else:
                 dq.index_add_(1, ch.qidx, gq.reshape(BH, -1, D).to(acc))
-            _accumulate(dk, ch, gk)
-            _accumulate(dv, ch, gv)
+            _accumulate(dk, ch, gk, g)
+            _accumulate(dv, ch, gv, g)
 
 
-Groups = list[tuple[int, int, list[tuple[TileBatch, bool]]]]
+Groups = list[tuple[int, int, int, int, list[tuple[TileBatch, bool]]]]
+"""(first query head, query heads, first kv head, kv heads, tile batches) per head group."""
 
 
-def _each_group(groups: Groups, B: int, ins: tuple[Tensor, ...], outs: tuple[Tensor, ...]):
-    """For each head group (h0, nh, batches): its slices of ``ins`` and ``outs``
-    ([B, H, N, .] -> contiguous [B * nh, N, .]). Views when the slice is contiguous
+def _each_group(groups: Groups, B: int, qs: tuple[Tensor, ...], kvs: tuple[Tensor, ...],
+                outs_q: tuple[Tensor, ...], outs_kv: tuple[Tensor, ...] = ()):
+    """For each head group: its slices of the query-side tensors ``qs``/``outs_q``
+    (heads [h0, h0 + nh)) and of the key-side ``kvs``/``outs_kv`` (kv heads [kh0,
+    kh0 + nkh)), as contiguous [B * heads, N, .]. Views when the slice is contiguous
     (B == 1, or one group); otherwise copies, and the outputs are written back."""
-    for h0, nh, batches in groups:
-        part = lambda x: x[:, h0 : h0 + nh].reshape(B * nh, x.shape[2], x.shape[3]).contiguous()  # noqa: E731
-        o_parts = [part(x) for x in outs]
-        yield batches, nh, [part(x) for x in ins], o_parts
-        for x, xp in zip(outs, o_parts):
-            if xp.data_ptr() != x[:, h0 : h0 + nh].data_ptr():  # a copy: write it back
-                x[:, h0 : h0 + nh] = xp.view(B, nh, *x.shape[2:])
+    for h0, nh, kh0, nkh, batches in groups:
+        def part(x: Tensor, a: int, m: int) -> Tensor:
+            return x[:, a : a + m].reshape(B * m, x.shape[2], x.shape[3]).contiguous()
+
+        oq = [part(x, h0, nh) for x in outs_q]
+        okv = [part(x, kh0, nkh) for x in outs_kv]
+        yield batches, nh, nh // nkh, [part(x, h0, nh) for x in qs], [part(x, kh0, nkh) for x in kvs], oq + okv
+        for x, xp, a, m in [*((x, xp, h0, nh) for x, xp in zip(outs_q, oq)),
+                            *((x, xp, kh0, nkh) for x, xp in zip(outs_kv, okv))]:
+            if xp.data_ptr() != x[:, a : a + m].data_ptr():  # a copy: write it back
+                x[:, a : a + m] = xp.view(B, m, *x.shape[2:])
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -677,8 +861,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         else:
             O = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
             Lse = torch.full((B, H, N, 1), float("-inf"), dtype=acc, device=q.device)
-        for batches, nh, (qg, kg, vg), (Og, Lg) in _each_group(groups, B, (q, k, v), (O, Lse)):
-            _forward_bh(qg, kg, vg, batches, scale, kpm, nh, Og, Lg[..., 0])
+        for batches, nh, g, (qg,), (kg, vg), (Og, Lg) in _each_group(groups, B, (q,), (k, v), (O, Lse)):
+            _forward_bh(qg, kg, vg, batches, scale, kpm, nh, g, Og, Lg[..., 0])
         out = O.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, Lse)
         ctx.groups, ctx.scale, ctx.kpm = bwd_groups or groups, scale, kpm
@@ -687,13 +871,14 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, Lse = ctx.saved_tensors
-        B, H, N, D = q.shape
+        B = q.shape[0]
         acc = Lse.dtype
-        grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-        ins = (dout.contiguous(), q, k, v, out, Lse)
-        for batches, nh, (dOg, qg, kg, vg, Og, Lg), (dqg, dkg, dvg) in _each_group(ctx.groups, B, ins, grads):
-            _backward(dOg, qg, kg, vg, Og, Lg[..., 0], batches, ctx.scale, ctx.kpm, nh, dqg, dkg, dvg)
-        dq, dk, dv = grads
+        dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+        qs = (dout.contiguous(), q, out, Lse)
+        for batches, nh, g, (dOg, qg, Og, Lg), (kg, vg), (dqg, dkg, dvg) in _each_group(
+            ctx.groups, B, qs, (k, v), (dq,), (dk, dv)
+        ):
+            _backward(dOg, qg, kg, vg, Og, Lg[..., 0], batches, ctx.scale, ctx.kpm, nh, g, dqg, dkg, dvg)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
@@ -701,8 +886,8 @@ _PLAN_CACHE: dict[tuple, tuple[Pattern, list[tuple[TileBatch, bool]], bool]] = {
 
 
 def _writes_every_row(batches: list[tuple[TileBatch, bool]], n: int) -> bool:
-    """Do the first-write batches of a plan cover every query (so the output buffers
-    need no initial value)?"""
+    """Do the first-write batches of a plan cover every query row (so the output
+    buffers need no initial value)?"""
     covered = torch.zeros(n, dtype=torch.bool)
     for tb, first in batches:
         if first:
@@ -710,16 +895,19 @@ def _writes_every_row(batches: list[tuple[TileBatch, bool]], n: int) -> bool:
     return bool(covered.all())
 
 
-def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int) -> tuple[list[tuple[TileBatch, bool]], bool]:
-    """The plan of :func:`plan` and whether it writes every row, cached per pattern object."""
-    key = (id(pattern), n, heads, causal, tile)
-    hit = _PLAN_CACHE.get(key)
+def _cached_plan(pattern: Pattern, n: int, heads: int, causal: bool, tile: int, rows: tuple[int, int],
+                 keys: Tensor | None, padded: bool) -> tuple[list[tuple[TileBatch, bool]], bool]:
+    """The plan of :func:`plan` in rows of the given q/k tensors, and whether it
+    writes every row; cached per pattern object (not when ``keys`` is given)."""
+    key = (id(pattern), n, heads, causal, tile, rows, padded)
+    hit = _PLAN_CACHE.get(key) if keys is None else None
     if hit is None or hit[0] is not pattern:
         if len(_PLAN_CACHE) > 256:
             _PLAN_CACHE.clear()
-        batches = plan(pattern, n, heads, causal, tile)
-        hit = (pattern, batches, _writes_every_row(batches, n))
-        _PLAN_CACHE[key] = hit
+        batches = _to_rows(plan(pattern, n, heads, causal, tile, rows, keys, padded), rows[0], keys)
+        hit = (pattern, batches, _writes_every_row(batches, rows[1] - rows[0]))
+        if keys is None:
+            _PLAN_CACHE[key] = hit
     return hit[1], hit[2]
 
 
@@ -732,37 +920,97 @@ def pattern_attention(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
+    n: int | None = None,
+    q_start: int | None = None,
+    k_positions: Tensor | None = None,
 ) -> Tensor:
     """Exact softmax attention restricted to ``pattern``.
 
     Args:
-        q, k: [B, H, N, D]; v: [B, H, N, Dv] (self-attention: Nq == Nk).
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]. Grouped KV heads:
+            H % Hkv == 0, query head h reads kv head h // (H // Hkv) (never repeated
+            in memory).
         pattern: any :class:`longattn.patterns.Pattern`, per-head lists included.
-        causal: intersect with j <= i.
-        key_padding_mask: bool [B, N], True = a real token.
+        causal: intersect with j <= i (positions, see below).
+        key_padding_mask: bool [B, Nk] aligned with k's rows, True = a real token.
+        n: the length the pattern is laid over (default Nk).
+        q_start: position of q's first row (default n - Nq: the queries are the last
+            Nq positions, FlashAttention's bottom-right alignment, so a decode step
+            ``q[:, :, -1:]`` over the whole cache is the last row of the full call).
+        k_positions: sorted positions [Nk] of k's rows (default arange(n)); every key
+            a query can see must be among them (see :func:`needed_keys`).
 
     Returns:
-        [B, H, N, Dv]. Queries with no visible key get zeros. Differentiable in
-        q, k, v. Cost ~ visible entries; memory O(N * D) + a bounded workspace.
+        [B, H, Nq, Dv]. Queries with no visible key get zeros. Differentiable in
+        q, k, v. Cost ~ the entries the Nq queries see (a decode step of a window
+        costs the window, not n); memory O((Nq + Nk) * D) + a bounded workspace.
     """
-    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, cross=False)
+    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=True)
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a longattn.patterns.Pattern, got {type(pattern).__name__}")
     s = default_scale(scale, d.D)
+    n, q0 = _positions(d, n, q_start, k_positions)
     if d.Dv != d.D:  # the kernel wants one head size: zero columns change no score or output
         w = max(d.D, d.Dv)
         pad = lambda x: torch.nn.functional.pad(x, (0, w - x.shape[-1]))  # noqa: E731
-        return pattern_attention(pad(q), pad(k), pad(v), pattern, causal=causal,
-                                 key_padding_mask=key_padding_mask, scale=s)[..., : d.Dv]
-    plans = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE)) for h0, nh, p in _head_groups(pattern, 0, d.H)]
-    groups = [(h0, nh, batches) for h0, nh, (batches, _) in plans]
-    written = all(w for _, _, (_, w) in plans)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        bwd = [(h0, nh, _cached_plan(p, d.Nq, nh, causal, BAND_QUERY_TILE_BWD)[0]) for h0, nh, p in _head_groups(pattern, 0, d.H)]
-    else:
-        bwd = None
+        return pattern_attention(pad(q), pad(k), pad(v), pattern, causal=causal, key_padding_mask=key_padding_mask,
+                                 scale=s, n=n, q_start=q0, k_positions=k_positions)[..., : d.Dv]
+    rows = (q0, q0 + d.Nq)
+    keys = None if k_positions is None else k_positions.to("cpu", torch.long)
+    padded = key_padding_mask is not None
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+
+    def groups(tile: int) -> list[tuple[int, int, int, int, tuple]]:
+        return [(h0, nh, kh0, nkh, _cached_plan(p, n, nh, causal, tile, rows, keys, padded))
+                for h0, nh, kh0, nkh, p in _kv_groups(pattern, d.H, d.Hkv)]
+
+    fwd = groups(BAND_QUERY_TILE)
+    written = all(w for *_, (_, w) in fwd)
+    bwd = [(*g[:4], g[4][0]) for g in groups(BAND_QUERY_TILE_BWD)] if grad else None
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _BlockSparseAttention.apply(q, k, v, groups, bwd, s, key_padding_mask, written)
+    return _BlockSparseAttention.apply(q, k, v, [(*g[:4], g[4][0]) for g in fwd], bwd, s, key_padding_mask, written)
+
+
+def _positions(d, n: int | None, q_start: int | None, k_positions: Tensor | None) -> tuple[int, int]:
+    """Validate the position arguments of :func:`pattern_attention`; (n, q_start)."""
+    if k_positions is None:
+        n = d.Nk if n is None else n
+        if n != d.Nk:
+            raise ValueError(f"n ({n}) must equal the number of keys ({d.Nk}) unless k_positions is given")
+    else:
+        if not isinstance(k_positions, Tensor) or k_positions.dim() != 1 or k_positions.numel() != d.Nk:
+            raise ValueError(f"k_positions must be a 1-D LongTensor of the {d.Nk} key positions, "
+                             f"got {getattr(k_positions, 'shape', k_positions)!r}")
+        if n is None:
+            raise ValueError("n (the length the pattern is laid over) is required with k_positions")
+        if d.Nk > 1 and bool((k_positions[1:] <= k_positions[:-1]).any()):
+            raise ValueError("k_positions must be strictly increasing")
+        if int(k_positions[0]) < 0 or int(k_positions[-1]) >= n:
+            raise ValueError(f"k_positions must lie in [0, n={n}), got [{int(k_positions[0])}, {int(k_positions[-1])}]")
+    q0 = n - d.Nq if q_start is None else q_start
+    if isinstance(q0, bool) or not isinstance(q0, int) or q0 < 0 or q0 + d.Nq > n:
+        raise ValueError(f"q_start must be an int with 0 <= q_start and q_start + Nq <= n; "
+                         f"got q_start={q_start!r}, Nq={d.Nq}, n={n}")
+    return n, q0
+
+
+def _kv_groups(pattern: Pattern, H: int, Hkv: int) -> list[tuple[int, int, int, int, Pattern]]:
+    """Head groups (first head, heads, first kv head, kv heads, pattern): query head h
+    reads kv head h // (H // Hkv)."""
+    g = H // Hkv
+    out = []
+    for h0, nh, p in _head_groups(pattern, 0, H):
+        if h0 % g == 0 and nh % g == 0:
+            out.append((h0, nh, h0 // g, nh // g, p))
+        elif h0 // g == (h0 + nh - 1) // g:
+            out.append((h0, nh, h0 // g, 1, p))
+        else:
+            raise ValueError(
+                f"the per-head pattern's group of heads [{h0}, {h0 + nh}) straddles kv heads "
+                f"(H={H}, kv heads={Hkv}, {g} query heads each): use a head count per pattern "
+                f"that is a multiple or a divisor of {g}"
+            )
+    return out
 
 
 def _head_groups(pattern: Pattern, h0: int, heads: int) -> list[tuple[int, int, Pattern]]:

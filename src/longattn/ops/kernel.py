@@ -401,7 +401,9 @@ def _linear_fast(
     Non-causal: pass 1 over key segments accumulates S|z = sum phi(k) [v, 1]^T
     (re-referenced to the running max of the keys' log-scales), pass 2 maps each
     query segment through it. Causal: one pass, each segment continuing the state
-    of the previous one (:func:`_causal_chunked`). O(N F Dv) time either way.
+    of the previous one (:func:`_causal_chunked`); with Nq < Nk the queries are the
+    last Nq positions and the keys before them are the initial state. O(N F Dv) time
+    either way. k, v may have fewer heads (grouped KV heads, never repeated).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -421,32 +423,51 @@ def _linear_fast(
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if not causal and not grad and isinstance(fmap, FavorFeatureMap) and q.device.type == "cpu":
         return _favor_inference(fmap, q, k, v, key_padding_mask, r)
+    Hkv = k.shape[1]
+    g = H // Hkv
+    # grouped KV heads: queries as [B, Hkv, g, ., .], the keys' tensors and states
+    # with a broadcast group axis: every key-side quantity is computed once per kv head
+    qg = (lambda x: x) if g == 1 else (lambda x: x.view(B, Hkv, g, *x.shape[2:]))
+    kg = (lambda x: x) if g == 1 else (lambda x: None if x is None else x.unsqueeze(2))
+    ungroup = (lambda x: x) if g == 1 else (lambda x: x.reshape(B, H, *x.shape[3:]))
     outs = []
     if causal:
-        state, m0 = None, None
+        # bottom-right: queries are the last Nq positions; keys before them form the
+        # initial state (every query sees them)
+        off = Nk - Nq
+        state, m0 = _key_state(keys, 0, off, rows) if off else (None, None)
+        state, m0 = kg(state), kg(m0)
         for a, b in _segments(Nq, rows):
             fq, _ = feats(q[:, :, a:b], True)
-            fk, sk, va = keys(a, b)
-            o, state, m0 = _causal_chunked(fq, fk, sk, va, chunk, state, m0)
-            outs.append(_ratio(o))
+            fk, sk, va = keys(off + a, off + b)
+            o, state, m0 = _causal_chunked(qg(fq), kg(fk), kg(sk), kg(va), chunk, state, m0)
+            outs.append(ungroup(_ratio(o)))
     else:
-        state, m_run = None, None
-        for a, b in _segments(Nk, rows):
-            fk, sk, va = keys(a, b)
-            if sk is None:
-                part = torch.matmul(fk.transpose(-1, -2), va)  # [B, H, F, Dv + 1]
-                state = part if state is None else state + part
-                continue
-            m_seg = sk.detach().amax(-1)  # [B, H]; padded keys are _NEG
-            m_new = m_seg if m_run is None else torch.maximum(m_run, m_seg)
-            part = torch.matmul(fk.transpose(-1, -2), va * torch.exp(sk - m_new[..., None])[..., None])
-            state = part if state is None else state * torch.exp(m_run - m_new)[..., None, None] + part
-            m_run = m_new
-        assert state is not None
+        state, _ = _key_state(keys, 0, Nk, rows)
         for a, b in _segments(Nq, rows):
             fq, _ = feats(q[:, :, a:b], True)
-            outs.append(_ratio(torch.matmul(fq, state)))
+            outs.append(ungroup(_ratio(torch.matmul(qg(fq), kg(state)))))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+def _key_state(keys, a: int, b: int, rows: int) -> tuple[Tensor, Tensor | None]:
+    """S|z = sum over keys [a, b) of phi(k) [v, 1]^T, segment by segment, and (for maps
+    with log-scales) the running max m of the keys' log-scales it is referenced to:
+    state = sum_j phi(k_j) [v_j, 1]^T exp(s_j - m). ``keys(a, b)`` gives (phi(k), s, [v, 1])."""
+    state, m_run = None, None
+    for s0, s1 in _segments(b - a, rows):
+        fk, sk, va = keys(a + s0, a + s1)
+        if sk is None:
+            part = torch.matmul(fk.transpose(-1, -2), va)  # [B, H, F, Dv + 1]
+            state = part if state is None else state + part
+            continue
+        m_seg = sk.detach().amax(-1)  # [B, H]; padded keys are _NEG
+        m_new = m_seg if m_run is None else torch.maximum(m_run, m_seg)
+        part = torch.matmul(fk.transpose(-1, -2), va * torch.exp(sk - m_new[..., None])[..., None])
+        state = part if state is None else state * torch.exp(m_run - m_new)[..., None, None] + part
+        m_run = m_new
+    assert state is not None
+    return state, m_run
 
 
 _INFER_ROWS = 1 << 20
@@ -476,11 +497,14 @@ def _favor_inference(
     buf = q.new_empty(rows, F)
     va = q.new_empty(rows, Dv + 1)  # [v e, e]: values and the normaliser's column
     ob = q.new_empty(rows, Dv + 1)
-    qf, kf, vf = (x.reshape(B * H, x.shape[2], x.shape[3]) for x in (q, k, v))
+    Hkv = k.shape[1]
+    g = H // Hkv  # query heads per kv head: the keys' state is built once for all g
+    qf = q.reshape(B * H, Nq, D)
+    kf, vf = (x.reshape(B * Hkv, x.shape[2], x.shape[3]) for x in (k, v))
     out = q.new_empty(B, H, Nq, Dv)
     of = out.view(B * H, Nq, Dv)
-    for bh in range(B * H):
-        real = None if key_padding_mask is None else key_padding_mask[bh // H]
+    for bh in range(B * Hkv):
+        real = None if key_padding_mask is None else key_padding_mask[bh // Hkv]
         state, m_run = None, None  # state [F, Dv + 1] = sum_j phi(k_j) [v_j, 1] exp(s_j - m_run)
         for a in range(0, Nk, rows):
             b = min(Nk, a + rows)
@@ -503,12 +527,13 @@ def _favor_inference(
             else:
                 state.mul_(torch.exp(m_run - m_new)).addmm_(f.T, vb)
             m_run = m_new
-        for a in range(0, Nq, rows):
-            b = min(Nq, a + rows)
-            f = buf[: b - a]
-            torch.mm(qf[bh, a:b], wt, out=f)
-            f.sub_(f.amax(-1, keepdim=True)).exp2_()  # a per-query scale cancels in the ratio
-            _ratio(torch.mm(f, state, out=ob[: b - a]), out=of[bh, a:b])
+        for qh in range(bh * g, (bh + 1) * g):  # the query heads reading this kv head
+            for a in range(0, Nq, rows):
+                b = min(Nq, a + rows)
+                f = buf[: b - a]
+                torch.mm(qf[qh, a:b], wt, out=f)
+                f.sub_(f.amax(-1, keepdim=True)).exp2_()  # a per-query scale cancels in the ratio
+                _ratio(torch.mm(f, state, out=ob[: b - a]), out=of[qh, a:b])
     return out
 
 
@@ -541,16 +566,20 @@ def _causal_chunked(
     state: Tensor | None = None,
     m0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Causal linear attention by chunks. Returns (out [B,H,N,E], final state [B,H,F,E], final m).
+    """Causal linear attention by chunks. Returns (out [*, N, E], final state [*k, F, E], final m).
 
-    Inside a chunk of C positions: the masked C x C product (phi(q) phi(k)^T) V;
-    across chunks: a state of phi(k)^T V per chunk, prefix-summed over chunks only
-    (a [N/C, F, E] tensor, never [N, F, E]). O(N (C (F + E) + F E)) time.
-    With log-scales ``sk``, every term of query i is referenced to M_i, the max of
-    the log-scales of the keys j <= i (and of the state's m0), so nothing overflows
-    and nothing from the future, not even a rounding, reaches query i.
+    fq: [*q, N, F]; fk, va, sk: [*k, N, .] with leading dims that broadcast against
+    fq's (grouped KV heads: fq [B, Hkv, g, N, F], keys [B, Hkv, 1, N, .]: the keys'
+    state is computed once per kv head). Inside a chunk of C positions: the masked
+    C x C product (phi(q) phi(k)^T) V; across chunks: a state of phi(k)^T V per chunk,
+    prefix-summed over chunks only (a [N/C, F, E] tensor, never [N, F, E]).
+    O(N (C (F + E) + F E)) time. With log-scales ``sk``, every term of query i is
+    referenced to M_i, the max of the log-scales of the keys j <= i (and of the
+    state's m0), so nothing overflows and nothing from the future, not even a
+    rounding, reaches query i.
     """
-    B, H, N, Fd = fq.shape
+    *lq, N, Fd = fq.shape
+    lk = list(fk.shape[:-2])
     E = va.shape[-1]
     C = max(1, min(chunk, N))
     nc = -(-N // C)
@@ -561,47 +590,47 @@ def _causal_chunked(
         va = Fn.pad(va, (0, 0, 0, pad))
         if sk is not None:
             sk = Fn.pad(sk, (0, pad), value=_NEG)
-    fq_c = fq.view(B, H, nc, C, Fd)
-    fk_c = fk.view(B, H, nc, C, Fd)
-    va_c = va.view(B, H, nc, C, E)
+    fq_c = fq.view(*lq, nc, C, Fd)
+    fk_c = fk.view(*lk, nc, C, Fd)
+    va_c = va.view(*lk, nc, C, E)
     if state is None:
-        state = fq.new_zeros(B, H, Fd, E)
+        state = fq.new_zeros(*lk, Fd, E)
     tril = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
-    p = torch.matmul(fq_c, fk_c.transpose(-1, -2))  # [B, H, nc, C, C]
+    p = torch.matmul(fq_c, fk_c.transpose(-1, -2))  # [*q, nc, C, C]
 
     if sk is None:
         p = p.masked_fill(~tril, 0.0)
-        u = torch.matmul(fk_c.transpose(-1, -2), va_c)  # [B, H, nc, F, E]
-        before = torch.cat([state[:, :, None], state[:, :, None] + torch.cumsum(u[:, :, :-1], 2)], 2)
+        u = torch.matmul(fk_c.transpose(-1, -2), va_c)  # [*k, nc, F, E]
+        before = torch.cat([state[..., None, :, :], state[..., None, :, :] + torch.cumsum(u[..., :-1, :, :], -3)], -3)
         out = torch.matmul(p, va_c) + torch.matmul(fq_c, before)
-        final = before[:, :, -1] + u[:, :, -1]
-        return out.reshape(B, H, nc * C, E)[:, :, :N], final, None
+        final = before[..., -1, :, :] + u[..., -1, :, :]
+        return out.reshape(*lq, nc * C, E)[..., :N, :], final, None
 
     if m0 is None:
-        m0 = fq.new_full((B, H), _NEG)
-    sk_c = sk.view(B, H, nc, C)
+        m0 = fq.new_full(lk, _NEG)
+    sk_c = sk.view(*lk, nc, C)
     anchor = sk.detach()  # anchors cancel in the ratio: no gradient through them
-    m_i = torch.maximum(torch.cummax(anchor, -1).values, m0[..., None]).view(B, H, nc, C)
+    m_i = torch.maximum(torch.cummax(anchor, -1).values, m0[..., None]).view(*lk, nc, C)
     # intra-chunk: weight exp(s_j - M_i) (<= 1) for j <= i, 0 above the diagonal
-    arg = (sk_c[:, :, :, None, :] - m_i[..., None]).masked_fill(~tril, float("-inf"))
+    arg = (sk_c[..., None, :] - m_i[..., None]).masked_fill(~tril, float("-inf"))
     out = torch.matmul(p * torch.exp(arg), va_c)
     # inter-chunk: chunk c's state is referenced to m_after[c], the max over chunks <= c
-    m_loc = anchor.view(B, H, nc, C).amax(-1)  # [B, H, nc]
+    m_loc = anchor.view(*lk, nc, C).amax(-1)  # [*k, nc]
     m_after = torch.maximum(torch.cummax(m_loc, -1).values, m0[..., None])
     m_before = torch.cat([m0[..., None], m_after[..., :-1]], -1)
     alpha = torch.exp(m_before - m_after)[..., None, None]  # rescale of the running state
     u = torch.matmul(fk_c.transpose(-1, -2), va_c * torch.exp(sk_c - m_after[..., None])[..., None])
     befores = []
     s_run = state
-    # O(nc) cheap [F, E] updates; the heavy work is batched above. unbind (not u[:, :, c]):
+    # O(nc) cheap [F, E] updates; the heavy work is batched above. unbind (not u[..., c]):
     # one backward node for all chunks instead of a full-size zero gradient per chunk
-    for u_c, a_c in zip(u.unbind(2), alpha.unbind(2)):
+    for u_c, a_c in zip(u.unbind(-3), alpha.unbind(-3)):
         befores.append(s_run)
         s_run = torch.addcmul(u_c, s_run, a_c)
-    before = torch.stack(befores, 2)  # [B, H, nc, F, E]
+    before = torch.stack(befores, -3)  # [*k, nc, F, E]
     inter = torch.matmul(fq_c, before) * torch.exp(m_before[..., None] - m_i)[..., None]
     out = out + inter
-    return out.reshape(B, H, nc * C, E)[:, :, :N], s_run, m_after[..., -1]
+    return out.reshape(*lq, nc * C, E)[..., :N, :], s_run, m_after[..., -1]
 
 
 @register(
@@ -612,6 +641,9 @@ def _causal_chunked(
     ),
     family="kernel",
     extra={"all_keys": True},  # every query weighs every key: prepended global tokens are global
+    gqa=True,
+    bottom_right=True,
+    packed=True,
     exact=False,
     causal=True,
     cross=True,
@@ -636,7 +668,7 @@ def linear_attention(
     N F Dv) time, O(N (F + C) + N/C F Dv) memory. Padded keys enter neither the
     numerator nor the normaliser; a query with normaliser 0 returns zeros.
     """
-    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=causal)
     check_int("chunk_size", chunk_size, minimum=1)
     if scale is not None:
         default_scale(scale, d.D)
@@ -667,7 +699,7 @@ def performer_attention(
     The functional form draws the features from ``seed`` (cached); the module
     (:class:`PerformerAttention`) owns them and can :meth:`~PerformerAttention.redraw`.
     """
-    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=causal)
     if redraw_interval is not None:
         raise ValueError(
             f"redraw_interval={redraw_interval!r} needs the module form "
@@ -870,6 +902,9 @@ register(
     ),
     family="kernel",
     extra={"all_keys": True},  # every query weighs every key: prepended global tokens are global
+    gqa=True,
+    bottom_right=True,
+    packed=True,
     exact=False,
     causal=True,
     learned=True,

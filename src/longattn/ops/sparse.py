@@ -13,6 +13,7 @@ from torch import Tensor
 
 from longattn import patterns as P
 from longattn.ops.blocksparse import pattern_attention
+from longattn.ops.packing import inside_packed_call
 from longattn.registry import REQUIRED, Param, register
 
 _CACHE: dict[tuple, P.Pattern] = {}
@@ -54,9 +55,40 @@ def with_globals(name: str, global_idx: Any = (), **params: Any) -> P.Pattern:
 
 GLOBAL_IDX = Param("global_idx", (), "extra global positions (e.g. CLS tokens): see all, seen by all")
 
+#: the parameters of each pattern mechanism that name positions (checked against N)
+_POSITION_PARAMS = {"global": "indices", "longformer": "global_indices"}
+
+_REAL_MODELS = dict(gqa=True, bottom_right=True, packed=True)
+"""Every exact pattern serves grouped KV heads, decode steps and packed documents."""
+
+
+def _check_positions(name: str, n: int, global_idx: Any, params: dict[str, Any]) -> None:
+    """Global positions must lie in the sequence: a ValueError naming the parameter.
+    (Inside a packed call a document may be shorter than an index: it has no such token.)"""
+    if inside_packed_call():
+        return
+    for pname, value in ((_POSITION_PARAMS.get(name), params.get(_POSITION_PARAMS.get(name, ""))),
+                         ("global_idx", global_idx)):
+        idx = _freeze(value) if pname else ()
+        if isinstance(idx, int):
+            idx = (idx,)
+        bad = [i for i in (idx or ()) if isinstance(i, int) and not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{pname} must be positions in [0, N={n}), got {bad[:8]}")
+
+
+def _quantum(name: str) -> Callable[[dict[str, Any], bool], int]:
+    def quantum(params: dict[str, Any], causal: bool) -> int:
+        kw = {k: v for k, v in params.items() if k != "global_idx"}
+        return with_globals(name, params.get("global_idx", ()), **kw).length_quantum(causal)
+
+    return quantum
+
 
 def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary: str) -> Callable[..., Tensor]:
     def fn(q, k, v, *, causal=False, key_padding_mask=None, scale=None, global_idx=(), **kw):
+        if isinstance(k, Tensor) and k.dim() == 4:
+            _check_positions(name, k.shape[2], global_idx, kw)
         return pattern_attention(
             q, k, v, with_globals(name, global_idx, **kw),
             causal=causal, key_padding_mask=key_padding_mask, scale=scale,
@@ -66,8 +98,8 @@ def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary
     fn.__doc__ = f"{summary}\n\nExact; q, k [B, H, N, D], v [B, H, N, Dv] -> [B, H, N, Dv]. {paper}"
     register(
         name, params=(*params, GLOBAL_IDX), family="pattern", exact=True, causal=True,
-        cross=False, subquadratic=True, paper=paper, summary=summary,
-        extra={"pattern": name, "global_param": "global_idx"},
+        cross=False, subquadratic=True, paper=paper, summary=summary, **_REAL_MODELS,
+        extra={"pattern": name, "global_param": "global_idx", "length_quantum": _quantum(name)},
     )(fn)
     return fn
 
@@ -142,7 +174,8 @@ st_fixed_attention = _pattern_mechanism(
 @register(
     "pattern",
     params=(Param("pattern", REQUIRED, "a longattn.patterns.Pattern (unions, per-head lists...)"),),
-    family="pattern", exact=True, causal=True, cross=False, subquadratic=True,
+    family="pattern", exact=True, causal=True, cross=False, subquadratic=True, **_REAL_MODELS,
+    extra={"length_quantum": lambda params, causal: params["pattern"].length_quantum(causal)},
     paper="any composition of DESIGN.md section 4",
     summary="exact attention over any Pattern object",
 )
