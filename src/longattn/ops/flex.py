@@ -1,0 +1,791 @@
+"""Exact patterns through PyTorch FlexAttention, with block masks built from our own
+components (issue 19).
+
+:func:`block_mask_for` turns a :class:`longattn.patterns.Pattern` into a
+``torch.nn.attention.flex_attention.BlockMask`` by index math on the pattern's
+engine components (:class:`~longattn.patterns.Band`, :class:`~longattn.patterns.Gather`):
+per query block, the key blocks where every pair is visible ("full": Flex runs
+them unmasked) and the key blocks that are only partly visible ("partial": Flex
+evaluates the mask_mod inside them). Nothing evaluates the predicate over N x N
+pairs and ``create_block_mask`` is never called: the work and the memory are
+proportional to the visible blocks (plus O(N) per-position tables).
+
+The mask_mod is the pattern's predicate, written point by point (a table lookup
+instead of ``isin`` or an ``any`` over drawn blocks, which Flex cannot lower), with
+the pattern's integers held in 0-d tensors so that one compiled kernel serves every
+instance of a pattern kind.
+
+:func:`flex_pattern_attention` runs ``flex_attention`` (compiled with dynamic shapes,
+one compiled wrapper per pattern kind, cached) with that mask. On CUDA it has a
+forward and a backward; on the CPU, compiled Flex has a forward only.
+
+Conventions (DESIGN.md sections 3, 4, 7): positions are 0-based; with Nq < Nk the
+queries are the last Nq positions (bottom-right, FlashAttention >= 2.1); padded keys
+(``key_padding_mask`` False) get no weight; ``segment_ids`` packs documents: each
+document is attended as if run alone, positions restarting at its first token.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from longattn import patterns as P
+from longattn.patterns import Band, Gather, Pattern
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = None  # type: ignore[assignment]
+    flex_attention = None  # type: ignore[assignment]
+
+__all__ = ["block_mask_for", "flex_pattern_attention", "flex_available", "expand_block_mask"]
+
+_BIG = 1 << 62
+
+
+def flex_available() -> bool:
+    """True when this torch has FlexAttention (torch >= 2.5)."""
+    return flex_attention is not None
+
+
+# ----------------------------------------------------------------------------------------
+# Head groups and components tagged "cartesian"
+# ----------------------------------------------------------------------------------------
+
+
+def _head_groups(pattern: Pattern, h0: int, heads: int) -> list[tuple[int, int, Pattern]]:
+    """Per-head lists flattened to (first head, heads, pattern) groups."""
+    split = pattern.heads_split(heads)
+    if split is None:
+        return [(h0, heads, pattern)]
+    return [g for s0, nh, p in split for g in _head_groups(p, h0 + s0, nh)]
+
+
+def _classes(*names: str) -> tuple[type, ...]:
+    return tuple(c for c in (getattr(P, n, None) for n in names) if isinstance(c, type))
+
+
+# Leaves whose Gather components cover exactly the product of each row's query and key
+# positions (so a block wholly inside both lists is provably full).
+_CARTESIAN = _classes("GlobalTokens", "RandomBlocks", "_BlockWindow")
+_TWO_KIND = _classes("_TwoKindHeads")
+
+
+def _components(p: Pattern, n: int, heads: int) -> list[tuple[object, bool]]:
+    """The pattern's components at length n, each with "its Gather coverage is the
+    product of its query and key lists" (False when not known)."""
+    if isinstance(p, P.Union):
+        return [c for part in p.parts for c in _components(part, n, heads)]
+    if _TWO_KIND and isinstance(p, _TWO_KIND) and hasattr(p, "_inner"):
+        return _components(p._inner, n, heads)
+    cart = bool(_CARTESIAN) and isinstance(p, _CARTESIAN)
+    return [(c, cart and isinstance(c, Gather)) for c in p.components(n, heads)]
+
+
+# ----------------------------------------------------------------------------------------
+# Block records: (batch, head, query block, key block, full)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Grid:
+    n: int  # keys (positions 0..n-1)
+    nq: int  # queries: positions q0 .. n-1
+    b: int  # block size (query and key)
+
+    @property
+    def q0(self) -> int:
+        return self.n - self.nq
+
+    @property
+    def QB(self) -> int:
+        return -(-self.nq // self.b)
+
+    @property
+    def KB(self) -> int:
+        return -(-self.n // self.b)
+
+
+class _Records:
+    def __init__(self) -> None:
+        self.parts: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = []
+
+    def add(self, bi: int, h: Tensor, qb: Tensor, kb: Tensor, full: Tensor) -> None:
+        if qb.numel():
+            self.parts.append((torch.full_like(qb, bi).reshape(-1), h.expand(qb.shape).reshape(-1),
+                               qb.reshape(-1), kb.reshape(-1), full.expand(qb.shape).reshape(-1)))
+
+    def cat(self) -> tuple[Tensor, ...]:
+        if not self.parts:
+            z = torch.zeros(0, dtype=torch.long)
+            return z, z, z, z, torch.zeros(0, dtype=torch.bool)
+        return tuple(torch.cat([p[k].reshape(-1) for p in self.parts]) for k in range(5))
+
+
+def _ranges_to_blocks(g: _Grid, t: Tensor, klo: Tensor, khi: Tensor, flo: Tensor, fhi: Tensor,
+                      full_ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Query blocks ``t`` with global key ranges [klo, khi] (touched) and [flo, fhi]
+    (every pair visible when ``full_ok``) -> (qb, kb, full) per touched key block."""
+    keep = klo <= khi
+    t, klo, khi, flo, fhi, full_ok = (x[keep] for x in (t, klo, khi, flo, fhi, full_ok))
+    b0, b1 = klo // g.b, khi // g.b
+    cnt = b1 - b0 + 1
+    if cnt.numel() == 0:
+        z = torch.zeros(0, dtype=torch.long)
+        return z, z, torch.zeros(0, dtype=torch.bool)
+    rep = torch.repeat_interleave(torch.arange(cnt.numel()), cnt)
+    first = torch.cumsum(cnt, 0) - cnt
+    kb = b0[rep] + (torch.arange(rep.numel()) - first[rep])
+    k_first = kb * g.b
+    k_last = torch.clamp((kb + 1) * g.b, max=g.n) - 1
+    full = full_ok[rep] & (k_first >= flo[rep]) & (k_last <= fhi[rep])
+    return t[rep], kb, full
+
+
+def _band_records(c: Band, g: _Grid, s: int, L: int, causal: bool, t: Tensor, I0: Tensor, I1: Tensor,
+                  qwhole: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Key blocks of a band for query blocks ``t`` whose rows in this document are the
+    local positions [I0, I1]; ``qwhole``: the block's rows all lie in the document."""
+    a, e = min(c.before, L), min(c.after, L)
+    kind, d = c.grouping.kind, c.grouping.d
+    empty = torch.empty(0, dtype=torch.long)
+    if kind == "residue" and d == 1:
+        kind = "all"
+    if kind == "all":
+        lo, hi = (I0 - a).clamp(min=0), (I1 + e).clamp(max=L - 1)
+        flo, fhi = (I1 - a).clamp(min=0), (I0 + e).clamp(max=L - 1)
+        if causal:
+            hi, fhi = torch.minimum(hi, I1), torch.minimum(fhi, I0)
+        return _ranges_to_blocks(g, t, lo + s, hi + s, flo + s, fhi + s, qwhole)
+    if kind == "chunk":
+        c0, c1 = I0 // d, I1 // d
+        cnt = c1 - c0 + 1
+        rep = torch.repeat_interleave(torch.arange(cnt.numel()), cnt)
+        gi = c0[rep] + (torch.arange(rep.numel()) - (torch.cumsum(cnt, 0) - cnt)[rep])
+        x0, x1 = torch.maximum(I0[rep], gi * d), torch.minimum(I1[rep], gi * d + d - 1)
+        top = torch.clamp(gi * d + d - 1, max=L - 1)
+        lo, hi = torch.maximum(gi * d, x0 - a), torch.minimum(top, x1 + e)
+        flo, fhi = torch.maximum(gi * d, x1 - a), torch.minimum(top, x0 + e)
+        if causal:
+            hi, fhi = torch.minimum(hi, x1), torch.minimum(fhi, x0)
+        ok = qwhole[rep] & (x0 == I0[rep]) & (x1 == I1[rep])
+        return _ranges_to_blocks(g, t[rep], lo + s, hi + s, flo + s, fhi + s, ok)
+    if kind == "residue":  # j - i in {k d : -a <= k <= e}; never full for d > 1
+        w = int((I1 - I0).max()) + 1 if I0.numel() else 0
+        if w >= d:  # the shifted copies of the row range overlap: one contiguous range
+            lo, hi = (I0 - a * d).clamp(min=0), (I1 + e * d).clamp(max=L - 1)
+            if causal:
+                hi = torch.minimum(hi, I1)
+            return _ranges_to_blocks(g, t, lo + s, hi + s, hi + 1 + s, hi + s, torch.zeros_like(qwhole))
+        kmin = torch.maximum(torch.full_like(I1, -a), torch.div(-I1, d, rounding_mode="floor"))
+        kmax = torch.minimum(torch.full_like(I0, e), torch.div(L - 1 - I0, d, rounding_mode="floor"))
+        if causal:
+            kmax = torch.minimum(kmax, torch.zeros_like(kmax))
+        cnt = (kmax - kmin + 1).clamp(min=0)
+        rep = torch.repeat_interleave(torch.arange(cnt.numel()), cnt)
+        k = kmin[rep] + (torch.arange(rep.numel()) - (torch.cumsum(cnt, 0) - cnt)[rep])
+        lo, hi = (I0[rep] + k * d).clamp(min=0), (I1[rep] + k * d).clamp(max=L - 1)
+        if causal:
+            hi = torch.minimum(hi, I1[rep])
+        return _ranges_to_blocks(g, t[rep], lo + s, hi + s, hi + 1 + s, hi + s, torch.zeros_like(rep, dtype=torch.bool))
+    raise ValueError(f"unknown band grouping {kind!r}")  # pragma: no cover
+    return empty, empty, torch.empty(0, dtype=torch.bool)
+
+
+def _row_unique(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of x [..., M] (-1 = none): sorted distinct values [..., U] (-1 padded)
+    and how often each occurs [..., U]."""
+    xs = torch.where(x >= 0, x, torch.full_like(x, _BIG)).sort(-1).values
+    valid = xs < _BIG
+    new = valid.clone()
+    new[..., 1:] &= xs[..., 1:] != xs[..., :-1]
+    rank = torch.cumsum(new.long(), -1) - 1
+    U = max(int(new.sum(-1).max()) if new.numel() else 0, 1)
+    u = torch.full((*x.shape[:-1], U + 1), -1, dtype=torch.long)
+    cnt = torch.zeros((*x.shape[:-1], U + 1), dtype=torch.long)
+    u.scatter_(-1, torch.where(new, rank, torch.full_like(rank, U)), torch.where(new, xs, torch.full_like(xs, -1)))
+    cnt.scatter_add_(-1, torch.where(valid, rank, torch.full_like(rank, U)), valid.long())
+    return u[..., :U], cnt[..., :U]
+
+
+def _gather_records(c: Gather, cart: bool, g: _Grid, s: int, L: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(head or 0, qb, kb, full) for a Gather of a document at offset s, length L."""
+    hs, qbs, kbs, fulls = [], [], [], []
+    rows_in_qb = None
+    for qpos, kpos in c.blocks():
+        qv = (qpos >= 0) & (qpos < L) & (qpos + s >= g.q0)
+        qb = torch.where(qv, (qpos + s - g.q0) // g.b, torch.full_like(qpos, -1))
+        kv = (kpos >= 0) & (kpos < L)
+        kb = torch.where(kv, (kpos + s) // g.b, torch.full_like(kpos, -1))
+        live = (qb >= 0).any(-1)  # rows with a query present
+        if not bool(live.any()):
+            continue
+        qb, kb = qb[live], (kb[:, live] if kb.shape[1] == live.numel() and kb.shape[1] > 1 else kb)
+        qu, qc = _row_unique(qb)  # [T, Uq]
+        ku, kc = _row_unique(kb)  # [Hk, T', Uk]
+        Hk = ku.shape[0]
+        ku = ku.expand(Hk, qu.shape[0], ku.shape[-1])
+        kc = kc.expand(Hk, qu.shape[0], kc.shape[-1])
+        pq = qu[None, :, :, None].expand(Hk, -1, -1, ku.shape[-1])
+        pk = ku[:, :, None, :].expand(-1, -1, qu.shape[-1], -1)
+        ok = (pq >= 0) & (pk >= 0)
+        if cart:
+            if rows_in_qb is None:
+                rows_in_qb = lambda t: torch.clamp(g.nq - t * g.b, max=g.b)  # noqa: E731
+            keys_in = torch.clamp(g.n - pk * g.b, max=g.b)
+            fq = qc[None, :, :, None] == rows_in_qb(pq)
+            fk = kc[:, :, None, :] == keys_in
+            full = fq & fk
+        else:
+            full = torch.zeros_like(ok)
+        h = torch.arange(Hk)[:, None, None, None].expand_as(pq) if Hk > 1 else torch.zeros_like(pq)
+        hs.append(h[ok])
+        qbs.append(pq[ok])
+        kbs.append(pk[ok])
+        fulls.append(full[ok])
+    if not qbs:
+        z = torch.zeros(0, dtype=torch.long)
+        return z, z, z, torch.zeros(0, dtype=torch.bool)
+    return torch.cat(hs), torch.cat(qbs), torch.cat(kbs), torch.cat(fulls)
+
+
+def _documents(segment_ids: Tensor | None, B: int, n: int) -> list[list[tuple[int, int]]]:
+    """Per batch row: the documents as (start, length)."""
+    if segment_ids is None:
+        return [[(0, n)]]
+    ids = segment_ids.to("cpu")
+    out = []
+    for bi in range(B):
+        change = torch.nonzero(ids[bi, 1:] != ids[bi, :-1]).flatten() + 1
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), change]).tolist()
+        ends = starts[1:] + [n]
+        out.append([(s0, s1 - s0) for s0, s1 in zip(starts, ends)])
+    return out
+
+
+def _records(pattern: Pattern, g: _Grid, heads: int, causal: bool,
+             docs: list[list[tuple[int, int]]]) -> tuple[tuple[Tensor, ...], bool]:
+    """Every touched (batch, head, qb, kb, full); whether the heads differ."""
+    groups = _head_groups(pattern, 0, heads)
+    per_head = len(groups) > 1 or any(p.head_dependent for _, _, p in groups)
+    rec = _Records()
+    qb_all = torch.arange(g.QB)
+    qfirst = g.q0 + qb_all * g.b  # first position of each query block
+    qlast = g.q0 + torch.clamp((qb_all + 1) * g.b, max=g.nq) - 1
+    for bi, row in enumerate(docs):
+        for s, L in row:
+            if s + L <= g.q0:  # no query of this document is present
+                continue
+            t0 = (max(s, g.q0) - g.q0) // g.b
+            t1 = (s + L - 1 - g.q0) // g.b
+            t = qb_all[t0 : t1 + 1]
+            I0 = torch.clamp(qfirst[t], min=s) - s
+            I1 = torch.clamp(qlast[t], max=s + L - 1) - s
+            qwhole = (qfirst[t] >= s) & (qlast[t] <= s + L - 1)
+            for h0, nh, p in groups:
+                p.prepare(L, nh, causal)
+                hbase = torch.tensor(h0 if per_head else 0)
+                for c, cart in _components(p, L, nh):
+                    inner = getattr(c, "inner", c)  # a restricted component: always partial
+                    restricted = inner is not c
+                    if isinstance(inner, Band):
+                        qb, kb, full = _band_records(inner, g, s, L, causal, t, I0, I1, qwhole)
+                        if restricted:
+                            full = torch.zeros_like(full)
+                        if per_head and nh > 1:
+                            hh = torch.arange(nh)[:, None] + h0
+                            rec.add(bi, hh.expand(nh, qb.numel()), qb.expand(nh, -1), kb.expand(nh, -1),
+                                    full.expand(nh, -1))
+                        else:
+                            rec.add(bi, hbase.expand(qb.shape), qb, kb, full)
+                    elif isinstance(inner, Gather):
+                        hk, qb, kb, full = _gather_records(inner, cart and not restricted, g, s, L)
+                        if restricted:
+                            full = torch.zeros_like(full)
+                        one_head_list = bool(qb.numel()) and int(hk.max()) == 0 and _kpos_heads(inner) == 1
+                        if per_head and nh > 1 and one_head_list:
+                            hh = torch.arange(nh)[:, None] + h0
+                            rec.add(bi, hh.expand(nh, qb.numel()), qb.expand(nh, -1), kb.expand(nh, -1),
+                                    full.expand(nh, -1))
+                        else:
+                            rec.add(bi, hk + (h0 if per_head else 0), qb, kb, full)
+                    else:  # pragma: no cover
+                        raise TypeError(f"unknown component {type(inner).__name__}")
+    return rec.cat(), per_head
+
+
+def _kpos_heads(c: Gather) -> int:
+    return max(kpos.shape[0] for _, kpos in c.blocks())
+
+
+# ----------------------------------------------------------------------------------------
+# Point-by-point predicates for the mask_mod (Flex lowers pointwise code only)
+# ----------------------------------------------------------------------------------------
+
+_PointFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]  # (i, j, h, b, gi) -> bool
+
+
+def _c(x: int) -> Tensor:
+    return torch.tensor(min(int(x), _BIG), dtype=torch.long)
+
+
+def _pointwise(p: Pattern, heads: int, causal: bool, lengths: list[int], lidx: Tensor | None,
+               n: int) -> tuple[_PointFn, str]:
+    """The pattern's predicate on local positions (i, j), head h in [0, heads), batch
+    b and global query position gi; and a structural name (its "kind")."""
+    split = p.heads_split(heads)
+    if split is not None:
+        parts = [(h0, nh, *_pointwise(sub, nh, causal, lengths, lidx, n)) for h0, nh, sub in split]
+        lo = [_c(h0) for h0, *_ in parts]
+        hi = [_c(h0 + nh) for h0, nh, *_ in parts]
+        fns = [f for *_, f, _ in parts]
+        tail = _TWO_KIND and isinstance(p, _TWO_KIND)
+
+        def per_head(i, j, h, b, gi):
+            out = None
+            for k, f in enumerate(fns):
+                sel = (h >= lo[k]) & (h < hi[k])
+                v = sel & f(i, j, (h - lo[k]).clamp(min=0), b, gi)
+                out = v if out is None else out | v
+            return out & (j <= i) if tail else out
+
+        return per_head, "heads(" + ",".join(name for *_, name in parts) + ")"
+    if isinstance(p, P.Union) or isinstance(p, P.Intersection):
+        subs = [_pointwise(q, heads, causal, lengths, lidx, n) for q in p.parts]
+        fns = [f for f, _ in subs]
+        union = isinstance(p, P.Union)
+
+        def combine(i, j, h, b, gi):
+            out = fns[0](i, j, h, b, gi)
+            for f in fns[1:]:
+                out = (out | f(i, j, h, b, gi)) if union else (out & f(i, j, h, b, gi))
+            return out
+
+        return combine, ("or(" if union else "and(") + ",".join(nm for _, nm in subs) + ")"
+    if _TWO_KIND and isinstance(p, _TWO_KIND):
+        f, nm = _pointwise(p._inner, heads, causal, lengths, lidx, n)
+        return (lambda i, j, h, b, gi: f(i, j, h, b, gi) & (j <= i)), f"causal({nm})"
+    if isinstance(p, P.Full):
+        return (lambda i, j, h, b, gi: j >= 0), "full"
+    if isinstance(p, P.Causal):
+        return (lambda i, j, h, b, gi: j <= i), "causal"
+    if isinstance(p, P.Local):
+        a, e = _c(p.before), _c(p.after)
+        return (lambda i, j, h, b, gi: (j >= i - a) & (j <= i + e)), "local"
+    if isinstance(p, P.Dilated):
+        r, d = _c(p.radius * p.dilation), _c(p.dilation)
+        return (lambda i, j, h, b, gi: ((j - i) % d == 0) & ((j - i).abs() <= r)), "dilated"
+    if isinstance(p, P.Strided):
+        d = _c(p.stride)
+        return (lambda i, j, h, b, gi: (j - i) % d == 0), "strided"
+    if isinstance(p, P.BlockDiagonal):
+        d = _c(p.block)
+        return (lambda i, j, h, b, gi: (i // d) == (j // d)), "block_diagonal"
+    if isinstance(p, P.GlobalTokens):
+        tab = torch.zeros(n, dtype=torch.bool)
+        idx = p.indices[p.indices < n]
+        tab[idx] = True
+        top = _c(n - 1)
+        return (lambda i, j, h, b, gi: tab[i.clamp(0, top)] | tab[j.clamp(0, top)]), "global"
+    if isinstance(p, P.RandomBlocks):
+        return _random_pointwise(p, heads, causal, lengths, lidx), f"random{p.blocks_per_row}"
+    bw = _classes("_BlockWindow")
+    if bw and isinstance(p, bw):
+        blk, r = _c(p.block), _c(p.radius)
+        return (lambda i, j, h, b, gi: ((j // blk) - (i // blk)).abs() <= r), "block_window"
+    sc = _classes("_SummaryColumns")
+    if sc and isinstance(p, sc):
+        ll, cc = _c(p.l), _c(p.l - p.c)
+        return (lambda i, j, h, b, gi: (j % ll >= cc) & (j <= i)), "summary_columns"
+    # an unknown pattern: its own predicate (it must be pointwise for Flex to lower it)
+    return (lambda i, j, h, b, gi: p.visible(i, j, h)), f"custom:{type(p).__qualname__}:{id(p)}"
+
+
+def _random_pointwise(p, heads: int, causal: bool, lengths: list[int], lidx: Tensor | None) -> _PointFn:
+    """Drawn-block membership unrolled over the r draws; with packed documents one
+    table per distinct document length, stacked (row base looked up per position)."""
+    tabs = []
+    for L in lengths:
+        try:
+            tabs.append(p.table(L, heads, causal))
+        except TypeError:  # an older table(n, heads)
+            tabs.append(p.table(L, heads))
+    r = tabs[0].shape[-1]
+    base = torch.tensor([0] + [t.shape[1] for t in tabs[:-1]], dtype=torch.long).cumsum(0)
+    tab = torch.cat(tabs, 1).contiguous() if tabs[0].numel() else tabs[0]
+    blk = _c(p.block)
+    hmax, rmax = _c(max(tab.shape[0] - 1, 0)), _c(max(tab.shape[1] - 1, 0))
+    if r == 0:
+        return lambda i, j, h, b, gi: j < 0
+    multi = lidx is not None and len(lengths) > 1
+
+    def member(i, j, h, b, gi):
+        row = i // blk
+        if multi:
+            row = row + base[lidx[b, gi]]
+        row = row.clamp(0, rmax)
+        hh = h.clamp(0, hmax)
+        kb = j // blk
+        out = tab[hh, row, 0] == kb
+        for s in range(1, r):
+            out = out | (tab[hh, row, s] == kb)
+        return out
+
+    return member
+
+
+# ----------------------------------------------------------------------------------------
+# The BlockMask
+# ----------------------------------------------------------------------------------------
+
+
+def _lists(B: int, H: int, rows: int, key: tuple[Tensor, Tensor, Tensor], col: Tensor, width: int | None
+           ) -> tuple[Tensor, Tensor]:
+    """Group records by (b, h, row) -> counts [B, H, rows] and sorted column lists
+    [B, H, rows, W] (W = the longest list, or ``width``)."""
+    b, h, r = key
+    flat = (b * H + h) * rows + r
+    order = torch.argsort(flat * (_BIG >> 31) + col, stable=True) if flat.numel() else flat
+    flat, col = flat[order], col[order]
+    num = torch.bincount(flat, minlength=B * H * rows)
+    start = torch.cumsum(num, 0) - num
+    rank = torch.arange(flat.numel()) - start[flat]
+    W = int(num.max()) if num.numel() and flat.numel() else 0
+    W = max(W, 1) if width is None else max(width, W, 1)
+    idx = torch.zeros(B * H * rows, W, dtype=torch.int32)
+    idx[flat, rank] = col.to(torch.int32)
+    return num.view(B, H, rows).to(torch.int32), idx.view(B, H, rows, W)
+
+
+def block_mask_for(
+    pattern: Pattern,
+    n: int,
+    heads: int,
+    *,
+    causal: bool = False,
+    block: int = 128,
+    key_padding_mask: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+    q_len: int | None = None,
+    device: torch.device | str = "cpu",
+    compact: bool | None = None,
+    with_q_blocks: bool = True,
+):
+    """A FlexAttention ``BlockMask`` for ``pattern`` over ``n`` keys and ``heads`` heads,
+    built from the pattern's components (never from N x N predicate evaluations).
+
+    Args:
+        pattern: any :class:`longattn.patterns.Pattern` (per-head lists included).
+        n: number of keys (= positions the pattern is laid over).
+        heads: query heads (the mask has H = heads when the pattern differs per head,
+            else H = 1, broadcast).
+        causal: intersect with j <= i (positions).
+        block: Flex block size (query and key).
+        key_padding_mask: bool [B, n], True = real key; padded keys are never visible.
+        segment_ids: [B, n] integer ids, runs of equal ids are documents; each is
+            attended as if run alone (positions restart at its first token).
+        q_len: number of queries Nq <= n (default n); query row r is position
+            n - q_len + r (bottom-right).
+        device: where the mask tensors go.
+        compact: kv/q index lists only as wide as the longest list (O(visible
+            blocks)); False pads them to the number of blocks, which the CPU Flex
+            kernel requires. Default: compact except on the CPU.
+        with_q_blocks: also build the transposed (per key block) lists Flex needs for
+            the backward pass (built sparsely here, not by Flex's dense transpose).
+
+    Returns:
+        ``BlockMask`` with seq_lengths (q_len, n), BLOCK_SIZE (block, block), the
+        partial blocks in ``kv_num_blocks/kv_indices``, the full ones in
+        ``full_kv_num_blocks/full_kv_indices`` and the pattern's predicate (with
+        causal, padding and documents) as ``mask_mod``.
+    """
+    if BlockMask is None:  # pragma: no cover
+        raise RuntimeError("FlexAttention needs torch >= 2.5")
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a longattn.patterns.Pattern, got {type(pattern).__name__}")
+    for name, val, lo in (("n", n, 1), ("heads", heads, 1), ("block", block, 1)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+    nq = n if q_len is None else q_len
+    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= n:
+        raise ValueError(f"q_len must be an int with 1 <= q_len <= n={n}, got {q_len!r}")
+    B = 1
+    for name, t in (("key_padding_mask", key_padding_mask), ("segment_ids", segment_ids)):
+        if t is not None:
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != n:
+                raise ValueError(f"{name} must be a [B, {n}] tensor, got {getattr(t, 'shape', t)!r}")
+            if B != 1 and t.shape[0] != B:
+                raise ValueError(f"key_padding_mask and segment_ids disagree in batch: {B} vs {t.shape[0]}")
+            B = t.shape[0]
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
+    if segment_ids is not None and (segment_ids.is_floating_point() or segment_ids.dtype == torch.bool):
+        raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+    device = torch.device(device)
+    if compact is None:
+        compact = device.type != "cpu"
+    g = _Grid(n, nq, block)
+    docs = _documents(segment_ids, B, n)
+    (bi, hi, qb, kb, full), per_head = _records(pattern, g, heads, causal, docs)
+    H = heads if per_head else 1
+    if causal:  # keys after the last query of the block: none; full only below the first
+        k_first = kb * block
+        k_last = torch.clamp((kb + 1) * block, max=n) - 1
+        q_first = g.q0 + qb * block
+        q_last = g.q0 + torch.clamp((qb + 1) * block, max=nq) - 1
+        keep = k_first <= q_last
+        full = full & (k_last <= q_first)
+        bi, hi, qb, kb, full = (x[keep] for x in (bi, hi, qb, kb, full))
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to("cpu")
+        padk = torch.nn.functional.pad(kpm, (0, g.KB * block - n), value=False).view(B, g.KB, block)
+        real = padk.sum(-1)
+        size = torch.clamp(n - torch.arange(g.KB) * block, max=block)
+        if bi.numel() and segment_ids is None:  # records are batch-free: one copy per row
+            R = bi.numel()
+            bi = torch.arange(B).repeat_interleave(R)
+            hi, qb, kb, full = (x.repeat(B) for x in (hi, qb, kb, full))
+        keep = real[bi, kb] > 0
+        full = full & (real[bi, kb] == size[kb])
+        bi, hi, qb, kb, full = (x[keep] for x in (bi, hi, qb, kb, full))
+    # one record per (b, h, qb, kb): full when any record says full
+    if bi.numel():
+        code = ((bi * H + hi) * g.QB + qb) * g.KB + kb
+        uniq, inv = torch.unique(code, return_inverse=True)
+        f = torch.zeros(uniq.numel(), dtype=torch.bool).index_put_((inv,), full, accumulate=True)
+        kb = uniq % g.KB
+        rest = uniq // g.KB
+        qb = rest % g.QB
+        rest = rest // g.QB
+        hi, bi, full = rest % H, rest // H, f
+    part = ~full
+    kv_w = None if compact else g.KB
+    q_w = None if compact else g.QB
+    kv_num, kv_idx = _lists(B, H, g.QB, (bi[part], hi[part], qb[part]), kb[part], kv_w)
+    fkv_num, fkv_idx = _lists(B, H, g.QB, (bi[full], hi[full], qb[full]), kb[full], kv_w)
+    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, device)
+    to = lambda x: x.to(device)  # noqa: E731
+    bm = BlockMask.from_kv_blocks(
+        to(kv_num), to(kv_idx), to(fkv_num), to(fkv_idx), BLOCK_SIZE=(block, block), mask_mod=mask_mod,
+        seq_lengths=(nq, n), compute_q_blocks=False,
+    )
+    if with_q_blocks:  # the transposed lists, from the same records (Flex's own transpose is dense)
+        q_num, q_idx = _lists(B, H, g.KB, (bi[part], hi[part], kb[part]), qb[part], q_w)
+        fq_num, fq_idx = _lists(B, H, g.KB, (bi[full], hi[full], kb[full]), qb[full], q_w)
+        bm.q_num_blocks, bm.q_indices = to(q_num), to(q_idx)
+        bm.full_q_num_blocks, bm.full_q_indices = to(fq_num), to(fq_idx)
+    return bm
+
+
+def _mask_mod(pattern: Pattern, heads: int, causal: bool, g: _Grid, kpm: Tensor | None,
+              seg: Tensor | None, docs: list[list[tuple[int, int]]], device: torch.device):
+    """mask_mod(b, h, q_idx, kv_idx): the predicate at (document-local) positions, with
+    causal, padding and documents."""
+    n, q0 = g.n, g.q0
+    if seg is None:
+        lengths, lidx, start = [n], None, None
+    else:
+        lengths = sorted({L for row in docs for _, L in row})
+        where = {L: k for k, L in enumerate(lengths)}
+        B = len(docs)
+        start = torch.zeros(B, n, dtype=torch.long)
+        lidx = torch.zeros(B, n, dtype=torch.long)
+        for bi, row in enumerate(docs):
+            for s, L in row:
+                start[bi, s : s + L] = s
+                lidx[bi, s : s + L] = where[L]
+    fn, kind = _pointwise(pattern, heads, causal, lengths, lidx, n)
+    top, q0t = _c(n - 1), _c(q0)
+    kpm_d = kpm.to(device) if kpm is not None else None
+    start_d = start.to(device) if start is not None else None
+    # move the closure's tensors to the device: rebuild with device tables
+    fn = _to_device(fn, device)
+
+    if start_d is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            i = q_idx + q0t
+            j = kv_idx
+            m = fn(i, j, h, b, i)
+            if causal:
+                m = m & (j <= i)
+            if kpm_d is not None:
+                m = m & kpm_d[b, j.clamp(0, top)]
+            return m
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            gi = (q_idx + q0t).clamp(0, top)
+            gj = kv_idx.clamp(0, top)
+            si = start_d[b, gi]
+            m = (start_d[b, gj] == si) & fn(gi - si, gj - si, h, b, gi)
+            if causal:
+                m = m & (gj <= gi)
+            if kpm_d is not None:
+                m = m & kpm_d[b, gj]
+            return m
+
+    mask_mod.longattn_kind = (kind, causal, kpm is not None, seg is not None, q0 > 0)  # type: ignore[attr-defined]
+    return mask_mod
+
+
+def _to_device(fn, device: torch.device):
+    """A copy of ``fn`` (and of the point functions it closes over) whose captured
+    tensors live on ``device``."""
+    if device.type == "cpu" or not isinstance(fn, types.FunctionType):
+        return fn
+    seen: dict[int, object] = {}
+
+    def move(obj):
+        if isinstance(obj, Tensor):
+            return obj.to(device)
+        if isinstance(obj, types.FunctionType):
+            if id(obj) in seen:
+                return seen[id(obj)]
+            cells = None
+            if obj.__closure__:
+                cells = tuple(types.CellType(move(c.cell_contents)) if _has(c) else c for c in obj.__closure__)
+            new = types.FunctionType(obj.__code__, obj.__globals__, obj.__name__, obj.__defaults__, cells)
+            seen[id(obj)] = new
+            return new
+        if isinstance(obj, list):
+            return [move(x) for x in obj]
+        if isinstance(obj, tuple):
+            return tuple(move(x) for x in obj)
+        return obj
+
+    return move(fn)
+
+
+def _has(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def expand_block_mask(bm, batch: int = 1, heads: int = 1) -> Tensor:
+    """The dense bool mask [batch, heads, Nq, Nk] a BlockMask stands for: full blocks
+    all visible, partial blocks AND-ed with its mask_mod, the rest invisible. For
+    tests at small sizes (it is Nq x Nk by construction)."""
+    nq, nk = bm.seq_lengths
+    bq, bk = bm.BLOCK_SIZE
+    QB, KB = -(-nq // bq), -(-nk // bk)
+    out = torch.zeros(batch, heads, QB * bq, KB * bk, dtype=torch.bool)
+    part = torch.zeros(batch, heads, QB, KB, dtype=torch.bool)
+    fullb = torch.zeros_like(part)
+    for dst, num, idx in ((part, bm.kv_num_blocks, bm.kv_indices), (fullb, bm.full_kv_num_blocks, bm.full_kv_indices)):
+        if num is None:
+            continue
+        num, idx = num.cpu().long(), idx.cpu().long()
+        for b in range(batch):
+            for h in range(heads):
+                nb_, ib = num[min(b, num.shape[0] - 1), min(h, num.shape[1] - 1)], idx[min(b, idx.shape[0] - 1), min(h, idx.shape[1] - 1)]
+                for t in range(QB):
+                    cols = ib[t, : int(nb_[t])]
+                    assert not bool(dst[b, h, t, cols].any()), "a key block listed twice"
+                    dst[b, h, t, cols] = True
+    assert not bool((part & fullb).any()), "a block both full and partial"
+    i = torch.arange(QB * bq)[:, None]
+    j = torch.arange(KB * bk)[None, :]
+    for b in range(batch):
+        for h in range(heads):
+            mm = bm.mask_mod(torch.tensor(b), torch.tensor(h), i.clamp(max=nq - 1), j.clamp(max=nk - 1)).cpu()
+            pb = part[b, h].repeat_interleave(bq, 0).repeat_interleave(bk, 1)
+            fb = fullb[b, h].repeat_interleave(bq, 0).repeat_interleave(bk, 1)
+            out[b, h] = fb | (pb & mm.expand_as(pb))
+    return out[:, :, :nq, :nk]
+
+
+# ----------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------
+
+_COMPILED: dict[object, Callable] = {}
+_MASKS: dict[tuple, tuple[Pattern, object]] = {}
+
+
+def _flex_call(q, k, v, block_mask, scale, enable_gqa):
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _compiled(kind: object) -> Callable:
+    """torch.compile(flex_attention) with dynamic shapes, one wrapper per pattern kind
+    (a code object of its own, so each kind has its own compile cache and recompile
+    budget)."""
+    fn = _COMPILED.get(kind)
+    if fn is None:
+        code = _flex_call.__code__.replace(co_name=f"_flex_call_{len(_COMPILED)}")
+        wrapper = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+        fn = torch.compile(wrapper, dynamic=True)
+        _COMPILED[kind] = fn
+    return fn
+
+
+def flex_pattern_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    segment_ids: Tensor | None = None,
+    enable_gqa: bool = False,
+    block: int = 128,
+) -> Tensor:
+    """Exact attention restricted to ``pattern`` through compiled FlexAttention.
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]. Hkv < H needs
+            ``enable_gqa=True`` and H % Hkv == 0 (query head h reads kv head
+            h // (H // Hkv)).
+        pattern, causal, key_padding_mask, segment_ids: as :func:`block_mask_for`;
+            with Nq < Nk the queries are the last Nq positions.
+        scale: default 1/sqrt(D).
+
+    Returns:
+        [B, H, Nq, Dv]; queries with no visible key give zeros. On CUDA
+        differentiable; on the CPU forward only (compiled Flex has no CPU backward).
+    """
+    if flex_attention is None:  # pragma: no cover
+        raise RuntimeError("FlexAttention needs torch >= 2.5")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a [B, H, N, D] tensor, got {getattr(t, 'shape', t)!r}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    B, H, Nq, D = q.shape
+    _, Hkv, Nk, _ = k.shape
+    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != Hkv or k.shape[-1] != D or v.shape[2] != Nk:
+        raise ValueError(f"q, k, v shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if Hkv != H and not (enable_gqa and H % Hkv == 0):
+        raise ValueError(f"k/v have {Hkv} heads and q {H}: pass enable_gqa=True with H % Hkv == 0")
+    if Nq > Nk:
+        raise ValueError(f"Nq ({Nq}) must be <= Nk ({Nk}): queries are the last Nq positions")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise NotImplementedError("FlexAttention has no CPU backward: run under torch.no_grad() or on CUDA")
+    s = D ** -0.5 if scale is None else float(scale)
+    key = (id(pattern), Nk, H, causal, block, Nq, q.device)
+    bm = None
+    if key_padding_mask is None and segment_ids is None:
+        hit = _MASKS.get(key)
+        if hit is not None and hit[0] is pattern:
+            bm = hit[1]
+    if bm is None:
+        bm = block_mask_for(pattern, Nk, H, causal=causal, block=block, key_padding_mask=key_padding_mask,
+                            segment_ids=segment_ids, q_len=Nq, device=q.device,
+                            with_q_blocks=q.device.type != "cpu")
+        if key_padding_mask is None and segment_ids is None:
+            if len(_MASKS) > 64:
+                _MASKS.clear()
+            _MASKS[key] = (pattern, bm)
+    out = _compiled(getattr(bm.mask_mod, "longattn_kind", None))(q, k, v, bm, s, enable_gqa)
+    return out
