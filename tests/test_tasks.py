@@ -89,13 +89,14 @@ def _marker_centres(img: np.ndarray) -> list[tuple[int, int]]:
     return [g[0] for g in groups]
 
 
-def test_pathfinder_positives_connect_negatives_do_not():
+@pytest.mark.parametrize("patch", [1, 2])
+def test_pathfinder_positives_connect_negatives_do_not(patch):
     ndimage = pytest.importorskip("scipy.ndimage")
     from longattn.tasks import pathfinder
 
-    cfg = pathfinder.PathfinderConfig(size=32, n_val=60)
+    cfg = pathfinder.PathfinderConfig(size=32, n_val=60, patch=patch)
     data = pathfinder.generate(cfg, "val", 7)
-    assert data.x.shape == (60, 1024) and set(np.unique(data.x)) <= {1, 2}
+    assert data.x.shape == (60, 1024 // patch**2) and set(np.unique(data.x)) <= set(range(1, 2 ** patch**2 + 1))
     assert 20 <= data.y.sum() <= 40  # balanced
     eight = np.ones((3, 3), dtype=int)
     on_pixels = {0: [], 1: []}
@@ -112,6 +113,19 @@ def test_pathfinder_positives_connect_negatives_do_not():
         on_pixels[int(label)].append(img.sum())
     # no pixel-count shortcut: the two classes light up about as many pixels
     assert abs(np.mean(on_pixels[0]) - np.mean(on_pixels[1])) < 0.1 * np.mean(on_pixels[1])
+
+
+def test_pathfinder_tile_tokens_are_the_pixel_tokens_regrouped():
+    from longattn.tasks import pathfinder
+
+    pixels = pathfinder.generate(pathfinder.PathfinderConfig(size=16, n_val=8), "val", 3)
+    tiles = pathfinder.generate(pathfinder.PathfinderConfig(size=16, n_val=8, patch=2), "val", 3)
+    assert np.array_equal(pixels.y, tiles.y)  # the same drawings
+    for a, b in zip(pixels.x, tiles.x):
+        bits = (a.reshape(8, 2, 8, 2) - 1).transpose(0, 2, 1, 3).reshape(64, 4)  # tiles, row-major inside
+        assert np.array_equal(b, 1 + bits[:, 0] * 8 + bits[:, 1] * 4 + bits[:, 2] * 2 + bits[:, 3])
+    with pytest.raises(ValueError, match="patch"):
+        pathfinder.PathfinderConfig(size=30, patch=4)
 
 
 # ---------------------------------------------------------------- recall, copy

@@ -4,8 +4,10 @@ A W x W image holds two marker disks and several curvy paths. Label 1 when the
 markers sit at the two ends of the same path, 0 when they end two different paths.
 Positives and negatives hold the same number of paths (a positive's second marker
 path is replaced by one more distractor), so counting pixels does not give the
-answer. The model reads the image as a sequence of W*W quantised-intensity tokens,
-row by row.
+answer. The model reads the image row by row: one token per pixel (W*W tokens of
+quantised intensity, ``patch=1``, the LRA form), or one token per ``patch`` x ``patch``
+tile (``(W/patch)^2`` tokens; the token is the tile's pixel pattern, ``levels^(patch^2)``
+codes), which keeps the picture and its long paths but shortens the sequence.
 
 Drawing (our own generator from the task's description): a path is a random walk
 of unit steps whose heading turns by at most ``max_turn`` radians per step; each
@@ -34,7 +36,8 @@ class PathfinderConfig:
     distractors: int = 2  # unmarked paths in a negative (a positive has one more); distractors + 2 paths in all
     max_turn: float = 0.5  # radians per unit step
     margin: int = 2
-    levels: int = 2  # intensity levels (tokens 1..levels; 0 = padding, unused here)
+    levels: int = 2  # intensity levels (0 = padding, unused here)
+    patch: int = 1  # pixels per token side: 1 = one token per pixel; 2 = one per 2x2 tile (16 codes)
     n_train: int = 8000
     n_val: int = 1000
     n_test: int = 1000
@@ -46,14 +49,24 @@ class PathfinderConfig:
             raise ValueError(f"distractors must be >= 1, got {self.distractors}")
         if self.levels < 2:
             raise ValueError(f"levels must be >= 2, got {self.levels}")
+        if self.patch < 1 or self.size % self.patch:
+            raise ValueError(f"patch must be >= 1 and divide size ({self.size}), got {self.patch}")
+        if self.levels ** (self.patch * self.patch) > 2**16:
+            raise ValueError(f"levels^(patch^2) = {self.levels}^{self.patch ** 2} tile codes is too many "
+                             "for a token vocabulary (at most 65536)")
 
     @property
     def length(self) -> int:
         return self.path_len or (3 * self.size) // 4
 
     @property
+    def side(self) -> int:
+        """Tokens per image row."""
+        return self.size // self.patch
+
+    @property
     def vocab_size(self) -> int:
-        return self.levels + 1
+        return self.levels ** (self.patch * self.patch) + 1
 
     @property
     def num_classes(self) -> int:
@@ -61,7 +74,7 @@ class PathfinderConfig:
 
     @property
     def seq_len(self) -> int:
-        return self.size * self.size
+        return self.side * self.side
 
 
 def _walk(rng: np.random.Generator, owner: np.ndarray, pid: int, cfg: PathfinderConfig) -> list[tuple[int, int]] | None:
@@ -175,20 +188,34 @@ def quantise(img: np.ndarray, levels: int) -> np.ndarray:
     return 1 + np.clip(np.rint(img * (levels - 1)), 0, levels - 1).astype(np.int64)
 
 
+def tokens(img: np.ndarray, cfg: PathfinderConfig) -> np.ndarray:
+    """Image [W, W] in [0, 1] -> token row [(W/patch)^2]: each tile's levels read as the
+    digits of a base-``levels`` number (row-major inside the tile), plus 1 (0 is padding)."""
+    q = quantise(img, cfg.levels) - 1  # 0..levels-1
+    p, s = cfg.patch, cfg.side
+    tiles = q.reshape(s, p, s, p).transpose(0, 2, 1, 3).reshape(s * s, p * p)
+    weights = cfg.levels ** np.arange(p * p - 1, -1, -1, dtype=np.int64)
+    return 1 + tiles @ weights
+
+
 def generate(cfg: PathfinderConfig, split: str, seed: int) -> TaskData:
     n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % 2).astype(np.int64)  # balanced
-    x = np.empty((n, cfg.size * cfg.size), dtype=np.int64)
+    x = np.empty((n, cfg.seq_len), dtype=np.int64)
     for i in range(n):
         img, _, _ = draw(rng, cfg, bool(labels[i]))
-        x[i] = quantise(img, cfg.levels).reshape(-1)
+        x[i] = tokens(img, cfg)
     return TaskData(x=x, mask=np.ones_like(x, dtype=bool), y=labels)
 
 
-def image(tokens: np.ndarray, cfg: PathfinderConfig) -> np.ndarray:
-    """Token row -> float image [W, W] in [0, 1] (for tests and pictures)."""
-    return (np.asarray(tokens).reshape(cfg.size, cfg.size) - 1) / (cfg.levels - 1)
+def image(row: np.ndarray, cfg: PathfinderConfig) -> np.ndarray:
+    """Token row -> float image [W, W] in [0, 1] (for tests and pictures); undoes :func:`tokens`."""
+    p, s = cfg.patch, cfg.side
+    codes = np.asarray(row, dtype=np.int64).reshape(s * s) - 1
+    digits = (codes[:, None] // cfg.levels ** np.arange(p * p - 1, -1, -1, dtype=np.int64)) % cfg.levels
+    img = digits.reshape(s, s, p, p).transpose(0, 2, 1, 3).reshape(cfg.size, cfg.size)
+    return img / (cfg.levels - 1)
 
 
 SPEC = register_task(
