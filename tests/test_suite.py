@@ -72,6 +72,26 @@ def test_markdown_table_marks_baseline_skips_and_failures():
     assert "copy / weak: skipped: weak cannot be causal" in md
 
 
+def test_table_shows_std_over_seeds_or_the_binomial_error():
+    ok = dict(status="ok", majority_baseline=0.17, train_time_s=1.0, peak_mem_mb=1.0, tokens_per_s=1.0)
+    recs = [{"task": "listops", "mechanism": "full", "seed": s, "test_acc": a, "test_items": 1000, **ok}
+            for s, a in ((0, 0.40), (1, 0.42))]
+    md = suite.markdown(recs)
+    assert "| full | **41.0** +- 1.4 | 41.0 |" in md and "standard deviation over 2 seeds" in md
+    one = suite.markdown(recs[:1])  # one seed: sqrt(0.4 * 0.6 / 1000) = 1.5 points
+    assert "| full | **40.0** +- 1.5 | 40.0 |" in one and "binomial standard error" in one
+    assert suite.binomial_se(0.5, 10000) == pytest.approx(0.005)
+
+
+def test_seeds_run_each_pair_several_times(tmp_path):
+    cfg = suite.SuiteConfig(tasks=["recall"], mechanisms=["full"], quick=True, steps=1, seeds=2, seed=5,
+                            out=str(tmp_path), progress=False)
+    recs = suite.run_suite(cfg)
+    assert [(r["seed"], r["status"]) for r in recs] == [(5, "ok"), (6, "ok")]
+    assert recs[0]["test_items"] > 0 and (tmp_path / "runs" / "recall" / "full" / "seed6" / "result.json").is_file()
+    assert "standard deviation over 2 seeds" in (tmp_path / "results.md").read_text()
+
+
 def test_quick_suite_end_to_end(tmp_path):
     cfg = suite.SuiteConfig(tasks=["recall", "copy"], mechanisms=["full", "linear"], quick=True, steps=2,
                             out=str(tmp_path), progress=False)
@@ -109,7 +129,7 @@ def test_resume_reuses_only_finished_runs_with_the_same_settings(tmp_path, monke
                             out=str(tmp_path), progress=False)
     first = suite.run_suite(cfg)
     # "linear" was interrupted: its run directory has no result.json.
-    (tmp_path / "runs" / "recall" / "linear" / "result.json").unlink()
+    (tmp_path / "runs" / "recall" / "linear" / "seed0" / "result.json").unlink()
     import longattn.train as train_mod
 
     calls = []

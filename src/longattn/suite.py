@@ -162,7 +162,8 @@ class SuiteConfig:
     mechanisms: list[str] | None = None  # None = DEFAULT_MECHANISMS; ["all"] = every registered one
     quick: bool = False
     out: str = "suite-results"
-    seed: int = 0
+    seed: int = 0  # the first seed; run k of a pair uses seed + k
+    seeds: int = 1  # runs per (task, mechanism); the table shows mean +- std over them
     isolate: bool | None = None  # subprocess per run; None = not quick
     steps: int | None = None  # override every task's steps (tests, smoke runs)
     progress: bool = True
@@ -172,7 +173,7 @@ class SuiteConfig:
 
 # Settings a finished run's saved config must match to be reused by ``--resume``.
 _RESUME_KEYS = ("task", "task_options", "mechanism", "mechanism_params", "seed", "layers", "dim", "heads", "steps",
-                "batch", "lr", "warmup", "eval_every", "max_eval")
+                "batch", "lr", "warmup", "eval_every", "max_eval", "pos", "pool")
 
 
 def _finished(run_dir: Path, want: dict[str, Any]) -> dict[str, Any] | None:
@@ -192,56 +193,64 @@ def _finished(run_dir: Path, want: dict[str, Any]) -> dict[str, Any] | None:
     return res
 
 
-def run_one(task: str, mechanism: str, cfg: SuiteConfig, run_dir: Path) -> dict[str, Any]:
-    """Train ``mechanism`` on ``task`` with the suite's budget; a result record."""
-    mode = "quick" if cfg.quick else "default"
+def budget(task: str, quick: bool, steps: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(task options, trainer options) of ``task`` in the default or quick suite."""
+    mode = "quick" if quick else "default"
     topts, trainopts = BUDGETS[mode].get(task, ({}, dict(steps=300, batch=32, eval_every=100)))
     trainopts = {**MODEL[mode], **trainopts}
-    if cfg.steps is not None:
-        trainopts.update(steps=cfg.steps, eval_every=cfg.steps)
+    if steps is not None:
+        trainopts.update(steps=steps, eval_every=steps)
+    return dict(topts), trainopts
+
+
+def run_one(task: str, mechanism: str, cfg: SuiteConfig, run_dir: Path, seed: int | None = None) -> dict[str, Any]:
+    """Train ``mechanism`` on ``task`` with the suite's budget (seed ``seed``, default ``cfg.seed``)."""
+    seed = cfg.seed if seed is None else seed
+    topts, trainopts = budget(task, cfg.quick, cfg.steps)
     info = task_info(task, topts)
     params, why = mechanism_params(mechanism, info)
-    rec: dict[str, Any] = {"task": task, "mechanism": mechanism, "seq_len": info.seq_len}
+    rec: dict[str, Any] = {"task": task, "mechanism": mechanism, "seed": seed, "seq_len": info.seq_len}
     if params is None:
         return {**rec, "status": "skipped", "reason": why}
     rec["mechanism_params"] = params
-    keep = ("test_acc", "final_test_acc", "best_val_acc", "majority_baseline", "train_time_s", "peak_mem_mb",
-            "tokens_per_s", "params", "steps")
+    keep = ("test_acc", "final_test_acc", "best_val_acc", "majority_baseline", "test_items", "train_time_s",
+            "peak_mem_mb", "tokens_per_s", "params", "steps")
     if cfg.resume:
         want = {"task": task, "task_options": topts, "mechanism": mechanism, "mechanism_params": params,
-                "seed": cfg.seed, "max_eval": 0, **trainopts}
+                "seed": seed, "max_eval": 0, **trainopts}
         res = _finished(run_dir, {k: want[k] for k in _RESUME_KEYS if k in want})
         if res is not None:
-            return {**rec, "status": "ok", **{k: res[k] for k in keep}, "wall_s": None, "resumed": True}
+            return {**rec, "status": "ok", **{k: res.get(k) for k in keep}, "wall_s": None, "resumed": True}
     isolate = (not cfg.quick) if cfg.isolate is None else cfg.isolate
     t0 = time.perf_counter()
     try:
         if isolate:
-            res = _run_subprocess(task, mechanism, params, topts, trainopts, cfg, run_dir)
+            res = _run_subprocess(task, mechanism, params, topts, trainopts, cfg, run_dir, seed)
         else:
             from longattn.train import TrainConfig, train
 
             tc = TrainConfig(task=task, task_options=topts, mechanism=mechanism, mechanism_params=params,
-                             seed=cfg.seed, out=str(run_dir), progress=cfg.progress,
+                             seed=seed, out=str(run_dir), progress=cfg.progress,
                              ckpt_every=10**9, **trainopts)
             res = train(tc)
             res.pop("model", None)
     except Exception as e:  # one broken mechanism must not stop the suite
         return {**rec, "status": "failed", "error": f"{type(e).__name__}: {e}"[-2000:],
                 "wall_s": time.perf_counter() - t0}
-    return {**rec, "status": "ok", **{k: res[k] for k in keep}, "wall_s": time.perf_counter() - t0}
+    return {**rec, "status": "ok", **{k: res.get(k) for k in keep}, "wall_s": time.perf_counter() - t0}
 
 
 def _run_subprocess(task: str, mechanism: str, params: dict[str, Any], topts: dict[str, Any],
-                    trainopts: dict[str, Any], cfg: SuiteConfig, run_dir: Path) -> dict[str, Any]:
+                    trainopts: dict[str, Any], cfg: SuiteConfig, run_dir: Path, seed: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "longattn", "train", "--task", task, "--mechanism", mechanism,
-           "--seed", str(cfg.seed), "--out", str(run_dir), "--ckpt-every", str(10**9)]
+           "--seed", str(seed), "--out", str(run_dir), "--ckpt-every", str(10**9)]
     for k, v in topts.items():
         cmd += ["--task-option", f"{k}={json.dumps(v)}"]
     for k, v in params.items():
         cmd += ["--param", f"{k}={json.dumps(v)}"]
     flags = {"layers": "--layers", "dim": "--dim", "heads": "--heads", "steps": "--steps", "batch": "--batch",
-             "lr": "--lr", "warmup": "--warmup", "eval_every": "--eval-every", "max_eval": "--max-eval"}
+             "lr": "--lr", "warmup": "--warmup", "eval_every": "--eval-every", "max_eval": "--max-eval",
+             "pos": "--pos", "pool": "--pool"}
     for k, v in trainopts.items():
         if k in flags:
             cmd += [flags[k], str(v)]
@@ -277,16 +286,21 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {cfg.seeds}")
     for task in cfg.tasks:
         for mech in mechs:
-            print(f"[suite] {task} / {mech}", file=sys.stderr, flush=True)
-            rec = run_one(task, mech, cfg, out / "runs" / task / mech)
-            if rec.get("resumed"):
-                print("[suite]   finished before: reused (--resume)", file=sys.stderr)
-            records.append(rec)
-            if rec["status"] != "ok":
-                print(f"[suite]   {rec['status']}: {rec.get('reason') or rec.get('error')}", file=sys.stderr)
-            write_outputs(records, out, cfg, with_plot=False)  # partial results survive an interruption
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+                print(f"[suite] {task} / {mech} / seed {seed}", file=sys.stderr, flush=True)
+                rec = run_one(task, mech, cfg, out / "runs" / task / mech / f"seed{seed}", seed)
+                if rec.get("resumed"):
+                    print("[suite]   finished before: reused (--resume)", file=sys.stderr)
+                records.append(rec)
+                if rec["status"] != "ok":
+                    print(f"[suite]   {rec['status']}: {rec.get('reason') or rec.get('error')}", file=sys.stderr)
+                write_outputs(records, out, cfg, with_plot=False)  # partial results survive an interruption
+                if rec["status"] == "skipped":
+                    break  # every seed would be skipped for the same reason
     write_outputs(records, out, cfg)
     return records
 
@@ -309,43 +323,93 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _grid(records: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+@dataclass
+class Cell:
+    """The runs of one (task, mechanism): their mean accuracy and its uncertainty."""
+
+    runs: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [r for r in self.runs if r.get("status") == "ok"]
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else self.runs[0].get("status", "failed")
+
+    def mean(self, key: str = "test_acc") -> float | None:
+        vals = [r[key] for r in self.ok if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        return sum(vals) / len(vals) if vals else None
+
+    def error(self) -> tuple[float | None, str]:
+        """(std over seeds, "std") for several runs; (binomial standard error, "se") for one
+        run with a known test size; (None, "") otherwise."""
+        accs = [r["test_acc"] for r in self.ok]
+        if len(accs) > 1:
+            m = sum(accs) / len(accs)
+            return math.sqrt(sum((a - m) ** 2 for a in accs) / (len(accs) - 1)), "std"
+        if len(accs) == 1 and self.ok[0].get("test_items"):
+            return binomial_se(accs[0], self.ok[0]["test_items"]), "se"
+        return None, ""
+
+
+def binomial_se(acc: float, n: int) -> float:
+    """Standard error of an accuracy measured on ``n`` independent test items."""
+    return math.sqrt(max(acc * (1 - acc), 0.0) / n)
+
+
+def _grid(records: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
     task_order = list(dict.fromkeys(r["task"] for r in records))
     mech_order = list(dict.fromkeys(r["mechanism"] for r in records))
-    cells = {(r["task"], r["mechanism"]): r for r in records}
+    cells: dict[tuple[str, str], Cell] = {}
+    for r in records:
+        cells.setdefault((r["task"], r["mechanism"]), Cell([])).runs.append(r)
     return task_order, mech_order, cells
 
 
+def _baselines(task_order: list[str], cells: dict[tuple[str, str], Cell]) -> dict[str, float | None]:
+    return {t: next((c.mean("majority_baseline") for (tt, _), c in cells.items() if tt == t and c.ok), None)
+            for t in task_order}
+
+
+def _fmt(cell: Cell | None, key: str, scale: float = 1.0, nd: int = 1) -> str:
+    if cell is None:
+        return ""
+    if cell.status == "skipped":
+        return "n/a"
+    if cell.status == "failed":
+        return "failed"
+    v = cell.mean(key)
+    return "" if v is None else f"{v * scale:.{nd}f}"
+
+
 def markdown(records: list[dict[str, Any]], quick: bool = False) -> str:
-    """LRA-style tables: accuracy (with a majority-class row), train time, peak memory, tokens/s."""
+    """LRA-style tables: accuracy +- its uncertainty (with a majority-class row), train time, peak memory,
+    tokens/s."""
     task_order, mech_order, cells = _grid(records)
-    base = {t: next((cells[(t, m)]["majority_baseline"] for m in mech_order
-                     if cells.get((t, m), {}).get("status") == "ok"), None) for t in task_order}
-
-    def fmt(r: dict | None, key: str, scale: float = 1.0, nd: int = 1) -> str:
-        if r is None:
-            return ""
-        if r.get("status") == "skipped":
-            return "n/a"
-        if r.get("status") == "failed":
-            return "failed"
-        v = r.get(key)
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.{nd}f}"
-
+    base = _baselines(task_order, cells)
+    seeds = max((len(c.ok) for c in cells.values()), default=0)
+    spread = (f"+- = standard deviation over {seeds} seeds" if seeds > 1 else
+              "+- = binomial standard error of the test accuracy, sqrt(p(1-p)/n) over the n test items "
+              "(one seed; `--seeds S` gives the spread over seeds)")
     head = "| mechanism | " + " | ".join(task_order) + " | avg |"
     sep = "|---" * (len(task_order) + 2) + "|"
     lines = [f"# Long-range suite{' (quick)' if quick else ''}", "",
-             "Test accuracy (%) at the best validation step; every mechanism trained with the same budget.",
-             "**bold** = above the majority-class baseline.", "", head, sep]
+             "Test accuracy (%) at the best validation step; every mechanism trained with the same budget; "
+             f"{spread}.", "**bold** = above the majority-class baseline.", "", head, sep]
     for m in mech_order:
         row, accs = [], []
         for t in task_order:
-            r = cells.get((t, m))
-            s = fmt(r, "test_acc", 100)
-            if r is not None and r.get("status") == "ok":
-                accs.append(r["test_acc"])
-                if base[t] is not None and r["test_acc"] > base[t]:
+            c = cells.get((t, m))
+            s = _fmt(c, "test_acc", 100)
+            if c is not None and c.ok:
+                acc = c.mean()
+                accs.append(acc)
+                if base[t] is not None and acc > base[t]:
                     s = f"**{s}**"
+                err, _ = c.error()
+                if err is not None:
+                    s += f" +- {100 * err:.1f}"
             row.append(s)
         avg = f"{100 * sum(accs) / len(accs):.1f}" if accs and len(accs) == len(task_order) else ""
         lines.append(f"| {m} | " + " | ".join(row) + f" | {avg} |")
@@ -354,47 +418,50 @@ def markdown(records: list[dict[str, Any]], quick: bool = False) -> str:
     for title, key, scale, nd in (("Train time (s)", "train_time_s", 1.0, 0),
                                   ("Peak memory added by training (MB)", "peak_mem_mb", 1.0, 0),
                                   ("Training throughput (tokens/s)", "tokens_per_s", 1.0, 0)):
-        lines += ["", f"## {title}", "", "| mechanism | " + " | ".join(task_order) + " |",
-                  "|---" * (len(task_order) + 1) + "|"]
+        lines += ["", f"## {title}{' (mean over seeds)' if seeds > 1 else ''}", "",
+                  "| mechanism | " + " | ".join(task_order) + " |", "|---" * (len(task_order) + 1) + "|"]
         for m in mech_order:
-            lines.append(f"| {m} | " + " | ".join(fmt(cells.get((t, m)), key, scale, nd) for t in task_order) + " |")
+            lines.append(f"| {m} | " + " | ".join(_fmt(cells.get((t, m)), key, scale, nd) for t in task_order) + " |")
     notes = [r for r in records if r.get("status") in ("skipped", "failed")]
     if notes:
         lines += ["", "## Skipped / failed", ""]
-        lines += [f"- {r['task']} / {r['mechanism']}: {r['status']}: {r.get('reason') or r.get('error')}"
-                  for r in notes]
+        lines += [f"- {r['task']} / {r['mechanism']}"
+                  + (f" (seed {r['seed']})" if r.get("status") == "failed" and "seed" in r else "")
+                  + f": {r['status']}: {r.get('reason') or r.get('error')}" for r in notes]
     return "\n".join(lines) + "\n"
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bars: accuracy per task (groups) per mechanism (bars); baseline dashed."""
+    """Grouped bars: mean accuracy per task (groups) per mechanism (bars) with its error bar;
+    majority class dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     task_order, mech_order, cells = _grid(records)
+    base = _baselines(task_order, cells)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(task_order) * max(1, len(mech_order)) / 3), 4))
     width = 0.8 / max(1, len(mech_order))
     cmap = plt.get_cmap("tab20")
     for j, m in enumerate(mech_order):
-        xs, ys = [], []
+        xs, ys, errs = [], [], []
         for i, t in enumerate(task_order):
-            r = cells.get((t, m))
-            if r is not None and r.get("status") == "ok":
+            c = cells.get((t, m))
+            if c is not None and c.ok:
                 xs.append(i - 0.4 + (j + 0.5) * width)
-                ys.append(100 * r["test_acc"])
-        ax.bar(xs, ys, width=width, label=m, color=cmap(j % 20))
+                ys.append(100 * c.mean())
+                errs.append(100 * (c.error()[0] or 0.0))
+        ax.bar(xs, ys, width=width, label=m, color=cmap(j % 20), yerr=errs, error_kw=dict(lw=0.8, capsize=1.5))
     for i, t in enumerate(task_order):
-        b = next((cells[(t, m)]["majority_baseline"] for m in mech_order
-                  if cells.get((t, m), {}).get("status") == "ok"), None)
-        if b is not None:
-            ax.hlines(100 * b, i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
+        if base[t] is not None:
+            ax.hlines(100 * base[t], i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
     ax.set_xticks(range(len(task_order)))
     ax.set_xticklabels(task_order)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Accuracy per task and mechanism (dashed: majority class)")
+    ax.set_title("Accuracy per task and mechanism (error bars: +- 1 std or s.e.; dashed: majority class)",
+                 fontsize=9)
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -404,7 +471,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 # ---------------------------------------------------------------- CLI
 def _run(args: argparse.Namespace) -> int:
     cfg = SuiteConfig(tasks=args.tasks or list(DEFAULT_TASKS), mechanisms=args.mechanisms, quick=args.quick,
-                      out=args.out, seed=args.seed, isolate=args.isolate, steps=args.steps,
+                      out=args.out, seed=args.seed, seeds=args.seeds, isolate=args.isolate, steps=args.steps,
                       progress=not args.no_progress, resume=args.resume)
     try:
         records = run_suite(cfg)
@@ -423,7 +490,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="default: one or two per family (DEFAULT_MECHANISMS); 'all': every registered one")
     p.add_argument("--quick", action="store_true", help="tiny budget: <= 10 minutes on 2 cores")
     p.add_argument("--out", default="suite-results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (runs use seed, seed+1, ...)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per (task, mechanism); the table shows mean +- std (one seed: +- binomial s.e.)")
     p.add_argument("--steps", type=int, default=None, help="override the steps of every run")
     iso = p.add_mutually_exclusive_group()
     iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,

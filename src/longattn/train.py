@@ -565,7 +565,8 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
         "best_val_acc": best, "val_history": history, "train_time_s": elapsed,
         "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "peak_mem_mb": peak,
         "params": sum(p.numel() for p in model.parameters()),
-        "majority_baseline": tasks.majority_baseline(splits["test"]), "world_size": d.world,
+        "majority_baseline": tasks.majority_baseline(splits["test"]),
+        "test_items": test_data.count(np.arange(len(test_data))), "world_size": d.world,
         "seq_len": task_cfg.seq_len, "config": dataclasses.asdict(cfg),
     }
     if out is not None and d.main:
