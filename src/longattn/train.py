@@ -394,6 +394,120 @@ class _Log:
             self.tb.close()
 
 
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 0.1 of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no weight decay on vectors: biases, norms) and its warm-up + cosine schedule."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.warmup, cfg.steps))
+    return opt, sched
+
+
+def _load_splits(cfg: TrainConfig, task_cfg: Any, d: Dist) -> dict[str, tasks.TaskData]:
+    """Every split; rank 0 generates (and caches) first, the others then read the cache."""
+    splits: dict[str, tasks.TaskData] = {}
+    for turn in (0, 1):
+        if (d.rank == 0) == (turn == 0):
+            splits = {s: tasks.load(cfg.task, s, seed=cfg.data_seed, config=task_cfg) for s in tasks.SPLITS}
+        d.barrier()
+    return splits
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint carries besides the model, optimizer and scheduler."""
+
+    step: int = 0
+    best: float = -1.0
+    best_state: dict[str, Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    tokens_seen: int = 0
+
+
+def _restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: Any, sched: Any, d: Dist) -> _Progress:
+    """Load a checkpoint written under the same settings into model/opt/sched; its progress."""
+    st = load_checkpoint(path, map_location=d.device)
+    if st["signature"] != cfg.model_signature():
+        diff = {k: (st["signature"].get(k), v) for k, v in cfg.model_signature().items()
+                if st["signature"].get(k) != v}
+        raise ValueError(f"cannot resume {path}: the run's settings differ (saved, now): {diff}")
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    _set_rng_state(st["rng"][d.rank] if d.rank < len(st["rng"]) else st["rng"][0])
+    return _Progress(step=st["step"], best=st["best"], best_state=st["best_state"], history=st["history"],
+                     elapsed=st["elapsed"], tokens_seen=st["tokens_seen"])
+
+
+def _save(path: Path | None, cfg: TrainConfig, model: nn.Module, opt: Any, sched: Any, prog: _Progress,
+          d: Dist) -> None:
+    rng = [_rng_state()]
+    if d.world > 1:  # every rank's RNG (dropout masks differ per rank)
+        gathered: list[Any] = [None] * d.world
+        dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if d.main and path is not None:
+        save_checkpoint(path, {
+            "signature": cfg.model_signature(), "step": prog.step, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
+            "best": prog.best, "best_state": prog.best_state, "history": prog.history,
+            "elapsed": prog.elapsed, "tokens_seen": prog.tokens_seen,
+        })
+    d.barrier()
+
+
+def _train_step(model: nn.Module, opt: Any, sched: Any, train_data: Batches, step: int, cfg: TrainConfig,
+                d: Dist) -> tuple[Tensor, int]:
+    """One update on the global batch of ``step``: ([loss sum, correct, count] over all ranks, tokens)."""
+    params = list(model.parameters())
+    gidx = batch_indices(step, len(train_data), cfg.batch, cfg.seed)
+    idx = gidx[d.rank :: d.world]
+    x, mask, y = train_data.get(idx, train_data.trim(gidx))
+    count = train_data.count(gidx)  # labelled items in the GLOBAL batch
+    loss_sum, correct = loss_and_correct(model(x, key_padding_mask=mask), y)
+    opt.zero_grad(set_to_none=True)
+    (loss_sum / count).backward()
+    if d.world > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        off = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[off : off + n].view_as(p).clone()
+            off += n
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+    stats = d.all_sum(torch.stack([loss_sum.detach().double(), correct.double(),
+                                   torch.tensor(float(count) / d.world, dtype=torch.float64, device=d.device)]))
+    return stats, int(train_data.lengths[torch.from_numpy(gidx)].sum())
+
+
+def _test(model: nn.Module, prog: _Progress, test_data: Batches, cfg: TrainConfig, d: Dist
+          ) -> tuple[dict[str, float], dict[str, float]]:
+    """(test metrics at the best validation step, test metrics of the final weights)."""
+    final_test = evaluate(model, test_data, d, cfg.eval_batch)
+    if prog.best_state is None:
+        return final_test, final_test
+    final_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(prog.best_state)
+    test = evaluate(model, test_data, d, cfg.eval_batch)
+    model.load_state_dict(final_state)
+    return test, final_test
+
+
 def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.Module] | None = None
           ) -> dict[str, Any]:
     """Run one training job; returns the result dict (also written to ``out/result.json``)."""
@@ -406,13 +520,7 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     out = Path(cfg.out) if cfg.out else None
     spec = tasks.get(cfg.task)
     task_cfg = spec.make_config(**cfg.task_options)
-
-    # data: rank 0 generates (and caches) first, the others then read the cache
-    splits: dict[str, tasks.TaskData] = {}
-    for turn in (0, 1):
-        if (d.rank == 0) == (turn == 0):
-            splits = {s: tasks.load(cfg.task, s, seed=cfg.data_seed, config=task_cfg) for s in tasks.SPLITS}
-        d.barrier()
+    splits = _load_splits(cfg, task_cfg, d)
     train_data, val_data, test_data = (Batches(splits[s], d.device) for s in tasks.SPLITS)
 
     seed_everything(cfg.seed)
@@ -424,35 +532,13 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     if d.world > 1:  # identical start on every rank
         for p in model.state_dict().values():
             dist.broadcast(p, 0)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    step, best, best_state, history = 0, -1.0, None, []
-    elapsed, tokens_seen = 0.0, 0
+    opt, sched = make_optimizer(model, cfg)
+    prog = _Progress()
     ckpt_path = out / "checkpoint.pt" if out else None
     resume_step = None
     if cfg.resume and ckpt_path is not None and ckpt_path.exists():
-        st = load_checkpoint(ckpt_path, map_location=d.device)
-        if st["signature"] != cfg.model_signature():
-            diff = {k: (st["signature"].get(k), v) for k, v in cfg.model_signature().items()
-                    if st["signature"].get(k) != v}
-            raise ValueError(f"cannot resume {ckpt_path}: the run's settings differ (saved, now): {diff}")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step, best, best_state = st["step"], st["best"], st["best_state"]
-        history, elapsed, tokens_seen = st["history"], st["elapsed"], st["tokens_seen"]
-        _set_rng_state(st["rng"][d.rank] if d.rank < len(st["rng"]) else st["rng"][0])
-        resume_step = step
+        prog = _restore(ckpt_path, cfg, model, opt, sched, d)
+        resume_step = prog.step
     elif cfg.resume and d.main:
         print(f"[longattn] no checkpoint in {out}; starting from step 0", file=sys.stderr)
     if out is not None and d.main:
@@ -461,66 +547,28 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     if out is not None and d.main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
 
-    def checkpoint() -> None:
-        rng = [_rng_state()]
-        if d.world > 1:  # every rank's RNG (dropout masks differ per rank)
-            gathered: list[Any] = [None] * d.world
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
-        if d.main and ckpt_path is not None:
-            save_checkpoint(ckpt_path, {
-                "signature": cfg.model_signature(), "step": step, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
-                "best": best, "best_state": best_state, "history": history, "elapsed": elapsed,
-                "tokens_seen": tokens_seen,
-            })
-        d.barrier()
-
     bar = None
     if cfg.progress and d.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.task}/{_mech_name(cfg.mechanism)}",
+        bar = tqdm(total=cfg.steps, initial=prog.step, desc=f"{cfg.task}/{_mech_name(cfg.mechanism)}",
                    dynamic_ncols=True, file=sys.stderr)
     model.train()
-    params = [p for p in model.parameters()]
     win = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss, correct, count since last log
     win_tokens, win_t0 = 0, time.perf_counter()
-    while step < cfg.steps:
+    while prog.step < cfg.steps:
         t0 = time.perf_counter()
-        gidx = batch_indices(step, len(train_data), cfg.batch, cfg.seed)
-        idx = gidx[d.rank :: d.world]
-        x, mask, y = train_data.get(idx, train_data.trim(gidx))
-        count = train_data.count(gidx)  # labelled items in the GLOBAL batch
-        loss_sum, correct = loss_and_correct(model(x, key_padding_mask=mask), y)
-        opt.zero_grad(set_to_none=True)
-        (loss_sum / count).backward()
-        if d.world > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            off = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[off : off + n].view_as(p).clone()
-                off += n
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        step += 1
-        stats = d.all_sum(torch.stack([loss_sum.detach().double(), correct.double(),
-                                       torch.tensor(float(count) / d.world, dtype=torch.float64,
-                                                    device=d.device)]))
+        stats, ntok = _train_step(model, opt, sched, train_data, prog.step, cfg, d)
+        prog.step += 1
+        step = prog.step
         win += stats
-        ntok = int(train_data.lengths[torch.from_numpy(gidx)].sum())
         win_tokens += ntok
-        tokens_seen += ntok
-        elapsed += time.perf_counter() - t0
+        prog.tokens_seen += ntok
+        prog.elapsed += time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = max(time.perf_counter() - win_t0, 1e-9)
             rec = {"step": step, "loss": win[0].item() / win[2].item(), "acc": win[1].item() / win[2].item(),
-                   "lr": sched.get_last_lr()[0], "tokens_per_s": win_tokens / dt, "time": elapsed}
+                   "lr": sched.get_last_lr()[0], "tokens_per_s": win_tokens / dt, "time": prog.elapsed}
             log.write(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
@@ -531,18 +579,18 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
             bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = evaluate(model, val_data, d, cfg.eval_batch, cfg.max_eval)
-            history.append({"step": step, **ev})
-            log.write({"step": step, "split": "val", **ev, "time": elapsed})
-            if ev["acc"] > best:
-                best = ev["acc"]
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            prog.history.append({"step": step, **ev})
+            log.write({"step": step, "split": "val", **ev, "time": prog.elapsed})
+            if ev["acc"] > prog.best:
+                prog.best = ev["acc"]
+                prog.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps:
             if bar is not None:
                 bar.close()
             log.close()
             return {"stopped_at": step}
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
+            _save(ckpt_path, cfg, model, opt, sched, prog, d)
     if bar is not None:
         bar.close()
 
@@ -551,26 +599,19 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     else:
         hwm = _status_mb("VmHWM")
         peak = (hwm - rss0) if (hwm is not None and rss0 is not None) else float("nan")
-    final_test = evaluate(model, test_data, d, cfg.eval_batch)
-    if best_state is not None:
-        final_state = copy.deepcopy(model.state_dict())
-        model.load_state_dict(best_state)
-        test = evaluate(model, test_data, d, cfg.eval_batch)
-        model.load_state_dict(final_state)
-    else:
-        test = final_test
+    test, final_test = _test(model, prog, test_data, cfg, d)
     result = {
         "task": cfg.task, "mechanism": cfg.mechanism, "mechanism_params": cfg.mechanism_params,
-        "steps": step, "test_acc": test["acc"], "test_loss": test["loss"], "final_test_acc": final_test["acc"],
-        "best_val_acc": best, "val_history": history, "train_time_s": elapsed,
-        "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "peak_mem_mb": peak,
+        "steps": prog.step, "test_acc": test["acc"], "test_loss": test["loss"], "final_test_acc": final_test["acc"],
+        "best_val_acc": prog.best, "val_history": prog.history, "train_time_s": prog.elapsed,
+        "tokens_per_s": prog.tokens_seen / max(prog.elapsed, 1e-9), "peak_mem_mb": peak,
         "params": sum(p.numel() for p in model.parameters()),
         "majority_baseline": tasks.majority_baseline(splits["test"]),
         "test_items": test_data.count(np.arange(len(test_data))), "world_size": d.world,
         "seq_len": task_cfg.seq_len, "config": dataclasses.asdict(cfg),
     }
     if out is not None and d.main:
-        log.write({"step": step, "split": "test", **test, "time": elapsed})
+        log.write({"step": prog.step, "split": "test", **test, "time": prog.elapsed})
         _atomic_write_text(out / "result.json", json.dumps(result, indent=2, default=str))
     log.close()
     result["model"] = model
