@@ -1,0 +1,255 @@
+"""longattn.distributed: sequence parallelism over gloo processes on this machine.
+
+Each group of cases runs once in P spawned processes (file:// rendezvous); every rank
+compares its shard of the output and of the gradients with the single-process call on
+the whole sequence (float64), and the parametrized tests below read the verdicts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import time
+import traceback
+import zlib
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from longattn import patterns as P_
+
+B, H, D, DV = 2, 4, 8, 6
+
+
+def _pattern_param():
+    return P_.PerHead([P_.Local(6, 2) | P_.Strided(11), P_.GlobalTokens([1, 30]) | P_.Local(2, 2)])
+
+
+# (name, mechanism, params): windows wider than a shard, windows reaching back more than one
+# shard, strides and globals across shards; the shard lengths (37, 23) are multiples of no block
+CASES = [
+    ("local_wide_before", "local", dict(before=50, after=3)),
+    ("local_wide_after", "local", dict(before=2, after=29)),
+    ("local_small", "local", dict(before=4, after=4)),
+    ("local_global_idx", "local", dict(before=3, after=1, global_idx=(5, 41))),
+    ("dilated", "dilated", dict(radius=4, dilation=7)),
+    ("strided", "strided", dict(stride=9)),
+    ("global", "global", dict(indices=(0, 40, 71))),
+    ("random", "random", dict(blocks_per_row=2, block=8, seed=1)),
+    ("bigbird", "bigbird", dict(block=8, random_blocks=1, global_blocks=1, seed=2)),
+    ("longformer", "longformer", dict(window=10, global_indices=(3, 50))),
+    ("block_diagonal", "block_diagonal", dict(block=13)),
+    ("st_strided", "sparse_transformer_strided", dict(l=9)),
+    ("st_fixed", "sparse_transformer_fixed", dict(l=10, c=3)),
+    ("pattern_per_head", "pattern", None),
+    ("full", "full", {}),
+    ("linear_elu", "linear", dict(chunk_size=8)),
+    ("linear_relu", "linear", dict(feature_map="relu", chunk_size=5)),
+    ("performer", "performer", dict(num_features=16, seed=3, chunk_size=7)),
+]
+SHARD = {2: 37, 4: 23}
+
+
+def _inputs(N: int, seed: int, padded: bool):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, N, DV, generator=g, dtype=torch.float64)
+    gout = torch.randn(B, H, N, DV, generator=g, dtype=torch.float64)
+    mask = None
+    if padded:
+        mask = torch.rand(B, N, generator=g) > 0.25
+        mask[1, N // 2:] = False  # a whole tail padded: some shards see no real key
+    return q, k, v, gout, mask
+
+
+def _init(rank: int, world: int, path: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    # a bounded wait: a rank that fails mid-exchange makes the others raise, not hang
+    torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=90))
+
+
+def _one_case(mech, params, causal, padded, rank, world, n, seed):
+    import longattn
+    import longattn.distributed as ld
+
+    N = n * world
+    q, k, v, gout, mask = _inputs(N, seed, padded)
+    full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = longattn.attention(*full, mech, causal=causal, key_padding_mask=mask, **params)
+    ref.backward(gout)
+    sl = slice(rank * n, (rank + 1) * n)
+    mine = [t[:, :, sl].clone().requires_grad_(True) for t in (q, k, v)]
+    out = ld.attention(*mine, mech, causal=causal, key_padding_mask=None if mask is None else mask[:, sl],
+                       **params)
+    out.backward(gout[:, :, sl])
+    errs = []
+    for name, a, b in [("out", out, ref[:, :, sl])] + [
+        (f"d{x}", m.grad, f.grad[:, :, sl]) for x, m, f in zip("qkv", mine, full)
+    ]:
+        if a is None or not torch.allclose(a, b, rtol=1e-9, atol=1e-10):
+            diff = None if a is None else float((a - b).abs().max())
+            errs.append(f"{name} differs on rank {rank} (max |diff| {diff})")
+    return errs
+
+
+def _worker(rank, world, path, result_dir, cases):
+    _init(rank, world, path)
+    res = {}
+    for key, mech, params, causal, padded in cases:
+        if mech == "pattern":
+            params = dict(pattern=_pattern_param())
+        try:
+            errs = _one_case(mech, params, causal, padded, rank, world, SHARD[world], seed=zlib.crc32(key.encode()) % 1000)
+            res[key] = "; ".join(errs) or "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent
+            res[key] = traceback.format_exc()
+    with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(fn, world, args, timeout=600.0):
+    """Run fn(rank, world, rendezvous, *args) in `world` processes; kill them after `timeout` s."""
+    tmp = tempfile.mkdtemp(prefix="longattn-dist-")
+    path = os.path.join(tmp, "rendezvous")
+    ctx = mp.start_processes(fn, args=(world, path, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"distributed workers did not finish in {timeout} s (deadlock?)")
+
+
+def _run_cases(world, cases):
+    out = tempfile.mkdtemp(prefix="longattn-dist-res-")
+    _spawn(_worker, world, (out, cases))
+    per_rank = []
+    for r in range(world):
+        with open(os.path.join(out, f"{r}.json")) as f:
+            per_rank.append(json.load(f))
+    return per_rank
+
+
+def _keys(world):
+    keys = []
+    for name, mech, params in CASES:
+        for causal in (False, True):
+            padded = name not in ("local_small", "linear_relu")
+            keys.append((f"{name}-{'causal' if causal else 'bidir'}-P{world}", mech, params, causal, padded))
+    keys.append((f"full-bidir-nopad-P{world}", "full", {}, False, False))
+    keys.append((f"full-causal-nopad-P{world}", "full", {}, True, False))
+    keys.append((f"performer-causal-nopad-P{world}", "performer", dict(num_features=16, seed=3), True, False))
+    return keys
+
+
+_RESULTS: dict[int, list[dict]] = {}
+
+
+def _results(world):
+    if world not in _RESULTS:
+        _RESULTS[world] = _run_cases(world, _keys(world))
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize("key", [k[0] for k in _keys(2)] + [k[0] for k in _keys(4)])
+def test_shards_equal_single_process(key):
+    world = int(key.rsplit("P", 1)[1])
+    verdicts = [res[key] for res in _results(world)]
+    bad = [f"rank {r}: {v}" for r, v in enumerate(verdicts) if v != "ok"]
+    assert not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------------------------ communication
+
+
+def _bytes_worker(rank, world, path, result_dir):
+    _init(rank, world, path)
+    import longattn.distributed as ld
+
+    res = {}
+    for n in (64, 512):
+        q, k, v, gout, _ = _inputs(n * world, 0, False)
+        sl = slice(rank * n, (rank + 1) * n)
+        mine = [t[:, :, sl].clone().requires_grad_(True) for t in (q, k, v)]
+        ld.reset_comm_stats()
+        ld.attention(*mine, "local", before=20, after=20).backward(gout[:, :, sl])
+        res[f"local-{n}"] = ld.comm_stats()["received"]
+        ld.reset_comm_stats()
+        ld.attention(*mine, "linear", causal=True).backward(gout[:, :, sl])
+        res[f"linear-{n}"] = ld.comm_stats()["received"]
+        ld.reset_comm_stats()
+        ld.attention(*mine, "full", causal=False).sum().backward()
+        res[f"full-{n}"] = ld.comm_stats()["received"]
+    with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_bytes_received_do_not_grow_with_n_for_local_and_linear():
+    world = 4
+    out = tempfile.mkdtemp(prefix="longattn-dist-res-")
+    _spawn(_bytes_worker, world, (out,))
+    for r in range(world):
+        with open(os.path.join(out, f"{r}.json")) as f:
+            res = json.load(f)
+        row = (D + DV) * 8 * B * H  # one K|V row of every head, float64
+        assert 0 < res["local-64"] == res["local-512"], res
+        # a halo of 20 rows on each inner side (forward), sent back as gradients (backward)
+        sides = (r > 0) + (r < world - 1)
+        assert res["local-64"] < 2 * sides * 20 * row + 4096, res
+        assert res["linear-64"] == res["linear-512"] > 0, res
+        assert res["full-512"] > 4 * res["full-64"], res  # the ring does move whole blocks
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def _error_worker(rank, world, path, result_dir):
+    _init(rank, world, path)
+    import longattn.distributed as ld
+
+    res = {}
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    try:
+        ld.attention(q, q, q, "lsh")
+        res["unsupported"] = "no error"
+    except ValueError as e:
+        res["unsupported"] = str(e)
+    n = 8 + rank  # unequal shards
+    x = torch.randn(1, 2, n, 4, dtype=torch.float64)
+    try:
+        ld.attention(x, x, x, "local", before=2, after=2)
+        res["unequal"] = "no error"
+    except ValueError as e:
+        res["unequal"] = str(e)
+    with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_clear_errors_for_unsupported_mechanism_and_unequal_shards():
+    out = tempfile.mkdtemp(prefix="longattn-dist-res-")
+    _spawn(_error_worker, 2, (out,), timeout=120)
+    for r in range(2):
+        with open(os.path.join(out, f"{r}.json")) as f:
+            res = json.load(f)
+        assert "'lsh'" in res["unsupported"] and "supported" in res["unsupported"] and "full" in res["unsupported"]
+        assert "equal shards" in res["unequal"] and "[8, 9]" in res["unequal"], res["unequal"]
+
+
+def test_needs_an_initialised_group():
+    import longattn.distributed as ld
+
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(RuntimeError, match="process group"):
+        ld.attention(q, q, q, "local")
+    with pytest.raises(ValueError, match="supported"):
+        ld.attention(q, q, q, "sinkhorn")
