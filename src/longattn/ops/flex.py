@@ -199,59 +199,68 @@ def _band_records(c: Band, g: _Grid, s: int, L: int, causal: bool, t: Tensor, I0
 
 def _row_unique(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per row of x [..., M] (-1 = none): sorted distinct values [..., U] (-1 padded)
-    and how often each occurs [..., U]."""
-    xs = torch.where(x >= 0, x, torch.full_like(x, _BIG)).sort(-1).values
-    valid = xs < _BIG
+    and how often each occurs [..., U]. Rows already in order are not sorted."""
+    key = x.masked_fill(x < 0, _BIG)
+    if key.shape[-1] > 1 and not bool((key[..., 1:] >= key[..., :-1]).all()):
+        key = key.sort(-1).values
+    valid = key < _BIG
     new = valid.clone()
-    new[..., 1:] &= xs[..., 1:] != xs[..., :-1]
-    rank = torch.cumsum(new.long(), -1) - 1
-    U = max(int(new.sum(-1).max()) if new.numel() else 0, 1)
+    new[..., 1:] &= key[..., 1:] != key[..., :-1]
+    rank = torch.cumsum(new, -1, dtype=torch.long) - 1
+    U = max(int(rank[..., -1].max()) + 1 if rank.numel() else 0, 1)
     u = torch.full((*x.shape[:-1], U + 1), -1, dtype=torch.long)
     cnt = torch.zeros((*x.shape[:-1], U + 1), dtype=torch.long)
-    u.scatter_(-1, torch.where(new, rank, torch.full_like(rank, U)), torch.where(new, xs, torch.full_like(xs, -1)))
-    cnt.scatter_add_(-1, torch.where(valid, rank, torch.full_like(rank, U)), valid.long())
+    u.scatter_(-1, rank.masked_fill(~new, U), key.masked_fill(~new, -1))
+    cnt.scatter_add_(-1, rank.masked_fill(~valid, U), valid.long())
     return u[..., :U], cnt[..., :U]
 
 
 def _gather_records(c: Gather, cart: bool, g: _Grid, s: int, L: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(head or 0, qb, kb, full) for a Gather of a document at offset s, length L."""
-    hs, qbs, kbs, fulls = [], [], [], []
-    rows_in_qb = None
+    """(head or 0, qb, kb, full) for a Gather of a document at offset s, length L.
+
+    ``cart``: the component covers exactly the product of each row's query and key
+    positions (rows hold distinct queries, each row distinct keys), so the pairs it
+    covers in a block can be counted: the block is full when they are all of it."""
+    hs, qbs, kbs, areas = [], [], [], []
     for qpos, kpos in c.blocks():
         qv = (qpos >= 0) & (qpos < L) & (qpos + s >= g.q0)
-        qb = torch.where(qv, (qpos + s - g.q0) // g.b, torch.full_like(qpos, -1))
-        kv = (kpos >= 0) & (kpos < L)
-        kb = torch.where(kv, (kpos + s) // g.b, torch.full_like(kpos, -1))
-        live = (qb >= 0).any(-1)  # rows with a query present
+        qb = torch.div(qpos + (s - g.q0), g.b, rounding_mode="floor").masked_fill_(~qv, -1)
+        live = qv.any(-1)  # rows with a query present
         if not bool(live.any()):
             continue
-        qb, kb = qb[live], (kb[:, live] if kb.shape[1] == live.numel() and kb.shape[1] > 1 else kb)
+        kv = (kpos >= 0) & (kpos < L)
+        kb = torch.div(kpos + s, g.b, rounding_mode="floor").masked_fill_(~kv, -1)
+        if not bool(live.all()):
+            qb = qb[live]
+            kb = kb[:, live] if kb.shape[1] == live.numel() and kb.shape[1] > 1 else kb
         qu, qc = _row_unique(qb)  # [T, Uq]
-        ku, kc = _row_unique(kb)  # [Hk, T', Uk]
-        Hk = ku.shape[0]
-        ku = ku.expand(Hk, qu.shape[0], ku.shape[-1])
-        kc = kc.expand(Hk, qu.shape[0], kc.shape[-1])
-        pq = qu[None, :, :, None].expand(Hk, -1, -1, ku.shape[-1])
-        pk = ku[:, :, None, :].expand(-1, -1, qu.shape[-1], -1)
+        ku, kc = _row_unique(kb)  # [Hk, T or 1, Uk]
+        Hk, T = ku.shape[0], qu.shape[0]
+        pq = qu[None, :, :, None].expand(Hk, T, qu.shape[-1], ku.shape[-1])
+        pk = ku[:, :, None, :].expand(Hk, T, qu.shape[-1], ku.shape[-1])
         ok = (pq >= 0) & (pk >= 0)
-        if cart:
-            if rows_in_qb is None:
-                rows_in_qb = lambda t: torch.clamp(g.nq - t * g.b, max=g.b)  # noqa: E731
-            keys_in = torch.clamp(g.n - pk * g.b, max=g.b)
-            fq = qc[None, :, :, None] == rows_in_qb(pq)
-            fk = kc[:, :, None, :] == keys_in
-            full = fq & fk
-        else:
-            full = torch.zeros_like(ok)
-        h = torch.arange(Hk)[:, None, None, None].expand_as(pq) if Hk > 1 else torch.zeros_like(pq)
+        area = qc[None, :, :, None] * kc[:, :, None, :]
+        h = torch.arange(Hk)[:, None, None, None].expand_as(pq)
         hs.append(h[ok])
         qbs.append(pq[ok])
         kbs.append(pk[ok])
-        fulls.append(full[ok])
+        areas.append(area.expand_as(pq)[ok])
     if not qbs:
         z = torch.zeros(0, dtype=torch.long)
         return z, z, z, torch.zeros(0, dtype=torch.bool)
-    return torch.cat(hs), torch.cat(qbs), torch.cat(kbs), torch.cat(fulls)
+    h, qb, kb, area = (torch.cat(x) for x in (hs, qbs, kbs, areas))
+    if not cart:
+        return h, qb, kb, torch.zeros_like(qb, dtype=torch.bool)
+    # the pairs covered in each block, summed over rows (disjoint: a query is in one row)
+    code = (h * g.QB + qb) * g.KB + kb
+    uniq, inv = torch.unique(code, return_inverse=True)
+    tot = torch.zeros(uniq.numel(), dtype=torch.long).index_add_(0, inv, area)
+    kb = uniq % g.KB
+    qb = (uniq // g.KB) % g.QB
+    h = uniq // (g.KB * g.QB)
+    rows = torch.clamp(g.nq - qb * g.b, max=g.b)
+    keys = torch.clamp(g.n - kb * g.b, max=g.b)
+    return h, qb, kb, tot == rows * keys
 
 
 def _documents(segment_ids: Tensor | None, B: int, n: int) -> list[list[tuple[int, int]]]:
@@ -330,6 +339,11 @@ def _kpos_heads(c: Gather) -> int:
 _PointFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]  # (i, j, h, b, gi) -> bool
 
 
+def _clip(x: Tensor, hi: Tensor) -> Tensor:
+    """x limited to [0, hi] (tensor bounds: ``clamp`` with a tensor bound does not lower)."""
+    return torch.minimum(x.clamp(min=0), hi)
+
+
 def _c(x: int) -> Tensor:
     return torch.tensor(min(int(x), _BIG), dtype=torch.long)
 
@@ -391,7 +405,7 @@ def _pointwise(p: Pattern, heads: int, causal: bool, lengths: list[int], lidx: T
         idx = p.indices[p.indices < n]
         tab[idx] = True
         top = _c(n - 1)
-        return (lambda i, j, h, b, gi: tab[i.clamp(0, top)] | tab[j.clamp(0, top)]), "global"
+        return (lambda i, j, h, b, gi: tab[_clip(i, top)] | tab[_clip(j, top)]), "global"
     if isinstance(p, P.RandomBlocks):
         return _random_pointwise(p, heads, causal, lengths, lidx), f"random{p.blocks_per_row}"
     bw = _classes("_BlockWindow")
@@ -428,8 +442,8 @@ def _random_pointwise(p, heads: int, causal: bool, lengths: list[int], lidx: Ten
         row = i // blk
         if multi:
             row = row + base[lidx[b, gi]]
-        row = row.clamp(0, rmax)
-        hh = h.clamp(0, hmax)
+        row = _clip(row, rmax)
+        hh = _clip(h, hmax)
         kb = j // blk
         out = tab[hh, row, 0] == kb
         for s in range(1, r):
@@ -614,12 +628,12 @@ def _mask_mod(pattern: Pattern, heads: int, causal: bool, g: _Grid, kpm: Tensor 
             if causal:
                 m = m & (j <= i)
             if kpm_d is not None:
-                m = m & kpm_d[b, j.clamp(0, top)]
+                m = m & kpm_d[b, _clip(j, top)]
             return m
     else:
         def mask_mod(b, h, q_idx, kv_idx):
-            gi = (q_idx + q0t).clamp(0, top)
-            gj = kv_idx.clamp(0, top)
+            gi = _clip(q_idx + q0t, top)
+            gj = _clip(kv_idx, top)
             si = start_d[b, gi]
             m = (start_d[b, gj] == si) & fn(gi - si, gj - si, h, b, gi)
             if causal:
@@ -675,7 +689,6 @@ def expand_block_mask(bm, batch: int = 1, heads: int = 1) -> Tensor:
     nq, nk = bm.seq_lengths
     bq, bk = bm.BLOCK_SIZE
     QB, KB = -(-nq // bq), -(-nk // bk)
-    out = torch.zeros(batch, heads, QB * bq, KB * bk, dtype=torch.bool)
     part = torch.zeros(batch, heads, QB, KB, dtype=torch.bool)
     fullb = torch.zeros_like(part)
     for dst, num, idx in ((part, bm.kv_num_blocks, bm.kv_indices), (fullb, bm.full_kv_num_blocks, bm.full_kv_indices)):
@@ -690,14 +703,14 @@ def expand_block_mask(bm, batch: int = 1, heads: int = 1) -> Tensor:
                     assert not bool(dst[b, h, t, cols].any()), "a key block listed twice"
                     dst[b, h, t, cols] = True
     assert not bool((part & fullb).any()), "a block both full and partial"
-    i = torch.arange(QB * bq)[:, None]
-    j = torch.arange(KB * bk)[None, :]
-    for b in range(batch):
-        for h in range(heads):
-            mm = bm.mask_mod(torch.tensor(b), torch.tensor(h), i.clamp(max=nq - 1), j.clamp(max=nk - 1)).cpu()
-            pb = part[b, h].repeat_interleave(bq, 0).repeat_interleave(bk, 1)
-            fb = fullb[b, h].repeat_interleave(bq, 0).repeat_interleave(bk, 1)
-            out[b, h] = fb | (pb & mm.expand_as(pb))
+    i = torch.arange(QB * bq).clamp(max=nq - 1)[None, None, :, None]
+    j = torch.arange(KB * bk).clamp(max=nk - 1)[None, None, None, :]
+    bb = torch.arange(batch)[:, None, None, None]
+    hh = torch.arange(heads)[None, :, None, None]
+    mm = bm.mask_mod(bb, hh, i, j).cpu().expand(batch, heads, QB * bq, KB * bk)
+    pb = part.repeat_interleave(bq, 2).repeat_interleave(bk, 3)
+    fb = fullb.repeat_interleave(bq, 2).repeat_interleave(bk, 3)
+    out = fb | (pb & mm)
     return out[:, :, :nq, :nk]
 
 
@@ -787,5 +800,11 @@ def flex_pattern_attention(
             if len(_MASKS) > 64:
                 _MASKS.clear()
             _MASKS[key] = (pattern, bm)
-    out = _compiled(getattr(bm.mask_mod, "longattn_kind", None))(q, k, v, bm, s, enable_gqa)
+    kind = getattr(bm.mask_mod, "longattn_kind", None)
+    if q.device.type == "cpu":
+        # torch 2.13's CPU Flex template fails to build when a compiled graph is
+        # recompiled for new shapes (C++ error "cur_kvSplitSize4 was not declared"): on
+        # the CPU every shape gets a wrapper (a first compile) of its own.
+        kind = (kind, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
+    out = _compiled(kind)(q, k, v, bm, s, enable_gqa)
     return out
