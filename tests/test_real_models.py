@@ -125,17 +125,19 @@ GQA_MEMORY = {
 
 @pytest.mark.parametrize("name", list(GQA_MEMORY))
 def test_grouped_kv_heads_are_never_repeated_in_memory(name):
-    # H = 16 query heads over 1 kv head at N = 16384, D = 64: K and V repeated would
-    # be 2 x 64 MiB; the output is 64 MiB. Budget above the inputs: output + 48 MiB.
+    # H = 32 query heads over 1 kv head at N = 2048, D = 64: K and V repeated are
+    # 2 x 16 MiB. The same call with the repeat done by the caller must peak higher
+    # by about that much; a mechanism that repeated internally would not.
     setup = """
 import longattn
-q = torch.randn(1, 16, 16384, 64)
-k = torch.randn(1, 1, 16384, 64)
-v = torch.randn(1, 1, 16384, 64)
+q = torch.randn(1, 32, 2048, 64)
+k = torch.randn(1, 1, 2048, 64)
+v = torch.randn(1, 1, 2048, 64)
 """
-    with torch.no_grad():
-        peak = peak_memory_mb(setup, f"with torch.no_grad():\n    out = {GQA_MEMORY[name]}")
-    assert peak < 64 + 48, f"{name}: {peak:.0f} MiB above the inputs: K/V repeated?"
+    call = f"with torch.no_grad():\n    out = {GQA_MEMORY[name]}"
+    grouped = peak_memory_mb(setup, call)
+    repeated = peak_memory_mb(setup, "k, v = k.repeat_interleave(32, 1), v.repeat_interleave(32, 1)\n" + call)
+    assert grouped < repeated - 20, f"{name}: grouped {grouped:.0f} MiB vs repeated {repeated:.0f} MiB"
 
 
 # ---------------------------------------------------------------- bottom-right causal
@@ -330,7 +332,7 @@ def test_wide_causal_window_leaks_nothing():
                           q, k, v, t=333)
 
 
-@pytest.mark.parametrize("after", [0, 100])
+@pytest.mark.parametrize("after", [0, pytest.param(100, marks=pytest.mark.slow)])
 def test_window_covering_the_sequence_builds_no_n_by_n(after):
     # N = 16384, H = 4: one N x N bool mask is 256 MiB, a float score matrix 1 GiB per
     # head; inputs and gradients are 6 x 8 MiB. Budget: 300 MiB.
