@@ -276,6 +276,9 @@ def _fetch_plan(pattern, N: int, H: int, causal: bool, r: int, P: int, n: int, g
     from longattn.ops.blocksparse import needed_keys
 
     needed = needed_keys(pattern, N, H, causal=causal, q_start=r * n, q_stop=(r + 1) * n).to(torch.long)
+    # the shard's own rows are always present (they cost no communication, and the engine
+    # wants at least as many keys as queries)
+    needed = torch.unique(torch.cat([needed, torch.arange(r * n, (r + 1) * n)]))
     owner = torch.div(needed, n, rounding_mode="floor")
     recv_counts = torch.bincount(owner, minlength=P)
     counts = recv_counts.to(device)
