@@ -614,7 +614,7 @@ def _mask_mod(pattern: Pattern, heads: int, causal: bool, g: _Grid, kpm: Tensor 
                 start[bi, s : s + L] = s
                 lidx[bi, s : s + L] = where[L]
     fn, kind = _pointwise(pattern, heads, causal, lengths, lidx, n)
-    top, q0t = _c(n - 1), _c(q0)
+    top, q0t = _c(n - 1).to(device), _c(q0).to(device)
     kpm_d = kpm.to(device) if kpm is not None else None
     start_d = start.to(device) if start is not None else None
     # move the closure's tensors to the device: rebuild with device tables
@@ -707,7 +707,8 @@ def expand_block_mask(bm, batch: int = 1, heads: int = 1) -> Tensor:
     j = torch.arange(KB * bk).clamp(max=nk - 1)[None, None, None, :]
     bb = torch.arange(batch)[:, None, None, None]
     hh = torch.arange(heads)[None, :, None, None]
-    mm = bm.mask_mod(bb, hh, i, j).cpu().expand(batch, heads, QB * bq, KB * bk)
+    dev = bm.kv_indices.device
+    mm = bm.mask_mod(bb.to(dev), hh.to(dev), i.to(dev), j.to(dev)).cpu().expand(batch, heads, QB * bq, KB * bk)
     pb = part.repeat_interleave(bq, 2).repeat_interleave(bk, 3)
     fb = fullb.repeat_interleave(bq, 2).repeat_interleave(bk, 3)
     out = fb | (pb & mm)
@@ -751,6 +752,7 @@ def flex_pattern_attention(
     segment_ids: Tensor | None = None,
     enable_gqa: bool = False,
     block: int = 128,
+    compact: bool | None = None,
 ) -> Tensor:
     """Exact attention restricted to ``pattern`` through compiled FlexAttention.
 
@@ -761,6 +763,7 @@ def flex_pattern_attention(
         pattern, causal, key_padding_mask, segment_ids: as :func:`block_mask_for`;
             with Nq < Nk the queries are the last Nq positions.
         scale: default 1/sqrt(D).
+        block, compact: as :func:`block_mask_for`.
 
     Returns:
         [B, H, Nq, Dv]; queries with no visible key give zeros. On CUDA
@@ -786,7 +789,8 @@ def flex_pattern_attention(
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise NotImplementedError("FlexAttention has no CPU backward: run under torch.no_grad() or on CUDA")
     s = D ** -0.5 if scale is None else float(scale)
-    key = (id(pattern), Nk, H, causal, block, Nq, q.device)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    key = (id(pattern), Nk, H, causal, block, Nq, q.device, compact, grad)
     bm = None
     if key_padding_mask is None and segment_ids is None:
         hit = _MASKS.get(key)
@@ -794,8 +798,8 @@ def flex_pattern_attention(
             bm = hit[1]
     if bm is None:
         bm = block_mask_for(pattern, Nk, H, causal=causal, block=block, key_padding_mask=key_padding_mask,
-                            segment_ids=segment_ids, q_len=Nq, device=q.device,
-                            with_q_blocks=q.device.type != "cpu")
+                            segment_ids=segment_ids, q_len=Nq, device=q.device, compact=compact,
+                            with_q_blocks=grad or q.device.type != "cpu")
         if key_padding_mask is None and segment_ids is None:
             if len(_MASKS) > 64:
                 _MASKS.clear()
