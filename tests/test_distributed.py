@@ -265,3 +265,58 @@ def test_needs_an_initialised_group():
         ld.attention(q, q, q, "local")
     with pytest.raises(ValueError, match="supported"):
         ld.attention(q, q, q, "sinkhorn")
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _peak_probe(rank, world, path, result_dir, N):
+    """Peak RSS above rest of one forward + backward of local attention (513 keys)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import longattn
+    import longattn.distributed as ld
+
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(seconds=1800))
+    n = N // world
+
+    def call(m):
+        g = torch.Generator().manual_seed(rank)
+        q, k, v, gout = (torch.randn(1, 8, m, 64, generator=g) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        fn = ld.attention if world > 1 else longattn.attention
+        fn(q, k, v, "local", before=256, after=256).backward(gout)
+
+    call(2048)  # warm-up: kernels, allocator, gloo buffers
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+    rest = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    call(n)
+    with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+        json.dump({"peak": status("VmHWM:") - rest}, f)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_per_rank_peak_is_below_half_the_single_process_peak():
+    N = 262144
+    peaks = {}
+    for world in (1, 4):
+        out = tempfile.mkdtemp(prefix="longattn-dist-mem-")
+        _spawn(_peak_probe, world, (out, N), timeout=1800)
+        peaks[world] = []
+        for r in range(world):
+            with open(os.path.join(out, f"{r}.json")) as f:
+                peaks[world].append(json.load(f)["peak"])
+    single = peaks[1][0]
+    assert single > 200 * 2**20, peaks  # q, k, v, their gradients, out: 64 MiB each at least
+    assert max(peaks[4]) < single / 2, peaks
