@@ -164,7 +164,7 @@ def _keys(world, slow=False):
 
 
 _RESULTS: dict[tuple, list[dict]] = {}
-_EXTRAS = {2: ("errors",), 4: ("bytes",)}
+_EXTRAS = {2: ("errors", "model"), 4: ("bytes",)}
 
 
 def _results(world, slow=False):
@@ -234,7 +234,50 @@ def _error_probe(rank, world):
     return res
 
 
-_PROBES = {"bytes": _bytes_probe, "errors": _error_probe}
+def _model_probe(rank, world):
+    """A Transformer's loss and parameter gradients, sequence parallel vs one process."""
+    import torch.nn.functional as F
+
+    import longattn.distributed as ld
+    from longattn.model import ModelConfig, Transformer
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+
+    res = {}
+    N = 2 * 29 + 1  # not a multiple of the world size: the batch is padded
+    for name, mech, params, head, pos in [
+        ("model-local", "local", dict(before=20, after=3), "tokens", "learned"),
+        ("model-full", "full", {}, "lm", "sinusoidal"),
+        ("model-linear", "linear", {}, "lm", "sinusoidal"),
+        ("model-bigbird", "bigbird", dict(block=8, random_blocks=1), "tokens", "sinusoidal"),
+    ]:
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=11, max_len=64, dim=16, depth=2, heads=2, mechanism=mech,
+                          mechanism_params=params, head=head, num_classes=5, pos=pos)
+        model = Transformer(cfg).double()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randint(0, 11, (2, N), generator=g)
+        y = torch.randint(0, 5 if head == "tokens" else 11, (2, N), generator=g)
+        y[0, :7] = -100
+        ref = loss_fn(model(x), y)
+        ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+        loss = ld.sequence_parallel_loss(model, x, None, y, loss_fn)
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        flat = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
+                          for gr, p in zip(grads, model.parameters())])
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(flat)
+        ref_flat = torch.cat([gr.reshape(-1) for gr in ref_grads])
+        ok = torch.allclose(total, ref, rtol=1e-10) and torch.allclose(flat, ref_flat, rtol=1e-8, atol=1e-10)
+        res[name] = "ok" if ok else f"loss {float(total)} vs {float(ref)}, grad diff {float((flat - ref_flat).abs().max())}"
+        assert not hasattr(model, "embed") or "embed" not in model.__dict__  # restored
+    return res
+
+
+_PROBES = {"bytes": _bytes_probe, "errors": _error_probe, "model": _model_probe}
 
 
 def test_bytes_received_do_not_grow_with_n_for_local_and_linear():
@@ -255,6 +298,12 @@ def test_clear_errors_for_unsupported_mechanism_and_unequal_shards():
         assert "unsupported" in res, res.get("errors")
         assert "'lsh'" in res["unsupported"] and "supported" in res["unsupported"] and "full" in res["unsupported"]
         assert "equal shards" in res["unequal"] and "[8, 9]" in res["unequal"], res["unequal"]
+
+
+@pytest.mark.parametrize("name", ["model-local", "model-full", "model-linear", "model-bigbird"])
+def test_transformer_sequence_parallel_loss_and_gradients_equal_one_process(name):
+    for r, res in enumerate(_results(2)):
+        assert res.get(name) == "ok", f"rank {r}: {res.get(name, res.get('model'))}"
 
 
 def test_needs_an_initialised_group():

@@ -751,3 +751,111 @@ def attention(
         return out[..., :Dv] if D != Dv else out
     pattern = _resolve_pattern(mechanism, params)
     return _pattern_sharded(q, k, v, pattern, bool(causal), key_padding_mask, s, r, P, n, group)
+
+
+# ----------------------------------------------------------------------------------------
+# Training: every rank holds a slice of every sequence
+# ----------------------------------------------------------------------------------------
+
+
+def check_model(model) -> None:
+    """ValueError unless ``model`` (a :class:`longattn.model.Transformer`) can run sequence
+    parallel: per-position heads (``lm``, ``tokens``), absolute positions added to the
+    embeddings (``sinusoidal``, ``learned``, ``none``), no CLS/global prefix, every
+    attention group a parameter-free mechanism of :func:`supported`."""
+    from longattn.layers.attention import HeadGroup
+
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(model, "embed"):
+        raise ValueError("sequence parallelism needs a longattn.model.Transformer")
+    if cfg.head == "classify":
+        raise ValueError("sequence parallelism needs a per-position head ('lm' or 'tokens'): pooling a "
+                         "sequence split over ranks is not implemented (head='classify')")
+    if cfg.pos not in ("sinusoidal", "learned", "none"):
+        raise ValueError(f"sequence parallelism supports pos='sinusoidal', 'learned' or 'none', got {cfg.pos!r}")
+    if getattr(model, "n_prefix", 0):
+        raise ValueError("sequence parallelism does not support CLS or global-token prefixes")
+    for m in model.modules():
+        if isinstance(m, HeadGroup):
+            if m.spec.name not in supported() or m.impl is not None:
+                raise ValueError(f"mechanism {m.spec.name!r} cannot run sequence parallel; supported "
+                                 f"(parameter-free forms): {', '.join(supported())}")
+            if getattr(m, "attn_dropout", 0.0):
+                raise ValueError("sequence parallelism does not support attention dropout")
+
+
+class sequence_parallel:  # noqa: N801 - used as a context manager
+    """Within ``with sequence_parallel(model, group):`` the model's attention layers call
+    :func:`attention` on the rank's shard and its positions start at rank * n.
+
+    The layers reach their mechanisms through ``longattn.registry.run``, which is
+    replaced for the duration of the block (and restored after, also on error); the
+    model's ``embed`` is shadowed by one that adds the rank's offset. Everything else in
+    the model is per position, so only attention communicates."""
+
+    def __init__(self, model, group=None) -> None:
+        check_model(model)
+        self.model, self.group = model, group
+
+    def __enter__(self):
+        from longattn import registry
+
+        self._run = registry.run
+        group = self.group
+        rank = dist.get_rank(group)
+
+        def run(spec, call, q, k, v, *, causal, key_padding_mask, segment_ids, params=None):
+            if segment_ids is not None:
+                raise ValueError("sequence parallelism does not support packed documents (segment_ids)")
+            H, Hkv = q.shape[1], k.shape[1]
+            if Hkv != H:  # grouped KV heads: repeat them (the exchanges move H heads then)
+                k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+            p = dict(params or {})
+            if spec.name == "full" and not p.get("dropout"):
+                p.pop("dropout", None)
+            return attention(q, k, v, spec.name, causal=causal, group=group, key_padding_mask=key_padding_mask, **p)
+
+        registry.run = run
+        model = self.model
+        cls_embed = type(model).embed
+
+        def embed(x, offset=0, positions=None):
+            if positions is not None:
+                raise ValueError("sequence parallelism does not support explicit positions")
+            return cls_embed(model, x, offset + rank * x.shape[1])
+
+        model.embed = embed
+        return self
+
+    def __exit__(self, *exc):
+        from longattn import registry
+
+        registry.run = self._run
+        del self.model.embed
+        return False
+
+
+def sequence_parallel_loss(model, x: Tensor, mask: Tensor | None, y: Tensor, loss_fn, *, group=None,
+                           ignore_index: int = -100):
+    """``loss_fn(logits, y)`` on this rank's slice of every sequence of the batch.
+
+    x [B, N] (or [B, N, in_dim]), mask [B, N] | None, y [B, N] per-position labels. The
+    batch is padded to a multiple of the world size (padded positions are masked keys
+    with ignored labels), rank r takes positions [r*n, (r+1)*n) of every row, and the
+    model runs under :class:`sequence_parallel`. The sum over ranks of the returned loss
+    (a sum over labelled items, as the trainer's) equals the single-process loss, and
+    summing the parameter gradients over ranks gives the single-process gradients."""
+    r, P = _rank_size(group)
+    B, N = x.shape[:2]
+    n = -(-N // P)
+    pad = n * P - N
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad) if x.dim() == 2 else (0, 0, 0, pad))
+        if mask is None:
+            mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        mask = torch.nn.functional.pad(mask, (0, pad), value=False)
+        y = torch.nn.functional.pad(y, (0, pad), value=ignore_index)
+    sl = slice(r * n, (r + 1) * n)
+    with sequence_parallel(model, group):
+        logits = model(x[:, sl], key_padding_mask=None if mask is None else mask[:, sl])
+    return loss_fn(logits, y[:, sl])
