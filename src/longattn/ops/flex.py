@@ -810,5 +810,9 @@ def flex_pattern_attention(
         # recompiled for new shapes (C++ error "cur_kvSplitSize4 was not declared"): on
         # the CPU every shape gets a wrapper (a first compile) of its own.
         kind = (kind, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
+    else:
+        kind = (kind, q.dtype, enable_gqa)
+    if q.device.type == "cpu":  # no autograd here (refused above); Flex refuses requires_grad on the CPU
+        q, k, v = q.detach(), k.detach(), v.detach()
     out = _compiled(kind)(q, k, v, bm, s, enable_gqa)
     return out
