@@ -343,3 +343,18 @@ q, k, v = (torch.randn(1, 4, 16384, 32, requires_grad=True) for _ in range(3))
     run = f"longattn.attention(q, k, v, 'local', before=16384, after={after}, causal={after == 0}).sum().backward()"
     peak = peak_memory_mb(setup, run, threads=2)
     assert peak < 300, f"{peak:.0f} MiB: something N x N was built"
+
+
+@pytest.mark.parametrize("name,params", [("bigbird", {"block": 16, "random_blocks": 1}), ("linear", {}),
+                                         ("full", {})])
+def test_rows_tiled_by_equal_documents_equal_each_document_alone(name, params):
+    """The reshape fast path (every document the same length, tiling the rows)."""
+    q, k, v = _qkv(2, 4, 2, 300)
+    seg = torch.arange(300).div(75, rounding_mode="floor").expand(2, -1)
+    for causal in (False, True):
+        out = longattn.attention(q, k, v, name, causal=causal, segment_ids=seg, **params)
+        ref = torch.cat([longattn.attention(q[:, :, s:s + 75], k[:, :, s:s + 75], v[:, :, s:s + 75], name,
+                                            causal=causal, **params) for s in range(0, 300, 75)], 2)
+        _close(out, ref)
+        for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+            _close(a, b, what="gradient")

@@ -98,31 +98,59 @@ def packed_attention(
     seg = check_segment_ids(segment_ids, B, N)
     row, start, length = documents(seg)
     padded_len = length_class(length, quantum)
+    if key_padding_mask is None and bool((length == length[0]).all()) and N % int(length[0]) == 0:
+        return _equal_documents(call, q, k, v, int(length[0]))
     out = q.new_zeros(B * N, H, v.shape[-1])
-    # rows [B * N, heads, D] with one zero row at the end for the padding
-    flat = [torch.cat([x.transpose(1, 2).reshape(B * N, x.shape[1], x.shape[3]),
-                       x.new_zeros(1, x.shape[1], x.shape[3])]) for x in (q, k, v)]
-    kpm = None if key_padding_mask is None else torch.cat(
-        [key_padding_mask.reshape(-1), key_padding_mask.new_zeros(1)])
+    # rows [B * N, heads, D]; padding slots read row 0 and are masked or dropped
+    flat = [x.transpose(1, 2).reshape(B * N, x.shape[1], x.shape[3]) for x in (q, k, v)]
+    kpm = None if key_padding_mask is None else key_padding_mask.reshape(-1)
     for Lp in torch.unique(padded_len).tolist():
         sel = (padded_len == Lp).nonzero(as_tuple=True)[0]
         t = torch.arange(Lp)
         pos = row[sel, None] * N + start[sel, None] + t  # [docs, Lp]
         real = t[None, :] < length[sel, None]
-        idx = torch.where(real, pos, torch.full_like(pos, B * N)).reshape(-1).to(q.device)
+        idx = torch.where(real, pos, torch.zeros_like(pos)).reshape(-1).to(q.device)
         qd, kd, vd = (x.index_select(0, idx).view(len(sel), Lp, x.shape[1], x.shape[2]).transpose(1, 2)
                       for x in flat)
         mask = None
         if kpm is not None:
-            mask = kpm.index_select(0, idx).view(len(sel), Lp)
+            mask = kpm.index_select(0, idx).view(len(sel), Lp) & real.to(q.device)
         elif not causal and not bool(real.all()):
             mask = real.to(q.device)
-        token = _INSIDE.set(True)
-        try:
-            od = call(qd, kd, vd, mask)
-        finally:
-            _INSIDE.reset(token)
+        od = _inside(call, qd, kd, vd, mask)
         od = od.transpose(1, 2).reshape(-1, H, od.shape[-1])
         keep = real.reshape(-1).to(q.device)
         out = out.index_copy(0, idx[keep], od[keep])
     return out.view(B, N, H, -1).transpose(1, 2)
+
+
+def _inside(call: Call, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    token = _INSIDE.set(True)
+    try:
+        return call(q, k, v, mask)
+    finally:
+        _INSIDE.reset(token)
+
+
+def _equal_documents(call: Call, q: Tensor, k: Tensor, v: Tensor, L: int) -> Tensor:
+    """Every document has length L and the rows are tiled by them: the documents are
+    a reshape of the rows (one copy in, one out), no gather."""
+    B, H, N, _ = q.shape
+    m = N // L
+
+    def split(x: Tensor) -> Tensor:  # [B, h, N, d] -> [B * m, h, L, d]
+        return x.view(B, x.shape[1], m, L, x.shape[3]).transpose(1, 2).reshape(B * m, x.shape[1], L, x.shape[3])
+
+    out = _inside(call, split(q), split(k), split(v), None)
+    return out.view(B, m, H, L, -1).transpose(1, 2).reshape(B, H, N, -1)
+
+
+def document_positions(segment_ids: Tensor) -> Tensor:
+    """Each token's position within its document (runs of equal ids): [B, N] LongTensor,
+    0 at every document's first token (what position encodings of a packed row use)."""
+    B, N = segment_ids.shape
+    idx = torch.arange(N, device=segment_ids.device).expand(B, N)
+    new = torch.ones(B, N, dtype=torch.bool, device=segment_ids.device)
+    new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.where(new, idx, torch.zeros_like(idx)).cummax(1).values
+    return idx - start
