@@ -197,6 +197,12 @@ def test_functional_api_and_registry():
         (lambda q, k, v: longattn.attention(q.int(), k, v, "local"), TypeError, "floating"),
         (lambda q, k, v: longattn.attention(q, k, v, "pattern", pattern="local"), TypeError, "Pattern"),
         (lambda q, k, v: longattn.attention(q, k, v, "pattern", pattern=P.PerHead([P.Local(1, 1)] * 3)), ValueError, "divisible"),
+        (lambda q, k, v: longattn.attention(q, k, v, "longformer", dilation=0), ValueError, "dilation"),
+        (lambda q, k, v: longattn.attention(q, k, v, "global", indices=[25]), ValueError, "indices"),
+        (lambda q, k, v: longattn.attention(q, k, v, "longformer", global_indices=[0, 300]), ValueError, "global_indices"),
+        (lambda q, k, v: longattn.attention(q, k, v, "local", global_idx=[400]), ValueError, "global_idx"),
+        (lambda q, k, v: longattn.attention(q, k, v, "full", dropout=-0.5), ValueError, "dropout"),
+        (lambda q, k, v: longattn.attention(q, k, v, "full", dropout=1.5), ValueError, "dropout"),
     ],
 )
 def test_bad_inputs(call, err, match):

@@ -649,7 +649,8 @@ def _causal_chunked(
     cross=True,
     subquadratic=True,
     paper="Katharopoulos et al. 2020, Transformers are RNNs",
-    summary="phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1, O(N); causal by chunked prefix sums",
+    summary="phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1, O(N); causal by chunked prefix sums; "
+            "scale=None: phi of the raw q, k (elu/relu), not 1/sqrt(D)",
 )
 def linear_attention(
     q: Tensor,
@@ -667,6 +668,14 @@ def linear_attention(
     Non-causal: O((Nq + Nk) F Dv). Causal: chunked prefix sums, O(N C (F + Dv) +
     N F Dv) time, O(N (F + C) + N/C F Dv) memory. Padded keys enter neither the
     numerator nor the normaliser; a query with normaliser 0 returns zeros.
+
+    ``scale``: q and k are multiplied by sqrt(scale) before the feature map. The
+    default differs from DESIGN.md section 3 on purpose: for the deterministic maps
+    (elu+1, relu) ``scale=None`` feeds the raw q, k, as the Linear Transformer does
+    (Katharopoulos et al. 2020; the 1/sqrt(D) of softmax has no role in a feature
+    map); FAVOR+ defaults to 1/sqrt(D), since it approximates the softmax kernel.
+    Grouped KV heads (k, v with H / g heads) are read without repeating them; causal
+    with Nq < Nk is bottom-right aligned (the keys before the queries form the state).
     """
     d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=causal)
     check_int("chunk_size", chunk_size, minimum=1)
