@@ -122,6 +122,9 @@ class Gather:
     pred: Predicate
     more: tuple[tuple[Tensor, Tensor], ...] = ()
     leading: bool = False
+    #: bool [bq, K]: what every tile sees when none of its keys is cut off (the engine
+    #: then runs such tiles with this one mask instead of a mask per tile)
+    shared: Tensor | None = None
 
     def blocks(self) -> list[tuple[Tensor, Tensor]]:
         return [(self.qpos, self.kpos), *self.more]
@@ -738,6 +741,67 @@ def bigbird(block: int = 64, random_blocks: int = 3, global_blocks: int = 1, see
     if g:
         parts.append(GlobalTokens(range(g * b)))
     return Union(parts)
+
+
+class Neighborhood2D(Pattern):
+    """2-D neighbourhood on a row-major ``height x width`` grid (position i = r * W + c):
+    ``|r_i - r_j| <= radius_h and |c_i - c_j| <= radius_w`` (Parmar et al. 2018, Image
+    Transformer "local 2D"; neighbourhood attention). With causal: raster order j <= i.
+
+    Engine components: query tiles of ``th x tw`` pixels, each over its (th + 2 rh) x
+    (tw + 2 rw) key block; every interior tile sees the same shared mask, only tiles at
+    the image border keep their own. ``tile``: (th, tw), default 8 x 8 (about half of a
+    7 x 7 radius block's keys are visible to each query)::
+
+        height 4, width 5, radius 1 x 1, query (1, 2) = position 7:
+        . # # # .
+        . # @ # .
+        . # # # .
+        . . . . .
+    """
+
+    def __init__(self, height: int, width: int, radius_h: int = 1, radius_w: int = 1,
+                 tile: tuple[int, int] | None = None) -> None:
+        self.height = _check_int("height", height, 1)
+        self.width = _check_int("width", width, 1)
+        self.radius_h = _check_int("radius_h", radius_h, 0)
+        self.radius_w = _check_int("radius_w", radius_w, 0)
+        th, tw = tile or (8, 8)
+        self.tile = (min(_check_int("tile[0]", th, 1), self.height), min(_check_int("tile[1]", tw, 1), self.width))
+
+    def visible(self, i, j, h):
+        W = self.width
+        n = self.height * W
+        return (((i // W) - (j // W)).abs() <= self.radius_h) & (((i % W) - (j % W)).abs() <= self.radius_w) \
+            & (i < n) & (j < n)
+
+    def components(self, n, heads, rows=None):
+        H, W, rh, rw = self.height, self.width, self.radius_h, self.radius_w
+        if n != H * W:
+            raise ValueError(f"height * width ({H} * {W} = {H * W}) must equal the sequence length {n}")
+        th, tw = self.tile
+        R0 = torch.arange(0, H, th)
+        C0 = torch.arange(0, W, tw)
+        r0, c0 = (x.reshape(-1) for x in torch.meshgrid(R0, C0, indexing="ij"))  # [T] tile corners
+
+        def grid(rs: Tensor, cs: Tensor, h: int, w: int) -> Tensor:
+            r = rs[:, None, None] + torch.arange(h)[None, :, None]
+            c = cs[:, None, None] + torch.arange(w)[None, None, :]
+            ok = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            return torch.where(ok, r * W + c, torch.full_like(r, -1)).reshape(len(rs), h * w)
+
+        qpos = grid(r0, c0, th, tw)
+        if rows is not None:
+            keep = ((qpos >= rows[0]) & (qpos < rows[1])).any(1)
+            r0, c0, qpos = r0[keep], c0[keep], qpos[keep]
+        kh, kw = th + 2 * rh, tw + 2 * rw
+        kpos = grid(r0 - rh, c0 - rw, kh, kw)[None]
+        a = torch.arange(th)[:, None, None, None]
+        b = torch.arange(tw)[None, :, None, None]
+        ka = torch.arange(kh)[None, None, :, None]
+        kb = torch.arange(kw)[None, None, None, :]
+        shared = (((ka - rh - a).abs() <= rh) & ((kb - rw - b).abs() <= rw)).reshape(th * tw, kh * kw)
+        return [Gather(qpos, kpos, self.visible, shared=shared)]
 
 
 class _BlockWindow(Pattern):

@@ -84,7 +84,11 @@ SHORT_CAUSAL = 512
 #: unmasked key range plus two triangles: no per-tile mask wider than WIDE_TILE
 WIDE_BAND = 2048
 WIDE_GROUP = 256
-WIDE_TILE = 64
+#: 768 rows: the CPU flash kernel's own 256-row query blocks (64-row tiles run at half
+#: its speed); 128 when tiles carry masks (padding, other components): a mask is
+#: tile x keys per head
+WIDE_TILE = 768
+WIDE_TILE_MASKED = 128
 #: run the plain-matmul tile kernel on the CPU too (tests of the non-CPU path)
 FORCE_MATH = False
 #: tests only: fill output buffers that the plan claims to write in full with this
@@ -193,8 +197,8 @@ def _band_batches(c: Band, n: int, causal: bool, pred: Predicate, masked: bool, 
         u1 = int(torch.searchsorted(P, torch.full((P.shape[0], 1), q1)).max())
         a = min(c.before, L - 1)
         b = 0 if causal else min(c.after, L - 1)
-        whole_ok = not masked and not padded and u0 == 0
-        out += _band_group_batches(P, L, a, b, pred, masked, tile, u0, u1, whole_ok)
+        plain = not masked and not padded
+        out += _band_group_batches(P, L, a, b, pred, masked, tile, u0, u1, plain and u0 == 0 and u1 == L, plain)
     return out
 
 
@@ -215,17 +219,19 @@ def _flat(P: Tensor, qu: Tensor, ku: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool,
-                        tile: int, u0: int = 0, u1: int | None = None, whole_ok: bool = True) -> list[TileBatch]:
+                        tile: int, u0: int = 0, u1: int | None = None, whole_ok: bool = True,
+                        plain: bool = True) -> list[TileBatch]:
     """Band ``-a <= u_j - u_i <= b`` inside each group (row of P, [G, L] positions),
     for group-local queries in [u0, u1). ``whole_ok``: a whole group may run as one
-    kernel call (nothing masked or padded, every query wanted)."""
+    kernel call (nothing masked or padded, every query wanted); ``plain``: nothing
+    masked or padded."""
     u1 = L if u1 is None else u1
     whole = torch.arange(L)[None]
     whole_group = a >= L - 1 and (b >= L - 1 or b == 0)
     if not (whole_group and (whole_ok or L <= WIDE_GROUP)) and (
         a + b + 1 > WIDE_BAND or (L > WIDE_GROUP and a + b + 1 >= L)
     ):
-        return _wide_band_batches(P, L, a, b, pred, masked, u0, u1)
+        return _wide_band_batches(P, L, a, b, pred, masked, u0, u1, plain)
     if a >= L - 1 and b >= L - 1:  # whole groups as tiles
         return [TileBatch(*_flat(P, whole, whole), "mask" if masked else "full", pred)]
     if a >= L - 1 and b == 0:
@@ -288,7 +294,7 @@ def _band_group_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, mask
 
 
 def _wide_band_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, masked: bool, u0: int,
-                       u1: int) -> list[TileBatch]:
+                       u1: int, unmasked: bool = True) -> list[TileBatch]:
     """A wide band (or a whole group that cannot be one kernel call) as row tiles of
     bq = WIDE_TILE queries [s, s + bq), each over three key ranges::
 
@@ -300,7 +306,7 @@ def _wide_band_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, maske
     tiles cut by the group's ends need their own masks, and those are at most bq wide,
     so memory stays O(L * D) however wide the band: a window covering the sequence
     costs what dense flash attention costs."""
-    bq = min(WIDE_TILE, u1 - u0)
+    bq = min(WIDE_TILE if unmasked else WIDE_TILE_MASKED, u1 - u0)
     s = u0 + torch.arange(-(-(u1 - u0) // bq)) * bq
     ar = torch.arange(bq)
     qu = s[:, None] + ar
@@ -332,7 +338,8 @@ def _wide_band_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, maske
 
 
 def _gather_batches(c: Gather, pred: Predicate) -> list[TileBatch]:
-    return [TileBatch(qpos, kpos, "mask", pred) for qpos, kpos in c.blocks()]
+    return [TileBatch(qpos, kpos, "mask", pred, shared=c.shared if qpos is c.qpos else None)
+            for qpos, kpos in c.blocks()]
 
 
 def _sub(tb: TileBatch, sel: list[int], kind: str, vis: Tensor | None = None) -> TileBatch:
@@ -606,7 +613,6 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, Dv: int, kpm: Tensor | None, 
     """The kernel calls of a tile batch: views or gathers, and the additive mask."""
     T, bq, K = tb.shape
     step = _slice_tiles(tb, B, H, D, Dv, kpm is not None, backward, g)
-    tri = torch.ones(bq, K, dtype=torch.bool).tril()
     shared_mask = None
     if tb.kind == "shared" and kpm is None:
         shared_mask = _additive(tb.shared, dtype).to(device)
@@ -628,7 +634,12 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, Dv: int, kpm: Tensor | None, 
             elif kind == "mask":
                 vis = tb.vis[:, t0 : t0 + step]
             if kpm is not None:
-                base = vis if vis is not None else (tri if kind == "causal" else torch.ones((), dtype=torch.bool))
+                if vis is not None:
+                    base = vis
+                elif kind == "causal":
+                    base = torch.ones(bq, K, dtype=torch.bool).tril()
+                else:
+                    base = torch.ones((), dtype=torch.bool)
                 kpc = kp.to(kpm.device)
                 pad = kpm[:, kpc.clamp(min=0)][:, :, :, None, :] & (kpc >= 0)[None, :, :, None, :]
                 vis = (base.to(kpm.device) & pad).expand(B, H, Tc, bq, K).reshape(B * H, Tc, bq, K)

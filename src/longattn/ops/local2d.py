@@ -6,31 +6,34 @@ sees key (r', c') iff |r - r'| <= radius_h and |c - c'| <= radius_w (a
 Transformer, "local 2D"; Ramachandran et al. 2019), intersected with raster order
 (r', c') <= (r, c) when ``causal``.
 
-Algorithm (no N x N tensor): the width is cut into column tiles of ``cw`` columns;
-for each image row and tile, the keys are the 2 radius_h + 1 neighbouring rows times
-the tile widened by radius_w on each side, gathered with ``unfold``. Scores are
-[.., N, (2 rh + 1) * (cw + 2 rw)]: time and memory O(N * (2 rh + 1) * (cw + 2 rw) * D),
-linear in N. Columns outside the exact window inside a tile are masked.
+It runs on the exact engine (:mod:`longattn.ops.blocksparse`) as the pattern
+:class:`longattn.patterns.Neighborhood2D`: query tiles of 8 x 8 pixels over their
+(8 + 2 rh) x (8 + 2 rw) key blocks, one shared mask for every interior tile, the
+fused CPU flash kernel for each slice of tiles. Time O(N (8 + 2 rh)(8 + 2 rw) D),
+memory O(N D) plus a bounded workspace: no N x N and no per-query key copies.
+Grouped KV heads and decode steps (Nq < Nk, bottom-right) come with the engine.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn import patterns as P
+from longattn.ops._checks import check_int, check_qkv
+from longattn.ops.blocksparse import pattern_attention
 from longattn.registry import REQUIRED, Param, register
 
+_CACHE: dict[tuple[int, int, int, int], P.Neighborhood2D] = {}
 
-def _tiles(x: Tensor, rh: int, rw: int, cw: int, wp: int, fill: float | bool) -> Tensor:
-    """x [..., H, W, E] -> [..., H, nT, R * C, E]: for each (row, tile) its key neighbourhood."""
-    H, W = x.shape[-3], x.shape[-2]
-    x = F.pad(x.movedim(-1, -3), (rw, wp - W + rw, rh, rh), value=fill)   # [..., E, H+2rh, Wp+2rw]
-    x = x.movedim(-3, -1)                                                 # [..., H+2rh, Wp+2rw, E]
-    R, C = 2 * rh + 1, cw + 2 * rw
-    x = x.unfold(-3, R, 1).unfold(-3, C, cw)                               # [..., H, nT, E, R, C]
-    return x.movedim(-3, -1).flatten(-3, -2)                               # [..., H, nT, R*C, E]
+
+def neighborhood(height: int, width: int, radius_h: int, radius_w: int) -> P.Neighborhood2D:
+    """The (cached) pattern object: its engine plans are cached with it."""
+    key = (height, width, radius_h, radius_w)
+    if key not in _CACHE:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = P.Neighborhood2D(height, width, radius_h, radius_w)
+    return _CACHE[key]
 
 
 @register(
@@ -44,8 +47,10 @@ def _tiles(x: Tensor, rh: int, rw: int, cw: int, wp: int, fill: float | bool) ->
     causal=True,
     cross=False,
     subquadratic=True,
+    gqa=True,
+    bottom_right=True,
     paper="Parmar et al. 2018, Image Transformer (local 2D attention)",
-    summary="2D neighbourhood window on a row-major H x W grid, exact, O(N * window)",
+    summary="2D neighbourhood window on a row-major H x W grid, exact, O(N * window), engine tiles",
 )
 def local2d_attention(
     q: Tensor,
@@ -60,52 +65,16 @@ def local2d_attention(
     radius_h: int = 1,
     radius_w: int = 1,
 ) -> Tensor:
-    """q, k [B, h, N, D], v [B, h, N, Dv] with N = height * width -> [B, h, N, Dv].
+    """q [B, h, Nq, D], k [B, h_kv, N, D], v [B, h_kv, N, Dv] with N = height * width
+    -> [B, h, Nq, Dv] (Nq < N: the last Nq pixels in raster order).
 
-    Fully masked queries (all neighbours padded) return zeros. Computed in float32+.
-    """
-    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, cross=False)
+    Fully masked queries (all neighbours padded) return zeros."""
+    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=True)
     H = check_int("height", height, minimum=1)
     W = check_int("width", width, minimum=1)
     rh = check_int("radius_h", radius_h, minimum=0)
     rw = check_int("radius_w", radius_w, minimum=0)
-    if H * W != d.Nq:
-        raise ValueError(f"height * width ({H} * {W} = {H * W}) must equal the sequence length {d.Nq}")
-    s = default_scale(scale, d.D)
-    work = torch.promote_types(q.dtype, torch.float32)
-    dev = q.device
-    cw = min(W, max(8, 2 * rw))
-    nT = -(-W // cw)
-    wp = nT * cw
-    R, C = 2 * rh + 1, cw + 2 * rw
-
-    qt = q.to(work).unflatten(2, (H, W))
-    qt = F.pad(qt, (0, 0, 0, wp - W)).unflatten(3, (nT, cw))               # [B, h, H, nT, cw, D]
-    kt = _tiles(k.to(work).unflatten(2, (H, W)), rh, rw, cw, wp, 0.0)      # [B, h, H, nT, RC, D]
-    vt = _tiles(v.to(work).unflatten(2, (H, W)), rh, rw, cw, wp, 0.0)      # [B, h, H, nT, RC, Dv]
-
-    # static visibility [H, nT, cw, R*C] from index arithmetic
-    r = torch.arange(H, device=dev)[:, None, None, None, None]
-    t = torch.arange(nT, device=dev)[None, :, None, None, None]
-    a = torch.arange(cw, device=dev)[None, None, :, None, None]
-    dr = torch.arange(R, device=dev)[None, None, None, :, None]
-    b = torch.arange(C, device=dev)[None, None, None, None, :]
-    qc = t * cw + a
-    kr = r + dr - rh
-    kc = t * cw + b - rw
-    vis = (kr >= 0) & (kr < H) & (kc >= 0) & (kc < W) & ((kc - qc).abs() <= rw) & (qc < W)
-    if causal:
-        vis = vis & (kr * W + kc <= r * W + qc)
-    vis = vis.flatten(-2)[None, None]                                      # [1, 1, H, nT, cw, RC]
-    if key_padding_mask is not None:
-        kp = _tiles(key_padding_mask.view(d.B, H, W, 1), rh, rw, cw, wp, False)[..., 0]
-        vis = vis & kp[:, None, :, :, None, :]                            # [B, 1, H, nT, 1, RC]
-
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * s                    # [B, h, H, nT, cw, RC]
-    scores = scores.masked_fill(~vis, float("-inf"))
-    alive = vis.any(-1, keepdim=True)
-    scores = scores.masked_fill(~alive, 0.0)
-    p = torch.softmax(scores, -1) * alive
-    out = torch.matmul(p, vt)                                              # [B, h, H, nT, cw, Dv]
-    out = out.flatten(3, 4)[:, :, :, :W].flatten(2, 3)
-    return out.to(q.dtype)
+    if H * W != d.Nk:
+        raise ValueError(f"height * width ({H} * {W} = {H * W}) must equal the sequence length {d.Nk}")
+    return pattern_attention(q, k, v, neighborhood(H, W, rh, rw), causal=causal,
+                             key_padding_mask=key_padding_mask, scale=scale)
