@@ -804,7 +804,10 @@ class sequence_parallel:  # noqa: N801 - used as a context manager
         group = self.group
         rank = dist.get_rank(group)
 
+        self.calls = 0
+
         def run(spec, call, q, k, v, *, causal, key_padding_mask, segment_ids, params=None):
+            self.calls += 1
             if segment_ids is not None:
                 raise ValueError("sequence parallelism does not support packed documents (segment_ids)")
             H, Hkv = q.shape[1], k.shape[1]
@@ -845,6 +848,9 @@ def sequence_parallel_loss(model, x: Tensor, mask: Tensor | None, y: Tensor, los
     model runs under :class:`sequence_parallel`. The sum over ranks of the returned loss
     (a sum over labelled items, as the trainer's) equals the single-process loss, and
     summing the parameter gradients over ranks gives the single-process gradients."""
+    if not (dist.is_available() and dist.is_initialized()):  # one process: nothing to split
+        check_model(model)
+        return loss_fn(model(x, key_padding_mask=mask), y)
     r, P = _rank_size(group)
     B, N = x.shape[:2]
     n = -(-N // P)
@@ -856,6 +862,9 @@ def sequence_parallel_loss(model, x: Tensor, mask: Tensor | None, y: Tensor, los
         mask = torch.nn.functional.pad(mask, (0, pad), value=False)
         y = torch.nn.functional.pad(y, (0, pad), value=ignore_index)
     sl = slice(r * n, (r + 1) * n)
-    with sequence_parallel(model, group):
+    with sequence_parallel(model, group) as sp:
         logits = model(x[:, sl], key_padding_mask=None if mask is None else mask[:, sl])
+    if sp.calls == 0:
+        raise RuntimeError("the model's attention layers did not go through longattn.registry.run: "
+                           "sequence parallelism cannot reach them")
     return loss_fn(logits, y[:, sl])

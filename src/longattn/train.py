@@ -109,6 +109,7 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     progress: bool = True
+    sequence_parallel: bool = False  # ranks share every sequence (longattn.distributed), not the batch
     stop_after: int | None = None  # stop after this step without a final save (simulates a kill)
 
     def resolved(self) -> "TrainConfig":
@@ -471,10 +472,14 @@ def _train_step(model: nn.Module, opt: Any, sched: Any, train_data: Batches, ste
     """One update on the global batch of ``step``: ([loss sum, correct, count] over all ranks, tokens)."""
     params = list(model.parameters())
     gidx = batch_indices(step, len(train_data), cfg.batch, cfg.seed)
-    idx = gidx[d.rank :: d.world]
+    idx = gidx if cfg.sequence_parallel else gidx[d.rank :: d.world]
     x, mask, y = train_data.get(idx, train_data.trim(gidx))
     count = train_data.count(gidx)  # labelled items in the GLOBAL batch
-    loss_sum, correct = loss_and_correct(model(x, key_padding_mask=mask), y)
+    if cfg.sequence_parallel:  # this rank's slice of every sequence (longattn.distributed)
+        from longattn.distributed import sequence_parallel_loss
+        loss_sum, correct = sequence_parallel_loss(model, x, mask, y, loss_and_correct, ignore_index=IGNORE)
+    else:
+        loss_sum, correct = loss_and_correct(model(x, key_padding_mask=mask), y)
     opt.zero_grad(set_to_none=True)
     (loss_sum / count).backward()
     if d.world > 1:
@@ -513,7 +518,7 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     """Run one training job; returns the result dict (also written to ``out/result.json``)."""
     cfg = cfg.resolved()
     d = setup_distributed(cfg.device)
-    if cfg.batch % d.world:
+    if cfg.batch % d.world and not cfg.sequence_parallel:
         raise ValueError(f"batch ({cfg.batch}) must be divisible by the number of processes ({d.world})")
     if cfg.resume and not cfg.out:
         raise ValueError("resume=True needs out= (the run directory holding checkpoint.pt)")
@@ -673,6 +678,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="under torchrun: every rank holds a slice of every sequence (longattn.distributed)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -684,7 +691,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, dropout=args.dropout, pool=args.pool, pos=args.pos, seed=args.seed,
         eval_every=args.eval_every, max_eval=args.max_eval, ckpt_every=args.ckpt_every, log_every=args.log_every,
         out=getattr(args, "out", None), resume=getattr(args, "resume", False), device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, sequence_parallel=getattr(args, "sequence_parallel", False),
     )
 
 
