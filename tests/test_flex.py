@@ -292,3 +292,22 @@ def test_bad_arguments():
     k = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="enable_gqa"):
         flex_pattern_attention(q, k, k, p)
+
+
+def test_registry_backend_choice():
+    """backend='flex' through a registered mechanism equals the engine (forward, CPU);
+    'auto' stays on the engine off CUDA; a bad name and a CPU backward are refused."""
+    import longattn
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        a = longattn.attention(q, k, v, "local", before=20, after=3, backend="flex")
+        b = longattn.attention(q, k, v, "local", before=20, after=3, backend="engine")
+        c = longattn.attention(q, k, v, "local", before=20, after=3)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(b, c)
+    with pytest.raises(ValueError, match="backend"):
+        longattn.attention(q, k, v, "local", backend="triton")
+    with pytest.raises(NotImplementedError, match="backward"):
+        longattn.attention(q.requires_grad_(), k, v, "local", backend="flex")

@@ -151,7 +151,7 @@ def pattern_of(name: str, params: dict[str, Any]) -> Any | None:
         return None
     from longattn.ops.sparse import with_globals
 
-    kw = {k: v for k, v in params.items() if k != "global_idx"}
+    kw = {k: v for k, v in params.items() if k not in ("global_idx", "backend")}
     return with_globals(pname, params.get("global_idx", ()), **kw)
 
 

@@ -934,6 +934,7 @@ def pattern_attention(
     n: int | None = None,
     q_start: int | None = None,
     k_positions: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Exact softmax attention restricted to ``pattern``.
 
@@ -950,6 +951,11 @@ def pattern_attention(
             ``q[:, :, -1:]`` over the whole cache is the last row of the full call).
         k_positions: sorted positions [Nk] of k's rows (default arange(n)); every key
             a query can see must be among them (see :func:`needed_keys`).
+        backend: "engine" (the tile engine here), "flex" (compiled FlexAttention
+            with a BlockMask built from the pattern's components,
+            :mod:`longattn.ops.flex`: the fused GPU kernel; on the CPU forward only),
+            or "auto": flex on CUDA, the engine elsewhere (on the CPU it is 1.5-2x
+            faster than compiled Flex and has a backward).
 
     Returns:
         [B, H, Nq, Dv]. Queries with no visible key get zeros. Differentiable in
@@ -960,6 +966,11 @@ def pattern_attention(
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a longattn.patterns.Pattern, got {type(pattern).__name__}")
     s = default_scale(scale, d.D)
+    if _use_flex(backend, q, k_positions):
+        from longattn.ops.flex import flex_pattern_attention
+
+        return flex_pattern_attention(q, k, v, pattern, causal=causal, key_padding_mask=key_padding_mask,
+                                      scale=s, enable_gqa=d.Hkv != d.H)
     n, q0 = _positions(d, n, q_start, k_positions)
     if d.Dv != d.D:  # the kernel wants one head size: zero columns change no score or output
         w = max(d.D, d.Dv)
@@ -980,6 +991,28 @@ def pattern_attention(
     bwd = [(*g[:4], g[4][0]) for g in groups(BAND_QUERY_TILE_BWD)] if grad else None
     q, k, v = (x.contiguous() for x in (q, k, v))
     return _BlockSparseAttention.apply(q, k, v, [(*g[:4], g[4][0]) for g in fwd], bwd, s, key_padding_mask, written)
+
+
+BACKENDS = ("auto", "engine", "flex")
+
+
+def _use_flex(backend: str, q: Tensor, k_positions: Tensor | None) -> bool:
+    """Does this call run on FlexAttention (see :func:`pattern_attention`'s ``backend``)?"""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "engine" or (backend == "auto" and q.device.type != "cuda"):
+        return False
+    from longattn.ops.flex import flex_available
+
+    if not flex_available():
+        if backend == "flex":
+            raise ValueError("backend='flex' needs FlexAttention (torch >= 2.5)")
+        return False
+    if k_positions is not None:
+        if backend == "flex":
+            raise ValueError("backend='flex' takes the whole key sequence (k_positions is the engine's)")
+        return False
+    return True
 
 
 def _positions(d, n: int | None, q_start: int | None, k_positions: Tensor | None) -> tuple[int, int]:

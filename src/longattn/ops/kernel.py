@@ -237,7 +237,7 @@ class FavorFeatureMap(FeatureMap):
         """Features of x * r, with r folded into W (no pass over x)."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"FAVOR+ features were drawn for D={self.head_dim}, got D={x.shape[-1]}")
-        w = self.projection.to(x.dtype)
+        w = self.projection.to(device=x.device, dtype=x.dtype)
         if r is not None:
             w = w * r
         # phi = exp(W x - |x|^2/2): the |x|^2/2 term only shifts the row's log-scale
@@ -489,7 +489,7 @@ def _favor_inference(
     the same features, and exp2 runs ~1.8x faster than exp on the CPU."""
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
-    w = fmap.projection.to(q.dtype) * _LOG2E
+    w = fmap.projection.to(device=q.device, dtype=q.dtype) * _LOG2E
     wt = (w if r is None else w * r).T.contiguous()  # [D, F]
     F = wt.shape[1]
     half = 0.5 if r is None else 0.5 * r * r

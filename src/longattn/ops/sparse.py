@@ -54,6 +54,7 @@ def with_globals(name: str, global_idx: Any = (), **params: Any) -> P.Pattern:
 
 
 GLOBAL_IDX = Param("global_idx", (), "extra global positions (e.g. CLS tokens): see all, seen by all")
+BACKEND = Param("backend", "auto", "'engine' | 'flex' (FlexAttention block masks) | 'auto': flex on CUDA")
 
 #: the parameters of each pattern mechanism that name positions (checked against N)
 _POSITION_PARAMS = {"global": "indices", "longformer": "global_indices"}
@@ -79,25 +80,25 @@ def _check_positions(name: str, n: int, global_idx: Any, params: dict[str, Any])
 
 def _quantum(name: str) -> Callable[[dict[str, Any], bool], int]:
     def quantum(params: dict[str, Any], causal: bool) -> int:
-        kw = {k: v for k, v in params.items() if k != "global_idx"}
+        kw = {k: v for k, v in params.items() if k not in ("global_idx", "backend")}
         return with_globals(name, params.get("global_idx", ()), **kw).length_quantum(causal)
 
     return quantum
 
 
 def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary: str) -> Callable[..., Tensor]:
-    def fn(q, k, v, *, causal=False, key_padding_mask=None, scale=None, global_idx=(), **kw):
+    def fn(q, k, v, *, causal=False, key_padding_mask=None, scale=None, global_idx=(), backend="auto", **kw):
         if isinstance(k, Tensor) and k.dim() == 4:
             _check_positions(name, k.shape[2], global_idx, kw)
         return pattern_attention(
             q, k, v, with_globals(name, global_idx, **kw),
-            causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+            causal=causal, key_padding_mask=key_padding_mask, scale=scale, backend=backend,
         )
 
     fn.__name__ = f"{name}_attention"
     fn.__doc__ = f"{summary}\n\nExact; q, k [B, H, N, D], v [B, H, N, Dv] -> [B, H, N, Dv]. {paper}"
     register(
-        name, params=(*params, GLOBAL_IDX), family="pattern", exact=True, causal=True,
+        name, params=(*params, GLOBAL_IDX, BACKEND), family="pattern", exact=True, causal=True,
         cross=False, subquadratic=True, paper=paper, summary=summary, **_REAL_MODELS,
         extra={"pattern": name, "global_param": "global_idx", "length_quantum": _quantum(name)},
     )(fn)
@@ -173,12 +174,13 @@ st_fixed_attention = _pattern_mechanism(
 
 @register(
     "pattern",
-    params=(Param("pattern", REQUIRED, "a longattn.patterns.Pattern (unions, per-head lists...)"),),
+    params=(Param("pattern", REQUIRED, "a longattn.patterns.Pattern (unions, per-head lists...)"), BACKEND),
     family="pattern", exact=True, causal=True, cross=False, subquadratic=True, **_REAL_MODELS,
     extra={"length_quantum": lambda params, causal: params["pattern"].length_quantum(causal)},
     paper="any composition of DESIGN.md section 4",
     summary="exact attention over any Pattern object",
 )
-def any_pattern_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, pattern):
+def any_pattern_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, pattern, backend="auto"):
     """Exact attention over a user-built pattern, e.g. ``Local(64, 64) | Strided(128)``."""
-    return pattern_attention(q, k, v, pattern, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    return pattern_attention(q, k, v, pattern, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                             backend=backend)
