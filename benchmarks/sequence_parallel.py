@@ -63,7 +63,30 @@ def _reset_peak() -> None:
         pass
 
 
-def _worker(rank, world, path, case, N, B, H, D, repeat, threads, result_dir):
+def _check(rank, world, case, N, B, H, D, ref_path):
+    """Max |difference| of out, dq, dk, dv from the single-process run's (saved at P = 1)."""
+    import longattn
+    import longattn.distributed as ld
+
+    spec = MECHS[case]
+    g = torch.Generator().manual_seed(12345)
+    q, k, v, gout = (torch.randn(B, H, N, D, generator=g) for _ in range(4))
+    n = N // world
+    sl = slice(rank * n, (rank + 1) * n)
+    mine = [t[:, :, sl].clone().requires_grad_(True) for t in (q, k, v)]
+    del q, k, v
+    fn = ld.attention if world > 1 else longattn.attention
+    out = fn(*mine, spec["mechanism"], causal=spec["causal"], **spec["params"])
+    out.backward(gout[:, :, sl])
+    got = [out.detach()] + [t.grad for t in mine]
+    if world == 1:
+        torch.save(got, ref_path)
+        return 0.0
+    ref = torch.load(ref_path)
+    return max(float((a - b[:, :, sl]).abs().max()) for a, b in zip(got, ref))
+
+
+def _worker(rank, world, path, case, N, B, H, D, repeat, threads, result_dir, ref_path=None):
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     import longattn
@@ -110,16 +133,18 @@ def _worker(rank, world, path, case, N, B, H, D, repeat, threads, result_dir):
     for _ in range(repeat - 1):
         times.append(run())
     res = dict(rank=rank, time=statistics.median(times), times=times, peak=hwm - rest, received=received)
+    if ref_path is not None and (world == 1 or os.path.exists(ref_path)):
+        res["maxdiff"] = _check(rank, world, case, N, B, H, D, ref_path)
     with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
         json.dump(res, f)
     if dist:
         torch.distributed.destroy_process_group()
 
 
-def run_case(case, N, P, B, H, D, repeat, threads, timeout):
+def run_case(case, N, P, B, H, D, repeat, threads, timeout, ref_path=None):
     tmp = tempfile.mkdtemp(prefix="longattn-sp-")
     path = os.path.join(tmp, "rendezvous")
-    ctx = mp.start_processes(_worker, args=(P, path, case, N, B, H, D, repeat, threads, tmp),
+    ctx = mp.start_processes(_worker, args=(P, path, case, N, B, H, D, repeat, threads, tmp, ref_path),
                              nprocs=P, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
@@ -134,7 +159,8 @@ def run_case(case, N, P, B, H, D, repeat, threads, timeout):
             ranks.append(json.load(f))
     return dict(case=case, N=N, P=P, time=max(x["time"] for x in ranks),
                 peak=max(x["peak"] for x in ranks), peaks=[x["peak"] for x in ranks],
-                received=max(x["received"] for x in ranks), receiveds=[x["received"] for x in ranks])
+                received=max(x["received"] for x in ranks), receiveds=[x["received"] for x in ranks],
+                maxdiff=max((x["maxdiff"] for x in ranks if "maxdiff" in x), default=None))
 
 
 def _estimate(case, N, B, H) -> float:
@@ -197,7 +223,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=900.0,
                     help="skip a case whose estimated single-rank time exceeds this (s)")
     ap.add_argument("--timeout", type=float, default=3600.0)
-    ap.add_argument("--out", default="results/sequence_parallel")
+    ap.add_argument("--out", default="docs/img/sequence_parallel")
+    ap.add_argument("--check", action="store_true",
+                    help="after timing, compare out and gradients with the P=1 run's (run P=1 first; fp32)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from <out>.json")
     a = ap.parse_args(argv)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
@@ -217,13 +245,16 @@ def main(argv=None):
                     if est > a.budget:
                         print(f"skip {case} N={N} P={P}: ~{est:.0f} s estimated", flush=True)
                         continue
-                    r = run_case(case, N, P, a.batch, a.heads, a.head_dim, a.repeat, a.threads, a.timeout)
+                    ref = f"{tempfile.gettempdir()}/longattn-sp-ref-{case}-{N}.pt" if a.check else None
+                    r = run_case(case, N, P, a.batch, a.heads, a.head_dim, a.repeat, a.threads, a.timeout, ref)
                     if r is None:
                         print(f"timeout {case} N={N} P={P}", flush=True)
                         continue
                     rows = [x for x in rows if (x["case"], x["N"], x["P"]) != (case, N, P)] + [r]
                     print(f"{case:14s} N={N:8d} P={P}: {r['time']:8.2f} s  peak {r['peak'] / 2**20:8.1f} MiB"
-                          f"  received {r['received'] / 2**20:9.3f} MiB", flush=True)
+                          f"  received {r['received'] / 2**20:9.3f} MiB"
+                          + (f"  max|diff| vs P=1 {r['maxdiff']:.2e}" if r.get("maxdiff") is not None else ""),
+                          flush=True)
                     with open(a.out + ".json", "w") as f:
                         json.dump(dict(machine=os.uname().nodename, cpus=os.cpu_count(), torch=torch.__version__,
                                        threads=a.threads, B=a.batch, H=a.heads, D=a.head_dim, rows=rows), f, indent=1)

@@ -249,6 +249,11 @@ def _resolve_pattern(mechanism: str, params: dict[str, Any]):
     from longattn import registry
     from longattn.ops.sparse import with_globals
 
+    params = dict(params)
+    backend = params.pop("backend", "auto")
+    if backend not in ("auto", "engine"):
+        raise ValueError(f"distributed pattern attention runs the exact engine: backend must be 'auto' or "
+                         f"'engine', got {backend!r}")
     if mechanism == "pattern":
         from longattn.patterns import Pattern
 
@@ -260,7 +265,7 @@ def _resolve_pattern(mechanism: str, params: dict[str, Any]):
         return pat
     spec = registry.get(mechanism)
     spec.check_params(params)
-    full = {**spec.defaults(), **params}
+    full = {k: v for k, v in {**spec.defaults(), **params}.items() if k != "backend"}
     name = spec.extra.get("pattern", mechanism)
     gparam = spec.extra.get("global_param", "global_idx")
     gidx = full.pop(gparam, ())
