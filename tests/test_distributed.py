@@ -369,3 +369,43 @@ def test_per_rank_peak_is_below_half_the_single_process_peak():
     single = peaks[1][0]
     assert single > 200 * 2**20, peaks  # q, k, v, their gradients, out: 64 MiB each at least
     assert max(peaks[4]) < single / 2, peaks
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _train_losses(tmp, name, extra, nproc):
+    import socket
+    import subprocess
+    import sys
+
+    args = ["-m", "longattn", "train", "--task", "copy", "--task-option", "n_train=128", "--task-option",
+            "n_val=16", "--task-option", "n_test=16", "--mechanism", "local", "--param", "before=24",
+            "--param", "after=0", "--layers", "2", "--dim", "32", "--heads", "2", "--steps", "6", "--batch", "4",
+            "--log-every", "1", "--eval-every", "1000", "--ckpt-every", "1000", "--no-progress", "--seed", "3",
+            "--out", str(tmp / name), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
+    subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
+    out = []
+    with open(tmp / name / "log.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("split", "train") == "train" and "loss" in rec:
+                out.append(rec["loss"])
+    return out
+
+
+@pytest.mark.slow
+def test_train_sequence_parallel_loss_curve_equals_one_process(tmp_path):
+    one = _train_losses(tmp_path, "one", [], 1)
+    two = _train_losses(tmp_path, "two", ["--sequence-parallel"], 2)
+    assert len(one) == len(two) == 6
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
