@@ -108,24 +108,25 @@ q, k, v = (torch.randn(1, 2, H * W, 16, requires_grad=True) for _ in range(3))
     assert big < 8 * max(small, 2.0), f"4x the pixels grew peak memory {big / max(small, 1e-3):.1f}x"
 
 
-def test_grouped_kv_heads_and_decode_rows_equal_the_oracle():
+@pytest.mark.parametrize("H,W,rh,rw", [(13, 21, 2, 3), (20, 19, 9, 2)])
+def test_grouped_kv_heads_and_decode_rows_equal_the_oracle(H, W, rh, rw):
     """Engine conventions on an image: k/v with fewer heads, and the last m pixels in
-    raster order (causal, bottom-right) equal the last rows of the full call."""
+    raster order (causal, bottom-right) equal the last rows of the full call. Sizes are
+    no multiple of the 8 x 8 tiles; radius 9 reaches two rows of tiles."""
     g = torch.Generator().manual_seed(0)
-    H, W = 13, 21  # no multiple of the 8 x 8 tiles
     q = torch.randn(2, 4, H * W, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, H * W, 8, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, H * W, 8, generator=g, dtype=torch.float64, requires_grad=True)
     kpm = torch.rand(2, H * W, generator=g) > 0.2
     for causal in (False, True):
-        out = local2d_attention(q, k, v, height=H, width=W, radius_h=2, radius_w=3, causal=causal,
+        out = local2d_attention(q, k, v, height=H, width=W, radius_h=rh, radius_w=rw, causal=causal,
                                 key_padding_mask=kpm)
         kr, vr = (x.repeat_interleave(2, 1) for x in (k, v))
-        ref = dense_attention(q, kr, vr, grid_mask(H, W, 2, 3), causal=causal, key_padding_mask=kpm)
+        ref = dense_attention(q, kr, vr, grid_mask(H, W, rh, rw), causal=causal, key_padding_mask=kpm)
         torch.testing.assert_close(out, ref)
         gr = torch.randn(out.shape, generator=g, dtype=torch.float64)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), gr), torch.autograd.grad(ref, (q, k, v), gr)):
             torch.testing.assert_close(a, b)
-    last = local2d_attention(q[:, :, -30:], k, v, height=H, width=W, radius_h=2, radius_w=3, causal=True,
+    last = local2d_attention(q[:, :, -30:], k, v, height=H, width=W, radius_h=rh, radius_w=rw, causal=True,
                              key_padding_mask=kpm)
     torch.testing.assert_close(last, out[:, :, -30:])

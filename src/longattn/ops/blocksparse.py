@@ -338,8 +338,11 @@ def _wide_band_batches(P: Tensor, L: int, a: int, b: int, pred: Predicate, maske
 
 
 def _gather_batches(c: Gather, pred: Predicate) -> list[TileBatch]:
-    return [TileBatch(qpos, kpos, "mask", pred, shared=c.shared if qpos is c.qpos else None)
-            for qpos, kpos in c.blocks()]
+    def shared(qpos: Tensor, kpos: Tensor) -> Tensor | None:
+        ok = c.shared is not None and tuple(c.shared.shape) == (qpos.shape[1], kpos.shape[-1])
+        return c.shared if ok else None
+
+    return [TileBatch(qpos, kpos, "mask", pred, shared=shared(qpos, kpos)) for qpos, kpos in c.blocks()]
 
 
 def _sub(tb: TileBatch, sel: list[int], kind: str, vis: Tensor | None = None) -> TileBatch:
