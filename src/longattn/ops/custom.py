@@ -217,7 +217,7 @@ def _engine_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 @_engine_attention_backward.register_fake
 def _(grad, q, k, v, out, lse, key_padding_mask, config):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _engine_setup(ctx, inputs, output):
@@ -297,7 +297,7 @@ def _generic_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor,
         out = _run(*qkv, key_padding_mask, segment_ids, ps, cfg)
         wrt = qkv + [p for p in ps if p.requires_grad]
         grads = torch.autograd.grad(out, wrt, grad, allow_unused=True) if out.requires_grad else [None] * len(wrt)
-    grads = [torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(wrt, grads)]
+    grads = [x.new_zeros(x.shape) if g is None else g.contiguous() for x, g in zip(wrt, grads)]
     dq, dk, dv, rest = grads[0], grads[1], grads[2], iter(grads[3:])
     dps = [next(rest) if g else p.new_empty(0) for p, g in zip(params, param_grad)]
     return dq, dk, dv, dps
@@ -305,8 +305,8 @@ def _generic_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor,
 
 @_generic_attention_backward.register_fake
 def _(grad, q, k, v, key_padding_mask, segment_ids, params, config, param_grad):
-    dps = [torch.empty_like(p) if g else p.new_empty(0) for p, g in zip(params, param_grad)]
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dps
+    dps = [p.new_empty(p.shape) if g else p.new_empty(0) for p, g in zip(params, param_grad)]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dps
 
 
 def _generic_setup(ctx, inputs, output):
