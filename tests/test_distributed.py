@@ -164,7 +164,7 @@ def _keys(world, slow=False):
 
 
 _RESULTS: dict[tuple, list[dict]] = {}
-_EXTRAS = {2: ("errors", "model"), 4: ("bytes",)}
+_EXTRAS = {2: ("errors", "model", "math"), 4: ("bytes",)}
 
 
 def _results(world, slow=False):
@@ -277,7 +277,20 @@ def _model_probe(rank, world):
     return res
 
 
-_PROBES = {"bytes": _bytes_probe, "errors": _error_probe, "model": _model_probe}
+def _math_probe(rank, world):
+    """The ring with the plain-tensor block kernels (what devices without the CPU flash kernel run)."""
+    import longattn.distributed as ld
+
+    ld.FORCE_MATH, saved = True, ld._MATH_ROWS
+    ld._MATH_ROWS = 4 * B * H * SHARD[world]  # several query chunks per block
+    try:
+        return {f"math-{c}-{p}": "; ".join(_one_case("full", {}, c, p, rank, world, SHARD[world], 7)) or "ok"
+                for c in (False, True) for p in (False, True)}
+    finally:
+        ld.FORCE_MATH, ld._MATH_ROWS = False, saved
+
+
+_PROBES = {"bytes": _bytes_probe, "errors": _error_probe, "model": _model_probe, "math": _math_probe}
 
 
 def test_bytes_received_do_not_grow_with_n_for_local_and_linear():
@@ -304,6 +317,12 @@ def test_clear_errors_for_unsupported_mechanism_and_unequal_shards():
 def test_transformer_sequence_parallel_loss_and_gradients_equal_one_process(name):
     for r, res in enumerate(_results(2)):
         assert res.get(name) == "ok", f"rank {r}: {res.get(name, res.get('model'))}"
+
+
+@pytest.mark.parametrize("name", [f"math-{c}-{p}" for c in (False, True) for p in (False, True)])
+def test_ring_with_plain_tensor_block_kernels(name):
+    for r, res in enumerate(_results(2)):
+        assert res.get(name) == "ok", f"rank {r}: {res.get(name, res.get('math'))}"
 
 
 def test_needs_an_initialised_group():

@@ -323,6 +323,8 @@ def _pattern_sharded(q, k, v, pattern, causal, kpm, scale, r, P, n, group):
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _MATH_ROWS = 1 << 22  # score elements per query chunk of the math kernels (devices without flash)
+#: use the plain-tensor block kernels on the CPU too (what other devices run; for tests)
+FORCE_MATH = False
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -361,7 +363,7 @@ def _block_fwd(q, k, v, causal, mask, scale):
     """(out [B,H,M,Dv] acc dtype, lse [B,H,M] acc dtype; -inf on rows that see nothing)."""
     acc = _acc(q.dtype)
     bias = _bias(mask, q.dtype)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not FORCE_MATH:
         o, lse = _flash_fwd(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         o, lse = o.to(acc), lse.to(acc)
     else:
@@ -386,7 +388,7 @@ def _block_fwd(q, k, v, causal, mask, scale):
 def _block_bwd(g, q, k, v, o, lse_b, causal, mask, scale):
     """(dq, dk, dv) of one block given the merged output o and lse (+inf on dead rows)."""
     bias = _bias(mask, q.dtype)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not FORCE_MATH:
         return _flash_bwd(g, q, k, v, o, lse_b, 0.0, causal, attn_mask=bias, scale=scale)
     acc = _acc(q.dtype)
     rows = max(1, _MATH_ROWS // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
@@ -492,7 +494,7 @@ class _RingAttention(torch.autograd.Function):
         acc = _acc(q.dtype)
         dout = dout.contiguous()
         Lb = L.masked_fill(torch.isneginf(L), float("inf"))  # rows that saw nothing: p = 0
-        if q.device.type == "cpu" and q.dtype != torch.float64:
+        if q.device.type == "cpu" and not FORCE_MATH and q.dtype != torch.float64:
             Lb = Lb.float()
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         nxt, prv = (r + 1) % P, (r - 1) % P
