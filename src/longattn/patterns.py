@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -803,89 +802,6 @@ class Neighborhood2D(Pattern):
         kb = torch.arange(kw)[None, None, None, :]
         shared = (((ka - rh - a).abs() <= rh) & ((kb - rw - b).abs() <= rw)).reshape(th * tw, kh * kw)
         return [Gather(qpos, kpos, self.visible, shared=shared)]
-
-
-class TiledNeighborhood2D(Pattern):
-    """:class:`Neighborhood2D` over pixels stored tile by tile: the image, padded to
-    multiples of ``t``, is cut into t x t tiles laid out row of tiles by row of tiles,
-    each tile's pixels contiguous (position = (R * nC + C) * t^2 + a * t + b for pixel
-    (R t + a, C t + b)). Then the keys of a query tile in one row of tiles are one
-    contiguous run of (2 nw + 1) tiles, and consecutive tiles' runs are a strided view
-    of the sequence: the engine reads them without gathering (nw = ceil(rw / t)).
-    Padding pixels (beyond height x width) see nothing and are seen by nobody;
-    ``causal`` here is raster order (r', c') <= (r, c), part of the predicate (the
-    engine's own j <= i would be tile order)."""
-
-    def __init__(self, height: int, width: int, radius_h: int, radius_w: int, t: int = 8,
-                 causal: bool = False) -> None:
-        self.height, self.width = _check_int("height", height, 1), _check_int("width", width, 1)
-        self.radius_h, self.radius_w = _check_int("radius_h", radius_h, 0), _check_int("radius_w", radius_w, 0)
-        self.t = _check_int("t", t, 1)
-        self.rows_of_tiles, self.cols_of_tiles = -(-height // t), -(-width // t)
-        self.causal = causal
-
-    @property
-    def length(self) -> int:
-        return self.rows_of_tiles * self.cols_of_tiles * self.t * self.t
-
-    def pixel(self, i: Tensor) -> tuple[Tensor, Tensor]:
-        """(row, column) of tiled positions i."""
-        t, nC = self.t, self.cols_of_tiles
-        tile, w = i // (t * t), i % (t * t)
-        return (tile // nC) * t + w // t, (tile % nC) * t + w % t
-
-    def raster_order(self) -> Tensor:
-        """For each tiled position, its raster position r * width + c (-1: padding)."""
-        r, c = self.pixel(torch.arange(self.length))
-        return torch.where((r < self.height) & (c < self.width), r * self.width + c, torch.full_like(r, -1))
-
-    def visible(self, i, j, h):
-        ri, ci = self.pixel(i)
-        rj, cj = self.pixel(j)
-        H, W = self.height, self.width
-        m = ((ri - rj).abs() <= self.radius_h) & ((ci - cj).abs() <= self.radius_w)
-        m = m & (ri < H) & (ci < W) & (rj < H) & (cj < W)
-        if self.causal:
-            m = m & (rj * W + cj <= ri * W + ci)
-        return m
-
-    def components(self, n, heads, rows=None):
-        t, nR, nC = self.t, self.rows_of_tiles, self.cols_of_tiles
-        if n != self.length:
-            raise ValueError(f"the tiled image has {self.length} positions, got n={n}")
-        nh, nw = -(-self.radius_h // t), -(-self.radius_w // t)
-        tt, span = t * t, (2 * nw + 1) * t * t
-        qoff = torch.arange(tt)
-        x = torch.arange(span)
-        comps: list[Component] = []
-        for dr in range(-nh, nh + 1):
-            blocks = []
-            for R in range(nR):
-                if not 0 <= R + dr < nR:
-                    continue
-                C = torch.arange(nC)
-                qpos = (R * nC + C)[:, None] * tt + qoff
-                first = (R + dr) * nC + C - nw  # first key tile of each run
-                kpos = first[:, None] * tt + x
-                col = C[:, None] - nw + x // tt  # key tile column
-                kpos = torch.where((col >= 0) & (col < nC), kpos, torch.full_like(kpos, -1))
-                blocks.append((qpos, kpos[None]))
-            if not blocks:
-                continue
-            a, b = (qoff // t)[:, None], (qoff % t)[:, None]
-            ka, kb, dc = ((x % tt) // t)[None], (x % t)[None], (x // tt - nw)[None]
-            d_r, d_c = dr * t + ka - a, dc * t + kb - b  # key minus query, rows and columns
-            shared = (d_r.abs() <= self.radius_h) & (d_c.abs() <= self.radius_w)
-            if self.causal:
-                shared = shared & ((d_r < 0) | ((d_r == 0) & (d_c <= 0)))
-            comps.append(Gather(*blocks[0], partial(self._row_of_tiles, dr=dr), more=tuple(blocks[1:]),
-                                shared=shared))
-        return comps
-
-    def _row_of_tiles(self, i: Tensor, j: Tensor, h: Tensor, dr: int) -> Tensor:
-        """What the component of key tile row offset ``dr`` covers."""
-        tt, nC = self.t * self.t, self.cols_of_tiles
-        return self.visible(i, j, h) & ((j // tt) // nC - (i // tt) // nC == dr)
 
 
 class _BlockWindow(Pattern):

@@ -6,20 +6,16 @@ sees key (r', c') iff |r - r'| <= radius_h and |c - c'| <= radius_w (a
 Transformer, "local 2D"; Ramachandran et al. 2019), intersected with raster order
 (r', c') <= (r, c) when ``causal``.
 
-It runs on the exact engine (:mod:`longattn.ops.blocksparse`). The pixels are first
-regrouped tile by tile (8 x 8 tiles, :class:`longattn.patterns.TiledNeighborhood2D`):
-then a query tile's keys in each neighbouring row of tiles are one contiguous run,
-and a row of tiles is a strided view of the sequence, as for 1-D windows: the fused
-CPU flash kernel reads them without gathers, with one shared mask for every interior
-tile. Time O(N (2 ceil(rh/8) + 1)(2 ceil(rw/8) + 1) 64 D), memory O(N D) plus a
-bounded workspace: no N x N and no per-query key copies. Grouped KV heads come with
-the engine; decode rows (Nq < Nk, the last pixels in raster order) run on gathered
-tiles in raster positions (:class:`longattn.patterns.Neighborhood2D`).
+It runs on the exact engine (:mod:`longattn.ops.blocksparse`) as the pattern
+:class:`longattn.patterns.Neighborhood2D`: query tiles of 8 x 8 pixels over their
+(8 + 2 rh) x (8 + 2 rw) key blocks, one shared mask for every interior tile, the
+fused CPU flash kernel for each slice of tiles. Time O(N (8 + 2 rh)(8 + 2 rw) D),
+memory O(N D) plus a bounded workspace: no N x N and no per-query key copies.
+Grouped KV heads and decode steps (Nq < Nk, bottom-right) come with the engine.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from longattn import patterns as P
@@ -80,31 +76,5 @@ def local2d_attention(
     rw = check_int("radius_w", radius_w, minimum=0)
     if H * W != d.Nk:
         raise ValueError(f"height * width ({H} * {W} = {H * W}) must equal the sequence length {d.Nk}")
-    if d.Nq != d.Nk:  # the last Nq pixels in raster order: gathered tiles in raster positions
-        return pattern_attention(q, k, v, neighborhood(H, W, rh, rw), causal=causal,
-                                 key_padding_mask=key_padding_mask, scale=scale)
-    pat, order, inverse = _tiled(H, W, rh, rw, causal)
-    idx = order.clamp(min=0).to(q.device)  # padding pixels read pixel 0; nothing sees them
-    kpm = None if key_padding_mask is None else key_padding_mask[:, idx] & (order >= 0).to(q.device)
-    out = pattern_attention(q.index_select(2, idx), k.index_select(2, idx), v.index_select(2, idx), pat,
-                            key_padding_mask=kpm, scale=scale)
-    return out.index_select(2, inverse.to(q.device))
-
-
-_TILED: dict[tuple, tuple[P.TiledNeighborhood2D, Tensor, Tensor]] = {}
-
-
-def _tiled(H: int, W: int, rh: int, rw: int, causal: bool) -> tuple[P.TiledNeighborhood2D, Tensor, Tensor]:
-    """The tiled-layout pattern (8 x 8 tiles), its raster order (tiled position -> pixel,
-    -1 padding) and the inverse (pixel -> tiled position); cached."""
-    key = (H, W, rh, rw, causal)
-    if key not in _TILED:
-        if len(_TILED) > 64:
-            _TILED.clear()
-        pat = P.TiledNeighborhood2D(H, W, rh, rw, t=8, causal=causal)
-        order = pat.raster_order()
-        inverse = torch.empty(H * W, dtype=torch.long)
-        real = order >= 0
-        inverse[order[real]] = torch.arange(order.numel())[real]
-        _TILED[key] = (pat, order, inverse)
-    return _TILED[key]
+    return pattern_attention(q, k, v, neighborhood(H, W, rh, rw), causal=causal,
+                             key_padding_mask=key_padding_mask, scale=scale)
