@@ -176,7 +176,9 @@ def _estimate(case, N, B, H) -> float:
     return pairs * B * H * _PAIR_COST_S
 
 
-def plot(rows, out_png):
+def plot(rows, out_png, title=""):
+    """Time, peak and bytes against N (one line per mechanism and P), or against P when
+    every row has the same N."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,26 +188,36 @@ def plot(rows, out_png):
     styles = {1: "-", 2: "--", 4: ":"}
     cases = sorted({r["case"] for r in rows})
     colors = {c: f"C{i}" for i, c in enumerate(cases)}
+    by_p = len({r["N"] for r in rows}) == 1
     for c in cases:
-        for P in sorted({r["P"] for r in rows}):
-            pts = sorted((r["N"], r) for r in rows if r["case"] == c and r["P"] == P)
+        groups = [sorted(((r["P"], r) for r in rows if r["case"] == c), key=lambda t: t[0])] if by_p else [
+            sorted(((r["N"], r) for r in rows if r["case"] == c and r["P"] == P), key=lambda t: t[0])
+            for P in sorted({r["P"] for r in rows})]
+        for pts in groups:
             if not pts:
                 continue
-            Ns = [p[0] for p in pts]
-            kw = dict(color=colors[c], linestyle=styles.get(P, "-."), marker="o", label=f"{c} P={P}")
-            axes[0].plot(Ns, [p[1]["time"] for p in pts], **kw)
-            axes[1].plot(Ns, [p[1]["peak"] / 2**20 for p in pts], **kw)
-            if P > 1:
-                axes[2].plot(Ns, [max(p[1]["received"], 1) / 2**20 for p in pts], **kw)
-    for ax, title in zip(axes, ("fwd+bwd time, slowest rank (s)", "peak RSS per rank above rest (MiB)",
-                                "bytes received per rank, fwd+bwd (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("N (whole sequence)")
-        ax.set_title(title)
+            P = pts[0][1]["P"]
+            xs = [p[0] for p in pts]
+            kw = dict(color=colors[c], linestyle="-" if by_p else styles.get(P, "-."), marker="o",
+                      label=c if by_p else f"{c} P={P}")
+            axes[0].plot(xs, [p[1]["time"] for p in pts], **kw)
+            axes[1].plot(xs, [p[1]["peak"] / 2**20 for p in pts], **kw)
+            bx = [(x, p[1]) for x, p in zip(xs, pts) if p[1]["P"] > 1]
+            if bx:
+                axes[2].plot([b[0] for b in bx], [max(b[1]["received"], 1) / 2**20 for b in bx], **kw)
+    for ax, t in zip(axes, ("fwd+bwd time, slowest rank (s)", "peak RSS per rank above rest (MiB)",
+                            "bytes received per rank, fwd+bwd (MiB)")):
+        if by_p:
+            ax.set_xlabel(f"processes P (N = {rows[0]['N']})")
+            ax.set_xticks(sorted({r['P'] for r in rows}))
+        else:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N (whole sequence)")
+        ax.set_title(t)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("longattn.distributed on CPU gloo processes (B=1, H=8, D=64, fp32; P=1: longattn.attention)")
+    fig.suptitle(f"longattn.distributed on CPU gloo processes ({title}; P=1: longattn.attention)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
 
@@ -259,7 +271,7 @@ def main(argv=None):
                         json.dump(dict(machine=os.uname().nodename, cpus=os.cpu_count(), torch=torch.__version__,
                                        threads=a.threads, B=a.batch, H=a.heads, D=a.head_dim, rows=rows), f, indent=1)
     if rows:
-        plot(rows, a.out + ".png")
+        plot(rows, a.out + ".png", f"B={a.batch}, H={a.heads}, D={a.head_dim}, fp32, {a.threads} thread(s) each")
         print(f"wrote {a.out}.json and {a.out}.png")
 
 
