@@ -259,3 +259,17 @@ def test_local_attention_peer_equals_local():
     mask = cases.pattern_of("local", s).mask(n, 1)
     ref = dense_attention(q.double(), k.double(), v.double(), mask=mask)
     assert torch.allclose(peer(q, k, v).double(), ref, atol=1e-4)
+
+
+def test_missing_peers_are_listed_not_dropped(monkeypatch):
+    from longattn.bench import cases as C
+    from longattn.bench.report import skipped_table
+
+    import dataclasses
+
+    gone = dataclasses.replace(C.PEERS["performer-pytorch"], available=lambda: False)
+    monkeypatch.setitem(C.PEERS, "performer-pytorch", gone)
+    assert "performer-pytorch" in C.missing_peers(None, ["performer", "local"])
+    assert "performer-pytorch" not in C.missing_peers(None, ["local"])  # its mechanism is not benchmarked
+    table = skipped_table({"results": [], "peers_missing": ["performer-pytorch"]})
+    assert "performer-pytorch" in table and "not installed" in table

@@ -453,5 +453,12 @@ def peer_names(requested: list[str] | None = None, mechanisms: list[str] | None 
             if (mechanisms is None or peer.equals in mechanisms) and peer.available()]
 
 
+def missing_peers(requested: list[str] | None = None, mechanisms: list[str] | None = None) -> list[str]:
+    """The peers :func:`peer_names` would run but cannot: their package is not installed."""
+    names = requested if requested is not None else [
+        p for p, peer in PEERS.items() if mechanisms is None or peer.equals in mechanisms]
+    return [p for p in names if p in PEERS and not PEERS[p].available()]
+
+
 def log2(x: float) -> float:
     return math.log2(x) if x > 0 else float("-inf")

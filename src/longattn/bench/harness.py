@@ -433,6 +433,9 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
                      for c in plan},
         "elapsed_s": time.perf_counter() - t_start,
         "results": results,
+        # peers that would have run beside their mechanism but are not installed:
+        # listed in the report, never silently dropped
+        "peers_missing": C.missing_peers(cfg.peers, C.mechanism_names(cfg.mechanisms) if cfg.peers is None else None),
     }
 
 
