@@ -9,7 +9,7 @@ AdamW step. Eager and ``torch.compile(model, fullgraph=True)`` (inductor; the
 attention runs as the ``longattn::*`` custom ops of :mod:`longattn.ops.custom`)
 start from the same weights; the compiled model's first ``--warmup`` steps include
 the compilation (its time is reported separately). Reported: median step time over
-``--steps`` steps after warm-up, the speed-up eager / compiled, and the largest
+``--steps`` steps after warm-up (eager and compiled steps interleaved), the speed-up eager / compiled, and the largest
 difference of the first step's loss (same weights, same batch).
 """
 
@@ -72,8 +72,11 @@ def run(mech: str, n: int, steps: int, warmup: int, dim: int, depth: int, heads:
     row["compile_s"] = time.perf_counter() - t0
     we, le = timed(step_fn(eager, opt_e, x, y), warmup)
     row["loss_diff"] = max(abs(a - b) for a, b in zip(le, lc))
-    te, _ = timed(step_fn(eager, opt_e, x, y), steps)
-    tc, _ = timed(step_fn(compiled, opt_c, x, y), steps)
+    se, sc = step_fn(eager, opt_e, x, y), step_fn(compiled, opt_c, x, y)
+    te, tc = [], []
+    for _ in range(steps):  # interleaved: a change of the machine's load hits both alike
+        te += timed(se, 1)[0]
+        tc += timed(sc, 1)[0]
     row["eager_s"], row["compiled_s"] = statistics.median(te), statistics.median(tc)
     row["speedup"] = row["eager_s"] / row["compiled_s"]
     return row
@@ -89,11 +92,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the compiled model compiles here)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--native", nargs="*", default=None, metavar="MECH",
+                    help="set longattn.ops.custom.NATIVE (mechanisms Dynamo may trace natively instead "
+                         "of calling the custom op); '--native' alone forces the op; default: the library's")
     a = ap.parse_args()
+    if a.native is not None:
+        from longattn.ops import custom
+
+        custom.NATIVE.clear()
+        custom.NATIVE.update(a.native)
     if a.threads:
         torch.set_num_threads(a.threads)
+    from longattn.ops import custom
+
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; LM dim={a.dim} depth={a.depth} "
-          f"heads={a.heads}, B=1, N={a.n}; step = fwd + CE + bwd + AdamW; median of {a.steps} after {a.warmup}")
+          f"heads={a.heads}, B=1, N={a.n}; step = fwd + CE + bwd + AdamW; median of {a.steps} after {a.warmup}; "
+          f"traced natively: {sorted(custom.NATIVE) or 'none'}")
     print(f"{'mechanism':<10} {'eager s':>9} {'compiled s':>11} {'speed-up':>9} {'compile s':>10} {'loss diff':>10}")
     for mech in a.mech:
         r = run(mech, a.n, a.steps, a.warmup, a.dim, a.depth, a.heads)

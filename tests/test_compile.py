@@ -152,6 +152,22 @@ def test_functional_bigbird_gqa_causal_compiles():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_functional_performer_op_compiles():
+    """Non-causal performer runs through the generic op (recomputing backward) under compile."""
+    torch._dynamo.reset()
+    q, k, v = _qkv(H=4, Hkv=2, N=30)
+    proj = torch.randn(16, 8, dtype=torch.float64)
+    assert not custom.traced_natively("performer", False, 30, 30)
+    fn = torch.compile(lambda q, k, v: custom.attention(q, k, v, "performer", projection=proj),
+                       fullgraph=True, backend="aot_eager")
+    out = fn(q, k, v)
+    ref = longattn.attention(q, k, v, "performer", projection=proj)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (q, k, v), g), _grads(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mech,params", [("local", {"before": 16, "after": 0}),
                                          ("performer", {"num_features": 16})])
