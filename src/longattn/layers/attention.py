@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from longattn import registry
 from longattn.layers.positional import RotaryEmbedding, alibi_bias, alibi_slopes
+from longattn.ops import custom
 from longattn.registry import Mechanism
 
 MechanismItem = Union[str, tuple[str, dict]]
@@ -165,6 +166,9 @@ class HeadGroup(nn.Module):
             if call_params:
                 raise TypeError(f"learned mechanism {self.name!r} takes no per-call parameters "
                                 f"{sorted(call_params)}")
+            if torch.compiler.is_compiling():  # one custom op, no graph break (longattn.ops.custom)
+                return custom.module_attention(self.name, self.impl, q, k, v, causal=causal,
+                                               key_padding_mask=key_padding_mask, params=self.params)
             return self.impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=None)
         params = {**self.spec.defaults(), **self.params, **call_params}
         unknown = sorted(set(call_params) - set(self.spec.param_names))
@@ -182,6 +186,9 @@ class HeadGroup(nn.Module):
             user = params.get(pname)
             if global_idx or shift:
                 params[pname] = tuple(global_idx) + tuple(i + shift for i in _as_index_tuple(user))
+        if torch.compiler.is_compiling():  # one custom op, no graph break (longattn.ops.custom)
+            return custom.attention(q, k, v, self.name, causal=causal, key_padding_mask=key_padding_mask,
+                                    **params)
         return self.spec.fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=None,
                             **params)
 
