@@ -11,6 +11,13 @@ start from the same weights; the compiled model's first ``--warmup`` steps inclu
 the compilation (its time is reported separately). Reported: median step time over
 ``--steps`` steps after warm-up (eager and compiled steps interleaved), the speed-up eager / compiled, and the largest
 difference of the first step's loss (same weights, same batch).
+
+Measured (2-core shared CPU, torch 2.13, N=4096, median of 3 after 2; loads vary):
+
+    mechanism   eager s  compiled s  speed-up  compile s
+    local         2.875       2.298     1.25x       30.2   (engine custom op)
+    performer     2.631       2.471     1.07x      185.3   (traced natively, the default)
+    performer     3.081       3.420     0.90x       13.7   (--native: through the recomputing op)
 """
 
 from __future__ import annotations
