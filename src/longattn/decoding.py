@@ -17,7 +17,15 @@ mechanism      state                       per-step cost                memory
 ``performer``  the module's own recurrent  O(F * Dv)                    O(F * Dv)
                step (:class:`ModuleStepState`
                over ``init_state``/``step``)
+every other    KV cache, the new query     O(keys it sees * D): a       O(t * D)
+exact pattern  through the engine's        window or a few blocks,
+               bottom-right causal path    not t
+               (:class:`PatternCache`)
 =============  ==========================  ===========================  ==============
+
+Grouped KV heads (``kv_heads``) are cached at their own count: the caches hold
+H / g heads and the query heads read them through SDPA's ``enable_gqa`` or the
+engine, never a repeated copy.
 
 Every state computes the same numbers as the parallel causal forward (tests hold
 token-by-token logits equal to ``model(x)``). Models whose mechanisms have no
@@ -71,11 +79,18 @@ class DecodeState(ABC):
 
 
 def _softmax_attend(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None) -> Tensor:
+    """The new queries q [B, h, 1, D] over every cached key (k, v may have fewer heads)."""
     work = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias.to(work)
-    return torch.matmul(torch.softmax(s, -1), v.to(work)).to(q.dtype)
+    mask = None if bias is None else bias.to(work)
+    out = F.scaled_dot_product_attention(q.to(work), k.to(work), v.to(work), attn_mask=mask, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.to(q.dtype)
+
+
+def _repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """One step's k or v [B, h_kv, 1, .] for each of ``heads`` query heads (a copy of
+    one token: what the recurrent states need)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], 1)
 
 
 def _alibi_row(slopes: Tensor | None, pos: int, key_pos: Tensor) -> Tensor | None:
@@ -152,6 +167,7 @@ class LinearState(DecodeState):
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
         work = torch.promote_types(q.dtype, torch.float32)
+        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
         fq, fk = self.phi(q.to(work)), self.phi(k.to(work))          # [B, h, 1, D]
         kv = fk.transpose(-1, -2) @ v.to(work)                         # [B, h, D, Dv]
         self.S = kv if self.S is None else self.S + kv
@@ -181,13 +197,48 @@ class ModuleStepState(DecodeState):
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
         if self.state is None:
             self.state = self.module.init_state(q.shape[0], v.shape[-1], device=q.device)
-        out, self.state = self.module.step(self.state, q, k, v)
+        out, self.state = self.module.step(self.state, q, _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1]))
         return out
 
     def nbytes(self) -> int:
         if self.state is None:
             return 0
         return sum(t.nbytes for t in vars(self.state).values() if isinstance(t, Tensor))
+
+
+class PatternCache(DecodeState):
+    """Every key and value so far; the new query goes through the mechanism's own
+    bottom-right causal path (query = the last position), which touches only the keys
+    that query can see: a step of a 512-key window costs the window at any t. Exact:
+    the same pattern as the parallel forward (random blocks are prefix-stable)."""
+
+    def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
+        super().__init__(group, alibi_slopes)
+        if alibi_slopes is not None:
+            raise ValueError(f"mechanism {group.name!r} takes no ALiBi bias; no decoding state with alibi")
+        self.group = group
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.group(q, self.k, self.v, causal=True, key_padding_mask=None)
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+def _register_pattern_states() -> None:
+    """A :class:`PatternCache` for every exact pattern mechanism without its own state."""
+    from longattn import registry
+
+    for spec in registry.specs():
+        if spec.family == "pattern" and spec.bottom_right and spec.name not in DECODE_STATES:
+            DECODE_STATES[spec.name] = PatternCache
+
+
+_register_pattern_states()
 
 
 # --------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class ModelConfig:
     dim: int = 128                 # model width
     depth: int = 2                 # number of blocks
     heads: int = 4                 # attention heads (must divide dim)
+    kv_heads: int | None = None    # grouped KV heads (must divide heads); None: = heads
     mechanism: Union[str, list] = "full"   # registry name, or one item per head group
     mechanism_params: dict = field(default_factory=dict)  # parameters of a single mechanism
     causal: bool | None = None     # None -> True for head="lm", else False
@@ -98,6 +99,9 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        kvh = self.kv_heads
+        if kvh is not None and (isinstance(kvh, bool) or not isinstance(kvh, int) or kvh < 1 or self.heads % kvh):
+            raise ValueError(f"kv_heads must be a positive int dividing heads ({self.heads}), got {kvh!r}")
         choice("head", _HEADS)
         choice("pool", _POOLS)
         choice("pos", _POS)
@@ -185,6 +189,7 @@ class Transformer(nn.Module):
             mechanism_params=cfg.mechanism_params, causal=cfg.is_causal, norm=cfg.norm,
             prenorm=cfg.prenorm, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
             mlp_ratio=cfg.mlp_ratio, rope=cfg.pos == "rope", alibi=cfg.pos == "alibi",
+            kv_heads=cfg.kv_heads,
         )
         out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
         self.head = nn.Linear(cfg.dim, out, bias=cfg.head != "lm")
@@ -205,8 +210,9 @@ class Transformer(nn.Module):
     def final_norm(self) -> nn.Module | None:
         return self.encoder.norm
 
-    def embed(self, x: Tensor, offset: int = 0) -> Tensor:
-        """Token ids [B, N] or features [B, N, in_dim] at positions offset.. -> [B, N, dim]."""
+    def embed(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Token ids [B, N] or features [B, N, in_dim] at positions offset.. (or at
+        ``positions`` [B, N]) -> [B, N, dim]."""
         cfg = self.cfg
         if cfg.input == "tokens":
             if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
@@ -217,12 +223,24 @@ class Transformer(nn.Module):
                 raise ValueError(f"x must be float features [B, N, {cfg.in_dim}], got {x.dtype} {tuple(x.shape)}")
             h = self.tok_emb(self.freq(x.to(self.tok_emb.weight.dtype)))
         if self.pos_enc is not None:
-            h = self.pos_enc(h, offset)
+            h = self.pos_enc(h, offset) if positions is None else self.pos_enc(h, positions=positions)
         return self.drop(h)
 
-    def features(self, x: Tensor, key_padding_mask: Tensor | None = None, **call_params: Any) -> Tensor:
-        """Final hidden states [B, P + N, dim], P prefix (CLS/global) positions first."""
-        h = self.embed(x)
+    def features(self, x: Tensor, key_padding_mask: Tensor | None = None,
+                 segment_ids: Tensor | None = None, **call_params: Any) -> Tensor:
+        """Final hidden states [B, P + N, dim], P prefix (CLS/global) positions first.
+
+        ``segment_ids`` [B, N]: documents packed in each row (runs of equal ids); each
+        is computed as if alone (positions restart at its first token)."""
+        positions = None
+        if segment_ids is not None:
+            if self.prefix is not None:
+                raise ValueError("segment_ids (packed documents) cannot be used with a CLS or global-token prefix")
+            from longattn.ops.packing import check_segment_ids, document_positions
+
+            positions = document_positions(check_segment_ids(segment_ids, x.shape[0], x.shape[1]))
+            call_params["segment_ids"] = segment_ids
+        h = self.embed(x, positions=positions)
         B = h.shape[0]
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != tuple(h.shape[:2]):
             raise ValueError(f"key_padding_mask must be [B, N] = {list(h.shape[:2])}, "
@@ -236,7 +254,8 @@ class Transformer(nn.Module):
         return self.encoder(h, key_padding_mask, n_global, **call_params)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, **call_params: Any) -> Tensor:
-        """Logits: [B, N, vocab] (lm), [B, num_classes] (classify), [B, N, num_classes] (tokens)."""
+        """Logits: [B, N, vocab] (lm), [B, num_classes] (classify), [B, N, num_classes] (tokens).
+        ``segment_ids=`` [B, N] packs documents (see :meth:`features`)."""
         h = self.features(x, key_padding_mask, **call_params)
         P = self.n_prefix
         if self.cfg.head != "classify":

@@ -159,17 +159,24 @@ class HeadGroup(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                 key_padding_mask: Tensor | None, bias: Tensor | None = None,
-                global_idx: tuple[int, ...] = (), shift: int = 0, **call_params: Any) -> Tensor:
+                global_idx: tuple[int, ...] = (), shift: int = 0, segment_ids: Tensor | None = None,
+                **call_params: Any) -> Tensor:
+        """q [B, h, Nq, D]; k, v [B, h_kv, Nk, .] (grouped KV heads when h_kv < h);
+        ``segment_ids`` [B, N]: packed documents (mechanisms with ``packed``)."""
         if global_idx and self.global_mode is None:
             raise ValueError(f"mechanism {self.name!r} cannot make positions global")
         if self.impl is not None:
             if call_params:
                 raise TypeError(f"learned mechanism {self.name!r} takes no per-call parameters "
                                 f"{sorted(call_params)}")
+            impl = self.impl
             if torch.compiler.is_compiling():  # one custom op, no graph break (longattn.ops.custom)
-                return custom.module_attention(self.name, self.impl, q, k, v, causal=causal,
-                                               key_padding_mask=key_padding_mask, params=self.params)
-            return self.impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=None)
+                return custom.module_attention(self.name, impl, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                               segment_ids=segment_ids, params=self.params)
+            return registry.run(
+                self.spec, lambda q, k, v, kpm: impl(q, k, v, causal=causal, key_padding_mask=kpm, scale=None),
+                q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+                params=self.params)
         params = {**self.spec.defaults(), **self.params, **call_params}
         unknown = sorted(set(call_params) - set(self.spec.param_names))
         if unknown:
@@ -186,11 +193,13 @@ class HeadGroup(nn.Module):
             user = params.get(pname)
             if global_idx or shift:
                 params[pname] = tuple(global_idx) + tuple(i + shift for i in _as_index_tuple(user))
+        fn = self.spec.fn
         if torch.compiler.is_compiling():  # one custom op, no graph break (longattn.ops.custom)
             return custom.attention(q, k, v, self.name, causal=causal, key_padding_mask=key_padding_mask,
-                                    **params)
-        return self.spec.fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=None,
-                            **params)
+                                    segment_ids=segment_ids, **params)
+        return registry.run(
+            self.spec, lambda q, k, v, kpm: fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **params),
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids, params=params)
 
     def extra_repr(self) -> str:
         return f"{self.name}, heads=[{self.start}, {self.stop}), params={self.params}"
@@ -220,6 +229,10 @@ class MultiHeadAttention(nn.Module):
         alibi: ALiBi score bias (mechanisms with ``spec.bias`` only).
         attn_dropout: attention-probability dropout (mechanisms with ``dropout``).
         kv_dim: width of the cross-attention context (default ``dim``).
+        kv_heads: grouped KV heads (GQA, Ainslie et al. 2023): K and V get
+            ``kv_heads`` heads (H % kv_heads == 0) and query head h reads kv head
+            h // (H / kv_heads); default H (multi-head). Mechanisms with ``gqa``
+            never repeat K/V; the others get them repeated.
         qkv_bias: bias in the q/k/v projections.
         **params: the mechanism's parameters (single-mechanism form only).
     """
@@ -227,7 +240,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, heads: int, mechanism: MechanismArg = "full", *, causal: bool = False,
                  global_tokens: int = 0, rope: bool = False, alibi: bool = False,
                  attn_dropout: float = 0.0, kv_dim: int | None = None, qkv_bias: bool = True,
-                 rope_base: float = 10000.0, **params: Any) -> None:
+                 rope_base: float = 10000.0, kv_heads: int | None = None, **params: Any) -> None:
         super().__init__()
         for nm, val in (("dim", dim), ("heads", heads)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -240,11 +253,21 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("global_tokens > 0 cannot be causal: a global token sees the future")
         if not 0.0 <= attn_dropout < 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1), got {attn_dropout}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads must be a positive int dividing heads ({heads}), got {kv_heads!r}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.kv_heads = kv_heads
         self.causal, self.global_tokens = causal, global_tokens
         self.use_alibi = alibi
         items = parse_mechanisms(mechanism, params, heads)
         per = heads // len(items)
+        g = heads // kv_heads
+        if per % g and g % per:
+            raise ValueError(
+                f"{len(items)} head groups of {per} heads do not align with kv groups of {g} query heads "
+                f"(heads={heads}, kv_heads={kv_heads}): choose kv_heads so that one divides the other"
+            )
         self.groups = nn.ModuleList(
             HeadGroup(name, p, g * per, (g + 1) * per, self.head_dim, causal=causal,
                       attn_dropout=attn_dropout, alibi=alibi, global_tokens=global_tokens)
@@ -252,8 +275,8 @@ class MultiHeadAttention(nn.Module):
         )
         kv_dim = dim if kv_dim is None else kv_dim
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(kv_dim, dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(kv_dim, kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(kv_dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
         self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
         if alibi:
@@ -264,16 +287,23 @@ class MultiHeadAttention(nn.Module):
     def mechanisms(self) -> list[str]:
         return [g.name for g in self.groups]
 
-    def _split(self, x: Tensor) -> Tensor:  # [B, N, dim] -> [B, H, N, D]
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+    def _split(self, x: Tensor) -> Tensor:  # [B, N, heads * D] -> [B, heads, N, D]
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def _kv_slice(self, start: int, stop: int) -> slice:
+        """The kv heads that query heads [start, stop) read."""
+        g = self.heads // self.kv_heads
+        return slice(start // g, max(start // g + 1, stop // g))
 
     def forward(self, x: Tensor, context: Tensor | None = None, *,
                 key_padding_mask: Tensor | None = None, n_global: int = 0,
-                **call_params: Any) -> Tensor:
+                segment_ids: Tensor | None = None, **call_params: Any) -> Tensor:
         """x [B, Nq, dim] (and context [B, Nk, kv_dim] for cross-attention) -> [B, Nq, dim].
 
         ``key_padding_mask``: bool [B, Nk] over the keys (x, or context when given),
         True = real. ``n_global``: the first n_global positions of x are global.
+        ``segment_ids``: integer [B, N], documents packed in each row (runs of equal
+        ids): each attends as if alone, RoPE positions restart at each document.
         ``call_params``: per-call mechanism parameters (e.g. ``edge_index`` for graph).
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
@@ -295,6 +325,13 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("n_global > 0 cannot be causal: a global position sees the future")
             if n_global > N:
                 raise ValueError(f"n_global ({n_global}) exceeds the sequence length ({N})")
+        positions = None
+        if segment_ids is not None:
+            if context is not None or G or n_global:
+                raise ValueError("segment_ids (packed documents) is for self-attention without global tokens")
+            from longattn.ops.packing import check_segment_ids, document_positions
+
+            positions = document_positions(check_segment_ids(segment_ids, B, N))
         if G:
             x = torch.cat((self.global_emb.to(x.dtype).expand(B, G, self.dim), x), dim=1)
             if key_padding_mask is not None:
@@ -303,18 +340,18 @@ class MultiHeadAttention(nn.Module):
         src = x if context is None else context
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(src)), self._split(self.v_proj(src))
         if self.rope is not None:
-            q, k = self.rope.rotate(q), self.rope.rotate(k)
+            q, k = self.rope.rotate(q, positions=positions), self.rope.rotate(k, positions=positions)
         bias = None
         if self.use_alibi:
             bias = alibi_bias(self.alibi_slopes, q.shape[2], k.shape[2], device=x.device).to(q.dtype)
         gidx = tuple(range(G + n_global))
         outs = []
         for grp in self.groups:
-            s = slice(grp.start, grp.stop)
-            outs.append(grp(q[:, s], k[:, s], v[:, s], causal=self.causal,
+            s, skv = slice(grp.start, grp.stop), self._kv_slice(grp.start, grp.stop)
+            outs.append(grp(q[:, s], k[:, skv], v[:, skv], causal=self.causal,
                             key_padding_mask=key_padding_mask,
                             bias=None if bias is None else bias[:, s],
-                            global_idx=gidx, shift=G, **call_params))
+                            global_idx=gidx, shift=G, segment_ids=segment_ids, **call_params))
         out = torch.cat(outs, dim=1).transpose(1, 2).flatten(2)   # [B, G+N, dim]
         return self.out_proj(out[:, G:])
 
@@ -330,8 +367,8 @@ class MultiHeadAttention(nn.Module):
             q, k = self.rope.rotate(q, offset=pos), self.rope.rotate(k, offset=pos)
         outs = []
         for grp, st in zip(self.groups, states):
-            s = slice(grp.start, grp.stop)
-            outs.append(st.step(q[:, s], k[:, s], v[:, s], pos))
+            s, skv = slice(grp.start, grp.stop), self._kv_slice(grp.start, grp.stop)
+            outs.append(st.step(q[:, s], k[:, skv], v[:, skv], pos))
         return self.out_proj(torch.cat(outs, dim=1).transpose(1, 2).flatten(2))
 
 

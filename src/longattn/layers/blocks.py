@@ -61,11 +61,11 @@ class EncoderBlock(nn.Module):
                  mechanism_params: dict[str, Any] | None = None, causal: bool = False,
                  norm: str = "layer", prenorm: bool = True, dropout: float = 0.0,
                  attn_dropout: float = 0.0, mlp_ratio: int = 4, rope: bool = False,
-                 alibi: bool = False, global_tokens: int = 0) -> None:
+                 alibi: bool = False, global_tokens: int = 0, kv_heads: int | None = None) -> None:
         super().__init__()
         self.attn = MultiHeadAttention(dim, heads, mechanism, causal=causal, rope=rope, alibi=alibi,
                                        attn_dropout=attn_dropout, global_tokens=global_tokens,
-                                       **(mechanism_params or {}))
+                                       kv_heads=kv_heads, **(mechanism_params or {}))
         self.ff = FeedForward(dim, mlp_ratio, dropout)
         self.sub_attn = _Residual(dim, norm, prenorm, dropout)
         self.sub_ff = _Residual(dim, norm, prenorm, dropout)

@@ -47,7 +47,12 @@ class SinusoidalPositionalEncoding(nn.Module):
             raise ValueError(f"dim must be even for the sinusoidal encoding, got {dim}")
         self.dim, self.base = dim, base
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """``positions``: LongTensor [B, N] (packed documents restart at 0), else offset.."""
+        if positions is not None:
+            n = int(positions.max()) + 1 if positions.numel() else 1
+            table = sinusoidal_table(n, self.dim, base=self.base, dtype=x.dtype, device=x.device)
+            return x + table[positions]
         pe = sinusoidal_table(x.shape[1], self.dim, base=self.base, offset=offset,
                               dtype=x.dtype, device=x.device)
         return x + pe[None]
@@ -67,7 +72,13 @@ class LearnedPositionalEncoding(nn.Module):
         neither positions nor tokens drown the other at the start."""
         nn.init.normal_(self.table.weight, std=1.0)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """``positions``: LongTensor [B, N] (packed documents restart at 0), else offset.."""
+        if positions is not None:
+            if positions.numel() and int(positions.max()) >= self.max_len:
+                raise ValueError(f"positions up to {int(positions.max())} exceed max_len={self.max_len} "
+                                 "of the learned positional encoding")
+            return x + self.table(positions).to(x.dtype)
         n = x.shape[1]
         if offset + n > self.max_len:
             raise ValueError(
@@ -114,7 +125,8 @@ class RotaryEmbedding(nn.Module):
     """RoPE on [B, H, N, D] tensors (D even): pair (2i, 2i+1) rotated by p * base^(-2i/D).
 
     ``rotate(x, offset)`` uses positions offset .. offset+N-1; ``positions`` may be
-    given explicitly as a LongTensor [N]. Computed in at least float32.
+    given explicitly as a LongTensor [N], or [B, N] (per row: packed documents).
+    Computed in at least float32.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
@@ -130,7 +142,9 @@ class RotaryEmbedding(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + n, device=x.device)
         work = torch.promote_types(x.dtype, torch.float32)
-        ang = positions.to(work)[:, None] * self.inv_freq.to(work)[None, :]   # [N, D/2]
+        ang = positions.to(work)[..., None] * self.inv_freq.to(work)   # [N, D/2] or [B, N, D/2]
+        if ang.dim() == 3:
+            ang = ang[:, None]                                                  # [B, 1, N, D/2]
         cos, sin = ang.cos(), ang.sin()
         xw = x.to(work).unflatten(-1, (-1, 2))                                # [..., N, D/2, 2]
         a, b = xw[..., 0], xw[..., 1]
