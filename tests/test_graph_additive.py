@@ -21,24 +21,81 @@ def _qkv(B, H, N, D, seed=0, dtype=torch.float64):
     return [torch.randn(B, H, N, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
 
 
-@pytest.mark.parametrize("edge_chunk", [1 << 24, 200])
-def test_graph_equals_dense_with_edge_mask(edge_chunk, monkeypatch):
-    from longattn.ops import graph
+def _uniform_edges(nq: int, nk: int, deg: int, seed: int = 0) -> torch.Tensor:
+    """deg distinct random keys for every query (the fixed in-degree path)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.argsort(torch.rand(nq, nk, generator=g), dim=1)[:, :deg].reshape(-1)
+    dst = torch.arange(nq).repeat_interleave(deg)
+    return torch.stack([src, dst])
 
-    monkeypatch.setattr(graph, "EDGE_CHUNK", edge_chunk)  # one chunk, or many
-    N = 60
-    ei = _edges(N, 300)
-    mask = torch.zeros(N, N, dtype=torch.bool)
+
+def _check_graph_vs_dense(q, k, v, ei, kpm, causal, tol=1e-12):
+    Nq, Nk = q.shape[2], k.shape[2]
+    mask = torch.zeros(Nq, Nk, dtype=torch.bool)
     mask[ei[1], ei[0]] = True  # query i = target, key j = source
+    out = longattn.attention(q, k, v, "graph", edge_index=ei, causal=causal, key_padding_mask=kpm)
+    ref = dense_attention(q, k, v, mask, causal=causal, key_padding_mask=kpm)
+    assert (out - ref).abs().max() < tol
+    go = torch.randn_like(out)
+    ga = torch.autograd.grad(out, (q, k, v), go)
+    gb = torch.autograd.grad(ref, (q, k, v), go)
+    assert max((a - b).abs().max().item() for a, b in zip(ga, gb)) < tol
+
+
+@pytest.mark.parametrize("kind", ["random", "uniform"])
+def test_graph_equals_dense_with_edge_mask(kind):
+    N = 61
+    ei = _edges(N, 300) if kind == "random" else _uniform_edges(N, N, 7)
     q, k, v = _qkv(2, 3, N, 8)
     kpm = torch.rand(2, N, generator=torch.Generator().manual_seed(5)) > 0.2
     for causal in (False, True):
-        out = longattn.attention(q, k, v, "graph", edge_index=ei, causal=causal, key_padding_mask=kpm)
-        ref = dense_attention(q, k, v, mask, causal=causal, key_padding_mask=kpm)
-        assert (out - ref).abs().max() < 1e-12
-        ga = torch.autograd.grad(out.sum(), (q, k, v))
-        gb = torch.autograd.grad(ref.sum(), (q, k, v))
-        assert max((a - b).abs().max().item() for a, b in zip(ga, gb)) < 1e-12
+        _check_graph_vs_dense(q, k, v, ei, kpm, causal)
+        _check_graph_vs_dense(q, k, v, ei, None, causal)
+
+
+def test_graph_cross_attention_dv_and_fp32():
+    Nq, Nk = 37, 53
+    ei = _uniform_edges(Nq, Nk, 5, seed=3)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, Nq, 8, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(1, 2, Nk, 8, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(1, 2, Nk, 5, generator=g, dtype=torch.float64).requires_grad_()
+    _check_graph_vs_dense(q, k, v, ei, None, False)
+    mixed = torch.cat([ei, _edges(Nq, 40, seed=4)], dim=1)  # duplicates of some edges: counted twice
+    out = longattn.attention(*(x.float() for x in (q, k, v)), "graph", edge_index=mixed)
+    w = torch.zeros(Nq, Nk, dtype=torch.float64)
+    w.index_put_((mixed[1], mixed[0]), torch.ones(mixed.shape[1], dtype=torch.float64), accumulate=True)
+    # duplicates: softmax with multiplicities = log-count bias on the dense scores
+    ref = dense_attention(q, k, v, w > 0, bias=w.clamp_min(1).log())
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_graph_all_in_edges_padded_has_zero_grad_not_nan():
+    # issue 17 defect: every in-edge of query 0 comes from a padded key
+    q, k, v = _qkv(1, 1, 3, 4)
+    ei = torch.tensor([[1, 2], [0, 0]])
+    kpm = torch.tensor([[True, False, False]])
+    out = longattn.attention(q, k, v, "graph", edge_index=ei, key_padding_mask=kpm)
+    (out * 10).sum().backward()
+    assert out.abs().max() == 0
+    for x in (q, k, v):
+        assert torch.isfinite(x.grad).all() and x.grad.abs().max() == 0
+
+
+def test_graph_csr_cache_follows_in_place_edits():
+    from longattn.ops import graph
+
+    N = 20
+    q, k, v = (x.detach() for x in _qkv(1, 1, N, 4))
+    ei = _uniform_edges(N, N, 3)
+    a = longattn.attention(q, k, v, "graph", edge_index=ei)
+    assert any(entry[0] is ei for entry in graph._CSR_CACHE.values())
+    ei[0] = (ei[0] + 1) % N  # same storage, new contents: must not reuse the old CSR
+    b = longattn.attention(q, k, v, "graph", edge_index=ei)
+    mask = torch.zeros(N, N, dtype=torch.bool)
+    mask[ei[1], ei[0]] = True
+    assert (b - dense_attention(q, k, v, mask)).abs().max() < 1e-12
+    assert (a - b).abs().max() > 1e-3
 
 
 def test_graph_node_without_in_edges_gets_zeros():

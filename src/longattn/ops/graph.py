@@ -1,37 +1,44 @@
-"""Attention restricted to the edges of a graph: scatter softmax, O(E) memory.
+"""Attention restricted to the edges of a graph: CSR segment softmax, O(E) memory.
 
 Query i attends to key j iff the edge (j -> i) is in ``edge_index`` (row 0 the
 source/key j, row 1 the target/query i), as in graph attention networks
-(Velickovic et al. 2018) with dot-product scores. Cost O(E * D) time and memory;
-no N x N object for a sparse graph.
+(Velickovic et al. 2018) with dot-product scores. No N x N object for a sparse graph.
+
+How it runs (no per-edge Python work, nothing of size E x D ever materialised):
+
+1. The edges are put in CSR order once per ``edge_index`` (sorted by destination,
+   then source; ``rowptr``), together with the transposed order (sorted by source)
+   for the backward. The structure is cached (:data:`_CSR_CACHE`, keyed on the
+   tensor's data_ptr, version, shape and the call's sizes; the entry keeps the
+   tensor alive so its memory cannot be reused by another one).
+2. Scores of every edge: a sampled dense-dense product
+   (``torch.sparse.sampled_addmm``: q_i . k_j only at the CSR positions), per head.
+3. Softmax per row over the [B*H, E] scores: a reshape to [rows, degree] when every
+   row has the same in-degree, else a scatter max / sum over the rows.
+4. Output: a weighted gather-sum of value rows per destination,
+   ``embedding_bag(mode='sum', per_sample_weights=p)`` over the CSR offsets.
+
+The backward is written by hand (a torch.autograd.Function): dV and dK are
+gather-sums over the transposed CSR, dQ one over the CSR, dP = dO_i . v_j a sampled
+product. Saved: q, k, v, out and the edge weights p (O(N D + E H) memory).
+Cost O(E * D) time per head.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
-import torch.utils.checkpoint
+import torch.nn.functional as F
 from torch import Tensor
 
 from longattn.ops._checks import check_qkv, default_scale
 from longattn.registry import REQUIRED, Param, register
 
-#: elements (B * H * edges * D) gathered at once (16 MiB in fp32: reused by the allocator)
-EDGE_CHUNK = 1 << 22
-
-
-def _rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x[:, :, idx] for x [B, H, N, D] as one 2-D index_select (far faster on the CPU
-    than index_select along dim 2)."""
-    B, H, N, D = x.shape
-    flat = (torch.arange(B * H, device=x.device)[:, None] * N + idx).reshape(-1)
-    return x.reshape(B * H * N, D).index_select(0, flat).view(B, H, idx.numel(), D)
-
-
-def _ckpt(fn, *args):
-    """Run ``fn`` without keeping its intermediates when gradients are needed."""
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+#: CSR structures kept (least recently used dropped first)
+CACHE_SIZE = 8
 
 
 def check_edge_index(edge_index: object, nq: int, nk: int) -> Tensor:
@@ -52,12 +59,178 @@ def check_edge_index(edge_index: object, nq: int, nk: int) -> Tensor:
     return ei
 
 
+@dataclass
+class CSR:
+    """Edges (j -> i) kept by a call, in destination-major order.
+
+    col [E]: key j of each edge (sorted by (i, j)); dst [E]: its query i; rowptr
+    [Nq + 1]; degree: the common in-degree of every query, or None when they differ.
+    The transposed order (sorted by (j, i)): tperm [E] (edge ids), tcol [E] = dst[tperm],
+    trowptr [Nk + 1].
+    """
+
+    nq: int
+    nk: int
+    col: Tensor
+    dst: Tensor
+    rowptr: Tensor
+    degree: int | None
+    tperm: Tensor
+    tcol: Tensor
+    trowptr: Tensor
+
+    @property
+    def E(self) -> int:
+        return self.col.numel()
+
+    def pattern(self, dtype: torch.dtype) -> Tensor:
+        """The [Nq, Nk] CSR pattern with zero values (input of sampled_addmm)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(
+                self.rowptr, self.col, torch.zeros(self.E, dtype=dtype, device=self.col.device),
+                (self.nq, self.nk), check_invariants=False,
+            )
+
+
+def build_csr(ei: Tensor, nq: int, nk: int, causal: bool) -> CSR:
+    """CSR (and transposed CSR) of the edges of ``ei`` [2, E] (checked, int64)."""
+    src, dst = ei[0], ei[1]
+    if causal:
+        keep = src <= dst
+        src, dst = src[keep], dst[keep]
+    order = torch.argsort(dst * nk + src, stable=True)
+    col, dst = src[order].contiguous(), dst[order].contiguous()
+    deg = torch.bincount(dst, minlength=nq)
+    rowptr = torch.zeros(nq + 1, dtype=torch.long, device=ei.device)
+    torch.cumsum(deg, 0, out=rowptr[1:])
+    degree = None
+    if col.numel() and bool((deg == deg[0]).all()):
+        degree = int(deg[0])
+    tperm = torch.argsort(col * nq + dst, stable=True)
+    tcol = dst[tperm].contiguous()
+    tdeg = torch.bincount(col, minlength=nk)
+    trowptr = torch.zeros(nk + 1, dtype=torch.long, device=ei.device)
+    torch.cumsum(tdeg, 0, out=trowptr[1:])
+    return CSR(nq, nk, col, dst, rowptr, degree, tperm, tcol, trowptr)
+
+
+_CSR_CACHE: "OrderedDict[tuple, tuple[Tensor, CSR]]" = OrderedDict()
+
+
+def csr_of(edge_index: Tensor, nq: int, nk: int, causal: bool, device: torch.device) -> CSR:
+    """The cached CSR of ``edge_index`` for this call (built and range-checked on a miss)."""
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"edge_index must be a LongTensor [2, E], got {type(edge_index).__name__}")
+    key = (edge_index.data_ptr(), edge_index._version, tuple(edge_index.shape),
+           tuple(edge_index.stride()), edge_index.dtype, str(edge_index.device),
+           nq, nk, bool(causal), str(device))
+    hit = _CSR_CACHE.get(key)
+    if hit is not None and hit[0] is edge_index:
+        _CSR_CACHE.move_to_end(key)
+        return hit[1]
+    ei = check_edge_index(edge_index, nq, nk).to(device)
+    csr = build_csr(ei, nq, nk, causal)
+    _CSR_CACHE[key] = (edge_index, csr)
+    while len(_CSR_CACHE) > CACHE_SIZE:
+        _CSR_CACHE.popitem(last=False)
+    return csr
+
+
+def _sddmm(csr: CSR, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha * a_i . b_j for every edge (j -> i): a [BH, Nq, D], b [BH, Nk, D] -> [BH, E]."""
+    BH = a.shape[0]
+    pat = csr.pattern(a.dtype)
+    out = a.new_empty(BH, csr.E)
+    for h in range(BH):
+        out[h] = torch.sparse.sampled_addmm(pat, a[h], b[h].t(), beta=0.0, alpha=alpha).values()
+    return out
+
+
+def _gather_sum(idx: Tensor, rowptr: Tensor, deg: int | None, table: Tensor, w: Tensor) -> Tensor:
+    """out[h, r] = sum_{e in row r} w[h, e] table[h, idx[e]]: table [BH, M, D], w [BH, E] -> [BH, R, D]."""
+    BH, _, D = table.shape
+    R = rowptr.numel() - 1
+    out = table.new_empty(BH, R, D)
+    for h in range(BH):
+        if deg is not None and deg > 0:
+            out[h] = F.embedding_bag(idx.view(R, deg), table[h], per_sample_weights=w[h].view(R, deg), mode="sum")
+        else:
+            out[h] = F.embedding_bag(idx, table[h], rowptr[:-1], per_sample_weights=w[h], mode="sum")
+    return out
+
+
+def _row_softmax(s: Tensor, csr: CSR) -> Tensor:
+    """Softmax of the scores s [BH, E] (-inf = masked) over each query's edges, in place
+    where possible. Rows with no finite score give all zeros (never NaN)."""
+    BH, E = s.shape
+    if csr.degree is not None:
+        sv = s.view(BH, csr.nq, csr.degree)
+        m = sv.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(sv - m)
+        den = p.sum(-1, keepdim=True)
+        return (p / den.clamp_min(torch.finfo(s.dtype).tiny)).view(BH, E)
+    idx = csr.dst.expand(BH, E)
+    m = torch.full((BH, csr.nq), float("-inf"), dtype=s.dtype, device=s.device)
+    m = m.scatter_reduce(1, idx, s, reduce="amax", include_self=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m.index_select(1, csr.dst))
+    den = torch.zeros(BH, csr.nq, dtype=s.dtype, device=s.device).scatter_add_(1, idx, p)
+    return p / den.clamp_min(torch.finfo(s.dtype).tiny).index_select(1, csr.dst)
+
+
+class _GraphAttn(torch.autograd.Function):
+    """out = softmax over in-edges of (q_i . k_j * scale) applied to v; q [BH, Nq, D],
+    k [BH, Nk, D], v [BH, Nk, Dv] (contiguous, working dtype); edge_ok [BH or 1, E]
+    bool or None (False: the key is padded)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, csr: CSR, edge_ok, scale: float):
+        BH = q.shape[0]
+        if csr.E == 0:
+            ctx.empty = True
+            ctx.save_for_backward(q, k, v)
+            return v.new_zeros(BH, csr.nq, v.shape[-1])
+        ctx.empty = False
+        s = _sddmm(csr, q, k, scale)
+        if edge_ok is not None:
+            s.masked_fill_(~edge_ok, float("-inf"))
+        p = _row_softmax(s, csr)
+        del s
+        out = _gather_sum(csr.col, csr.rowptr, csr.degree, v, p)
+        ctx.csr, ctx.scale = csr, scale
+        ctx.save_for_backward(q, k, v, p, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.empty:
+            q, k, v = ctx.saved_tensors
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
+        q, k, v, p, out = ctx.saved_tensors
+        csr = ctx.csr
+        g = g.contiguous()
+        tdeg = None
+        pt = p.index_select(1, csr.tperm)
+        dv = _gather_sum(csr.tcol, csr.trowptr, tdeg, g, pt)
+        del pt
+        dp = _sddmm(csr, g, v, 1.0)  # dO_i . v_j
+        delta = (g * out).sum(-1)  # [BH, Nq]: sum_j p_ij dP_ij
+        ds = p * (dp - delta.index_select(1, csr.dst))  # masked edges: p = 0 -> 0
+        del dp
+        ds.mul_(ctx.scale)
+        dq = _gather_sum(csr.col, csr.rowptr, csr.degree, k, ds)
+        dk = _gather_sum(csr.tcol, csr.trowptr, tdeg, q, ds.index_select(1, csr.tperm))
+        return dq, dk, dv, None, None, None
+
+
 @register(
     "graph",
     params=(Param("edge_index", REQUIRED, "LongTensor [2, E]: row 0 key j, row 1 query i"),),
     family="graph", exact=True, causal=True, cross=True, subquadratic=True,
     paper="Velickovic et al. 2018, Graph Attention Networks (dot-product scores)",
-    summary="softmax over the in-edges of each node (scatter softmax, O(E))",
+    summary="softmax over the in-edges of each node (CSR segment softmax, O(E))",
 )
 def graph_attention(
     q: Tensor,
@@ -73,44 +246,19 @@ def graph_attention(
 
     q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], edge_index [2, E] ->
     [B, H, Nq, Dv]. Duplicate edges count twice. ``causal`` drops edges with j > i.
-    A node with no (visible) in-edge gets zeros.
+    A node with no (visible) in-edge gets zeros (and zero gradients).
     """
     d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     s = default_scale(scale, d.D)
-    ei = check_edge_index(edge_index, d.Nq, d.Nk).to(q.device)
-    src, dst = ei[0], ei[1]
-    keep = torch.ones_like(src, dtype=torch.bool)
-    if causal:
-        keep &= src <= dst
-    src, dst = src[keep], dst[keep]
+    csr = csr_of(edge_index, d.Nq, d.Nk, causal, q.device)
     work = torch.promote_types(q.dtype, torch.float32)
-    E = src.numel()
-    # edges are processed in chunks whose gathered rows are recomputed in the
-    # backward (checkpoint), so memory is O(E * H) for the scores, not O(E * H * D)
-    step = max(1, EDGE_CHUNK // max(1, d.B * d.H * max(d.D, d.Dv)))
-    chunks = [(s0, min(s0 + step, E)) for s0 in range(0, E, step)]
-
-    def edge_scores(q, k, s_, d_):
-        return (_rows(q, d_).to(work) * _rows(k, s_).to(work)).sum(-1) * s
-
-    score = torch.cat(
-        [_ckpt(edge_scores, q, k, src[a:b], dst[a:b]) for a, b in chunks], dim=2
-    ) if E else q.new_zeros(d.B, d.H, 0, dtype=work)
-    if key_padding_mask is not None:
-        score = score.masked_fill(~key_padding_mask[:, None, :].index_select(2, src), float("-inf"))
-    idx = dst.expand(d.B, d.H, -1)
-    mx = torch.full((d.B, d.H, d.Nq), float("-inf"), dtype=work, device=q.device)
-    mx = mx.scatter_reduce(2, idx, score.detach(), reduce="amax", include_self=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    w = torch.exp(score - mx.gather(2, idx))  # padded edges -> 0
-    den = torch.zeros(d.B, d.H, d.Nq, dtype=work, device=q.device).scatter_add(2, idx, w)
-
-    def weighted_values(w_, v, s_, d_):
-        out = torch.zeros(d.B, d.H, d.Nq, d.Dv, dtype=work, device=v.device)
-        return out.index_add(2, d_, w_[..., None] * _rows(v, s_).to(work))
-
-    num = torch.zeros(d.B, d.H, d.Nq, d.Dv, dtype=work, device=q.device)
-    for a, b in chunks:
-        num = num + _ckpt(weighted_values, w[:, :, a:b], v, src[a:b], dst[a:b])
-    out = num / den.clamp_min(torch.finfo(work).tiny)[..., None]
-    return out.to(q.dtype)
+    BH = d.B * d.H
+    qw = q.to(work).reshape(BH, d.Nq, d.D).contiguous()
+    kw = k.to(work).reshape(BH, d.Nk, d.D).contiguous()
+    vw = v.to(work).reshape(BH, d.Nk, d.Dv).contiguous()
+    edge_ok = None
+    if key_padding_mask is not None and csr.E:
+        ok = key_padding_mask.to(q.device).index_select(1, csr.col)  # [B, E]
+        edge_ok = ok[:, None, :].expand(d.B, d.H, csr.E).reshape(BH, csr.E)
+    out = _GraphAttn.apply(qw, kw, vw, csr, edge_ok, s)
+    return out.view(d.B, d.H, d.Nq, d.Dv).to(q.dtype)
