@@ -193,3 +193,25 @@ def test_memory_is_linear_not_quadratic():
     dense_scores_mb = 2 * 16384 * 16384 * 4 / 2**20  # one N x N fp32 matrix per head: 2 GiB
     assert big < dense_scores_mb / 6, f"peak {big:.0f} MiB at N=16384"
     assert big < 7 * max(small, 8.0), f"peak grew {big / max(small, 8.0):.1f}x from 4K to 16K"
+
+
+@pytest.mark.parametrize("dv", [5, 13])
+@pytest.mark.parametrize("causal", [False, True])
+def test_value_head_size_differs(dv, causal):
+    """DESIGN section 3 allows Dv != D (was: 'Q/K/V should have the same head size')."""
+    B, H, N, D = 1, 2, 27, 8
+    q, k = rand(B, H, N, D, seed=1), rand(B, H, N, D, seed=2)
+    v = rand(B, H, N, dv, seed=3)
+    kpm = rand(B, N, seed=4) > -0.8
+    cent = random_centroids(H, 3, D, seed=7).to(F64)
+    x1 = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = clustered_attention(*x1, causal=causal, key_padding_mask=kpm, n_clusters=3, chunk_size=4,
+                              centroids=cent)
+    assert out.shape == (B, H, N, dv)
+    clusters = assign_clusters(routing_vectors(q, k), cent)
+    x2 = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = clustered_reference(*x2, clusters, 4, causal, True, kpm)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    g = rand(*out.shape, seed=9)
+    for a, b in zip(torch.autograd.grad(out, x1, g), torch.autograd.grad(ref, x2, g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -295,3 +295,23 @@ def test_unit_has_the_gradient_of_the_plain_formula():
     torch.testing.assert_close(ya, yb, atol=1e-15, rtol=0)
     torch.testing.assert_close(torch.autograd.grad(ya, a, g)[0], torch.autograd.grad(yb, b, g)[0],
                                atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dv", [5, 13])
+@pytest.mark.parametrize("causal", [False, True])
+def test_value_head_size_differs(dv, causal):
+    """DESIGN section 3 allows Dv != D (was: 'Q/K/V should have the same head size')."""
+    B, H, N, D = 1, 2, 27, 8
+    q, v = rand(B, H, N, D, seed=1), rand(B, H, N, dv, seed=2)
+    kpm = rand(B, N, seed=3) > -0.8
+    q1, v1 = q.clone().requires_grad_(), v.clone().requires_grad_()
+    out = lsh_attention(q1, q1, v1, causal=causal, key_padding_mask=kpm, bucket_size=4,
+                        n_buckets=4, n_hashes=2, seed=5)
+    assert out.shape == (B, H, N, dv)
+    buckets = lsh_buckets(q, random_rotations(2, D, 4, 5, dtype=F64), 4)
+    q2, v2 = q.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = lsh_reference(q2, v2, buckets, 4, causal, kpm)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    g = rand(*out.shape, seed=9)
+    for a, b in zip(torch.autograd.grad(out, (q1, v1), g), torch.autograd.grad(ref, (q2, v2), g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
 from longattn.ops._chunked import sorted_chunk_attention, unit, work_dtype
+from longattn.ops.lsh import common_head_size
 from longattn.registry import Param, register
 
 
@@ -193,8 +194,9 @@ def clustered_attention(
     work = work_dtype(q.dtype)
     qw, kw, vw = q.to(work), k.to(work), v.to(work)
     clusters = assign_clusters(routing_vectors(qw.detach(), kw.detach()), centroids)
+    qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (DESIGN section 3)
     out, _ = sorted_chunk_attention(
-        qw, kw, vw, clusters[:, :, None], chunk=chunk_size, scale=s,
+        qp, kp, vp, clusters[:, :, None], chunk=chunk_size, scale=s,
         key_valid=key_padding_mask, causal=causal, look_back=look_back, exclude_self=False,
     )
-    return out.to(q.dtype)
+    return out[..., : d.Dv].to(q.dtype)

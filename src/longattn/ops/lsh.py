@@ -38,6 +38,19 @@ from longattn.ops._chunked import ceil_div, sorted_chunk_attention, unit, work_d
 from longattn.registry import Param, register
 
 
+def common_head_size(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v zero-padded along the last dim to one head size max(D, Dv): the fused
+    flash kernel needs D == Dv. Zero columns of q and k change no score; zero columns
+    of v give zero output columns (sliced off by the caller)."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if Dv < D:
+        v = torch.nn.functional.pad(v, (0, D - Dv))
+    elif Dv > D:
+        q = torch.nn.functional.pad(q, (0, Dv - D))
+        k = torch.nn.functional.pad(k, (0, Dv - D))
+    return q, k, v
+
+
 def resolve_n_buckets(N: int, bucket_size: int, n_buckets: int | None) -> int:
     """The number of buckets: given, or about N / bucket_size (rounded up to even)."""
     check_int("bucket_size", bucket_size, minimum=1)
@@ -213,10 +226,12 @@ def lsh_attention(
     qw, vw = q.to(work), v.to(work)
     buckets = lsh_buckets(qw, rotations, nb)  # [B, H, R, N]
     kw = unit(qw)
+    qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (DESIGN section 3)
     out, lse = sorted_chunk_attention(
-        qw, kw, vw, buckets, chunk=bucket_size, scale=s, key_valid=key_padding_mask,
+        qp, kp, vp, buckets, chunk=bucket_size, scale=s, key_valid=key_padding_mask,
         causal=causal, look_back=True, exclude_self=True, dedup=dedup,
     )
+    out = out[..., : d.Dv]
     # a token with nothing else visible in any round attends to itself (if it is a real key)
     alone = torch.isneginf(lse).unsqueeze(-1)
     if bool(alone.any()):
