@@ -224,6 +224,57 @@ def test_nystrom_hand_formula():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+def _segment_means_loop(x, m):
+    """Landmarks by hand: means of consecutive segments of ceil(N / m) rows (the last
+    one shorter), so N = 100, m = 16 gives 15 landmarks and N = 257 gives 16."""
+    N = x.shape[2]
+    seg = -(-N // m)
+    return torch.stack([x[:, :, a : a + seg].mean(2) for a in range(0, N, seg)], dim=2)
+
+
+def _nystrom_formula(q, k, v):
+    ql, kl = _segment_means_loop(q, 16), _segment_means_loop(k, 16)
+    sm = lambda x: torch.softmax(x / q.shape[-1] ** 0.5, -1)
+    return sm(q @ kl.transpose(-1, -2)) @ torch.linalg.pinv(sm(ql @ kl.transpose(-1, -2))) @ (
+        sm(ql @ k.transpose(-1, -2)) @ v)
+
+
+def test_nystrom_cross_with_different_landmark_counts():
+    """Nq = 100 -> 15 query landmarks, Nk = 257 -> 16 key landmarks (crashed: 16 vs 15)."""
+    q, k, v = qkv(B=1, H=2, N=100, Nk=257, seed=3)
+    assert _segment_means_loop(q, 16).shape[2] == 15 and _segment_means_loop(k, 16).shape[2] == 16
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = longattn.attention(*ins, "nystrom", landmarks=16)
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _nystrom_formula(*refs)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, refs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+    # the iterative pinv handles the rectangular 15 x 16 kernel too, given iterations
+    out_it = longattn.attention(q, k, v, "nystrom", landmarks=16, pinv_iters=60)
+    torch.testing.assert_close(out_it, ref.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_nystrom_default_is_the_exact_pinv_formula():
+    """The default equals the formula with the exact pinv (6 paper iterations did not:
+    ~90% relative error at m = 16), in float32 too."""
+    q, k, v = qkv(B=1, H=2, N=256, seed=4)
+    ref = _nystrom_formula(q, k, v)
+    rel = lambda x: ((x.double() - ref).norm() / ref.norm()).item()
+    assert rel(longattn.attention(q, k, v, "nystrom", landmarks=16)) < 1e-10
+    # float32: the kernel is ill-conditioned, input rounding is amplified (~2e-4 here)
+    assert rel(longattn.attention(q.float(), k.float(), v.float(), "nystrom", landmarks=16)) < 2e-3
+    assert rel(longattn.attention(q, k, v, "nystrom", landmarks=16, pinv_iters=6)) > 0.1  # why not 6
+
+
+def test_iterative_pinv_rectangular():
+    a = torch.softmax(torch.randn(3, 7, 11, dtype=D64), -1)
+    torch.testing.assert_close(iterative_pinv(a, 60), torch.linalg.pinv(a), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(iterative_pinv(a.transpose(-1, -2), 60), torch.linalg.pinv(a.transpose(-1, -2)),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_nystrom_padding_and_refusal():
     q, k, v = qkv()
     mask = pad_mask(2, 37, cut=9)
