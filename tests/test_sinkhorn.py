@@ -241,3 +241,44 @@ def test_memory_is_linear_not_quadratic():
     dense_scores_mb = 2 * 16384 * 16384 * 4 / 2**20  # one N x N fp32 matrix per head: 2 GiB
     assert big < dense_scores_mb / 6, f"peak {big:.0f} MiB at N=16384"
     assert big < 7 * max(small, 8.0), f"peak grew {big / max(small, 8.0):.1f}x from 4K to 16K"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_queries_move_no_real_output(causal):
+    """Issue 17: the block summaries pooled padded positions (1-2% moves, causal 31%)."""
+    B, H, N, D, b = 2, 2, 43, 8, 6
+    q, k, v = (rand(B, H, N, D, seed=s) for s in (1, 2, 3))
+    kpm = rand(B, N, seed=4) > -0.3
+    kpm[1, 30:] = False  # a padded tail too
+    kpm[:, 0] = False  # block 0's first position padded (the causal query summary)
+    pad = ~kpm[:, None, :, None]
+    q2, k2, v2 = (torch.where(pad, rand(B, H, N, D, seed=10 + s) * 5, x) for s, x in enumerate((q, k, v)))
+    fn = lambda q, k, v: sinkhorn_attention(q, k, v, causal=causal, key_padding_mask=kpm, block_size=b,
+                                            iters=4)
+    out, out2 = fn(q, k, v), fn(q2, k2, v2)
+    real = kpm[:, None, :, None].expand_as(out)
+    assert (out - out2)[real].abs().max() < 1e-12
+
+
+def test_block_summaries_pool_real_positions():
+    """block_scores against the summaries written out by loops (mean of real queries /
+    keys; causal: the query at the first real position of the block)."""
+    B, H, nb, b, D, S = 1, 2, 4, 3, 5, 2
+    qb, kb = rand(B, H, nb, b, D, seed=1), rand(B, H, nb, b, D, seed=2)
+    wq, wk = rand(H, D, S, seed=3), rand(H, D, S, seed=4)
+    valid = torch.tensor([[[False, True, True], [True, False, True], [False, False, False], [True, True, False]]])
+    qvalid = torch.ones(nb, b, dtype=torch.bool)
+    qvalid[3, 2] = False
+    for causal in (False, True):
+        R = block_scores(qb, kb, valid, qvalid, wq, wk, causal)
+        for h in range(H):
+            sq, sk = [], []
+            for i in range(nb):
+                real = [t for t in range(b) if valid[0, i, t] and qvalid[i, t]]
+                sk.append(kb[0, h, i, real].mean(0) if real else torch.zeros(D, dtype=F64))
+                if causal:
+                    sq.append(qb[0, h, i, real[0]] if real else torch.zeros(D, dtype=F64))
+                else:
+                    sq.append(qb[0, h, i, real].mean(0) if real else torch.zeros(D, dtype=F64))
+            ref = (torch.stack(sq) @ wq[h]) @ (torch.stack(sk) @ wk[h]).T / math.sqrt(S)
+            torch.testing.assert_close(R[0, h], ref, atol=1e-12, rtol=0)

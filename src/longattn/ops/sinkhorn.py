@@ -82,15 +82,20 @@ def block_scores(
 ) -> Tensor:
     """SortNet scores R [B, H, n_b, n_b] from blocked q, k [B, H, n_b, b, D].
 
-    valid [B, n_b, b]: real keys; qvalid [n_b, b]: positions < N (not internal padding).
+    valid [B, n_b, b]: real tokens (key_padding_mask and positions < N); qvalid
+    [n_b, b]: positions < N. Both summaries pool real positions only, so padded
+    tokens (queries included) move no real output. Causal: the query at the first
+    real position of the block (every real member of the block may see it).
     """
+    valid = valid & qvalid
     vk = valid[:, None, :, :, None].to(kb.dtype)
     sk = (kb * vk).sum(3) / vk.sum(3).clamp_min(1.0)
     if causal:
-        sq = qb[:, :, :, 0]
+        first = valid.to(torch.int8).argmax(-1)  # [B, n_b]: first real position (0 if none)
+        idx = first[:, None, :, None, None].expand(qb.shape[0], qb.shape[1], -1, 1, qb.shape[-1])
+        sq = qb.gather(3, idx).squeeze(3) * valid.any(-1)[:, None, :, None].to(qb.dtype)
     else:
-        vq = qvalid[None, None, :, :, None].to(qb.dtype)
-        sq = (qb * vq).sum(3) / vq.sum(3).clamp_min(1.0)
+        sq = (qb * vk).sum(3) / vk.sum(3).clamp_min(1.0)
     u = torch.einsum("bhid,hds->bhis", sq, wq.to(qb.dtype))
     w = torch.einsum("bhjd,hds->bhjs", sk, wk.to(qb.dtype))
     return torch.matmul(u, w.transpose(-1, -2)) / math.sqrt(wq.shape[-1])
