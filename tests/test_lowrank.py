@@ -359,3 +359,37 @@ def test_fused_kernel_path_equals_matmul_path(name, params, monkeypatch):
     plain = run()
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_compressed_causal_head_groups_equal_all_heads(monkeypatch):
+    """Causal compressed runs its heads in checkpointed groups (memory): same outputs and
+    gradients as one call, padded or not, N no multiple of the stride."""
+    import longattn.ops.lsh as lsh_mod
+
+    q, k, v = qkv(N=29)
+    kpm = torch.ones(2, 29, dtype=torch.bool)
+    kpm[1, 20:] = False
+    g = torch.randn(2, 3, 29, 8, dtype=D64)
+    for mask in (None, kpm):
+        def run():
+            ins = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = longattn.attention(*ins, "compressed", causal=True, stride=4, key_padding_mask=mask)
+            return (out, *torch.autograd.grad(out, ins, g))
+
+        monkeypatch.setattr(lsh_mod, "HEAD_GROUP_ELEMENTS", 1 << 20)
+        whole = run()
+        monkeypatch.setattr(lsh_mod, "HEAD_GROUP_ELEMENTS", 2 * 29 * 20)  # one head per group
+        for a, b in zip(whole, run()):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+def test_compressed_causal_memory_at_issue_size():
+    """Issue 17: causal compressed fwd+bwd at N=16384, B=1, H=8, D=64 was 794 MiB."""
+    setup = """
+import longattn
+q, k, v = (torch.randn(1, 8, 16384, 64, requires_grad=True) for _ in range(3))
+"""
+    peak = peak_memory_mb(setup, "longattn.attention(q, k, v, 'compressed', causal=True).sum().backward()",
+                          threads=2)
+    assert peak < 512, f"{peak:.0f} MiB"

@@ -315,3 +315,38 @@ def test_value_head_size_differs(dv, causal):
     g = rand(*out.shape, seed=9)
     for a, b in zip(torch.autograd.grad(out, (q1, v1), g), torch.autograd.grad(ref, (q2, v2), g)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_groups_equal_all_heads(monkeypatch, causal):
+    """Heads run in checkpointed groups (memory): same outputs and gradients as one call."""
+    import longattn.ops.lsh as lsh_mod
+
+    B, H, N, D = 1, 3, 27, 8
+    q, v = rand(B, H, N, D, seed=1), rand(B, H, N, D, seed=2)
+    kpm = rand(B, N, seed=3) > -0.8
+    g = rand(B, H, N, D, seed=4)
+
+    def run():
+        q1, v1 = q.clone().requires_grad_(), v.clone().requires_grad_()
+        out = lsh_attention(q1, q1, v1, causal=causal, key_padding_mask=kpm, bucket_size=4, n_buckets=4, seed=5)
+        return (out, *torch.autograd.grad(out, (q1, v1), g))
+
+    whole = run()
+    monkeypatch.setattr(lsh_mod, "HEAD_GROUP_ELEMENTS", N * D)  # one head per group
+    for a, b in zip(whole, run()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_memory_at_issue_size(causal):
+    """Issue 17: fwd+bwd at N=16384, B=1, H=8, D=64 was ~700-850 MiB; now < 512 MiB."""
+    setup = """
+from longattn.ops.lsh import lsh_attention
+w = torch.randn(1, 8, 256, 64, requires_grad=True)
+lsh_attention(w, w, w).sum().backward()
+q, v = (torch.randn(1, 8, 16384, 64, requires_grad=True) for _ in range(2))
+"""
+    peak = peak_memory_mb(setup, f"lsh_attention(q, q, v, causal={causal}).sum().backward()", threads=2)
+    assert peak < 512, f"{peak:.0f} MiB"

@@ -282,3 +282,41 @@ def test_block_summaries_pool_real_positions():
                     sq.append(qb[0, h, i, real].mean(0) if real else torch.zeros(D, dtype=F64))
             ref = (torch.stack(sq) @ wq[h]) @ (torch.stack(sk) @ wk[h]).T / math.sqrt(S)
             torch.testing.assert_close(R[0, h], ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_groups_equal_all_heads(monkeypatch, causal):
+    """Heads run in checkpointed groups and the Sinkhorn loop is checkpointed (memory):
+    same outputs and gradients (SortNet included) as one call, Gumbel noise too."""
+    import longattn.ops.lsh as lsh_mod
+
+    B, H, N, D = 2, 3, 23, 4
+    q, k, v = (rand(B, H, N, D, seed=s) for s in (1, 2, 3))
+    kpm = rand(B, N, seed=4) > -0.6
+    wq, wk = rand(H, D, 3, seed=5), rand(H, D, 3, seed=6)
+    g = rand(B, H, N, D, seed=7)
+
+    def run():
+        xs = [t.clone().requires_grad_() for t in (q, k, v, wq, wk)]
+        out = sinkhorn_attention(*xs[:3], causal=causal, key_padding_mask=kpm, block_size=5, iters=4,
+                                 gumbel=0.5, seed=11, sort_net=(xs[3], xs[4]))
+        return (out, *torch.autograd.grad(out, xs, g))
+
+    whole = run()
+    monkeypatch.setattr(lsh_mod, "HEAD_GROUP_ELEMENTS", B * N * D)  # one head per group
+    for a, b in zip(whole, run()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_memory_at_issue_size(causal):
+    """Issue 17: fwd+bwd at N=16384, B=1, H=8, D=64 was ~650-860 MiB; now < 512 MiB."""
+    setup = """
+from longattn.ops.sinkhorn import sinkhorn_attention
+w = torch.randn(1, 8, 256, 64, requires_grad=True)
+sinkhorn_attention(w, w, w).sum().backward()
+q, k, v = (torch.randn(1, 8, 16384, 64, requires_grad=True) for _ in range(3))
+"""
+    peak = peak_memory_mb(setup, f"sinkhorn_attention(q, k, v, causal={causal}).sum().backward()", threads=2)
+    assert peak < 512, f"{peak:.0f} MiB"

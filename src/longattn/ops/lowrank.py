@@ -23,6 +23,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops.lsh import by_head_groups
 from longattn.registry import Param, register
 
 __all__ = [
@@ -318,31 +319,41 @@ def compressed_attention(
     if key_padding_mask is not None:
         real = key_padding_mask
     real = Fn.pad(real, (0, pad), value=False)  # [B, S*c]
-    kz = Fn.pad(k.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
-    vz = Fn.pad(v.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
+    if pad or key_padding_mask is not None:
+        kz = Fn.pad(k.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
+        vz = Fn.pad(v.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
+    else:  # nothing to zero: no copies of k and v (64 MiB at N = 16384, H = 8, D = 64)
+        kz, vz = k.to(work), v.to(work)
     kc = _compress(kz, real, c, conv_k, d.H, "conv_k")  # [B, H, S, D]
     vc = _compress(vz, real, c, conv_v, d.H, "conv_v")  # [B, H, S, Dv]
     slot_ok = real.view(d.B, S, c).any(-1)[:, None, None, :]  # [B, 1, 1, S]
     qw = q.to(work)
     if not causal:
         return _softmax_attention(qw, kc, vc, s, slot_ok).to(q.dtype)
-    sc = torch.matmul(qw, kc.transpose(-1, -2)) * s  # [B, H, Nq, S]
-    # causal: slots strictly before the own block, plus the own block uncompressed
     N = d.Nq
     i = torch.arange(N, device=q.device)
     past_slot = torch.arange(S, device=q.device)[None, :] < (i // c)[:, None]  # [N, S]: O(N S)
     vis_c = past_slot[None, None] & slot_ok
-    qb = Fn.pad(qw, (0, 0, 0, pad)).view(d.B, d.H, S, c, d.D)
-    sb = torch.matmul(qb, kz.view(d.B, d.H, S, c, d.D).transpose(-1, -2)) * s  # [B,H,S,c,c]
     tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     vis_b = tril & real.view(d.B, 1, S, 1, c)
-    sb = sb.reshape(d.B, d.H, S * c, c)[:, :, :N]
-    vis_b = vis_b.expand(d.B, d.H, S, c, c).reshape(d.B, d.H, S * c, c)[:, :, :N]
-    p = _masked_softmax(torch.cat([sc, sb], -1), torch.cat([vis_c.expand(d.B, d.H, N, S), vis_b], -1))
-    out = torch.matmul(p[..., :S], vc)
-    pb = Fn.pad(p[..., S:], (0, 0, 0, pad)).view(d.B, d.H, S, c, c)
-    out = out + torch.matmul(pb, vz.view(d.B, d.H, S, c, -1)).reshape(d.B, d.H, S * c, -1)[:, :, :N]
-    return out.to(q.dtype)
+
+    def heads(h0: int, h1: int) -> Tensor:
+        # causal: slots strictly before the own block, plus the own block uncompressed
+        Hg = h1 - h0
+        qg, kzg, vzg = qw[:, h0:h1], kz[:, h0:h1], vz[:, h0:h1]
+        sc = torch.matmul(qg, kc[:, h0:h1].transpose(-1, -2)) * s  # [B, Hg, Nq, S]
+        qb = Fn.pad(qg, (0, 0, 0, pad)).view(d.B, Hg, S, c, d.D)
+        sb = torch.matmul(qb, kzg.view(d.B, Hg, S, c, d.D).transpose(-1, -2)) * s  # [B,Hg,S,c,c]
+        sb = sb.reshape(d.B, Hg, S * c, c)[:, :, :N]
+        vb = vis_b.expand(d.B, Hg, S, c, c).reshape(d.B, Hg, S * c, c)[:, :, :N]
+        p = _masked_softmax(torch.cat([sc, sb], -1), torch.cat([vis_c.expand(d.B, Hg, N, S), vb], -1))
+        out = torch.matmul(p[..., :S], vc[:, h0:h1])
+        pb = Fn.pad(p[..., S:], (0, 0, 0, pad)).view(d.B, Hg, S, c, c)
+        return out + torch.matmul(pb, vzg.view(d.B, Hg, S, c, -1)).reshape(d.B, Hg, S * c, -1)[:, :, :N]
+
+    # head groups under checkpointing: the [B, H, N, S + c] scores and weights of all
+    # heads at once were ~800 MiB at N = 16384, H = 8 (S = 256, c = 64)
+    return by_head_groups(heads, d.B, d.H, N, max(d.D, d.Dv, S + c)).to(q.dtype)
 
 
 class CompressedAttention(nn.Module):

@@ -31,11 +31,39 @@ memory, plus O(n_hashes * N * n_buckets) for hashing. Never an N x N tensor.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
 from longattn.ops._chunked import ceil_div, sorted_chunk_attention, unit, work_dtype
 from longattn.registry import Param, register
+
+
+#: elements (B * heads * N * max(D, Dv)) of one head group (see :func:`by_head_groups`)
+HEAD_GROUP_ELEMENTS = 1 << 20
+
+
+def by_head_groups(fn, B: int, H: int, N: int, width: int) -> Tensor:
+    """``fn(h0, h1)`` -> [B, h1 - h0, ...] for groups of heads, concatenated on dim 1.
+
+    Groups hold about :data:`HEAD_GROUP_ELEMENTS` elements per [B, heads, N, width]
+    tensor. With more than one group and gradients enabled each group runs under
+    non-reentrant activation checkpointing: its intermediates are recomputed in the
+    backward, so the peak memory is one group's working set (not H heads' saved
+    tensors), at the cost of a second forward. Heads are independent in every
+    mechanism that uses this, so the result equals ``fn(0, H)``.
+    """
+    per = max(1, min(H, HEAD_GROUP_ELEMENTS // max(1, B * N * width)))
+    if per >= H:
+        return fn(0, H)
+    outs = []
+    for h0 in range(0, H, per):
+        h1 = min(H, h0 + per)
+        if torch.is_grad_enabled():
+            outs.append(torch.utils.checkpoint.checkpoint(fn, h0, h1, use_reentrant=False))
+        else:
+            outs.append(fn(h0, h1))
+    return torch.cat(outs, dim=1)
 
 
 def common_head_size(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -223,18 +251,25 @@ def lsh_attention(
     else:
         _check_rotations(rotations, n_hashes, d.D, nb)
     work = work_dtype(q.dtype)
-    qw, vw = q.to(work), v.to(work)
-    buckets = lsh_buckets(qw, rotations, nb)  # [B, H, R, N]
-    kw = unit(qw)
-    qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (DESIGN section 3)
-    out, lse = sorted_chunk_attention(
-        qp, kp, vp, buckets, chunk=bucket_size, scale=s, key_valid=key_padding_mask,
-        causal=causal, look_back=True, exclude_self=True, dedup=dedup,
-    )
-    out = out[..., : d.Dv]
-    # a token with nothing else visible in any round attends to itself (if it is a real key)
-    alone = torch.isneginf(lse).unsqueeze(-1)
-    if bool(alone.any()):
-        own = vw if key_padding_mask is None else vw * key_padding_mask[:, None, :, None]
-        out = torch.where(alone, own, out)
-    return out.to(q.dtype)
+
+    def heads(h0: int, h1: int) -> Tensor:
+        # the rotations are shared by the heads: a group of heads is the same computation
+        qw, vw = q[:, h0:h1].to(work), v[:, h0:h1].to(work)
+        buckets = lsh_buckets(qw, rotations, nb)  # [B, h, R, N]
+        kw = unit(qw)
+        qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (DESIGN section 3)
+        out, lse = sorted_chunk_attention(
+            qp, kp, vp, buckets, chunk=bucket_size, scale=s, key_valid=key_padding_mask,
+            causal=causal, look_back=True, exclude_self=True, dedup=dedup,
+        )
+        out = out[..., : d.Dv]
+        # a token with nothing else visible in any round attends to itself (if it is a real key)
+        alone = torch.isneginf(lse).unsqueeze(-1)
+        if bool(alone.any()):
+            own = vw if key_padding_mask is None else vw * key_padding_mask[:, None, :, None]
+            out = torch.where(alone, own, out)
+        return out
+
+    # head groups under checkpointing: the peak is one group's sorted copies and
+    # backward buffers (N = 16384, H = 8, D = 64: ~770 MiB -> see the report in tests)
+    return by_head_groups(heads, d.B, d.H, d.Nq, max(d.D, d.Dv)).to(q.dtype)

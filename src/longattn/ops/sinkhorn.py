@@ -35,10 +35,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
 from longattn.ops._chunked import ceil_div, chunk_attention, exp_floor, work_dtype
+from longattn.ops.lsh import by_head_groups
 from longattn.registry import Param, register
 
 
@@ -88,14 +90,17 @@ def block_scores(
     real position of the block (every real member of the block may see it).
     """
     valid = valid & qvalid
-    vk = valid[:, None, :, :, None].to(kb.dtype)
-    sk = (kb * vk).sum(3) / vk.sum(3).clamp_min(1.0)
+    # means as [1, b] @ [b, D] products: autograd keeps only the (input) blocks, no
+    # [B, H, n_b, b, D] product
+    wmean = valid.to(kb.dtype)
+    wmean = (wmean / wmean.sum(-1, keepdim=True).clamp_min(1.0))[:, None, :, None, :]  # [B, 1, n_b, 1, b]
+    sk = torch.matmul(wmean, kb).squeeze(3)
     if causal:
         first = valid.to(torch.int8).argmax(-1)  # [B, n_b]: first real position (0 if none)
         idx = first[:, None, :, None, None].expand(qb.shape[0], qb.shape[1], -1, 1, qb.shape[-1])
         sq = qb.gather(3, idx).squeeze(3) * valid.any(-1)[:, None, :, None].to(qb.dtype)
     else:
-        sq = (qb * vk).sum(3) / vk.sum(3).clamp_min(1.0)
+        sq = torch.matmul(wmean, qb).squeeze(3)
     u = torch.einsum("bhid,hds->bhis", sq, wq.to(qb.dtype))
     w = torch.einsum("bhjd,hds->bhjs", sk, wk.to(qb.dtype))
     return torch.matmul(u, w.transpose(-1, -2)) / math.sqrt(wq.shape[-1])
@@ -106,10 +111,18 @@ def sinkhorn_permutation(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Soft block permutation P [B, H, n_b, n_b] from SortNet scores (see module docstring)."""
-    x = scores
+    return _normalise(_with_gumbel(scores, gumbel, generator), temperature, iters, causal)
+
+
+def _with_gumbel(x: Tensor, gumbel: float, generator: torch.Generator | None) -> Tensor:
     if gumbel > 0:
         u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         x = x + gumbel * -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
+    return x
+
+
+def _normalise(x: Tensor, temperature: float, iters: int, causal: bool) -> Tensor:
+    """P from (noisy) scores: temperature, causal mask, log-space Sinkhorn, exp."""
     x = x / temperature
     if causal:
         nb = x.shape[-1]
@@ -260,10 +273,14 @@ def sinkhorn_attention(
         wq, wk = _check_sort_net(sort_net, H, D)
         scores = block_scores(qb, kb, validb, qvalid, wq.to(dev), wk.to(dev), causal)
         gen = None if seed is None or gumbel == 0 else torch.Generator().manual_seed(int(seed) + 1)
-        P = sinkhorn_permutation(
-            scores, iters=iters, temperature=float(temperature), gumbel=float(gumbel),
-            causal=causal, generator=gen,
-        )
+        x = _with_gumbel(scores, float(gumbel), gen)  # drawn once, outside the checkpoint
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the 2 * iters normalisations keep ~10 [B, H, n_b, n_b] tensors each for the
+            # backward (N = 16384, b = 64, H = 8: ~170 MiB): recompute them instead
+            P = torch.utils.checkpoint.checkpoint(_normalise, x, float(temperature), iters, causal,
+                                                  use_reentrant=False)
+        else:
+            P = _normalise(x, float(temperature), iters, causal)
     else:
         if not isinstance(permutation, Tensor):
             raise TypeError(f"permutation must be a Tensor [B|1, H|1, {nb}, {nb}], got "
@@ -275,20 +292,29 @@ def sinkhorn_attention(
         if causal:
             P = P * torch.ones(nb, nb, dtype=work, device=dev).tril(-1)
 
-    # soft-permuted (sorted) blocks; padded keys/values are zeroed before mixing
-    vmask = validb[:, None, :, :, None].to(work)
-    sk = torch.einsum("bhij,bhjtd->bhitd", P, kb * vmask)
-    sv = torch.einsum("bhij,bhjtd->bhitd", P, vb * vmask)
-    mass = torch.einsum("bhij,bjt->bhit", P, validb.to(work))  # [B, H, nb, b]
+    def heads(h0: int, h1: int) -> Tensor:
+        # soft-permuted (sorted) blocks; padded keys/values are zeroed before mixing
+        Hg = h1 - h0
+        Pg, qg, kg, vg = P[:, h0:h1], qb[:, h0:h1], kb[:, h0:h1], vb[:, h0:h1]
+        vmask = validb[:, None, :, :, None].to(work)
+        sk = torch.einsum("bhij,bhjtd->bhitd", Pg, kg * vmask)
+        sv = torch.einsum("bhij,bhjtd->bhitd", Pg, vg * vmask)
+        mass = torch.einsum("bhij,bjt->bhit", Pg, validb.to(work))  # [B, Hg, nb, b]
 
-    own = validb[:, None, :, None, :].expand(B, 1, nb, b, b)
-    if causal:
-        own = own & torch.ones(b, b, dtype=torch.bool, device=dev).tril()
-    ninf = torch.full((), float("-inf"), dtype=work, device=dev)
-    own_bias = torch.where(own, torch.zeros((), dtype=work, device=dev), ninf)
-    log_mass = torch.where(mass > 0, torch.log(mass.clamp_min(torch.finfo(work).tiny)), ninf)
-    bias = torch.cat([own_bias.expand(B, H, nb, b, b), log_mass[:, :, :, None, :].expand(B, H, nb, b, b)], -1)
-    keys = torch.cat([kb, sk], dim=3)
-    vals = torch.cat([vb, sv], dim=3)
-    out, _ = chunk_attention(qb, keys, vals, bias, s)
-    return out.reshape(B, H, Np, Dv)[:, :, :N].to(q.dtype)
+        own = validb[:, None, :, None, :].expand(B, 1, nb, b, b)
+        if causal:
+            own = own & torch.ones(b, b, dtype=torch.bool, device=dev).tril()
+        ninf = torch.full((), float("-inf"), dtype=work, device=dev)
+        own_bias = torch.where(own, torch.zeros((), dtype=work, device=dev), ninf)
+        log_mass = torch.where(mass > 0, torch.log(mass.clamp_min(torch.finfo(work).tiny)), ninf)
+        bias = torch.cat([own_bias.expand(B, Hg, nb, b, b),
+                          log_mass[:, :, :, None, :].expand(B, Hg, nb, b, b)], -1)
+        keys = torch.cat([kg, sk], dim=3)
+        vals = torch.cat([vg, sv], dim=3)
+        out, _ = chunk_attention(qg, keys, vals, bias, s)
+        return out.reshape(B, Hg, Np, Dv)[:, :, :N]
+
+    # head groups under checkpointing (P is computed for all heads above, so the
+    # Gumbel draws do not depend on the grouping): the peak is one group's mixed
+    # blocks, bias and attention buffers
+    return by_head_groups(heads, B, H, Np, max(D, Dv)).to(q.dtype)
