@@ -362,9 +362,9 @@ def test_fused_kernel_path_equals_matmul_path(name, params, monkeypatch):
 
 
 def test_compressed_causal_head_groups_equal_all_heads(monkeypatch):
-    """Causal compressed runs its heads in checkpointed groups (memory): same outputs and
-    gradients as one call, padded or not, N no multiple of the stride."""
-    import longattn.ops.lsh as lsh_mod
+    """Causal compressed runs (head, query-chunk) parts under checkpointing (memory):
+    same outputs and gradients as one call, padded or not, N no multiple of the stride."""
+    import longattn.ops.lowrank as lr
 
     q, k, v = qkv(N=29)
     kpm = torch.ones(2, 29, dtype=torch.bool)
@@ -376,9 +376,9 @@ def test_compressed_causal_head_groups_equal_all_heads(monkeypatch):
             out = longattn.attention(*ins, "compressed", causal=True, stride=4, key_padding_mask=mask)
             return (out, *torch.autograd.grad(out, ins, g))
 
-        monkeypatch.setattr(lsh_mod, "HEAD_GROUP_ELEMENTS", 1 << 20)
+        monkeypatch.setattr(lr, "CAUSAL_PART_ELEMENTS", 1 << 20)
         whole = run()
-        monkeypatch.setattr(lsh_mod, "HEAD_GROUP_ELEMENTS", 2 * 29 * 20)  # one head per group
+        monkeypatch.setattr(lr, "CAUSAL_PART_ELEMENTS", 2 * 4 * 12 * 3)  # 3 blocks, one head per part
         for a, b in zip(whole, run()):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 

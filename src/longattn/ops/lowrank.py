@@ -20,10 +20,10 @@ import math
 
 import torch
 import torch.nn.functional as Fn
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops.lsh import by_head_groups
 from longattn.registry import Param, register
 
 __all__ = [
@@ -274,6 +274,11 @@ def _compress(
     raise ValueError(f"{name} must be [Dout, D={D}, c={c}] or [H={H}, Dout, D={D}, c={c}], got {tuple(w.shape)}")
 
 
+#: score elements (B * heads * query rows * (S + c)) of one checkpointed part of the
+#: causal compressed attention
+CAUSAL_PART_ELEMENTS = 1 << 20
+
+
 def compressed_attention(
     q: Tensor,
     k: Tensor,
@@ -331,29 +336,47 @@ def compressed_attention(
     if not causal:
         return _softmax_attention(qw, kc, vc, s, slot_ok).to(q.dtype)
     N = d.Nq
-    i = torch.arange(N, device=q.device)
-    past_slot = torch.arange(S, device=q.device)[None, :] < (i // c)[:, None]  # [N, S]: O(N S)
-    vis_c = past_slot[None, None] & slot_ok
+    Np = S * c
+    i = torch.arange(Np, device=q.device)
+    past_slot = torch.arange(S, device=q.device)[None, :] < (i // c)[:, None]  # [Np, S]: O(N S)
+    vis_c = past_slot[None, None] & slot_ok  # [B, 1, Np, S]
     tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    vis_b = tril & real.view(d.B, 1, S, 1, c)
+    vis_b = tril & real.view(d.B, 1, S, 1, c)  # [B, 1, S, c, c]
+    qp = Fn.pad(qw, (0, 0, 0, pad)) if pad else qw
 
-    def heads(h0: int, h1: int) -> Tensor:
-        # causal: slots strictly before the own block, plus the own block uncompressed
-        Hg = h1 - h0
-        qg, kzg, vzg = qw[:, h0:h1], kz[:, h0:h1], vz[:, h0:h1]
-        sc = torch.matmul(qg, kc[:, h0:h1].transpose(-1, -2)) * s  # [B, Hg, Nq, S]
-        qb = Fn.pad(qg, (0, 0, 0, pad)).view(d.B, Hg, S, c, d.D)
-        sb = torch.matmul(qb, kzg.view(d.B, Hg, S, c, d.D).transpose(-1, -2)) * s  # [B,Hg,S,c,c]
-        sb = sb.reshape(d.B, Hg, S * c, c)[:, :, :N]
-        vb = vis_b.expand(d.B, Hg, S, c, c).reshape(d.B, Hg, S * c, c)[:, :, :N]
-        p = _masked_softmax(torch.cat([sc, sb], -1), torch.cat([vis_c.expand(d.B, Hg, N, S), vb], -1))
+    def part(h0: int, h1: int, b0: int, b1: int) -> Tensor:
+        """Heads h0:h1, query blocks b0:b1: slots strictly before the own block, plus
+        the own block uncompressed, one softmax over both."""
+        Hg, nbk = h1 - h0, b1 - b0
+        r0, r1 = b0 * c, b1 * c
+        qg = qp[:, h0:h1, r0:r1]
+        sc = torch.matmul(qg, kc[:, h0:h1].transpose(-1, -2)) * s  # [B, Hg, rows, S]
+        kb = kz[:, h0:h1, r0:r1].reshape(d.B, Hg, nbk, c, d.D)
+        sb = torch.matmul(qg.reshape(d.B, Hg, nbk, c, d.D), kb.transpose(-1, -2)) * s  # [B,Hg,nbk,c,c]
+        vb = vis_b[:, :, b0:b1].expand(d.B, Hg, nbk, c, c).reshape(d.B, Hg, r1 - r0, c)
+        vis = torch.cat([vis_c[:, :, r0:r1].expand(d.B, Hg, r1 - r0, S), vb], -1)
+        p = _masked_softmax(torch.cat([sc, sb.reshape(d.B, Hg, r1 - r0, c)], -1), vis)
         out = torch.matmul(p[..., :S], vc[:, h0:h1])
-        pb = Fn.pad(p[..., S:], (0, 0, 0, pad)).view(d.B, Hg, S, c, c)
-        return out + torch.matmul(pb, vzg.view(d.B, Hg, S, c, -1)).reshape(d.B, Hg, S * c, -1)[:, :, :N]
+        pb = p[..., S:].reshape(d.B, Hg, nbk, c, c)
+        own = torch.matmul(pb, vz[:, h0:h1, r0:r1].reshape(d.B, Hg, nbk, c, d.Dv))
+        return out + own.reshape(d.B, Hg, r1 - r0, d.Dv)
 
-    # head groups under checkpointing: the [B, H, N, S + c] scores and weights of all
-    # heads at once were ~800 MiB at N = 16384, H = 8 (S = 256, c = 64)
-    return by_head_groups(heads, d.B, d.H, N, max(d.D, d.Dv, S + c)).to(q.dtype)
+    # (head, query-chunk) parts under checkpointing: the [B, H, N, S + c] scores and
+    # weights of all heads at once were ~800 MiB at N = 16384, H = 8 (S = 256, c = 64)
+    blocks = max(1, CAUSAL_PART_ELEMENTS // max(1, d.B * c * (S + c)))
+    ckpt = torch.is_grad_enabled() and (qw.requires_grad or kc.requires_grad or vc.requires_grad)
+    single = blocks >= S and d.B * d.H * Np * (S + c) <= CAUSAL_PART_ELEMENTS
+    heads = [(0, d.H)] if single else [(h, h + 1) for h in range(d.H)]
+    rows = []
+    for h0, h1 in heads:
+        parts = []
+        for b0 in range(0, S, blocks):
+            args = (h0, h1, b0, min(S, b0 + blocks))
+            parts.append(torch.utils.checkpoint.checkpoint(part, *args, use_reentrant=False)
+                         if ckpt and not single else part(*args))
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+    return out[:, :, :N].to(q.dtype)
 
 
 class CompressedAttention(nn.Module):
