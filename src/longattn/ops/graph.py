@@ -122,6 +122,8 @@ def csr_of(edge_index: Tensor, nq: int, nk: int, causal: bool, device: torch.dev
     """The cached CSR of ``edge_index`` for this call (built and range-checked on a miss)."""
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"edge_index must be a LongTensor [2, E], got {type(edge_index).__name__}")
+    if edge_index.is_inference():  # no version counter to key on: build every call
+        return build_csr(check_edge_index(edge_index, nq, nk).to(device), nq, nk, causal)
     key = (edge_index.data_ptr(), edge_index._version, tuple(edge_index.shape),
            tuple(edge_index.stride()), edge_index.dtype, str(edge_index.device),
            nq, nk, bool(causal), str(device))
