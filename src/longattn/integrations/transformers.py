@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from longattn import registry
+from longattn.ops import custom
 
 try:  # only when used: longattn itself never needs transformers
     from transformers import AttentionInterface
@@ -110,19 +111,22 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [B, N], got shape {tuple(attention_mask.shape)}")
     mask = attention_mask[:, -kv_length:].to(torch.bool)
-    if mask.shape[1] == kv_length and bool(mask.all()):
+    # a data-dependent check: under torch.compile the mask is always passed (as HF does)
+    if not torch.compiler.is_compiling() and mask.shape[1] == kv_length and bool(mask.all()):
         return None
     return mask
 
 
 def packed_segments(position_ids: Tensor | None, n: int) -> Tensor | None:
     """Documents packed in a row (HF's convention: ``position_ids`` restart inside the
-    row): segment ids [B, n], or None when every row is one sequence."""
+    row): segment ids [B, n], or None when every row is one sequence. Under
+    ``torch.compile`` that last check is data-dependent, so the segment ids are always
+    returned (transformers' own ``find_packed_sequence_indices`` does the same)."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != n:
         return None
     step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
     seg = (step != 1).cumsum(-1)
-    if bool((seg[:, -1] == seg[:, 0]).all()):
+    if not torch.compiler.is_compiling() and bool((seg[:, -1] == seg[:, 0]).all()):
         return None
     return seg
 
@@ -172,8 +176,12 @@ def _attention_function(spec: registry.Mechanism, params: dict[str, Any], follow
             call["dropout"] = dropout
         nq, nk = query.shape[2], key.shape[2]
         segments = packed_segments(position_ids, nq) if attention_mask is None and nq == nk else None
-        out = registry.attention(query, key, value, spec.name, causal=causal, key_padding_mask=attention_mask,
-                                 scale=scaling, segment_ids=segments, **call)
+        if segments is not None:  # position_ids may come unexpanded, [1, N]
+            segments = segments.expand(query.shape[0], -1)
+        # under torch.compile: one custom op per layer, no graph break (longattn.ops.custom)
+        run = custom.attention if torch.compiler.is_compiling() else registry.attention
+        out = run(query, key, value, spec.name, causal=causal, key_padding_mask=attention_mask,
+                  scale=scaling, segment_ids=segments, **call)
         return out.transpose(1, 2).contiguous(), None
 
     attention.__name__ = f"longattn_{spec.name}_attention"

@@ -81,7 +81,9 @@ NATIVE: set[str] = {"full", "linear", "performer"}
 def traced_natively(mechanism: str, causal: bool, nq: int, nk: int) -> bool:
     """Under ``torch.compile``, does :func:`attention` let Dynamo trace ``mechanism``?
     ``full``: SDPA, except causal with Nq != Nk (the engine); ``linear``/``performer``:
-    causal only (their non-causal paths break Dynamo's graph: ``out=`` into views)."""
+    causal only (their non-causal paths break Dynamo's graph: ``out=`` into views).
+    Packed documents (``segment_ids``) always take the op: their length classes are
+    data-dependent."""
     if mechanism not in NATIVE:
         return False
     if mechanism == "full":
@@ -383,7 +385,8 @@ def attention(
     """:func:`longattn.attention` through the ``longattn::*`` custom ops (same
     arguments, same result, differentiable in q, k, v); see the module doc."""
     if not supported(mechanism, params) or (
-            torch.compiler.is_compiling() and traced_natively(mechanism, causal, q.shape[-2], k.shape[-2])):
+            torch.compiler.is_compiling() and segment_ids is None
+            and traced_natively(mechanism, causal, q.shape[-2], k.shape[-2])):
         from longattn.registry import attention as eager
 
         return eager(q, k, v, mechanism, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
@@ -408,7 +411,8 @@ def module_attention(name: str, impl: torch.nn.Module, q: Tensor, k: Tensor, v: 
     itself under :func:`longattn.registry.run`."""
     from longattn.ops.kernel import LinearAttention, PerformerAttention
 
-    if torch.compiler.is_compiling() and traced_natively(name, causal, q.shape[-2], k.shape[-2]):
+    if torch.compiler.is_compiling() and segment_ids is None and traced_natively(name, causal, q.shape[-2],
+                                                                                  k.shape[-2]):
         pass
     elif isinstance(impl, PerformerAttention) and impl.redraw_interval is None:
         return attention(q, k, v, "performer", causal=causal, key_padding_mask=key_padding_mask,
