@@ -311,3 +311,225 @@ def test_registry_backend_choice():
         longattn.attention(q, k, v, "local", backend="triton")
     with pytest.raises(NotImplementedError, match="backward"):
         longattn.attention(q.requires_grad_(), k, v, "local", backend="flex")
+
+
+# ----------------------------------------------------------------------------------------
+# Heavy rows and columns outside Flex (split_block_mask_for, split=True)
+# ----------------------------------------------------------------------------------------
+
+SPLIT_PATTERNS = {
+    "bigbird": lambda: make("bigbird", block=16),
+    "longformer": lambda: make("longformer", window=24),
+    "global": lambda: make("global", indices=(0, 5, 77, 300)),
+    "per_head_global": lambda: PerHead([Local(20, 3), GlobalTokens([0, 500])]),
+}
+
+
+def _split_cases(n: int):
+    """(causal, key_padding_mask, segment_ids, q_len): plain; causal with padding and
+    bottom-right queries; documents long enough to hold heavy rows of their own."""
+    kpm, _ = _inputs(n)
+    seg = (torch.arange(n) // 450).expand(2, n).clone()
+    seg[1, 700:] += 1
+    return [(False, None, None, None), (True, kpm, None, n // 3), (False, kpm, seg, None), (True, None, seg, None)]
+
+
+def _heavy_region(sbm, n: int, nq: int) -> torch.Tensor:
+    m = torch.zeros(nq, n, dtype=torch.bool)
+    m[sbm.heavy_rows()] = True
+    m[:, sbm.heavy_keys()] = True
+    return m
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_PATTERNS))
+def test_split_mask_is_the_predicate_without_heavy_blocks(name):
+    """The light BlockMask is the predicate outside the heavy rows and columns, its
+    lists narrower than the whole mask's; the kept mask_mod is the whole predicate."""
+    p = SPLIT_PATTERNS[name]()
+    n, H = 999, 2
+    for causal, kp, sg, q_len in _split_cases(n):
+        nq = q_len or n
+        sbm = flex.split_block_mask_for(p, n, H, causal=causal, block=16, key_padding_mask=kp, segment_ids=sg,
+                                        q_len=q_len, heavy_min_blocks=2, compact=True)
+        whole = block_mask_for(p, n, H, causal=causal, block=16, key_padding_mask=kp, segment_ids=sg, q_len=q_len,
+                               compact=True)
+        B = next((x.shape[0] for x in (kp, sg) if x is not None), 1)
+        ref = reference_mask(p, n, H, causal, kp, sg, q_len)
+        heavy = _heavy_region(sbm, n, nq)
+        got = expand_block_mask(sbm.block_mask, B, H)
+        assert torch.equal(got, (ref & ~heavy).expand_as(got)), (name, causal, q_len)
+        if kp is None and sg is None:  # the plain case: a global row and column are found, lists narrow
+            assert sbm.heavy_q_blocks.numel() > 0 and sbm.heavy_k_blocks.numel() > 0
+            width = lambda bm: max(bm.kv_indices.shape[-1], bm.full_kv_indices.shape[-1])  # noqa: E731
+            assert width(sbm.block_mask) < width(whole) / 4
+        i = torch.arange(nq)[None, None, :, None]
+        j = torch.arange(n)[None, None, None, :]
+        whole_pred = sbm.mask_mod(torch.arange(B)[:, None, None, None], torch.arange(H)[None, :, None, None], i, j)
+        assert torch.equal(whole_pred.expand_as(ref), ref.expand(B, H, nq, n))
+
+
+def test_no_heavy_blocks_in_uniform_patterns():
+    for p in (make("local", before=40, after=40), make("strided", stride=7), make("full"), make("causal")):
+        for causal in (False, True):
+            sbm = flex.split_block_mask_for(p, 999, 1, causal=causal, block=16, heavy_min_blocks=2)
+            assert sbm.heavy_q_blocks.numel() == 0 and sbm.heavy_k_blocks.numel() == 0, (p, causal)
+
+
+def _eager_light(q, k, v, bm, scale, enable_gqa, lse):
+    """Flex's uncompiled (math) path: the real Flex semantics (log-sum-exp included),
+    which the CPU's compiled Flex cannot return."""
+    return flex._flex_call(q, k, v, bm, scale, enable_gqa, lse)
+
+
+def _dense_light(q, k, v, bm, scale, enable_gqa, lse):
+    """Flex's part played by a differentiable dense softmax over the light BlockMask's
+    expansion (the CPU has no Flex backward)."""
+    m = expand_block_mask(bm, q.shape[0], q.shape[1])
+    out, l = flex._chunk_attention(q, k, v, m, scale)
+    return (out, l) if lse else out
+
+
+@pytest.mark.parametrize("name", ["bigbird", "global", pytest.param("longformer", marks=pytest.mark.slow),
+                                  pytest.param("per_head_global", marks=pytest.mark.slow)])
+def test_split_forward_equals_reference(name, monkeypatch):
+    """Flex (eager) on the light lists + heavy rows and columns merged by lse == the
+    float64 dense oracle: causal and not, padding, documents, GQA, bottom-right."""
+    monkeypatch.setattr(flex, "_light", _eager_light)
+    p = SPLIT_PATTERNS[name]()
+    n = 999
+    for causal, kp, sg, q_len in _split_cases(n):
+        torch.manual_seed(0)
+        q = torch.randn(2, 2, q_len or n, 16)
+        k, v = (torch.randn(2, 1, n, 16) for _ in range(2))
+        with torch.no_grad():
+            out = flex_pattern_attention(q, k, v, p, causal=causal, key_padding_mask=kp, segment_ids=sg,
+                                         enable_gqa=True, block=16, split=True, heavy_factor=2, heavy_min_blocks=2)
+        ref = _reference(q, k, v, p, causal, kp, sg)
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bigbird", "global", "per_head_global"])
+def test_split_gradients_equal_reference(name, monkeypatch):
+    """Outputs and q/k/v gradients of the split path (Flex's part dense here) equal
+    the float64 dense oracle; a query with no visible key gives zeros and no NaN."""
+    monkeypatch.setattr(flex, "_light", _dense_light)
+    p = SPLIT_PATTERNS[name]()
+    n = 701
+    kpm = torch.ones(2, n, dtype=torch.bool)
+    kpm[1, :200] = False  # early queries of row 1 see no real key (local heads)
+    kpm[0, 7::3] = False
+    seg = (torch.arange(n) // 351).expand(2, n).clone()
+    splits = []
+    for causal, kp, sg, q_len in ((False, kpm, None, None), (True, None, seg, None), (True, kpm, None, 250)):
+        torch.manual_seed(1)
+        nq = q_len or n
+        q = torch.randn(2, 4, nq, 8, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        sbm = flex.split_block_mask_for(p, n, 4, causal=causal, block=16, key_padding_mask=kp, segment_ids=sg,
+                                        q_len=q_len, heavy_factor=2, heavy_min_blocks=2)
+        splits.append(sbm.heavy_q_blocks.numel() + sbm.heavy_k_blocks.numel())
+        out = flex_pattern_attention(q, k, v, p, causal=causal, key_padding_mask=kp, segment_ids=sg,
+                                     enable_gqa=True, block=16, split=True, heavy_factor=2, heavy_min_blocks=2)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        ref = _reference(qr, kr, vr, p, causal, kp, sg)
+        rgrads = torch.autograd.grad(ref, (qr, kr, vr), g)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+        for a, b in zip(grads, rgrads):
+            assert not torch.isnan(a).any()
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    assert splits[0] > 0 and splits[1] > 0, splits  # heavy blocks were split out (plain; causal documents)
+
+
+def test_engine_flex_backend_reaches_the_split(monkeypatch):
+    """pattern_attention(backend='flex') goes through the split (default thresholds,
+    block 128) and equals the engine."""
+    import longattn
+
+    monkeypatch.setattr(flex, "_light", _eager_light)
+    monkeypatch.setattr(flex, "_split_default", lambda device: True)
+    calls = []
+    real = flex._heavy_rows_attention
+    monkeypatch.setattr(flex, "_heavy_rows_attention", lambda *a: calls.append(1) or real(*a))
+    n = 2999
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        a = longattn.attention(q, k, v, "longformer", window=16, backend="flex")
+        b = longattn.attention(q, k, v, "longformer", window=16, backend="engine")
+    assert calls, "the global row block was not split out"
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_split_needs_the_lse_clearly():
+    q = torch.randn(1, 1, 999, 16)
+    with pytest.raises(NotImplementedError, match="log-sum-exp"):
+        flex_pattern_attention(q, q, q, make("bigbird", block=16), block=16, split=True, heavy_min_blocks=2)
+
+
+_SPLIT_1M = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import torch
+    from longattn.ops.flex import split_block_mask_for
+    from longattn.patterns import make
+    n = int(sys.argv[1])
+    p = make("bigbird", block=64, random_blocks=3, global_blocks=1)
+    split_block_mask_for(p, 4096, 1, compact=True)  # imports and caches warm
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    sbm = split_block_mask_for(p, n, 1, compact=True, with_q_blocks=True)
+    dt = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bm = sbm.block_mask
+    idx = sum(x.numel() * x.element_size() for x in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+              bm.full_kv_indices, bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices))
+    print(json.dumps(dict(seconds=dt, peak_mb=(r1 - r0) / 1024, index_mb=idx / 2**20,
+                          heavy_q=sbm.heavy_q_blocks.tolist(), heavy_k=sbm.heavy_k_blocks.tolist(),
+                          W=bm.kv_indices.shape[-1])))
+    """
+)
+
+
+def test_split_block_mask_at_one_million_is_small():
+    """BigBird at N = 2^20 (block 64, 3 random, 1 global; compact lists as on CUDA, with
+    the backward's q lists): with its global row and column in the lists, each list
+    is 8192 x 8192 int32 (512 MB of index tensors); split out, a few MB."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _SPLIT_1M, str(1 << 20)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["heavy_q"] == [0] and got["heavy_k"] == [0], got
+    assert got["index_mb"] < 16 and got["W"] <= 16, got
+    assert got["peak_mb"] < 100 and got["seconds"] < 10, got
+
+
+_SIDE_MEMORY = textwrap.dedent(
+    """
+    import json, resource
+    import torch
+    from longattn.ops.flex import flex_pattern_attention
+    from longattn.patterns import make
+    n = 1 << 15
+    p = make("global", indices=range(64))  # every pair is in a heavy row or column: no Flex call
+    q, k, v = (torch.randn(1, 1, n, 16, requires_grad=True) for _ in range(3))
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = flex_pattern_attention(q, k, v, p, split=True)
+    out.sum().backward()
+    r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(peak_mb=(r1 - r0) / 1024, finite=bool(torch.isfinite(q.grad).all()))))
+    """
+)
+
+
+def test_split_side_memory_is_not_quadratic():
+    """The heavy rows and columns at N = 2^15, forward + backward: chunks recomputed in
+    the backward, far below one N x N float32 score matrix (4 GiB)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _SIDE_MEMORY], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["finite"] and got["peak_mb"] < 300, got

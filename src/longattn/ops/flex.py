@@ -27,11 +27,13 @@ document is attended as if run alone, positions restarting at its first token.
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from longattn import patterns as P
@@ -42,8 +44,13 @@ try:  # torch >= 2.5
 except ImportError:  # pragma: no cover - older torch
     BlockMask = None  # type: ignore[assignment]
     flex_attention = None  # type: ignore[assignment]
+try:  # torch >= 2.9: return_aux (return_lse is deprecated)
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover
+    AuxRequest = None  # type: ignore[assignment]
 
-__all__ = ["block_mask_for", "flex_pattern_attention", "flex_available", "expand_block_mask"]
+__all__ = ["block_mask_for", "split_block_mask_for", "SplitBlockMask", "flex_pattern_attention", "flex_available",
+           "expand_block_mask"]
 
 _BIG = 1 << 62
 
@@ -76,15 +83,26 @@ _CARTESIAN = _classes("GlobalTokens", "RandomBlocks", "_BlockWindow")
 _TWO_KIND = _classes("_TwoKindHeads")
 
 
-def _components(p: Pattern, n: int, heads: int) -> list[tuple[object, bool]]:
+def _components(p: Pattern, n: int, heads: int) -> Iterator[tuple[object, bool]]:
     """The pattern's components at length n, each with "its Gather coverage is the
-    product of its query and key lists" (False when not known)."""
+    product of its query and key lists" (False when not known). A union's parts are
+    made one after the other, so only one part's position tables live at a time."""
     if isinstance(p, P.Union):
-        return [c for part in p.parts for c in _components(part, n, heads)]
+        for part in p.parts:
+            yield from _components(part, n, heads)
+        return
     if _TWO_KIND and isinstance(p, _TWO_KIND) and hasattr(p, "_inner"):
-        return _components(p._inner, n, heads)
+        yield from _components(p._inner, n, heads)
+        return
+    ranges = _range_components(p, n, heads)
+    if ranges is not None:
+        yield from ((c, True) for c in ranges)
+        return
     cart = bool(_CARTESIAN) and isinstance(p, _CARTESIAN)
-    return [(c, cart and isinstance(c, Gather)) for c in p.components(n, heads)]
+    comps = list(p.components(n, heads))  # a copy: the pattern may keep its own list
+    while comps:
+        c = comps.pop(0)  # drop each table once used (unless the pattern keeps it)
+        yield c, cart and isinstance(c, Gather)
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,22 +215,64 @@ def _band_records(c: Band, g: _Grid, s: int, L: int, causal: bool, t: Tensor, I0
     return empty, empty, torch.empty(0, dtype=torch.bool)
 
 
-def _row_unique(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row of x [..., M] (-1 = none): sorted distinct values [..., U] (-1 padded)
-    and how often each occurs [..., U]. Rows already in order are not sorted."""
-    key = x.masked_fill(x < 0, _BIG)
-    if key.shape[-1] > 1 and not bool((key[..., 1:] >= key[..., :-1]).all()):
-        key = key.sort(-1).values
-    valid = key < _BIG
+_ROW_CHUNK = 1 << 19  # elements of a position table converted to blocks at a time
+
+
+def _compact(x: Tensor, new: Tensor, valid: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of x [R, M]: the entries where ``new`` (packed left, -1 padded) [R, U]
+    and the sum of ``weight`` over each one's run (an entry and the ``valid``,
+    not ``new`` ones after it) [R, U]."""
+    rank = torch.cumsum(new, 1) - 1
+    U = max(int(rank[:, -1].max()) + 1 if rank.numel() else 0, 1)
+    u = torch.full((x.shape[0], U + 1), -1, dtype=torch.long)
+    cnt = torch.zeros((x.shape[0], U + 1), dtype=torch.long)
+    u.scatter_(1, rank.masked_fill(~new, U), x.masked_fill(~new, -1))
+    cnt.scatter_add_(1, rank.masked_fill(~valid, U), weight.masked_fill(~valid, 0))
+    return u[:, :U], cnt[:, :U]
+
+
+def _unique_2d(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of x [R, M] (-1 = none): sorted distinct values [R, U] (-1 padded) and how
+    often each occurs. Runs of equal neighbours are collapsed first (no sort), then
+    only the few runs of rows out of order are sorted."""
+    valid = x >= 0
     new = valid.clone()
-    new[..., 1:] &= key[..., 1:] != key[..., :-1]
-    rank = torch.cumsum(new, -1, dtype=torch.long) - 1
-    U = max(int(rank[..., -1].max()) + 1 if rank.numel() else 0, 1)
-    u = torch.full((*x.shape[:-1], U + 1), -1, dtype=torch.long)
-    cnt = torch.zeros((*x.shape[:-1], U + 1), dtype=torch.long)
-    u.scatter_(-1, rank.masked_fill(~new, U), key.masked_fill(~new, -1))
-    cnt.scatter_add_(-1, rank.masked_fill(~valid, U), valid.long())
-    return u[..., :U], cnt[..., :U]
+    new[:, 1:] &= x[:, 1:] != x[:, :-1]
+    u, cnt = _compact(x, new, valid, valid.long())
+    if u.shape[1] == 1:
+        return u, cnt
+    key = u.masked_fill(u < 0, _BIG)
+    bad = (key[:, 1:] < key[:, :-1]).any(1)
+    if bool(bad.any()):
+        ks, order = key[bad].sort(1)
+        key[bad], cnt[bad] = ks, cnt[bad].gather(1, order)
+    u = key.masked_fill(key == _BIG, -1)
+    valid = u >= 0
+    new = valid.clone()
+    new[:, 1:] &= u[:, 1:] != u[:, :-1]
+    if bool((new == valid).all()):
+        return u, cnt
+    return _compact(u, new, valid, cnt)
+
+
+def _row_blocks(pos: Tensor, lo: int, hi: int, shift: int, b: int) -> tuple[Tensor, Tensor]:
+    """Per row of a position table pos [..., M] (-1 = none): the distinct blocks
+    (pos + shift) // b of the positions in [lo, hi), sorted [..., U] (-1 padded), and
+    how many positions fall in each [..., U]. Rows go in chunks of ~_ROW_CHUNK
+    elements, so the temporaries stay a few MB whatever the table's size."""
+    lead, M = pos.shape[:-1], pos.shape[-1]
+    flat = pos.reshape(-1, M)
+    step = max(1, _ROW_CHUNK // max(M, 1))
+    pow2 = b & (b - 1) == 0
+    parts = []
+    for r in range(0, flat.shape[0], step):
+        x = flat[r : r + step]
+        y = (x + shift) >> (b.bit_length() - 1) if pow2 else torch.div(x + shift, b, rounding_mode="floor")
+        parts.append(_unique_2d(y.masked_fill_((x < lo) | (x >= hi), -1)))
+    U = max(p[0].shape[1] for p in parts)
+    u = torch.cat([torch.nn.functional.pad(p[0], (0, U - p[0].shape[1]), value=-1) for p in parts])
+    cnt = torch.cat([torch.nn.functional.pad(p[1], (0, U - p[1].shape[1])) for p in parts])
+    return u.view(*lead, U), cnt.view(*lead, U)
 
 
 def _gather_records(c: Gather, cart: bool, g: _Grid, s: int, L: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -220,21 +280,20 @@ def _gather_records(c: Gather, cart: bool, g: _Grid, s: int, L: int) -> tuple[Te
 
     ``cart``: the component covers exactly the product of each row's query and key
     positions (rows hold distinct queries, each row distinct keys), so the pairs it
-    covers in a block can be counted: the block is full when they are all of it."""
+    covers in a block can be counted: the block is full when they are all of it.
+    Cost: O(positions in the tables) time, a few MB of temporaries, then
+    O(touched blocks)."""
     hs, qbs, kbs, areas = [], [], [], []
     for qpos, kpos in c.blocks():
-        qv = (qpos >= 0) & (qpos < L) & (qpos + s >= g.q0)
-        qb = torch.div(qpos + (s - g.q0), g.b, rounding_mode="floor").masked_fill_(~qv, -1)
-        live = qv.any(-1)  # rows with a query present
+        qu, qc = _row_blocks(qpos, max(0, g.q0 - s), L, s - g.q0, g.b)  # [T, Uq]
+        live = qu[:, 0] >= 0  # rows with a query present
         if not bool(live.any()):
             continue
-        kv = (kpos >= 0) & (kpos < L)
-        kb = torch.div(kpos + s, g.b, rounding_mode="floor").masked_fill_(~kv, -1)
         if not bool(live.all()):
-            qb = qb[live]
-            kb = kb[:, live] if kb.shape[1] == live.numel() and kb.shape[1] > 1 else kb
-        qu, qc = _row_unique(qb)  # [T, Uq]
-        ku, kc = _row_unique(kb)  # [Hk, T or 1, Uk]
+            qu, qc = qu[live], qc[live]
+            if kpos.shape[1] == live.numel() and kpos.shape[1] > 1:
+                kpos = kpos[:, live]
+        ku, kc = _row_blocks(kpos, 0, L, s, g.b)  # [Hk, T or 1, Uk]
         Hk, T = ku.shape[0], qu.shape[0]
         pq = qu[None, :, :, None].expand(Hk, T, qu.shape[-1], ku.shape[-1])
         pk = ku[:, :, None, :].expand(Hk, T, qu.shape[-1], ku.shape[-1])
@@ -251,7 +310,93 @@ def _gather_records(c: Gather, cart: bool, g: _Grid, s: int, L: int) -> tuple[Te
     h, qb, kb, area = (torch.cat(x) for x in (hs, qbs, kbs, areas))
     if not cart:
         return h, qb, kb, torch.zeros_like(qb, dtype=torch.bool)
-    # the pairs covered in each block, summed over rows (disjoint: a query is in one row)
+    return _cart_full(h, qb, kb, area, g)  # the pairs covered in each block, summed over rows
+
+
+@dataclass
+class _Ranges:
+    """A component whose coverage is the product of each row's query and key
+    positions, given by ranges instead of position tables: row t holds the queries
+    [qlo[t], qhi[t]] and, in head h, the keys of the ranges [klo[h, t', m],
+    khi[h, t', m]] (t' = t, or 0 when klo has one row for all; empty when lo > hi);
+    Hk = 1 (all heads) or the heads. Positions are local to the document."""
+
+    qlo: Tensor
+    qhi: Tensor
+    klo: Tensor
+    khi: Tensor
+
+
+def _range_components(p: Pattern, L: int, heads: int) -> list[_Ranges] | None:
+    """Random blocks, block windows and global tokens as :class:`_Ranges` (O(blocks)
+    numbers, where their Gather components list every position: O(N) tables); None
+    for another pattern."""
+    bw = _classes("_BlockWindow")
+    if isinstance(p, P.RandomBlocks) or (bw and isinstance(p, bw)):
+        bp = p.block
+        t = torch.arange(-(-L // bp))
+        qlo, qhi = t * bp, torch.clamp((t + 1) * bp, max=L) - 1
+        if isinstance(p, P.RandomBlocks):
+            tab = p.table(L, heads)  # [H, T, r] drawn key blocks, -1 = none
+            if tab.shape[-1] == 0:
+                return []
+            klo = torch.where(tab >= 0, tab * bp, torch.full_like(tab, L))
+            return [_Ranges(qlo, qhi, klo, torch.clamp(klo + bp, max=L) - 1)]
+        klo = ((t - p.radius).clamp(min=0) * bp)[None, :, None]
+        return [_Ranges(qlo, qhi, klo, (torch.clamp((t + p.radius + 1) * bp, max=L) - 1)[None, :, None])]
+    if isinstance(p, P.GlobalTokens):
+        idx = torch.unique(p.indices[(p.indices >= 0) & (p.indices < L)])
+        if idx.numel() == 0:
+            return []
+        first = torch.ones_like(idx, dtype=torch.bool)
+        first[1:] = idx[1:] != idx[:-1] + 1
+        lo = idx[first]  # runs of consecutive global positions [lo, hi]
+        hi = idx[torch.cat([first[1:], torch.ones(1, dtype=torch.bool)])]
+        one = torch.zeros(1, dtype=torch.long)
+        return [_Ranges(lo, hi, one.view(1, 1, 1), (one + L - 1).view(1, 1, 1)),  # rows see every key
+                _Ranges(one, one + L - 1, lo.view(1, 1, -1), hi.view(1, 1, -1))]  # every query sees them
+    return None
+
+
+def _pieces(lo: Tensor, hi: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Ranges [lo, hi] (flat, empty when lo > hi) cut at multiples of b: (range number,
+    block, positions of the range in the block) per piece. O(pieces)."""
+    keep = torch.nonzero(lo <= hi).flatten()
+    lo, hi = lo[keep], hi[keep]
+    b0, b1 = torch.div(lo, b, rounding_mode="floor"), torch.div(hi, b, rounding_mode="floor")
+    cnt = b1 - b0 + 1
+    rep = torch.repeat_interleave(torch.arange(cnt.numel()), cnt)
+    blk = b0[rep] + torch.arange(rep.numel()) - (torch.cumsum(cnt, 0) - cnt)[rep]
+    size = torch.minimum(hi[rep], blk * b + b - 1) - torch.maximum(lo[rep], blk * b) + 1
+    return keep[rep], blk, size
+
+
+def _range_records(c: _Ranges, g: _Grid, s: int, L: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(head or 0, qb, kb, full) of a :class:`_Ranges` component of the document at
+    offset s, length L. O(touched blocks)."""
+    qlo = torch.clamp(c.qlo, min=max(0, g.q0 - s)) + (s - g.q0)  # Flex rows; absent queries cut
+    tq, qb, qn = _pieces(qlo, torch.clamp(c.qhi, max=L - 1) + (s - g.q0), g.b)
+    Hk, Tk, M = c.klo.shape
+    e, kb, kn = _pieces(c.klo.clamp(min=0).reshape(-1) + s, c.khi.clamp(max=L - 1).reshape(-1) + s, g.b)
+    hk, tk = e // (Tk * M), (e // M) % Tk
+    if Tk == 1:  # one key list for every row
+        tq = torch.zeros_like(tq)
+    T = int(max(int(tq.max()) if tq.numel() else 0, int(tk.max()) if tk.numel() else 0)) + 1
+    order = torch.argsort(tk, stable=True)
+    hk, tk, kb, kn = hk[order], tk[order], kb[order], kn[order]
+    nq, nk = torch.bincount(tq, minlength=T), torch.bincount(tk, minlength=T)
+    qstart, kstart = torch.cumsum(nq, 0) - nq, torch.cumsum(nk, 0) - nk
+    pairs = nq * nk
+    row = torch.repeat_interleave(torch.arange(T), pairs)
+    loc = torch.arange(row.numel()) - (torch.cumsum(pairs, 0) - pairs)[row]
+    iq = qstart[row] + torch.div(loc, nk[row], rounding_mode="floor")
+    ik = kstart[row] + loc % nk[row].clamp(min=1)
+    return _cart_full(hk[ik], qb[iq], kb[ik], qn[iq] * kn[ik], g)
+
+
+def _cart_full(h: Tensor, qb: Tensor, kb: Tensor, area: Tensor, g: _Grid) -> tuple[Tensor, ...]:
+    """Records (h, qb, kb) with the pairs each covers (rows disjoint): one per block,
+    full when its pairs are the whole block."""
     code = (h * g.QB + qb) * g.KB + kb
     uniq, inv = torch.unique(code, return_inverse=True)
     tot = torch.zeros(uniq.numel(), dtype=torch.long).index_add_(0, inv, area)
@@ -312,8 +457,9 @@ def _records(pattern: Pattern, g: _Grid, heads: int, causal: bool,
                                     full.expand(nh, -1))
                         else:
                             rec.add(bi, hbase.expand(qb.shape), qb, kb, full)
-                    elif isinstance(inner, Gather):
-                        hk, qb, kb, full = _gather_records(inner, cart and not restricted, g, s, L)
+                    elif isinstance(inner, (Gather, _Ranges)):
+                        hk, qb, kb, full = (_range_records(inner, g, s, L) if isinstance(inner, _Ranges) else
+                                            _gather_records(inner, cart and not restricted, g, s, L))
                         if restricted:
                             full = torch.zeros_like(full)
                         one_head_list = bool(qb.numel()) and int(hk.max()) == 0 and _kpos_heads(inner) == 1
@@ -328,7 +474,9 @@ def _records(pattern: Pattern, g: _Grid, heads: int, causal: bool,
     return rec.cat(), per_head
 
 
-def _kpos_heads(c: Gather) -> int:
+def _kpos_heads(c: Gather | _Ranges) -> int:
+    if isinstance(c, _Ranges):
+        return c.klo.shape[0]
     return max(kpos.shape[0] for _, kpos in c.blocks())
 
 
@@ -493,6 +641,10 @@ def block_mask_for(
     """A FlexAttention ``BlockMask`` for ``pattern`` over ``n`` keys and ``heads`` heads,
     built from the pattern's components (never from N x N predicate evaluations).
 
+    Every visible block is in the lists, so a row block that sees every key block
+    (a global query block) makes the lists [QB, KB] wide: see
+    :func:`split_block_mask_for` for the form that keeps them narrow.
+
     Args:
         pattern: any :class:`longattn.patterns.Pattern` (per-head lists included).
         n: number of keys (= positions the pattern is laid over).
@@ -516,8 +668,152 @@ def block_mask_for(
         ``BlockMask`` with seq_lengths (q_len, n), BLOCK_SIZE (block, block), the
         partial blocks in ``kv_num_blocks/kv_indices``, the full ones in
         ``full_kv_num_blocks/full_kv_indices`` and the pattern's predicate (with
-        causal, padding and documents) as ``mask_mod``.
+        causal, padding and documents) as ``mask_mod``. Cost: O(visible blocks +
+        N) time, and the lists, O(B H QB W) with W the longest list.
     """
+    g, B, docs = _check_build(pattern, n, heads, block, q_len, key_padding_mask, segment_ids)
+    recs, H = _visible_blocks(pattern, g, heads, causal, key_padding_mask, segment_ids, docs, B)
+    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, torch.device(device))
+    return _assemble(g, B, H, recs, mask_mod, device, compact, with_q_blocks)
+
+
+HEAVY_FACTOR = 4.0
+HEAVY_MIN_BLOCKS = 16
+
+
+@dataclass
+class SplitBlockMask:
+    """A BlockMask without its few dense ("heavy") query and key blocks.
+
+    ``block_mask`` lists only the light query blocks x light key blocks (and its
+    mask_mod says so too, for Flex's eager path, which reads the mask_mod alone); the
+    pairs of a heavy query block (with any key) and of any query with a heavy key
+    block are left to :func:`flex_pattern_attention`'s side computation, which
+    evaluates ``mask_mod`` (the pattern's whole predicate, with causal, padding and
+    documents) on those pairs only. ``heavy_q_blocks`` [Rq] and ``heavy_k_blocks`` [Rk] are
+    block numbers (int64, CPU); blocks are ``block`` rows/keys, the last one cut at
+    ``nq``/``n``. ``light_blocks``: how many blocks the lists hold (0: Flex has
+    nothing to do).
+    """
+
+    block_mask: object
+    mask_mod: Callable
+    heavy_q_blocks: Tensor
+    heavy_k_blocks: Tensor
+    block: int
+    n: int
+    nq: int
+    light_blocks: int
+
+    def heavy_rows(self, device: torch.device | str = "cpu") -> Tensor:
+        """Query rows (0-based rows of q, [R] int64) of the heavy query blocks."""
+        return _block_positions(self.heavy_q_blocks, self.block, self.nq).to(device)
+
+    def heavy_keys(self, device: torch.device | str = "cpu") -> Tensor:
+        """Key positions ([C] int64) of the heavy key blocks."""
+        return _block_positions(self.heavy_k_blocks, self.block, self.n).to(device)
+
+
+def _block_positions(blocks: Tensor, block: int, limit: int) -> Tensor:
+    """The positions [len(blocks) * block, cut at limit] of the given blocks, sorted."""
+    pos = (blocks.sort().values[:, None] * block + torch.arange(block)).flatten()
+    return pos[pos < limit]
+
+
+def split_block_mask_for(
+    pattern: Pattern,
+    n: int,
+    heads: int,
+    *,
+    causal: bool = False,
+    block: int = 128,
+    key_padding_mask: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+    q_len: int | None = None,
+    device: torch.device | str = "cpu",
+    compact: bool | None = None,
+    with_q_blocks: bool = True,
+    heavy_factor: float = HEAVY_FACTOR,
+    heavy_min_blocks: int = HEAVY_MIN_BLOCKS,
+) -> SplitBlockMask:
+    """:func:`block_mask_for` with the dense rows and columns taken out of the lists.
+
+    A query block is heavy when its list (the most key blocks it touches in any batch
+    row and head) is longer than max(heavy_factor x the median list, heavy_min_blocks);
+    a key block is heavy when as many query blocks touch it. Nothing depends on the
+    pattern's name: BigBird's and Longformer's global rows and columns, a
+    ``global`` pattern's, a per-head global head's are found by their counts. The
+    lists then hold the rest: W is O(the typical row), not KB.
+
+    Args:
+        pattern, n, heads, causal, block, key_padding_mask, segment_ids, q_len,
+            device, compact, with_q_blocks: as :func:`block_mask_for`.
+        heavy_factor, heavy_min_blocks: the thresholds above.
+
+    Returns:
+        :class:`SplitBlockMask`. Cost: O(visible blocks + N) time; lists
+        O(B H QB W_light) int32 (at N = 2^20, BigBird block 64: a few MB where the
+        whole mask needs 512 MB).
+    """
+    g, B, docs = _check_build(pattern, n, heads, block, q_len, key_padding_mask, segment_ids)
+    if not heavy_factor > 0 or isinstance(heavy_min_blocks, bool) or not isinstance(heavy_min_blocks, int):
+        raise ValueError(f"heavy_factor must be > 0 and heavy_min_blocks an int, got {heavy_factor!r}, "
+                         f"{heavy_min_blocks!r}")
+    recs, H = _visible_blocks(pattern, g, heads, causal, key_padding_mask, segment_ids, docs, B)
+    hq, hk = _heavy_blocks(recs, g, B, H, heavy_factor, heavy_min_blocks)
+    if hq.numel() or hk.numel():
+        is_hq = torch.zeros(g.QB, dtype=torch.bool)
+        is_hk = torch.zeros(g.KB, dtype=torch.bool)
+        is_hq[hq], is_hk[hk] = True, True
+        keep = ~(is_hq[recs[2]] | is_hk[recs[3]])
+        recs = tuple(x[keep] for x in recs)
+    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, torch.device(device))
+    light = _without_blocks(mask_mod, g, hq, hk, torch.device(device)) if hq.numel() or hk.numel() else mask_mod
+    bm = _assemble(g, B, H, recs, light, device, compact, with_q_blocks)
+    return SplitBlockMask(bm, mask_mod, hq, hk, block, n, g.nq, int(recs[0].numel()))
+
+
+def _without_blocks(mask_mod: Callable, g: _Grid, hq: Tensor, hk: Tensor, device: torch.device) -> Callable:
+    """mask_mod AND (query block not in hq) AND (key block not in hk): two table
+    lookups, evaluated by Flex in partial blocks only."""
+    qtab = torch.zeros(g.QB, dtype=torch.bool)
+    ktab = torch.zeros(g.KB, dtype=torch.bool)
+    qtab[hq], ktab[hk] = True, True
+    qtab, ktab = qtab.to(device), ktab.to(device)
+    bt, qtop, ktop = _c(g.b).to(device), _c(g.QB - 1).to(device), _c(g.KB - 1).to(device)
+
+    def light_mask_mod(b, h, q_idx, kv_idx):
+        m = mask_mod(b, h, q_idx, kv_idx)
+        return m & ~qtab[_clip(q_idx // bt, qtop)] & ~ktab[_clip(kv_idx // bt, ktop)]
+
+    light_mask_mod.longattn_kind = ("light", mask_mod.longattn_kind)  # type: ignore[attr-defined]
+    return light_mask_mod
+
+
+
+def _heavy_blocks(recs: tuple[Tensor, ...], g: _Grid, B: int, H: int, factor: float, min_blocks: int
+                  ) -> tuple[Tensor, Tensor]:
+    """Heavy query blocks [Rq] and key blocks [Rk] (int64, sorted) from the
+    deduplicated records (b, h, qb, kb, full): a block whose count (list length, or
+    query blocks touching it; the most over b and h) exceeds max(factor x the median
+    nonzero count, min_blocks). O(records + B H (QB + KB))."""
+    bi, hi, qb, kb = recs[:4]
+    out = []
+    for idx, size in ((qb, g.QB), (kb, g.KB)):
+        cnt = torch.bincount((bi * H + hi) * size + idx, minlength=B * H * size).view(B * H, size).amax(0)
+        nz = cnt[cnt > 0]
+        if nz.numel() == 0:
+            out.append(torch.zeros(0, dtype=torch.long))
+            continue
+        lim = max(factor * float(nz.median()), float(min_blocks))
+        out.append(torch.nonzero(cnt > lim).flatten())
+    return out[0], out[1]
+
+
+def _check_build(pattern: Pattern, n: int, heads: int, block: int, q_len: int | None,
+                 key_padding_mask: Tensor | None, segment_ids: Tensor | None
+                 ) -> tuple[_Grid, int, list[list[tuple[int, int]]]]:
+    """Validate :func:`block_mask_for`'s arguments; (grid, batch B, documents per row)."""
     if BlockMask is None:  # pragma: no cover
         raise RuntimeError("FlexAttention needs torch >= 2.5")
     if not isinstance(pattern, Pattern):
@@ -540,11 +836,16 @@ def block_mask_for(
         raise TypeError(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
     if segment_ids is not None and (segment_ids.is_floating_point() or segment_ids.dtype == torch.bool):
         raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
-    device = torch.device(device)
-    if compact is None:
-        compact = device.type != "cpu"
-    g = _Grid(n, nq, block)
-    docs = _documents(segment_ids, B, n)
+    return _Grid(n, nq, block), B, _documents(segment_ids, B, n)
+
+
+def _visible_blocks(pattern: Pattern, g: _Grid, heads: int, causal: bool, key_padding_mask: Tensor | None,
+                    segment_ids: Tensor | None, docs: list[list[tuple[int, int]]], B: int
+                    ) -> tuple[tuple[Tensor, ...], int]:
+    """Every visible block once, as (b, h, qb, kb, full) int64/bool vectors, after
+    causal and padding; and H (heads when the pattern differs per head, else 1).
+    O(visible blocks + B N)."""
+    block, n, nq = g.b, g.n, g.nq
     (bi, hi, qb, kb, full), per_head = _records(pattern, g, heads, causal, docs)
     H = heads if per_head else 1
     if causal:  # keys after the last query of the block: none; full only below the first
@@ -571,22 +872,33 @@ def block_mask_for(
     if bi.numel():
         code = ((bi * H + hi) * g.QB + qb) * g.KB + kb
         uniq, inv = torch.unique(code, return_inverse=True)
-        f = torch.zeros(uniq.numel(), dtype=torch.bool).index_put_((inv,), full, accumulate=True)
+        full = torch.zeros(uniq.numel(), dtype=torch.bool).index_put_((inv,), full, accumulate=True)
         kb = uniq % g.KB
         rest = uniq // g.KB
         qb = rest % g.QB
         rest = rest // g.QB
-        hi, bi, full = rest % H, rest // H, f
+        hi, bi = rest % H, rest // H
+    return (bi, hi, qb, kb, full), H
+
+
+def _assemble(g: _Grid, B: int, H: int, recs: tuple[Tensor, ...], mask_mod: Callable,
+              device: torch.device | str, compact: bool | None, with_q_blocks: bool):
+    """The BlockMask of the records (b, h, qb, kb, full): partial and full kv lists
+    [B, H, QB, W] (and the transposed q lists [B, H, KB, W'] when ``with_q_blocks``),
+    moved to ``device``. O(records log records) + the lists."""
+    device = torch.device(device)
+    if compact is None:
+        compact = device.type != "cpu"
+    bi, hi, qb, kb, full = recs
     part = ~full
     kv_w = None if compact else g.KB
     q_w = None if compact else g.QB
     kv_num, kv_idx = _lists(B, H, g.QB, (bi[part], hi[part], qb[part]), kb[part], kv_w)
     fkv_num, fkv_idx = _lists(B, H, g.QB, (bi[full], hi[full], qb[full]), kb[full], kv_w)
-    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, device)
     to = lambda x: x.to(device)  # noqa: E731
     bm = BlockMask.from_kv_blocks(
-        to(kv_num), to(kv_idx), to(fkv_num), to(fkv_idx), BLOCK_SIZE=(block, block), mask_mod=mask_mod,
-        seq_lengths=(nq, n), compute_q_blocks=False,
+        to(kv_num), to(kv_idx), to(fkv_num), to(fkv_idx), BLOCK_SIZE=(g.b, g.b), mask_mod=mask_mod,
+        seq_lengths=(g.nq, g.n), compute_q_blocks=False,
     )
     if with_q_blocks:  # the transposed lists, from the same records (Flex's own transpose is dense)
         q_num, q_idx = _lists(B, H, g.KB, (bi[part], hi[part], kb[part]), qb[part], q_w)
@@ -721,10 +1033,18 @@ def expand_block_mask(bm, batch: int = 1, heads: int = 1) -> Tensor:
 
 _COMPILED: dict[object, Callable] = {}
 _MASKS: dict[tuple, tuple[Pattern, object]] = {}
+_SIDE_ELEMENTS = 1 << 23  # scores per chunk of the heavy rows/columns (fp32: 32 MiB)
+_SIDE_MIN_STEP = 128  # ... but at least this many keys (rows) per chunk
 
 
-def _flex_call(q, k, v, block_mask, scale, enable_gqa):
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+def _flex_call(q, k, v, block_mask, scale, enable_gqa, lse=False):
+    if not lse:
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if AuxRequest is not None:  # torch >= 2.9
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                                  return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
 
 
 def _compiled(kind: object) -> Callable:
@@ -734,10 +1054,163 @@ def _compiled(kind: object) -> Callable:
     fn = _COMPILED.get(kind)
     if fn is None:
         code = _flex_call.__code__.replace(co_name=f"_flex_call_{len(_COMPILED)}")
-        wrapper = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+        wrapper = types.FunctionType(code, _flex_call.__globals__, code.co_name, _flex_call.__defaults__)
         fn = torch.compile(wrapper, dynamic=True)
         _COMPILED[kind] = fn
     return fn
+
+
+def _light(q: Tensor, k: Tensor, v: Tensor, bm, scale: float, enable_gqa: bool, lse: bool):
+    """Compiled Flex over the BlockMask's lists: out [B, H, Nq, Dv] (q's dtype), and
+    with ``lse`` also the log-sum-exp [B, H, Nq] (fp32, natural log, -inf for a row
+    whose lists show it no key). The CPU has neither a backward nor the lse."""
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            raise NotImplementedError("FlexAttention has no CPU backward: run under torch.no_grad() or on CUDA")
+        if lse:
+            raise NotImplementedError("compiled Flex on the CPU returns no log-sum-exp, which split=True (heavy "
+                                      "rows and columns outside Flex) needs: use split=False on the CPU")
+    kind = getattr(bm.mask_mod, "longattn_kind", None)
+    if q.device.type == "cpu":
+        # torch 2.13's CPU Flex template fails to build when a compiled graph is
+        # recompiled for new shapes (C++ error "cur_kvSplitSize4 was not declared"): on
+        # the CPU every shape gets a wrapper (a first compile) of its own.
+        kind = (kind, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
+        q, k, v = q.detach(), k.detach(), v.detach()  # Flex refuses requires_grad on the CPU
+    else:
+        kind = (kind, q.dtype, enable_gqa, lse)
+    return _compiled(kind)(q, k, v, bm, scale, enable_gqa, lse)
+
+
+# ----------------------------------------------------------------------------------------
+# Heavy rows and columns, outside Flex
+# ----------------------------------------------------------------------------------------
+
+
+def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention of q [B, H, R, D] over k [B, Hkv, C, D], v [B, Hkv, C, Dv]
+    (H % Hkv == 0, never repeated), mask broadcastable to [B, H, R, C]: out
+    [B, H, R, Dv] and lse [B, H, R]; a row with no visible key gives zeros and
+    lse -inf, and gradients without NaN. Memory O(B H R C)."""
+    B, H, R, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    gq = H // Hkv
+    s = torch.matmul(q.reshape(B, Hkv, gq * R, D), k.transpose(-1, -2)).view(B, H, R, C) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)  # a shift: out and lse do not depend on it
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    den = p.sum(-1)
+    out = torch.matmul(p.view(B, Hkv, gq * R, C), v).view(B, H, R, v.shape[-1])
+    seen = den > 0
+    den1 = torch.where(seen, den, torch.ones_like(den))
+    lse = torch.where(seen, m.squeeze(-1) + torch.log(den1), torch.full_like(den, float("-inf")))
+    return out / den1[..., None], lse
+
+
+def _merge(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Softmax attentions over disjoint key sets, each out [..., Dv] with its lse [...],
+    as one: (sum_k e^(lse_k) out_k / sum_k e^(lse_k), log sum_k e^(lse_k)); -inf lses
+    weigh nothing, all -inf gives zeros and -inf (no NaN, values or gradients)."""
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    o, ll = torch.stack(outs), torch.stack(lses)
+    m = ll.detach().amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(ll - m)
+    tot = w.sum(0)
+    seen = tot > 0
+    tot1 = torch.where(seen, tot, torch.ones_like(tot))
+    out = (w[..., None] * o).sum(0) / tot1[..., None]
+    return out, torch.where(seen, m + torch.log(tot1), torch.full_like(tot, float("-inf")))
+
+
+def _masked_chunk(q: Tensor, k: Tensor, v: Tensor, *, mask_mod: Callable, rows: Tensor, keys: Tensor,
+                  scale: float, work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`_chunk_attention` of q's ``rows`` over the ``keys`` (k, v already cut to
+    them), with the mask from ``mask_mod`` on these pairs only, in ``work`` precision."""
+    B, H = q.shape[:2]
+    dev = q.device
+    b = torch.arange(B, device=dev)[:, None, None, None]
+    h = torch.arange(H, device=dev)[None, :, None, None]
+    mask = mask_mod(b, h, rows[None, None, :, None], keys[None, None, None, :])
+    return _chunk_attention(q.to(work), k.to(work), v.to(work), mask, scale)
+
+
+def _run(fn: Callable, *xs: Tensor):
+    """fn(*xs), recomputed in the backward (checkpointed) when a gradient may follow,
+    so that no chunk's scores are kept."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
+    return fn(*xs)
+
+
+def _heavy_rows_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, mask_mod: Callable, scale: float,
+                          work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The query ``rows`` [R] (rows of q) over every key, in key chunks of
+    ~_SIDE_ELEMENTS scores merged by their lse: out [B, H, R, Dv], lse [B, H, R].
+    Time O(B H R Nk D); memory O(B H R (chunk + Nk / chunk x Dv))."""
+    B, H = q.shape[:2]
+    Nk = k.shape[2]
+    qr = q.index_select(2, rows)
+    step = max(_SIDE_MIN_STEP, _SIDE_ELEMENTS // (B * H * rows.numel()))
+    outs, lses = [], []
+    for c0 in range(0, Nk, step):
+        c1 = min(Nk, c0 + step)
+        keys = torch.arange(c0, c1, device=q.device)
+        fn = functools.partial(_masked_chunk, mask_mod=mask_mod, rows=rows, keys=keys, scale=scale, work=work)
+        o, lse = _run(fn, qr, k[:, :, c0:c1], v[:, :, c0:c1])
+        outs.append(o)
+        lses.append(lse)
+    return _merge(outs, lses)
+
+
+def _heavy_keys_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, mask_mod: Callable, scale: float,
+                          work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Every query over the ``keys`` [C] only, in query chunks of ~_SIDE_ELEMENTS
+    scores: out [B, H, Nq, Dv], lse [B, H, Nq] (-inf where none is visible).
+    Time O(B H Nq C D); memory O(B H (chunk + Nq Dv))."""
+    B, H, Nq = q.shape[:3]
+    kc, vc = k.index_select(2, keys), v.index_select(2, keys)
+    step = max(_SIDE_MIN_STEP, _SIDE_ELEMENTS // (B * H * keys.numel()))
+    outs, lses = [], []
+    for r0 in range(0, Nq, step):
+        r1 = min(Nq, r0 + step)
+        rows = torch.arange(r0, r1, device=q.device)
+        fn = functools.partial(_masked_chunk, mask_mod=mask_mod, rows=rows, keys=keys, scale=scale, work=work)
+        o, lse = _run(fn, q[:, :, r0:r1], kc, vc)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _split_attention(q: Tensor, k: Tensor, v: Tensor, sbm: SplitBlockMask, scale: float, enable_gqa: bool,
+                     light: Callable | None = None) -> Tensor:
+    """Attention through a :class:`SplitBlockMask`: Flex over the light lists
+    (``light``, default :func:`_light`), merged by lse with every query over the heavy
+    key blocks; the heavy query blocks' rows then replaced by those rows over every
+    key. Each pair is counted once: Flex sees light x light, the column part
+    light-or-heavy rows x heavy keys, the row part overwrites heavy rows.
+    Returns [B, H, Nq, Dv] in q's dtype; differentiable where ``light`` is."""
+    light = _light if light is None else light
+    rows, keys = sbm.heavy_rows(q.device), sbm.heavy_keys(q.device)
+    if not rows.numel() and not keys.numel():
+        return light(q, k, v, sbm.block_mask, scale, enable_gqa, False)
+    work = torch.promote_types(q.dtype, torch.float32)
+    B, H, Nq = q.shape[:3]
+    if sbm.light_blocks:
+        out, lse = light(q, k, v, sbm.block_mask, scale, enable_gqa, True)
+        out, lse = out.to(work), lse.to(work)
+    else:
+        out = q.new_zeros(B, H, Nq, v.shape[-1], dtype=work)
+        lse = q.new_full((B, H, Nq), float("-inf"), dtype=work)
+    if keys.numel():
+        out_k, lse_k = _heavy_keys_attention(q, k, v, keys, sbm.mask_mod, scale, work)
+        out, lse = _merge([out, out_k], [lse, lse_k])
+    if rows.numel():
+        out_r, _ = _heavy_rows_attention(q, k, v, rows, sbm.mask_mod, scale, work)
+        out = out.index_copy(2, rows, out_r)
+    return out.to(q.dtype)
 
 
 def flex_pattern_attention(
@@ -753,8 +1226,20 @@ def flex_pattern_attention(
     enable_gqa: bool = False,
     block: int = 128,
     compact: bool | None = None,
+    split: bool | None = None,
+    heavy_factor: float = HEAVY_FACTOR,
+    heavy_min_blocks: int = HEAVY_MIN_BLOCKS,
 ) -> Tensor:
     """Exact attention restricted to ``pattern`` through compiled FlexAttention.
+
+    With ``split`` (the default on CUDA), the few heavy query and key blocks (a
+    global row or column: see :func:`split_block_mask_for`) are not in the BlockMask:
+    Flex runs the rest and returns its log-sum-exp, every query is attended over the
+    heavy key blocks in chunks (the pattern's predicate evaluated on those Nq x C
+    pairs only) and merged with it by the lse, and the heavy rows are attended over
+    every key in chunks (R x Nk pairs) and overwrite Flex's rows. The lists stay
+    O(typical row) wide; the side work is O(B H (R Nk + Nq C) D) time and
+    O(B H (Nq + R) Dv) memory plus a bounded chunk (recomputed in the backward).
 
     Args:
         q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]. Hkv < H needs
@@ -764,6 +1249,9 @@ def flex_pattern_attention(
             with Nq < Nk the queries are the last Nq positions.
         scale: default 1/sqrt(D).
         block, compact: as :func:`block_mask_for`.
+        split: take heavy blocks out of Flex (default: on CUDA; the CPU's compiled
+            Flex returns no lse, and its lists are padded to KB wide anyway).
+        heavy_factor, heavy_min_blocks: as :func:`split_block_mask_for`.
 
     Returns:
         [B, H, Nq, Dv]; queries with no visible key give zeros. On CUDA
@@ -771,6 +1259,36 @@ def flex_pattern_attention(
     """
     if flex_attention is None:  # pragma: no cover
         raise RuntimeError("FlexAttention needs torch >= 2.5")
+    _check_qkv(q, k, v, enable_gqa)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    s = D ** -0.5 if scale is None else float(scale)
+    split = _split_default(q.device) if split is None else bool(split)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    key = (id(pattern), Nk, H, causal, block, Nq, q.device, compact, grad, split, heavy_factor, heavy_min_blocks)
+    cacheable = key_padding_mask is None and segment_ids is None
+    hit = _MASKS.get(key) if cacheable else None
+    sbm = hit[1] if hit is not None and hit[0] is pattern else None
+    if sbm is None:
+        sbm = split_block_mask_for(pattern, Nk, H, causal=causal, block=block, key_padding_mask=key_padding_mask,
+                                   segment_ids=segment_ids, q_len=Nq, device=q.device, compact=compact,
+                                   with_q_blocks=grad or q.device.type != "cpu",
+                                   heavy_factor=heavy_factor, heavy_min_blocks=heavy_min_blocks if split else _BIG)
+        if cacheable:
+            if len(_MASKS) > 64:
+                _MASKS.clear()
+            _MASKS[key] = (pattern, sbm)
+    return _split_attention(q, k, v, sbm, s, enable_gqa)
+
+
+def _split_default(device: torch.device) -> bool:
+    """Split heavy blocks out of Flex by default? Not on the CPU: its compiled Flex
+    returns no log-sum-exp, and its lists are padded to KB wide anyway."""
+    return device.type != "cpu"
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
+    """Ranks, shapes, dtypes and GQA of :func:`flex_pattern_attention`'s inputs."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a [B, H, N, D] tensor, got {getattr(t, 'shape', t)!r}")
@@ -786,33 +1304,3 @@ def flex_pattern_attention(
         raise ValueError(f"Nq ({Nq}) must be <= Nk ({Nk}): queries are the last Nq positions")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise NotImplementedError("FlexAttention has no CPU backward: run under torch.no_grad() or on CUDA")
-    s = D ** -0.5 if scale is None else float(scale)
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    key = (id(pattern), Nk, H, causal, block, Nq, q.device, compact, grad)
-    bm = None
-    if key_padding_mask is None and segment_ids is None:
-        hit = _MASKS.get(key)
-        if hit is not None and hit[0] is pattern:
-            bm = hit[1]
-    if bm is None:
-        bm = block_mask_for(pattern, Nk, H, causal=causal, block=block, key_padding_mask=key_padding_mask,
-                            segment_ids=segment_ids, q_len=Nq, device=q.device, compact=compact,
-                            with_q_blocks=grad or q.device.type != "cpu")
-        if key_padding_mask is None and segment_ids is None:
-            if len(_MASKS) > 64:
-                _MASKS.clear()
-            _MASKS[key] = (pattern, bm)
-    kind = getattr(bm.mask_mod, "longattn_kind", None)
-    if q.device.type == "cpu":
-        # torch 2.13's CPU Flex template fails to build when a compiled graph is
-        # recompiled for new shapes (C++ error "cur_kvSplitSize4 was not declared"): on
-        # the CPU every shape gets a wrapper (a first compile) of its own.
-        kind = (kind, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
-    else:
-        kind = (kind, q.dtype, enable_gqa)
-    if q.device.type == "cpu":  # no autograd here (refused above); Flex refuses requires_grad on the CPU
-        q, k, v = q.detach(), k.detach(), v.detach()
-    out = _compiled(kind)(q, k, v, bm, s, enable_gqa)
-    return out
