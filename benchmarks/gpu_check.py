@@ -8,8 +8,9 @@ For every pattern, length and dtype: forward + backward time (median of --repeat
 runs, CUDA events) and peak GPU memory of
 
 - ``ours``: :func:`longattn.ops.flex.flex_pattern_attention` with the BlockMask built
-  from the pattern's components (:func:`block_mask_for`; its build time is reported
-  separately, ``build ms``);
+  from the pattern's components, its heavy query/key blocks (global rows and
+  columns) split out and attended outside Flex (:func:`split_block_mask_for`; its
+  build time is reported separately, ``build ms``, with the heavy blocks found);
 - ``flex+cbm``: the same compiled ``flex_attention`` and mask_mod, with the BlockMask
   made by ``create_block_mask`` (which evaluates the mask_mod over every (i, j) pair:
   its build time is the price of the usual route);
@@ -18,7 +19,9 @@ runs, CUDA events) and peak GPU memory of
 
 Then correctness: at small N in fp32, ours equals the engine path
 (:func:`longattn.ops.blocksparse.pattern_attention`) in outputs and gradients (with
-padding, causal, documents, grouped KV heads, bottom-right Nq < Nk), and the bf16
+padding, causal, documents, grouped KV heads, bottom-right Nq < Nk; at N = 4000 the
+global rows and columns are split out of Flex and merged by log-sum-exp: the
+``split`` cases, whose label says how many heavy blocks were found), and the bf16
 error of ours against the fp32 engine is printed.
 
 Without a CUDA device the script says so and exits with status 0.
@@ -123,23 +126,29 @@ def _checks(torch, F, pats, names, dev) -> int:
 
     print("\n== correctness: Flex (ours) vs the engine (pattern_attention), fp32 ==")
     print(f"{'pattern':<18} {'case':<26} {'max|out|':>10} {'max|grad|':>10} {'bf16 err':>10}  result")
+    print("(split cases: N = 4000, heavy query (q) and key (k) blocks taken out of Flex)")
     failures = 0
     torch.manual_seed(0)
     for name in names:
         make_p, causal = pats[name]
-        for case in ("plain", "padding", "gqa+bottom_right", "documents"):
+        for case in ("plain", "padding", "gqa+bottom_right", "documents", "split", "split+padding+gqa"):
             try:
                 p = make_p()
-                n, B, H, Hkv, D = 1000, 2, 4, 4, 64
+                n, B, H, Hkv, D = (4000 if case.startswith("split") else 1000), 2, 4, 4, 64
                 nq = n
                 kpm = seg = None
-                if case == "padding":
+                if "padding" in case:
                     kpm = torch.rand(B, n, device=dev) > 0.1
                     kpm[1, : n // 2] = False
                 if case == "gqa+bottom_right":
                     Hkv, nq = 2, 333
+                if case == "split+padding+gqa":
+                    Hkv = 2
                 if case == "documents":
                     seg = (torch.arange(n, device=dev) // 300).expand(B, n).contiguous()
+                if case.startswith("split"):
+                    sbm = F.split_block_mask_for(p, n, H, causal=causal, key_padding_mask=kpm, q_len=nq, device=dev)
+                    case = f"{case} ({sbm.heavy_q_blocks.numel()}q+{sbm.heavy_k_blocks.numel()}k)"
                 q = torch.randn(B, H, nq, D, device=dev, requires_grad=True)
                 k = torch.randn(B, Hkv, n, D, device=dev, requires_grad=True)
                 v = torch.randn(B, Hkv, n, D, device=dev, requires_grad=True)
@@ -227,7 +236,7 @@ def _table(torch, F, create_block_mask, pats, names, dev, args) -> None:
 
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
     print("\n== fwd+bwd time (ms, median) and peak memory (MB above inputs) ==")
-    hdr = (f"{'pattern':<18} {'N':>7} {'dtype':<5} {'build ms':>9} {'ours ms':>9} {'MB':>7} "
+    hdr = (f"{'pattern':<18} {'N':>7} {'dtype':<5} {'build ms':>13} {'ours ms':>9} {'MB':>7} "
            f"{'cbm build':>10} {'flex+cbm':>9} {'MB':>7} {'sdpa ms':>9} {'MB':>7} {'ours/sdpa':>9}")
     print(hdr)
     B, H, D = args.batch, args.heads, args.dim
@@ -256,12 +265,16 @@ def _table(torch, F, create_block_mask, pats, names, dev, args) -> None:
                         return f"err {type(e).__name__}"[:17]
 
                 # ours: build time (host index math + copy to the GPU), then fwd+bwd
+                sbm = None
                 try:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    bm = F.block_mask_for(p, n, H, causal=causal, device=dev)
+                    sbm = F.split_block_mask_for(p, n, H, causal=causal, device=dev)
                     torch.cuda.synchronize()
-                    build = f"{(time.perf_counter() - t0) * 1e3:9.1f}"
+                    build = f"{(time.perf_counter() - t0) * 1e3:.1f}"
+                    if sbm.heavy_q_blocks.numel() or sbm.heavy_k_blocks.numel():  # split out: q rows, k columns
+                        build += f"/{sbm.heavy_q_blocks.numel()}q{sbm.heavy_k_blocks.numel()}k"
+                    bm = sbm.block_mask
                 except Exception as e:  # noqa: BLE001
                     bm, build = None, f"err {type(e).__name__}"[:9]
 
@@ -276,7 +289,7 @@ def _table(torch, F, create_block_mask, pats, names, dev, args) -> None:
                     try:
                         torch.cuda.synchronize()
                         t0 = time.perf_counter()
-                        cbm = create_block_mask(bm.mask_mod, 1, H, n, n, device=dev, _compile=True)
+                        cbm = create_block_mask(sbm.mask_mod, 1, H, n, n, device=dev, _compile=True)
                         torch.cuda.synchronize()
                         cbuild = f"{(time.perf_counter() - t0) * 1e3:10.1f}"
 
@@ -305,9 +318,9 @@ def _table(torch, F, create_block_mask, pats, names, dev, args) -> None:
                 r_sdpa = run(sdpa)
                 ratio = (f"{r_ours[0] / r_sdpa[0]:9.3f}" if not isinstance(r_ours, str)
                          and not isinstance(r_sdpa, str) else f"{'-':>9}")
-                print(f"{name:<18} {n:>7} {dn:<5} {build:>9} {_cell(r_ours)} {cbuild:>10} {_cell(r_cbm)} "
+                print(f"{name:<18} {n:>7} {dn:<5} {build:>13} {_cell(r_ours)} {cbuild:>10} {_cell(r_cbm)} "
                       f"{_cell(r_sdpa)} {ratio}", flush=True)
-                del q, k, v, g, bm
+                del q, k, v, g, bm, sbm
                 torch.cuda.empty_cache()
 
 
