@@ -208,9 +208,11 @@ def test_construction_at_one_million_is_linear():
 
 @pytest.mark.slow
 def test_construction_bigbird_one_million():
-    """BigBird at N = 2^20: the global row block sees every key block, so the
-    rectangular kv_indices [QB, KB] of the BlockMask format costs 8192^2 int32 (256 MB)
-    per list; still orders of magnitude below the 128 GiB of an N x N bit mask."""
+    """BigBird at N = 2^20, the whole mask: the global row block sees every key block,
+    so the rectangular kv_indices [QB, KB] of the BlockMask format costs 8192^2 int32
+    (256 MB) per list; still orders of magnitude below the 128 GiB of an N x N bit
+    mask. split_block_mask_for takes that row and column out (see
+    test_split_block_mask_at_one_million_is_small)."""
     n = 1 << 20
     bb = _build_in_subprocess([["bigbird", n]])[f"bigbird@{n}"]
     assert bb["peak_mb"] < 2048 and bb["seconds"] < 60, bb
