@@ -39,6 +39,7 @@ from typing import Callable, Union
 
 import torch
 import torch.nn.functional as Fn
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
@@ -371,6 +372,7 @@ def linear_attention_naive(
 
 
 _SEG_ELEMS = 1 << 22
+_SEG_ELEMS_GRAD = 1 << 20  # causal training: checkpointed segments (see _linear_fast)
 """Elements of one segment's feature tensor [B, H, L, F] (16 MiB in fp32). The fast
 forms compute features segment by segment: the same arithmetic, with bounded
 buffers instead of fresh N x F ones (first-touch page faults of huge buffers cost as
@@ -381,8 +383,10 @@ def _segments(n: int, rows: int) -> list[tuple[int, int]]:
     return [(i, min(n, i + rows)) for i in range(0, n, rows)]
 
 
-def _segment_rows(B: int, H: int, F: int, chunk: int) -> int:
-    rows = max(chunk, _SEG_ELEMS // max(1, B * H * F))
+def _segment_rows(B: int, H: int, F: int, chunk: int, elements: int | None = None) -> int:
+    """Rows per feature segment: about ``elements`` (default :data:`_SEG_ELEMS`) per
+    [B, H, rows, F] tensor, a multiple of ``chunk``."""
+    rows = max(chunk, (elements or _SEG_ELEMS) // max(1, B * H * F))
     return max(chunk, rows // chunk * chunk)
 
 
@@ -437,11 +441,24 @@ def _linear_fast(
         off = Nk - Nq
         state, m0 = _key_state(keys, 0, off, rows) if off else (None, None)
         state, m0 = kg(state), kg(m0)
-        for a, b in _segments(Nq, rows):
+
+        def segment(a: int, b: int, state: Tensor | None, m0: Tensor | None):
             fq, _ = feats(q[:, :, a:b], True)
             fk, sk, va = keys(off + a, off + b)
             o, state, m0 = _causal_chunked(qg(fq), kg(fk), kg(sk), kg(va), chunk, state, m0)
-            outs.append(ungroup(_ratio(o)))
+            return ungroup(_ratio(o)), state, m0
+
+        segments = _segments(Nq, rows if not grad else _segment_rows(B, H, F, chunk, _SEG_ELEMS_GRAD))
+        # training over several segments: each runs under activation checkpointing, so
+        # the backward keeps one segment's features and chunk products at a time (its
+        # input state and output only in between), for one more forward of compute
+        ckpt = grad and len(segments) > 1
+        for a, b in segments:
+            if ckpt:
+                o, state, m0 = torch.utils.checkpoint.checkpoint(segment, a, b, state, m0, use_reentrant=False)
+            else:
+                o, state, m0 = segment(a, b, state, m0)
+            outs.append(o)
     else:
         state, _ = _key_state(keys, 0, Nk, rows)
         for a, b in _segments(Nq, rows):
