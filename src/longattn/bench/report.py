@@ -109,10 +109,26 @@ def skipped_table(doc: dict[str, Any]) -> str:
         return "Every case ran."
     lines = ["| mechanism | N | mode | status | reason |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['mechanism']}` | {r['n']} | {r['mode']} | {r['status']} | {r.get('reason', '')} |")
+        lines.append(f"| `{r['mechanism']}` | {r['n']} | {r['mode']} | {r['status']} | "
+                     f"{_one_cell(r.get('reason', ''))} |")
     for p in missing:
-        lines.append(f"| `{p}` (peer) | all | all | not installed | `pip install -e '.[bench]'` (make demo does) |")
+        lines.append(f"| `{p}` (peer) | all | all | not installed | {_one_cell(_install_hint(p))} |")
     return "\n".join(lines)
+
+
+def _one_cell(text: str) -> str:
+    """``text`` as one markdown table cell (an error message may hold newlines or pipes)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _install_hint(peer: str) -> str:
+    """How to install a missing peer: its own hint (:attr:`Peer.install`) or the bench extra."""
+    try:
+        from longattn.bench.cases import PEERS
+    except ImportError:
+        PEERS = {}
+    hint = getattr(PEERS.get(peer), "install", "")
+    return hint or "`pip install -e '.[bench]'` (make demo does)"
 
 
 def settings_table(doc: dict[str, Any]) -> str:
