@@ -28,6 +28,19 @@ a budget):
   ``sinkhorn``: blocks of 256 (own block + sorted block = 512 keys).
 - ``local2d``: a 128-wide grid, radius 7 each way (225 keys); ``graph``: each node
   receives 32 edges (16 nearest predecessors/successors + 16 random).
+
+The peers of the newer rows (each :class:`Peer`'s ``note`` says what still differs):
+
+- ``local2d``: FlexAttention with the Neighborhood2D predicate as its ``mask_mod``
+  (the same visible set); NATTEN ``na2d(kernel_size=15)`` (the same window except at
+  the image border, where NATTEN shifts it inwards).
+- ``nystrom``: nystrom-attention's ``NystromAttention(num_landmarks=64,
+  residual=False)`` with its projections set to identity: the same landmarks and
+  formula; its pinv is 6 iterations of the paper's iteration (ours: exact).
+- ``clustered``: routing-transformer's ``KmeansAttention(window_size=512)`` with
+  ceil(N / 512) clusters: 512 keys per query as ours (chunk of 256 + the one before).
+- ``sinkhorn``: sinkhorn-transformer's ``SinkhornAttention(bucket_size=256,
+  n_top_buckets=1)``: own + one sorted block, 8 Sinkhorn iterations, temperature 0.75.
 """
 
 from __future__ import annotations
@@ -204,6 +217,8 @@ class Peer:
     modes: tuple[str, ...] = ("fwd", "train")
     causal: bool = True
     note: str = ""
+    #: how to install it, for the report's "not installed" line ("" = the bench extra)
+    install: str = ""
 
 
 def _has(module: str) -> Callable[[], bool]:
@@ -261,10 +276,26 @@ def _flex_mask_mod(name: str, n: int, heads: int) -> Callable:
             return ((qb - kb).abs() <= 1) | (i < g) | (j < g) | hit[h, qb, kb]
 
         return mm
+    if name == "local2d":
+        return _local2d_mask_mod(n, heads)
     raise KeyError(name)
 
 
+def _local2d_mask_mod(n: int, heads: int) -> Callable:
+    """The predicate of :class:`longattn.patterns.Neighborhood2D` at the local2d
+    settings: on the row-major ``height x width`` grid, key j is visible to query i
+    iff |row_i - row_j| <= radius_h and |col_i - col_j| <= radius_w (the window is
+    cut off at the image border, not shifted inwards)."""
+    s = settings("local2d", n, heads, 64)
+    W, rh, rw = s["width"], s["radius_h"], s["radius_w"]
+    if s["height"] * W != n:
+        raise ValueError(f"local2d needs N = height * width: a {W}-wide grid does not divide N={n}")
+    return lambda bb, h, i, j: ((i // W - j // W).abs() <= rh) & ((i % W - j % W).abs() <= rw)
+
+
 FLEX_PATTERNS = ("local", "dilated", "strided", "longformer", "bigbird")
+# the FlexAttention peers: the 1-D patterns above (pattern_of gives their masks) and local2d
+FLEX_PEERS = FLEX_PATTERNS + ("local2d",)
 
 
 def _build_flex(name: str) -> Callable[[int, int, int, bool], Callable]:
@@ -350,13 +381,136 @@ def _build_linformer_pkg(n: int, heads: int, dim: int, causal: bool) -> Callable
     return run
 
 
+def _with_defaults(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
+    """The bench settings of ``name`` over its registry defaults (what ours runs with)."""
+    from longattn.registry import get
+
+    out = {p.name: p.default for p in get(name).params if not p.required}
+    out.update(settings(name, n, heads, dim))
+    return out
+
+
+#: nystrom-attention's pinv iterations: the paper's 6 (the package default). It has no
+#: exact pseudo-inverse, which our benchmark setting uses (pinv_iters=None)
+NYSTROM_PEER_PINV_ITERS = 6
+
+
+def _build_nystrom_pkg(n: int, heads: int, dim: int, causal: bool,
+                       pinv_iters: int = NYSTROM_PEER_PINV_ITERS) -> Callable:
+    """nystrom-attention's ``NystromAttention`` layer reduced to its attention.
+
+    Its q/k/v projection (one Linear to 3 H D) and its output projection become
+    identities and q, k, v go in concatenated along the features, so it attends over
+    exactly our q, k, v (the concatenation and the layout changes are O(N H D)).
+    The residual depthwise convolution of v is off (ours has none).
+    """
+    if causal:
+        raise ValueError("nystrom-attention has no causal mode (neither has our nystrom)")
+    from nystrom_attention import NystromAttention
+
+    m = _with_defaults("nystrom", n, heads, dim)["landmarks"]
+    mod = NystromAttention(dim=heads * dim, dim_head=dim, heads=heads, num_landmarks=m,
+                           pinv_iterations=pinv_iters, residual=False, dropout=0.0)
+    mod.to_qkv = nn.Identity()
+    mod.to_out = nn.Identity()
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, N, D = q.shape
+        x = torch.cat([t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v)], dim=-1)
+        return mod(x).reshape(B, N, H, D).transpose(1, 2)
+
+    run.module = mod  # type: ignore[attr-defined]
+    return run
+
+
+def _build_routing(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    """routing-transformer's ``KmeansAttention`` (the attention of its layer, no projections).
+
+    Each of its clusters takes the ``window`` queries and the ``window`` keys nearest
+    its centroid and attends among them; window = our keys per query (a chunk of 256
+    and, with look-back, the chunk before: 512), and ceil(N / window) clusters so
+    that the windows cover N (each token about once).
+    """
+    from routing_transformer.routing_transformer import KmeansAttention
+
+    s = _with_defaults("clustered", n, heads, dim)
+    w = s["chunk_size"] * (2 if s["look_back"] else 1)
+    n_clusters = max(1, math.ceil(n / w))
+    mod = KmeansAttention(num_clusters=n_clusters, window_size=w, num_heads=heads, head_dim=dim,
+                          causal=causal, dropout=0.0, shared_qk=False)
+    mod.train()  # as build_ours: k-means centroids move in training (ours by EMA too)
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return mod(q, k, v)[0]  # (out, commitment loss)
+
+    run.module = mod  # type: ignore[attr-defined]
+    return run
+
+
+def _build_sinkhorn_pkg(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    """sinkhorn-transformer's ``SinkhornAttention`` (``SinkhornCausalAttention`` when
+    causal): buckets of our block size, each attending to itself and one sorted
+    bucket (2 x 256 keys, as ours); non-causal: Gumbel-Sinkhorn sorting with our 8
+    iterations and temperature 0.75 (not its default top-1 sort)."""
+    s = _with_defaults("sinkhorn", n, heads, dim)
+    b = s["block_size"]
+    if n % b:
+        raise ValueError(f"sinkhorn-transformer needs N a multiple of its bucket size {b}, got N={n}")
+    from sinkhorn_transformer.sinkhorn_transformer import SinkhornAttention, SinkhornCausalAttention
+
+    if causal:
+        mod: nn.Module = SinkhornCausalAttention(b, heads * dim, dim, heads, n, dropout=0.0,
+                                                 n_top_buckets=1, temperature=s["temperature"])
+    else:
+        mod = SinkhornAttention(b, heads * dim, dim, heads, n, temperature=s["temperature"],
+                                non_permutative=False, sinkhorn_iter=s["iters"], n_sortcut=0, dropout=0.0,
+                                n_top_buckets=1)
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return mod(q, k, v)
+
+    run.module = mod  # type: ignore[attr-defined]
+    return run
+
+
+def _build_natten(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    """NATTEN's ``na2d`` on the local2d grid, kernel (2 radius + 1)^2.
+
+    Without CUDA, NATTEN (built without libnatten) has only its FlexAttention backend,
+    and it refuses to compile Flex without a CUDA device of compute capability >= 70:
+    on the CPU it runs Flex's unfused path (which materialises the N x N scores).
+    """
+    if causal:
+        raise ValueError("NATTEN's causal masks are per axis (row <= and column <=), not raster order")
+    import natten
+
+    s = settings("local2d", n, heads, dim)
+    Hh, W = s["height"], s["width"]
+    if Hh * W != n:
+        raise ValueError(f"local2d needs N = height * width: a {W}-wide grid does not divide N={n}")
+    ks = (2 * s["radius_h"] + 1, 2 * s["radius_w"] + 1)
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, N, D = q.shape
+        grid = [t.transpose(1, 2).reshape(B, Hh, W, H, D) for t in (q, k, v)]
+        out = natten.na2d(*grid, kernel_size=ks)  # NATTEN picks its backend (CPU: flex-fna)
+        return out.reshape(B, N, H, D).transpose(1, 2)
+
+    return run
+
+
+_FLEX_EXTRA = {
+    "local2d": ". Blocks of 128 are whole grid rows: each query block computes 15 partial key blocks "
+               "(1920 keys) for 225 visible; checked equal to ours",
+}
+
 PEERS: dict[str, Peer] = {
     **{
         f"flex:{p}": Peer(f"flex:{p}", p, "torch.nn.attention.flex_attention", _build_flex(p),
                           _flex_available, modes=("fwd",),
                           note="torch.compile'd FlexAttention with a BlockMask (128) from the predicate; "
-                               "inference only on CPU")
-        for p in FLEX_PATTERNS
+                               "inference only on CPU" + _FLEX_EXTRA.get(p, ""))
+        for p in FLEX_PEERS
     },
     "local-attention": Peer("local-attention", "local", "local_attention", _build_local_attention,
                             _has("local_attention"),
@@ -369,6 +523,40 @@ PEERS: dict[str, Peer] = {
     "linformer-pkg": Peer("linformer-pkg", "linformer", "linformer", _build_linformer_pkg,
                           _has("linformer"), causal=False,
                           note="LinformerSelfAttention(k=256) with its q/k/v/out projections set to identity"),
+    "nystrom-attention": Peer(
+        "nystrom-attention", "nystrom", "nystrom_attention", _build_nystrom_pkg, _has("nystrom_attention"),
+        causal=False,
+        note="NystromAttention(num_landmarks=64, pinv_iterations=6, residual=False), q/k/v/out projections "
+             "set to identity. Differs from ours in the pinv only: 6 iterations of the paper's iteration "
+             "(no exact option; ours: exact pinv), started from A^T / (max column sum * max row sum) taken "
+             "over all batches and heads together (ours: per head). Checked equal to ours with "
+             "pinv_iters=6 head by head"),
+    "routing-transformer": Peer(
+        "routing-transformer", "clustered", "routing_transformer", _build_routing, _has("routing_transformer"),
+        note="KmeansAttention(window_size=512, num_clusters=ceil(N/512)): 512 keys per query as ours, but not "
+             "the same computation (so not checked equal): each cluster takes the top-512 queries and keys "
+             "nearest its centroid (a token may be in several windows or none; ours: every token in one "
+             "cluster, equal chunks of 256 of the (cluster, position) order + the chunk before); queries and "
+             "keys routed separately (ours: by q/|q| + k/|k|); centroids from 10 k-means iterations on the "
+             "first input (ours: 16 random unit vectors, moved by EMA in training); causal adds a learned "
+             "memory key/value per cluster"),
+    "sinkhorn-transformer": Peer(
+        "sinkhorn-transformer", "sinkhorn", "sinkhorn_transformer", _build_sinkhorn_pkg,
+        _has("sinkhorn_transformer"),
+        note="SinkhornAttention(bucket_size=256, n_top_buckets=1, non_permutative=False, sinkhorn_iter=8, "
+             "temperature=0.75): own + 1 sorted bucket = 512 keys as ours. Not the same computation (checked "
+             "equal only with a fixed hard permutation and v = k): block scores are raw dot products of "
+             "block means with Gumbel noise always on (ours: a random bilinear SortNet, no noise), and "
+             "0.11.4 mixes the sorted *keys* in as the sorted bucket's values; causal is its "
+             "SinkhornCausalAttention (top-1 past bucket, half the heads shifted, learned null bucket)"),
+    "natten": Peer(
+        "natten", "local2d", "natten", _build_natten, _has("natten"), modes=("fwd",), causal=False,
+        note="NATTEN na2d(kernel_size=15) on the 128-wide grid. Equal to ours in the interior (checked), "
+             "not at the border: NATTEN shifts the window inwards there (always 15 x 15 keys; ours cuts "
+             "it off). Causal is per axis in NATTEN, so non-causal only. On CPU it has only its Flex "
+             "backend, uncompiled (it compiles Flex on CUDA devices only): forward only, N x N scores",
+        install="not in the bench extra (pip would build it in an isolated environment with a CUDA torch): "
+                "`pip install --no-build-isolation natten` builds it against this torch"),
 }
 
 
