@@ -273,3 +273,32 @@ def test_missing_peers_are_listed_not_dropped(monkeypatch):
     assert "performer-pytorch" not in C.missing_peers(None, ["local"])  # its mechanism is not benchmarked
     table = skipped_table({"results": [], "peers_missing": ["performer-pytorch"]})
     assert "performer-pytorch" in table and "not installed" in table
+
+
+def test_short_runs_list_missing_peers_and_peers_that_cannot_run(monkeypatch):
+    """make demo / bench --quick ask for every peer of their mechanisms, installed or
+    not, so a missing one reaches the report; a peer without a causal form or a
+    backward is listed with the reason instead of vanishing from the plan."""
+    import dataclasses
+
+    from longattn.bench import cases as C
+    from longattn.bench import harness
+    from longattn.bench.report import skipped_table
+
+    gone = dataclasses.replace(C.PEERS["performer-pytorch"], available=lambda: False)
+    monkeypatch.setitem(C.PEERS, "performer-pytorch", gone)
+    peers = C.short_run_peers(["local", "performer"])
+    assert "performer-pytorch" in peers and "flex:local" in peers and "flex:dilated" not in peers
+    assert C.missing_peers(peers) == ["performer-pytorch"]
+    fwd_only = dataclasses.replace(C.PEERS["local-attention"], available=lambda: True, modes=("fwd",),
+                                   causal=False)
+    monkeypatch.setitem(C.PEERS, "local-attention", fwd_only)
+    cfg = harness.BenchConfig(mechanisms=["local"], peers=["local-attention"], modes=("fwd", "train"))
+    assert harness.peers_left_out(cfg) == [
+        {"peer": "local-attention", "modes": "train", "reason": harness.peers_left_out(cfg)[0]["reason"]}]
+    assert "fwd only" in harness.peers_left_out(cfg)[0]["reason"]
+    cfg.causal = True
+    left = harness.peers_left_out(cfg)
+    assert left[0]["reason"] == "no causal form"
+    table = skipped_table({"results": [], "peers_missing": [], "peers_left_out": left})
+    assert "local-attention" in table and "no causal form" in table

@@ -641,6 +641,15 @@ def peer_names(requested: list[str] | None = None, mechanisms: list[str] | None 
             if (mechanisms is None or peer.equals in mechanisms) and peer.available()]
 
 
+def short_run_peers(mechanisms: list[str] | None = None) -> list[str]:
+    """The peers of a short run (``make demo``, ``bench --quick``): every peer whose
+    equal mechanism is benchmarked, installed or not (the missing ones are listed in
+    the report, not dropped), with FlexAttention for ``local`` only (compiling every
+    Flex peer costs minutes)."""
+    return [p for p, peer in PEERS.items()
+            if (mechanisms is None or peer.equals in mechanisms) and (not p.startswith("flex:") or p == "flex:local")]
+
+
 def missing_peers(requested: list[str] | None = None, mechanisms: list[str] | None = None) -> list[str]:
     """The peers :func:`peer_names` would run but cannot: their package is not installed."""
     names = requested if requested is not None else [

@@ -72,9 +72,9 @@ def _bench_config(args: argparse.Namespace) -> Any:
         cfg.min_repeats, cfg.max_repeats, cfg.min_time_s = 2, 5, 0.3
         cfg.matmul_n = 1024
         if args.peers is None:
-            from longattn.bench.cases import peer_names
+            from longattn.bench.cases import short_run_peers
 
-            cfg.peers = [p for p in peer_names(None, cfg.mechanisms) if not p.startswith("flex:") or p == "flex:local"]
+            cfg.peers = short_run_peers(cfg.mechanisms)
     if args.repeats:
         cfg.min_repeats = cfg.max_repeats = args.repeats
     return cfg
@@ -130,7 +130,7 @@ def demo(out: str | Path = "report", *, tiny: bool = False, budget_s: float = 60
     skipped (and listed), so the whole run stays within ``budget_s``.
     """
     from longattn.bench import harness, report
-    from longattn.bench.cases import peer_names
+    from longattn.bench.cases import short_run_peers
     from longattn.bench.error import ErrorConfig, measure
 
     t0 = time.perf_counter()
@@ -144,7 +144,7 @@ def demo(out: str | Path = "report", *, tiny: bool = False, budget_s: float = 60
                            mechanisms=["full", "local", "performer", "nystrom"], threads=threads or 1)
         reserve = 10.0
     else:
-        peers = [p for p in peer_names(None, None) if not p.startswith("flex:") or p == "flex:local"]
+        peers = short_run_peers()
         cfg = harness.BenchConfig(ns=[1024, 4096, 16384], peers=peers, min_repeats=2, max_repeats=5,
                                   min_time_s=0.3, timeout_s=40, matmul_n=1024, threads=threads,
                                   adaptive_repeats=True)

@@ -314,6 +314,26 @@ def plan_cases(cfg: BenchConfig) -> list[Case]:
     return out
 
 
+def peers_left_out(cfg: BenchConfig) -> list[dict[str, str]]:
+    """Installed peers (or modes of them) that :func:`plan_cases` does not run because
+    the peer cannot do what was asked (no causal form, no backward here): listed in the
+    report with the reason, never silently dropped."""
+    from longattn.bench import cases as C
+
+    mechs = C.mechanism_names(cfg.mechanisms)
+    out = []
+    for p in C.peer_names(cfg.peers, mechs if cfg.peers is None else None):
+        peer = C.PEERS[p]
+        if cfg.causal and not peer.causal:
+            out.append({"peer": p, "modes": ",".join(cfg.modes), "reason": "no causal form"})
+            continue
+        lacking = [md for md in cfg.modes if md not in peer.modes]
+        if lacking:
+            out.append({"peer": p, "modes": ",".join(lacking),
+                        "reason": f"runs {'/'.join(peer.modes)} only here" + (f" ({peer.note})" if peer.note else "")})
+    return out
+
+
 def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; return the result document (see :mod:`longattn.bench.report`)."""
     from longattn.bench import cases as C
@@ -436,6 +456,7 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
         # peers that would have run beside their mechanism but are not installed:
         # listed in the report, never silently dropped
         "peers_missing": C.missing_peers(cfg.peers, C.mechanism_names(cfg.mechanisms) if cfg.peers is None else None),
+        "peers_left_out": peers_left_out(cfg),
     }
 
 

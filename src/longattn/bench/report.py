@@ -105,7 +105,8 @@ def _cell(r: dict[str, Any] | None) -> str:
 def skipped_table(doc: dict[str, Any]) -> str:
     rows = [r for r in doc["results"] if r.get("status") != "ok"]
     missing = doc.get("peers_missing", [])
-    if not rows and not missing:
+    left_out = doc.get("peers_left_out", [])
+    if not rows and not missing and not left_out:
         return "Every case ran."
     lines = ["| mechanism | N | mode | status | reason |", "|---|---|---|---|---|"]
     for r in rows:
@@ -113,6 +114,8 @@ def skipped_table(doc: dict[str, Any]) -> str:
                      f"{_one_cell(r.get('reason', ''))} |")
     for p in missing:
         lines.append(f"| `{p}` (peer) | all | all | not installed | {_one_cell(_install_hint(p))} |")
+    for e in left_out:
+        lines.append(f"| `{e['peer']}` (peer) | all | {e['modes']} | not run | {_one_cell(e['reason'])} |")
     return "\n".join(lines)
 
 
