@@ -175,7 +175,10 @@ def _loss_and_grads(model, x, **kw):
     return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("mechanism,params", [("local", dict(before=16)), ("performer", dict(num_features=16))])
+@pytest.mark.parametrize("mechanism,params", [
+    ("local", dict(before=16)),
+    pytest.param("performer", dict(num_features=16), marks=pytest.mark.slow),  # ~20 s of compiling
+])
 def test_compiled_model_fullgraph_equals_eager(mechanism, params):
     """torch.compile(fullgraph=True) of an HF Llama (GQA) with a longattn attention: any
     graph break raises. Logits and parameter gradients equal eager, with left padding and

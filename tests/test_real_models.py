@@ -123,7 +123,9 @@ GQA_MEMORY = {
 }
 
 
-@pytest.mark.parametrize("name", list(GQA_MEMORY))
+# full and linear probes are slow-marked (test time): local and performer cover the engine and the kernel family
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("full", "linear") else n
+                                  for n in GQA_MEMORY])
 def test_grouped_kv_heads_are_never_repeated_in_memory(name):
     # H = 32 query heads over 1 kv head at N = 2048, D = 64: K and V repeated are
     # 2 x 16 MiB. The same call with the repeat done by the caller must peak higher
