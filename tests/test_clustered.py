@@ -48,12 +48,10 @@ def clustered_reference(q, k, v, clusters, chunk, causal, look_back, kpm):
     return dense_attention(q, k, v, mask)
 
 
-@pytest.mark.parametrize("causal,look_back", [(False, True), (False, False), (True, True)])
-@pytest.mark.parametrize("padded", [False, True])
-def test_equals_routing_reference(causal, look_back, padded):
-    B, H, N, D = 2, 2, 31, 8
-    q, k, v = (rand(B, H, N, D, seed=s) for s in (1, 2, 3))
-    kpm = (rand(B, N, seed=4) > -0.8) if padded else None
+def _check_against_reference(q, k, v, kpm, causal: bool, look_back: bool):
+    """clustered_attention (3 clusters, chunks of 4) equals the routing reference over the
+    same clusters, outputs and gradients (float64); returns the output."""
+    H, D = q.shape[1], q.shape[-1]
     cent = random_centroids(H, 3, D, seed=7).to(F64)
     x1 = [t.clone().requires_grad_() for t in (q, k, v)]
     out = clustered_attention(*x1, causal=causal, key_padding_mask=kpm, n_clusters=3,
@@ -65,6 +63,16 @@ def test_equals_routing_reference(causal, look_back, padded):
     g = rand(*out.shape, seed=9)
     for a, b in zip(torch.autograd.grad(out, x1, g), torch.autograd.grad(ref, x2, g)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    return out
+
+
+@pytest.mark.parametrize("causal,look_back", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_equals_routing_reference(causal, look_back, padded):
+    B, H, N, D = 2, 2, 31, 8
+    q, k, v = (rand(B, H, N, D, seed=s) for s in (1, 2, 3))
+    kpm = (rand(B, N, seed=4) > -0.8) if padded else None
+    _check_against_reference(q, k, v, kpm, causal, look_back)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -203,15 +211,5 @@ def test_value_head_size_differs(dv, causal):
     q, k = rand(B, H, N, D, seed=1), rand(B, H, N, D, seed=2)
     v = rand(B, H, N, dv, seed=3)
     kpm = rand(B, N, seed=4) > -0.8
-    cent = random_centroids(H, 3, D, seed=7).to(F64)
-    x1 = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = clustered_attention(*x1, causal=causal, key_padding_mask=kpm, n_clusters=3, chunk_size=4,
-                              centroids=cent)
+    out = _check_against_reference(q, k, v, kpm, causal, True)
     assert out.shape == (B, H, N, dv)
-    clusters = assign_clusters(routing_vectors(q, k), cent)
-    x2 = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = clustered_reference(*x2, clusters, 4, causal, True, kpm)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-    g = rand(*out.shape, seed=9)
-    for a, b in zip(torch.autograd.grad(out, x1, g), torch.autograd.grad(ref, x2, g)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -762,10 +762,7 @@ def split_block_mask_for(
     recs, H = _visible_blocks(pattern, g, heads, causal, key_padding_mask, segment_ids, docs, B)
     hq, hk = _heavy_blocks(recs, g, B, H, heavy_factor, heavy_min_blocks)
     if hq.numel() or hk.numel():
-        is_hq = torch.zeros(g.QB, dtype=torch.bool)
-        is_hk = torch.zeros(g.KB, dtype=torch.bool)
-        is_hq[hq], is_hk[hk] = True, True
-        keep = ~(is_hq[recs[2]] | is_hk[recs[3]])
+        keep = ~(_block_flags(hq, g.QB)[recs[2]] | _block_flags(hk, g.KB)[recs[3]])
         recs = tuple(x[keep] for x in recs)
     mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, torch.device(device))
     light = _without_blocks(mask_mod, g, hq, hk, torch.device(device)) if hq.numel() or hk.numel() else mask_mod
@@ -773,13 +770,17 @@ def split_block_mask_for(
     return SplitBlockMask(bm, mask_mod, hq, hk, block, n, g.nq, int(recs[0].numel()))
 
 
+def _block_flags(blocks: Tensor, count: int) -> Tensor:
+    """[count] bool, True at the given block numbers."""
+    flags = torch.zeros(count, dtype=torch.bool)
+    flags[blocks] = True
+    return flags
+
+
 def _without_blocks(mask_mod: Callable, g: _Grid, hq: Tensor, hk: Tensor, device: torch.device) -> Callable:
     """mask_mod AND (query block not in hq) AND (key block not in hk): two table
     lookups, evaluated by Flex in partial blocks only."""
-    qtab = torch.zeros(g.QB, dtype=torch.bool)
-    ktab = torch.zeros(g.KB, dtype=torch.bool)
-    qtab[hq], ktab[hk] = True, True
-    qtab, ktab = qtab.to(device), ktab.to(device)
+    qtab, ktab = _block_flags(hq, g.QB).to(device), _block_flags(hk, g.KB).to(device)
     bt, qtop, ktop = _c(g.b).to(device), _c(g.QB - 1).to(device), _c(g.KB - 1).to(device)
 
     def light_mask_mod(b, h, q_idx, kv_idx):
