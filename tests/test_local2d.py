@@ -130,3 +130,51 @@ def test_grouped_kv_heads_and_decode_rows_equal_the_oracle(H, W, rh, rw):
     last = local2d_attention(q[:, :, -30:], k, v, height=H, width=W, radius_h=rh, radius_w=rw, causal=True,
                              key_padding_mask=kpm)
     torch.testing.assert_close(last, out[:, :, -30:])
+
+
+# ----------------------------------------------------------------- haloed strips
+@pytest.fixture
+def strips_only(monkeypatch):
+    """Every unpadded call runs over haloed strips, and the pattern engine may not run."""
+    import longattn.ops.local2d as L
+
+    def engine(*a, **k):
+        raise AssertionError("the pattern engine ran instead of the haloed strips")
+
+    monkeypatch.setattr(L, "STRIP_MIN_PIXELS", 0)
+    monkeypatch.setattr(L, "pattern_attention", engine)
+
+
+# sizes no multiple of the 8 x 8 tiles; radius 9 reaches past a neighbouring tile; a
+# single row; radius 0; an image narrower than a tile
+STRIP_CASES = [(13, 11, 2, 3), (20, 17, 7, 7), (19, 21, 9, 2), (1, 30, 0, 4), (3, 3, 0, 0), (17, 5, 3, 1)]
+
+
+@pytest.mark.parametrize("H,W,rh,rw", STRIP_CASES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_strips_equal_the_oracle_outputs_and_grads(strips_only, H, W, rh, rw, causal):
+    """Unpadded images run over haloed strips (no per-tile gathers): outputs and all
+    gradients equal the dense oracle, grouped kv heads included."""
+    g = torch.Generator().manual_seed(H * W + rh)
+    q = torch.randn(2, 4, H * W, 8, generator=g, dtype=D64, requires_grad=True)
+    k = torch.randn(2, 2, H * W, 8, generator=g, dtype=D64, requires_grad=True)
+    v = torch.randn(2, 2, H * W, 8, generator=g, dtype=D64, requires_grad=True)
+    out = local2d_attention(q, k, v, height=H, width=W, radius_h=rh, radius_w=rw, causal=causal)
+    kr, vr = (x.repeat_interleave(2, 1) for x in (k, v))
+    ref = dense_attention(q, kr, vr, grid_mask(H, W, rh, rw), causal=causal)
+    torch.testing.assert_close(out, ref)
+    gr = torch.randn(out.shape, generator=g, dtype=D64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), gr), torch.autograd.grad(ref, (q, k, v), gr)):
+        torch.testing.assert_close(a, b)
+
+
+def test_strips_causal_leak_and_low_precision(strips_only):
+    q, k, v = (torch.randn(1, 2, 11 * 13, 8, dtype=D64) for _ in range(3))
+    fn = lambda q, k, v: local2d_attention(q, k, v, causal=True, height=11, width=13, radius_h=3, radius_w=4)
+    for t in (0, 40, 100):
+        assert_no_causal_leak(fn, q, k, v, t)
+    ref = dense_attention(q, k, v, grid_mask(11, 13, 2, 2))
+    for dtype in (torch.float16, torch.bfloat16):
+        out = local2d_attention(q.to(dtype), k.to(dtype), v.to(dtype), height=11, width=13, radius_h=2, radius_w=2)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
