@@ -13,8 +13,8 @@ How it runs (no per-edge Python work, nothing of size E x D ever materialised):
    tensor alive so its memory cannot be reused by another one).
 2. Scores of every edge: a sampled dense-dense product
    (``torch.sparse.sampled_addmm``: q_i . k_j only at the CSR positions), per head.
-3. Softmax per row over the [B*H, E] scores: a reshape to [rows, degree] when every
-   row has the same in-degree, else a scatter max / sum over the rows.
+3. Softmax per row over the [B*H, E] scores: one fused softmax over [rows, degree]
+   when every row has the same in-degree, else a scatter max / sum over the rows.
 4. Output: a weighted gather-sum of value rows per destination,
    ``embedding_bag(mode='sum', per_sample_weights=p)`` over the CSR offsets.
 
@@ -162,17 +162,14 @@ def _gather_sum(idx: Tensor, rowptr: Tensor, deg: int | None, table: Tensor, w: 
     return out
 
 
-def _row_softmax(s: Tensor, csr: CSR) -> Tensor:
+def _row_softmax(s: Tensor, csr: CSR, masked: bool = True) -> Tensor:
     """Softmax of the scores s [BH, E] (-inf = masked) over each query's edges, in place
-    where possible. Rows with no finite score give all zeros (never NaN)."""
+    where possible. Rows with no finite score give all zeros (never NaN); ``masked``:
+    some scores may be -inf."""
     BH, E = s.shape
-    if csr.degree is not None:
-        sv = s.view(BH, csr.nq, csr.degree)
-        m = sv.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(sv - m)
-        den = p.sum(-1, keepdim=True)
-        return (p / den.clamp_min(torch.finfo(s.dtype).tiny)).view(BH, E)
+    if csr.degree is not None:  # one fused softmax over [rows, degree]
+        p = torch.softmax(s.view(BH, csr.nq, csr.degree), -1).view(BH, E)
+        return p.nan_to_num_(0.0) if masked else p  # a row of -inf only: NaN -> 0
     idx = csr.dst.expand(BH, E)
     m = torch.full((BH, csr.nq), float("-inf"), dtype=s.dtype, device=s.device)
     m = m.scatter_reduce(1, idx, s, reduce="amax", include_self=True)
@@ -198,7 +195,7 @@ class _GraphAttn(torch.autograd.Function):
         s = _sddmm(csr, q, k, scale)
         if edge_ok is not None:
             s.masked_fill_(~edge_ok, float("-inf"))
-        p = _row_softmax(s, csr)
+        p = _row_softmax(s, csr, masked=edge_ok is not None)
         del s
         out = _gather_sum(csr.col, csr.rowptr, csr.degree, v, p)
         ctx.csr, ctx.scale = csr, scale
