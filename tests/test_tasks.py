@@ -115,6 +115,27 @@ def test_pathfinder_positives_connect_negatives_do_not(patch):
     assert abs(np.mean(on_pixels[0]) - np.mean(on_pixels[1])) < 0.1 * np.mean(on_pixels[1])
 
 
+def test_pathfinder_marker_token_marks_exactly_the_two_disks():
+    """With ``marker_token`` the same drawings come out; the marker value covers two full
+    3 x 3 squares of lit pixels, one on each marker the plain image shows, and every
+    other pixel keeps its plain token."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from longattn.tasks import pathfinder
+
+    plain_cfg = pathfinder.PathfinderConfig(size=16, distractors=1, n_val=12)
+    cfg = pathfinder.PathfinderConfig(size=16, distractors=1, n_val=12, marker_token=True)
+    plain, marked = pathfinder.generate(plain_cfg, "val", 5), pathfinder.generate(cfg, "val", 5)
+    assert cfg.vocab_size == 4 and np.array_equal(plain.y, marked.y)
+    for a, b in zip(plain.x, marked.x):
+        assert np.array_equal(np.where(b == 3, 2, b), a)  # markers sit on lit pixels only
+        disks, n = ndimage.label(b.reshape(16, 16) == 3)
+        assert n == 2
+        for box in ndimage.find_objects(disks):
+            assert (box[0].stop - box[0].start, box[1].stop - box[1].start) == (3, 3)
+        assert len(_marker_centres(a.reshape(16, 16) == 2)) == 2
+        assert np.array_equal(pathfinder.image(b, cfg), pathfinder.image(a, plain_cfg))
+
+
 def test_pathfinder_tile_tokens_are_the_pixel_tokens_regrouped():
     from longattn.tasks import pathfinder
 

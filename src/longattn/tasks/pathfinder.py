@@ -38,6 +38,7 @@ class PathfinderConfig:
     margin: int = 2
     levels: int = 2  # intensity levels (0 = padding, unused here)
     patch: int = 1  # pixels per token side: 1 = one token per pixel; 2 = one per 2x2 tile (16 codes)
+    marker_token: bool = False  # marker pixels get their own value (LRA: markers are path-bright)
     n_train: int = 8000
     n_val: int = 1000
     n_test: int = 1000
@@ -51,8 +52,8 @@ class PathfinderConfig:
             raise ValueError(f"levels must be >= 2, got {self.levels}")
         if self.patch < 1 or self.size % self.patch:
             raise ValueError(f"patch must be >= 1 and divide size ({self.size}), got {self.patch}")
-        if self.levels ** (self.patch * self.patch) > 2**16:
-            raise ValueError(f"levels^(patch^2) = {self.levels}^{self.patch ** 2} tile codes is too many "
+        if self.digits ** (self.patch * self.patch) > 2**16:
+            raise ValueError(f"{self.digits}^(patch^2) = {self.digits}^{self.patch ** 2} tile codes is too many "
                              "for a token vocabulary (at most 65536)")
 
     @property
@@ -65,8 +66,13 @@ class PathfinderConfig:
         return self.size // self.patch
 
     @property
+    def digits(self) -> int:
+        """Values a pixel can take: the intensity levels, plus one for markers with ``marker_token``."""
+        return self.levels + int(self.marker_token)
+
+    @property
     def vocab_size(self) -> int:
-        return self.levels ** (self.patch * self.patch) + 1
+        return self.digits ** (self.patch * self.patch) + 1
 
     @property
     def num_classes(self) -> int:
@@ -188,13 +194,18 @@ def quantise(img: np.ndarray, levels: int) -> np.ndarray:
     return 1 + np.clip(np.rint(img * (levels - 1)), 0, levels - 1).astype(np.int64)
 
 
-def tokens(img: np.ndarray, cfg: PathfinderConfig) -> np.ndarray:
-    """Image [W, W] in [0, 1] -> token row [(W/patch)^2]: each tile's levels read as the
-    digits of a base-``levels`` number (row-major inside the tile), plus 1 (0 is padding)."""
+def tokens(img: np.ndarray, cfg: PathfinderConfig, markers: tuple = ()) -> np.ndarray:
+    """Image [W, W] in [0, 1] -> token row [(W/patch)^2]: each tile's pixel values read as
+    the digits of a base-``cfg.digits`` number (row-major inside the tile), plus 1 (0 is
+    padding). With ``cfg.marker_token`` the 3 x 3 disks around ``markers`` (centres)
+    take the extra value ``levels``."""
     q = quantise(img, cfg.levels) - 1  # 0..levels-1
+    if cfg.marker_token:
+        for cy, cx in markers:
+            q[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = cfg.levels
     p, s = cfg.patch, cfg.side
     tiles = q.reshape(s, p, s, p).transpose(0, 2, 1, 3).reshape(s * s, p * p)
-    weights = cfg.levels ** np.arange(p * p - 1, -1, -1, dtype=np.int64)
+    weights = cfg.digits ** np.arange(p * p - 1, -1, -1, dtype=np.int64)
     return 1 + tiles @ weights
 
 
@@ -204,17 +215,18 @@ def generate(cfg: PathfinderConfig, split: str, seed: int) -> TaskData:
     labels = rng.permutation(np.arange(n) % 2).astype(np.int64)  # balanced
     x = np.empty((n, cfg.seq_len), dtype=np.int64)
     for i in range(n):
-        img, _, _ = draw(rng, cfg, bool(labels[i]))
-        x[i] = tokens(img, cfg)
+        img, ma, mb = draw(rng, cfg, bool(labels[i]))
+        x[i] = tokens(img, cfg, (ma, mb))
     return TaskData(x=x, mask=np.ones_like(x, dtype=bool), y=labels)
 
 
 def image(row: np.ndarray, cfg: PathfinderConfig) -> np.ndarray:
-    """Token row -> float image [W, W] in [0, 1] (for tests and pictures); undoes :func:`tokens`."""
+    """Token row -> float image [W, W] in [0, 1] (for tests and pictures); undoes :func:`tokens`
+    (marker pixels read as full intensity)."""
     p, s = cfg.patch, cfg.side
     codes = np.asarray(row, dtype=np.int64).reshape(s * s) - 1
-    digits = (codes[:, None] // cfg.levels ** np.arange(p * p - 1, -1, -1, dtype=np.int64)) % cfg.levels
-    img = digits.reshape(s, s, p, p).transpose(0, 2, 1, 3).reshape(cfg.size, cfg.size)
+    digits = (codes[:, None] // cfg.digits ** np.arange(p * p - 1, -1, -1, dtype=np.int64)) % cfg.digits
+    img = np.minimum(digits, cfg.levels - 1).reshape(s, s, p, p).transpose(0, 2, 1, 3).reshape(cfg.size, cfg.size)
     return img / (cfg.levels - 1)
 
 
