@@ -83,6 +83,21 @@ def test_order_identity_fast_equals_quadratic(fm, causal, segments):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fm", ["elu", "relu"])
+def test_inference_grouped_kv_heads_and_scale(fm, segments):
+    """The no-autograd CPU path (features in one reused buffer) with grouped kv heads,
+    a scale, padded keys and Dv != D equals the quadratic form on repeated heads."""
+    q, _, _ = qkv(H=4, N=23)
+    _, k, v = qkv(H=2, N=23, Dv=5, seed=1)
+    mask = pad_mask(2, 23, cut=9)
+    with torch.no_grad():
+        out = linear_attention(q, k, v, feature_map=fm, key_padding_mask=mask, scale=0.3)
+    kr, vr = (x.repeat_interleave(2, 1) for x in (k, v))
+    r = 0.3 ** 0.5
+    ref = linear_attention_naive(q * r, kr * r, vr, fm, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_cross_attention_noncausal():
     q, k, v = qkv(N=11, Nk=29)
     torch.testing.assert_close(
