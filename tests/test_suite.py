@@ -117,6 +117,13 @@ def test_isolated_run_in_a_subprocess(tmp_path):
     assert rec["steps"] == 2 and rec["peak_mem_mb"] > 0
 
 
+def test_quick_leaves_pathfinder_out_unless_asked():
+    assert suite.suite_tasks(suite.SuiteConfig()) == list(suite.DEFAULT_TASKS)
+    assert "pathfinder" in suite.DEFAULT_TASKS
+    assert suite.suite_tasks(suite.SuiteConfig(quick=True)) == ["listops", "recall", "copy", "digits"]
+    assert suite.suite_tasks(suite.SuiteConfig(quick=True, tasks=["pathfinder"])) == ["pathfinder"]
+
+
 def test_unknown_names_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         suite.run_suite(suite.SuiteConfig(tasks=["recall"], mechanisms=["nope"], out=str(tmp_path)))
