@@ -133,9 +133,10 @@ def test_grouped_kv_heads_and_decode_rows_equal_the_oracle(H, W, rh, rw):
 
 
 # ----------------------------------------------------------------- haloed strips
-@pytest.fixture
-def strips_only(monkeypatch):
-    """Every unpadded call runs over haloed strips, and the pattern engine may not run."""
+@pytest.fixture(params=["whole_classes", "one_tile_per_backward_call"])
+def strips_only(request, monkeypatch):
+    """Every unpadded call runs over haloed strips, and the pattern engine may not run;
+    the backward runs each class of tiles in one call, or one tile per call."""
     import longattn.ops.local2d as L
 
     def engine(*a, **k):
@@ -143,6 +144,8 @@ def strips_only(monkeypatch):
 
     monkeypatch.setattr(L, "STRIP_MIN_PIXELS", 0)
     monkeypatch.setattr(L, "pattern_attention", engine)
+    if request.param == "one_tile_per_backward_call":
+        monkeypatch.setattr(L, "BWD_WORKSPACE", 1)
 
 
 # sizes no multiple of the 8 x 8 tiles; radius 9 reaches past a neighbouring tile; a

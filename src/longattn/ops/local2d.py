@@ -117,6 +117,8 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 #: covers each pair once gives the exact gradient, given the merged output and lse.
 TILE = (4, 8)
 TILE_BWD = (8, 8)
+#: elements of one backward call's per-tile key gradient (4 MiB in fp32)
+BWD_WORKSPACE = 1 << 20
 
 
 def _runs(keys: list) -> list[tuple[int, int]]:
@@ -177,11 +179,16 @@ class StripPlan:
                 # a padding query (outside the image) sees its whole block: finite, never read
                 self.vis[(i0, s0)] = (vis | ~real).reshape(self.L, self.K)
 
-    def calls(self):
-        """(i0, i1, s0, s1): rectangles of tiles sharing one mask."""
-        for i0, i1 in self.row_runs:
-            for s0, s1 in self.col_runs:
-                yield i0, i1, s0, s1
+    def calls(self, max_tiles: int | None = None):
+        """(i0, i1, s0, s1, mask key): rectangles of tiles sharing one mask, cut into
+        pieces of at most ``max_tiles`` tiles (whole rows of a piece first)."""
+        for r0, r1 in self.row_runs:
+            for c0, c1 in self.col_runs:
+                rows = r1 - r0 if max_tiles is None else max(1, min(r1 - r0, max_tiles))
+                cols = c1 - c0 if max_tiles is None else max(1, max_tiles // rows)
+                for i0 in range(r0, r1, rows):
+                    for s0 in range(c0, c1, cols):
+                        yield i0, min(r1, i0 + rows), s0, min(c1, s0 + cols), (r0, c0)
 
     # -- layouts ------------------------------------------------------------------------
     def tiles(self, x: Tensor, fill: float = 0.0) -> Tensor:
@@ -268,10 +275,10 @@ class _StripAttention(torch.autograd.Function):
                 kh, vh = plan.halo(k[b, hk]), plan.halo(v[b, hk])
                 for h in range(hk * g, (hk + 1) * g):
                     qt = plan.tiles(q[b, h])
-                    for i0, i1, s0, s1 in plan.calls():
+                    for i0, i1, s0, s1, key in plan.calls():
                         o, l = _flash_fwd(qt[s0:s1, i0:i1], plan.blocks(kh, i0, i1, s0, s1),
                                           plan.blocks(vh, i0, i1, s0, s1), 0.0, False,
-                                          attn_mask=masks[(i0, s0)], scale=scale)
+                                          attn_mask=masks[key], scale=scale)
                         ot[s0:s1, i0:i1] = o
                         lt[s0:s1, i0:i1] = l
                     out[b, h] = plan.untiles(ot)
@@ -302,11 +309,12 @@ class _StripAttention(torch.autograd.Function):
                     qt, ot, gt = plan.tiles(q[b, h]), plan.tiles(out[b, h]), plan.tiles(dout[b, h])
                     lt = plan.tiles(lse[b, h], fill=float("inf"))[..., 0]  # beyond the image: P = 0
                     dqt = torch.empty_like(qt)
-                    for i0, i1, s0, s1 in plan.calls():
+                    # the kernel returns a key gradient per tile: calls of a bounded size
+                    for i0, i1, s0, s1, key in plan.calls(max(1, BWD_WORKSPACE // (plan.K * D))):
                         r = (slice(s0, s1), slice(i0, i1))
                         gq, gk, gv = _flash_bwd(gt[r], qt[r], plan.blocks(kh, i0, i1, s0, s1),
                                                 plan.blocks(vh, i0, i1, s0, s1), ot[r], lt[r],
-                                                0.0, False, attn_mask=masks[(i0, s0)], scale=scale)
+                                                0.0, False, attn_mask=masks[key], scale=scale)
                         dqt[r] = gq
                         for first in range(min(every, i1 - i0)):
                             plan.blocks(dkh, i0, i1, s0, s1, every, first).add_(gk[:, first::every])
