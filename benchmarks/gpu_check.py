@@ -1,4 +1,4 @@
-"""GPU check for the FlexAttention path (issue 19): one command, one table.
+"""GPU check for the FlexAttention path: one command, one table.
 
     python benchmarks/gpu_check.py                  # every pattern, N = 4K..128K, bf16 + fp32
     python benchmarks/gpu_check.py --quick          # N = 4K, 16K; a few patterns

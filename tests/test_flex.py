@@ -1,4 +1,4 @@
-"""FlexAttention block masks built from pattern components (issue 19).
+"""FlexAttention block masks built from pattern components.
 
 The dense expansion of every BlockMask (full blocks all visible, partial blocks
 AND-ed with its mask_mod, the rest invisible) must equal the dense predicate mask,

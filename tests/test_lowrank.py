@@ -385,7 +385,7 @@ def test_compressed_causal_head_groups_equal_all_heads(monkeypatch):
 
 @pytest.mark.slow
 def test_compressed_causal_memory_at_issue_size():
-    """Issue 17: causal compressed fwd+bwd at N=16384, B=1, H=8, D=64 was 794 MiB."""
+    """Regression: causal compressed fwd+bwd at N=16384, B=1, H=8, D=64 was 794 MiB."""
     setup = """
 import longattn
 q, k, v = (torch.randn(1, 8, 16384, 64, requires_grad=True) for _ in range(3))

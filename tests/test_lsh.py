@@ -342,7 +342,7 @@ def test_head_groups_equal_all_heads(monkeypatch, causal):
 @pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_memory_at_issue_size(causal):
-    """Issue 17: fwd+bwd at N=16384, B=1, H=8, D=64 was ~700-850 MiB; now < 512 MiB."""
+    """Regression: fwd+bwd at N=16384, B=1, H=8, D=64 was ~700-850 MiB; now < 512 MiB."""
     setup = """
 from longattn.ops.lsh import lsh_attention
 w = torch.randn(1, 8, 256, 64, requires_grad=True)

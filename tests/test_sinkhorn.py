@@ -245,7 +245,7 @@ def test_memory_is_linear_not_quadratic():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_padded_queries_move_no_real_output(causal):
-    """Issue 17: the block summaries pooled padded positions (1-2% moves, causal 31%)."""
+    """Regression: the block summaries pooled padded positions (1-2% moves, causal 31%)."""
     B, H, N, D, b = 2, 2, 43, 8, 6
     q, k, v = (rand(B, H, N, D, seed=s) for s in (1, 2, 3))
     kpm = rand(B, N, seed=4) > -0.3
@@ -311,7 +311,7 @@ def test_head_groups_equal_all_heads(monkeypatch, causal):
 @pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_memory_at_issue_size(causal):
-    """Issue 17: fwd+bwd at N=16384, B=1, H=8, D=64 was ~650-860 MiB; now < 512 MiB."""
+    """Regression: fwd+bwd at N=16384, B=1, H=8, D=64 was ~650-860 MiB; now < 512 MiB."""
     setup = """
 from longattn.ops.sinkhorn import sinkhorn_attention
 w = torch.randn(1, 8, 256, 64, requires_grad=True)

@@ -1,5 +1,5 @@
 """Exact patterns through PyTorch FlexAttention, with block masks built from our own
-components (issue 19).
+components.
 
 :func:`block_mask_for` turns a :class:`longattn.patterns.Pattern` into a
 ``torch.nn.attention.flex_attention.BlockMask`` by index math on the pattern's

@@ -1,9 +1,9 @@
-"""Issue 4 targets: kernel / low-rank mechanisms against dense SDPA and performer-pytorch.
+"""Kernel / low-rank mechanisms against dense SDPA and performer-pytorch.
 
 Each case runs in a fresh process (peak RSS is per process): warm-up, then the median
 of ``--repeat`` runs. B=1, H=8, D=64, fp32, 2 threads. Run under the bench lock:
 
-    flock /tmp/longattn-bench.lock .venv/bin/python benchmarks/issue4_targets.py
+    flock /tmp/longattn-bench.lock .venv/bin/python benchmarks/kernel_lowrank_vs_peers.py
 
 The final harness (``longattn bench``) re-measures; this is a small, honest script.
 """

@@ -1,10 +1,10 @@
-"""Issue 3 targets: lsh / clustered / sinkhorn against dense SDPA and reformer-pytorch.
+"""Content routing: lsh / clustered / sinkhorn against dense SDPA and reformer-pytorch.
 
 Each case runs in its own process (peak RSS is per process): one warm-up, then
 ``--reps`` timed forward+backward passes; the median and the peak RSS growth are
 printed as one JSON line per case, then a table with the ratios to dense SDPA.
 
-    flock /tmp/longattn-bench.lock .venv/bin/python benchmarks/issue3_targets.py
+    flock /tmp/longattn-bench.lock .venv/bin/python benchmarks/content_routing_vs_peers.py
     (B=1, H=8, D=64, fp32, N=16384, 2 threads by default)
 """
 

@@ -1,9 +1,9 @@
-"""Issue 2 targets: local attention vs dense SDPA, FlexAttention and local-attention.
+"""Local attention vs dense SDPA, FlexAttention and local-attention.
 
 Each case runs in its own process (peak RSS per process). B=1, H=8, D=64, fp32,
 window of 513 keys (before = after = 256). Usage:
 
-    python benchmarks/issue2_targets.py [--n 16384] [--cases local_fwd,...]
+    python benchmarks/local_vs_peers.py [--n 16384] [--cases local_fwd,...]
 """
 
 from __future__ import annotations
