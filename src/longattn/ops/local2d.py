@@ -104,7 +104,6 @@ def _strips_apply(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, n: int) -
             and q.shape[-1] == v.shape[-1] and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 
-
 # ----------------------------------------------------------------------------------------
 # Haloed strips: the 2-D tiles as strided views (no per-tile gathers)
 # ----------------------------------------------------------------------------------------
@@ -132,7 +131,7 @@ def _runs(keys: list) -> list[tuple[int, int]]:
 
 
 class StripPlan:
-    """The tiling of an ``height x width`` image for :func:`strip_attention`.
+    """The tiling of an ``height x width`` image for :class:`_StripAttention`.
 
     Query tiles of th x tw pixels; tile (s, i) is rows [i th, (i+1) th) of column strip
     s = columns [s tw, (s+1) tw). Keys live in *haloed strips*: strip s with rw extra
@@ -142,7 +141,16 @@ class StripPlan:
     th rows). K and V are copied once into this layout ((tw + 2 rw) / tw copies), never
     per tile. A tile's mask depends only on whether its rows / columns touch the image
     border, so tiles split into at most a few row classes x column classes, each a
-    rectangle of tiles with one shared mask and one kernel call per head.
+    rectangle of tiles with one shared mask and one kernel call per head::
+
+        strip 0 (tw = 2, rw = 1), rh = 1: the buffer holds image columns -1..2 and rows
+        -1..H; tile rows i = 0, 1 read buffer rows [0, 4) and [2, 6): overlapping runs
+        . . . .   <- row -1 (zeros)
+        . # # #   <- row 0   tile 0 = rows 0-1, columns 0-1
+        . # # #
+        . # # #   <- row 2   tile 1 = rows 2-3
+        . # # #
+        . . . .   <- row H (zeros)
     """
 
     def __init__(self, height: int, width: int, radius_h: int, radius_w: int, causal: bool,
