@@ -523,6 +523,12 @@ def _favor_inference(
     kf, vf = (x.reshape(B * Hkv, x.shape[2], x.shape[3]) for x in (k, v))
     out = q.new_empty(B, H, Nq, Dv)
     of = out.view(B * H, Nq, Dv)
+
+    def query_feats(x: Tensor) -> Tensor:
+        f = buf[: x.shape[0]]
+        torch.mm(x, wt, out=f)
+        return f.sub_(f.amax(-1, keepdim=True)).exp2_()  # a per-query scale cancels in the ratio
+
     for bh in range(B * Hkv):
         real = None if key_padding_mask is None else key_padding_mask[bh // Hkv]
         state, m_run = None, None  # state [F, Dv + 1] = sum_j phi(k_j) [v_j, 1] exp(s_j - m_run)
@@ -547,14 +553,20 @@ def _favor_inference(
             else:
                 state.mul_(torch.exp(m_run - m_new)).addmm_(f.T, vb)
             m_run = m_new
-        for qh in range(bh * g, (bh + 1) * g):  # the query heads reading this kv head
-            for a in range(0, Nq, rows):
-                b = min(Nq, a + rows)
-                f = buf[: b - a]
-                torch.mm(qf[qh, a:b], wt, out=f)
-                f.sub_(f.amax(-1, keepdim=True)).exp2_()  # a per-query scale cancels in the ratio
-                _ratio(torch.mm(f, state, out=ob[: b - a]), out=of[qh, a:b])
+        _read_state(state, qf, of, ob, range(bh * g, (bh + 1) * g), rows, query_feats)
     return out
+
+
+def _read_state(state: Tensor, qf: Tensor, of: Tensor, ob: Tensor, heads: range, rows: int,
+                feats: Callable[[Tensor], Tensor]) -> None:
+    """of[h] = ratio(phi(q) [S | z]) for the query heads ``heads`` that read one kv head's
+    state [F, Dv + 1], ``rows`` queries at a time (``ob``: the reused [rows, Dv + 1] buffer;
+    ``feats``: the query rows' features, written into a reused buffer)."""
+    Nq = qf.shape[1]
+    for qh in heads:
+        for a in range(0, Nq, rows):
+            b = min(Nq, a + rows)
+            _ratio(torch.mm(feats(qf[qh, a:b]), state, out=ob[: b - a]), out=of[qh, a:b])
 
 
 def _elu1_(f: Tensor, tmp: Tensor) -> Tensor:
@@ -612,10 +624,7 @@ def _map_inference(
             S.addmm_(f.T, vf[bh, a:b])
             z.add_(f.sum(0))
         state = torch.cat([S, z[:, None]], 1)  # [D, Dv + 1]
-        for qh in range(bh * g, (bh + 1) * g):  # the query heads reading this kv head
-            for a in range(0, Nq, rows):
-                b = min(Nq, a + rows)
-                _ratio(torch.mm(feats(qf[qh, a:b]), state, out=ob[: b - a]), out=of[qh, a:b])
+        _read_state(state, qf, of, ob, range(bh * g, (bh + 1) * g), rows, feats)
     return out
 
 

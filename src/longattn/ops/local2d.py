@@ -186,6 +186,14 @@ class StripPlan:
                 real = (qr[:, None] & qc[None, :])[:, :, None, None]
                 # a padding query (outside the image) sees its whole block: finite, never read
                 self.vis[(i0, s0)] = (vis | ~real).reshape(self.L, self.K)
+        self._masks: dict[tuple, dict[tuple[int, int], Tensor]] = {}
+
+    def masks(self, dtype: torch.dtype, device: torch.device) -> dict[tuple[int, int], Tensor]:
+        """The additive [1, 1, L, K] mask of each class (built once per dtype and device)."""
+        key = (dtype, str(device))
+        if key not in self._masks:
+            self._masks[key] = {c: _additive(vis, dtype).to(device)[None, None] for c, vis in self.vis.items()}
+        return self._masks[key]
 
     def calls(self, max_tiles: int | None = None):
         """(i0, i1, s0, s1, mask key): rectangles of tiles sharing one mask, cut into
@@ -259,10 +267,6 @@ def strip_plan(height: int, width: int, radius_h: int, radius_w: int, causal: bo
     return _STRIP_PLANS[key]
 
 
-def _masks(plan: StripPlan, dtype: torch.dtype, device: torch.device) -> dict:
-    return {key: _additive(vis, dtype).to(device)[None, None] for key, vis in plan.vis.items()}
-
-
 class _StripAttention(torch.autograd.Function):
     """local2d over haloed strips, one (batch, kv head) at a time; exact forward and
     backward through the CPU flash kernels (the backward gets the merged output and lse,
@@ -273,7 +277,7 @@ class _StripAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         Hk, Dv = k.shape[1], v.shape[-1]
         g = H // Hk
-        masks = _masks(plan, q.dtype, q.device)
+        masks = plan.masks(q.dtype, q.device)
         out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, N, 1, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
         ot = q.new_empty(plan.S, plan.Tr, plan.L, Dv)
@@ -303,7 +307,7 @@ class _StripAttention(torch.autograd.Function):
         Hk = k.shape[1]
         g = H // Hk
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        masks = _masks(plan, q.dtype, q.device)
+        masks = plan.masks(q.dtype, q.device)
         dout = dout.contiguous()
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
