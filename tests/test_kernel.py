@@ -284,6 +284,21 @@ with torch.no_grad():  # imports every family (flex, custom ops) outside the mea
     assert peak < 64, f"peak {peak:.0f} MiB at N=16384 (N^2 fp32 = 1024 MiB)"
 
 
+def test_memory_no_n_by_n_linear_inference():
+    """Non-causal elu+1 linear attention without gradients (the reused-buffer path) at
+    N=16384 (H=1, D=32): one N x N fp32 tensor would be 1 GiB; the path keeps two
+    feature blocks of at most 4 MiB besides its output."""
+    setup = """
+import longattn
+q, k, v = (torch.randn(1, 1, 16384, 32) for _ in range(3))
+with torch.no_grad():  # imports every family outside the measured run
+    longattn.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], "linear")
+"""
+    run = "with torch.no_grad():\n    out = longattn.attention(q, k, v, 'linear')\n"
+    peak = peak_memory_mb(setup, run)
+    assert peak < 64, f"peak {peak:.0f} MiB at N=16384 (N^2 fp32 = 1024 MiB)"
+
+
 @pytest.mark.parametrize("name", ["linear", "performer"])
 def test_memory_no_n_by_n_causal_fwd_bwd(name):
     """Causal fwd+bwd at N=16384 (H=1, D=32): one N x N fp32 tensor would be 1 GiB;
