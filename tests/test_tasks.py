@@ -57,6 +57,26 @@ def test_listops_evaluator_hand_cases():
     assert eval_listops_text("[SM 9 9 [MAX 1 5 ] ]")[0] == 3
 
 
+def test_listops_aux_targets_are_the_closed_expressions_values():
+    """``aux`` at each ``]`` = the independent evaluator's value of the bracket it closes
+    (the last one is the label); IGNORE everywhere else, padding included."""
+    from longattn.tasks import IGNORE, listops
+
+    cfg = listops.ListOpsConfig(min_len=20, max_len=80, max_depth=4, max_args=5, n_val=60)
+    data = listops.generate(cfg, "val", 9)
+    for row, aux, label in zip(data.x, data.aux, data.y):
+        toks = listops.detokenize(row).split()
+        opened, want = [], np.full(len(row), IGNORE)
+        for k, tok in enumerate(toks):
+            if tok.startswith("["):
+                opened.append(k)
+            elif tok == "]":
+                start = opened.pop()
+                want[k] = eval_listops_text(" ".join(toks[start : k + 1]))[0]
+        assert np.array_equal(aux, want)
+        assert aux[len(toks) - 1] == label
+
+
 def test_listops_labels_lengths_depth():
     from longattn.tasks import listops
 
@@ -134,6 +154,30 @@ def test_pathfinder_marker_token_marks_exactly_the_two_disks():
             assert (box[0].stop - box[0].start, box[1].stop - box[1].start) == (3, 3)
         assert len(_marker_centres(a.reshape(16, 16) == 2)) == 2
         assert np.array_equal(pathfinder.image(b, cfg), pathfinder.image(a, plain_cfg))
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_pathfinder_aux_targets_are_the_marked_components(tmp_path, patch):
+    """``aux`` (the flood-fill training targets): 1 on the lit tokens of a component that
+    holds a marker, 0 on other lit tokens, IGNORE on dark ones; found here with scipy's
+    connected-component labelling, not the generator's flood fill. They survive the cache."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from longattn import tasks
+    from longattn.tasks import pathfinder
+
+    cfg = pathfinder.PathfinderConfig(size=16, distractors=1, n_val=24, patch=patch)
+    data = tasks.load("pathfinder", "val", seed=4, config=cfg, cache=tmp_path)
+    again = tasks.load("pathfinder", "val", seed=4, config=cfg, cache=tmp_path)  # from the .npz
+    assert again.aux is not None and np.array_equal(again.aux, data.aux)
+    s = cfg.side
+    for row, aux in zip(data.x, data.aux):
+        img = pathfinder.image(row, cfg) > 0.5
+        comp, _ = ndimage.label(img, structure=np.ones((3, 3), dtype=int))
+        marked = np.isin(comp, [comp[c] for c in _marker_centres(img)]) & img
+        tile = lambda a: a.reshape(s, patch, s, patch).any(axis=(1, 3)).reshape(-1)  # noqa: E731
+        want = np.where(tile(img), tile(marked).astype(np.int64), tasks.IGNORE)
+        assert np.array_equal(aux, want)
+        assert (aux == 0).any() and (aux == 1).any()  # a distractor and a marked path in every image
 
 
 def test_pathfinder_tile_tokens_are_the_pixel_tokens_regrouped():

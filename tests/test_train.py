@@ -130,6 +130,57 @@ def test_cli_arguments_parse():
         T.parse_kv(["nonsense"], "--param")
 
 
+PF_TINY = dict(size=16, distractors=1, marker_token=True, n_train=16, n_val=8, n_test=8)
+
+
+def test_aux_targets_add_their_weighted_mean_loss(tmp_path):
+    """One step with ``aux_weight`` equals one hand-written AdamW step on
+    CE(class) + w * mean CE(aux over labelled tokens), computed with torch directly."""
+    import torch.nn.functional as F
+
+    from longattn import tasks
+
+    w = 0.5
+    cfg = T.TrainConfig(task="pathfinder", task_options=dict(PF_TINY), layers=1, dim=16, heads=2, steps=1,
+                        batch=4, lr=1e-2, warmup=1, aux_weight=w, eval_every=1, log_every=1, progress=False,
+                        seed=2, out=str(tmp_path)).resolved()
+    trained = T.train(cfg)["model"]
+    assert trained.aux_head is not None and cfg.pos == "rope"
+
+    spec = tasks.get("pathfinder")
+    data = tasks.load("pathfinder", "train", config=spec.make_config(**PF_TINY))
+    T.seed_everything(cfg.seed)
+    model = T.build_model(cfg, spec.make_config(**PF_TINY), "classify")
+    opt, sched = T.make_optimizer(model, cfg)
+    idx = torch.from_numpy(T.batch_indices(0, len(data), cfg.batch, cfg.seed))
+    x, y, aux = (torch.from_numpy(a)[idx] for a in (data.x, data.y, data.aux))
+    logits, aux_logits = model.forward_with_aux(x)
+    loss = F.cross_entropy(logits, y) + w * F.cross_entropy(aux_logits.reshape(-1, 2), aux.reshape(-1),
+                                                            ignore_index=-100)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+    opt.step()
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    rec = json.loads(open(tmp_path / "log.jsonl").readline())
+    with torch.no_grad():
+        T.seed_everything(cfg.seed)
+        fresh = T.build_model(cfg, spec.make_config(**PF_TINY), "classify")
+        want = F.cross_entropy(fresh.forward_with_aux(x)[1].reshape(-1, 2), aux.reshape(-1), ignore_index=-100)
+    assert rec["aux_loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_aux_weight_is_checked():
+    with pytest.raises(ValueError, match="aux_weight must be a finite number >= 0, got -1"):
+        T.train(tiny(None, aux_weight=-1.0))
+    with pytest.raises(ValueError, match="task 'recall' gives no aux targets"):
+        T.train(tiny(None, aux_weight=1.0))
+    with pytest.raises(ValueError, match="aux_classes must be an int >= 0"):
+        from longattn.model import ModelConfig
+
+        ModelConfig(aux_classes=-2)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

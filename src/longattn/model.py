@@ -22,7 +22,9 @@ token. ``forward`` returns logits:
 =================  ===================  ===========================================
 
 Extra keyword arguments of ``forward`` are per-call mechanism parameters (e.g.
-``edge_index=`` for ``"graph"``). :class:`EncoderDecoder` is the seq2seq model
+``edge_index=`` for ``"graph"``). With ``aux_classes`` > 0 the model also has a per-token
+auxiliary head: ``forward_with_aux`` returns ``(logits, aux_logits [B, N, aux_classes])``
+from one pass (training with a task's intermediate targets; ``forward`` ignores it). :class:`EncoderDecoder` is the seq2seq model
 (``forward(src, tgt, src_padding_mask, tgt_padding_mask) -> [B, Nt, vocab]``).
 Token-by-token generation of LM models: :func:`longattn.decoding.generate`.
 
@@ -87,6 +89,7 @@ class ModelConfig:
     freq_bands: int = 0            # frequency encoding bands L for continuous input (0 = off)
     global_tokens: int = 0         # learned global tokens prepended (non-causal only)
     tie_embeddings: bool = True    # LM head shares the token embedding
+    aux_classes: int = 0           # > 0: a per-token auxiliary head for training (forward_with_aux)
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
@@ -99,6 +102,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if isinstance(self.aux_classes, bool) or not isinstance(self.aux_classes, int) or self.aux_classes < 0:
+            raise ValueError(f"aux_classes must be an int >= 0, got {self.aux_classes!r}")
         kvh = self.kv_heads
         if kvh is not None and (isinstance(kvh, bool) or not isinstance(kvh, int) or kvh < 1 or self.heads % kvh):
             raise ValueError(f"kv_heads must be a positive int dividing heads ({self.heads}), got {kvh!r}")
@@ -193,6 +198,7 @@ class Transformer(nn.Module):
         )
         out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
         self.head = nn.Linear(cfg.dim, out, bias=cfg.head != "lm")
+        self.aux_head = nn.Linear(cfg.dim, cfg.aux_classes) if cfg.aux_classes else None
         self.apply(_init_weights)
         if cfg.input == "tokens":
             _init_token_embedding(self.tok_emb)
@@ -256,7 +262,18 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, **call_params: Any) -> Tensor:
         """Logits: [B, N, vocab] (lm), [B, num_classes] (classify), [B, N, num_classes] (tokens).
         ``segment_ids=`` [B, N] packs documents (see :meth:`features`)."""
+        return self._logits(self.features(x, key_padding_mask, **call_params), key_padding_mask)
+
+    def forward_with_aux(self, x: Tensor, key_padding_mask: Tensor | None = None,
+                         **call_params: Any) -> tuple[Tensor, Tensor]:
+        """(the logits of :meth:`forward`, per-token auxiliary logits [B, N, aux_classes])
+        from one pass; for training with intermediate targets (``aux_classes`` > 0)."""
+        if self.aux_head is None:
+            raise ValueError("forward_with_aux needs a model built with aux_classes > 0")
         h = self.features(x, key_padding_mask, **call_params)
+        return self._logits(h, key_padding_mask), self.aux_head(h[:, self.n_prefix:])
+
+    def _logits(self, h: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         P = self.n_prefix
         if self.cfg.head != "classify":
             return self.head(h[:, P:])

@@ -180,7 +180,7 @@ class SuiteConfig:
 
 # Settings a finished run's saved config must match to be reused by ``--resume``.
 _RESUME_KEYS = ("task", "task_options", "mechanism", "mechanism_params", "seed", "layers", "dim", "heads", "steps",
-                "batch", "lr", "warmup", "eval_every", "max_eval", "pos", "pool")
+                "batch", "lr", "warmup", "eval_every", "max_eval", "pos", "pool", "aux_weight")
 
 
 def _finished(run_dir: Path, want: dict[str, Any]) -> dict[str, Any] | None:
@@ -264,7 +264,7 @@ def _run_subprocess(task: str, mechanism: str, params: dict[str, Any], topts: di
         cmd += ["--param", f"{k}={json.dumps(v)}"]
     flags = {"layers": "--layers", "dim": "--dim", "heads": "--heads", "steps": "--steps", "batch": "--batch",
              "lr": "--lr", "warmup": "--warmup", "eval_every": "--eval-every", "max_eval": "--max-eval",
-             "pos": "--pos", "pool": "--pool"}
+             "pos": "--pos", "pool": "--pool", "aux_weight": "--aux-weight"}
     for k, v in trainopts.items():
         if k in flags:
             cmd += [flags[k], str(v)]

@@ -59,14 +59,18 @@ from longattn.tasks import IGNORE
 # whole default suite fits in about an hour on 2 cores (see longattn.suite).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "listops": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100, pool="mean"),
-    "pathfinder": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100, pool="mean"),
+    # Pathfinder: rotary positions (a pixel's neighbours sit at fixed offsets +-1, +-W in the
+    # raster) and the flood-fill targets as a second loss; without them every recipe tried
+    # stayed at chance (README, "Pathfinder").
+    "pathfinder": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100, pool="mean",
+                       pos="rope", aux_weight=1.0),
     "recall": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100),
     "copy": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100),
     "copy_masked": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100),
     "digits": dict(layers=2, dim=64, heads=4, steps=600, batch=32, lr=2e-3, warmup=50, pool="mean"),
 }
 GENERIC_DEFAULTS: dict[str, Any] = dict(layers=2, dim=64, heads=4, steps=1000, batch=32, lr=1e-3, warmup=100,
-                                        pool="mean")
+                                        pool="mean", pos="sinusoidal", aux_weight=0.0)
 
 _HEAD_OF_KIND = {"classify": "classify", "tokens": "tokens", "lm": "lm"}
 
@@ -98,7 +102,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     dropout: float = 0.0
     pool: str | None = None
-    pos: str = "sinusoidal"
+    pos: str | None = None  # positional encoding (longattn.model); None: the task's default
+    aux_weight: float | None = None  # weight of the task's per-token aux targets (0 = off; None: task default)
     seed: int = 0
     eval_every: int = 200
     eval_batch: int = 128
@@ -122,7 +127,7 @@ class TrainConfig:
     def model_signature(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed under this config."""
         keys = ("task", "task_options", "data_seed", "mechanism", "mechanism_params", "layers", "dim",
-                "heads", "batch", "pool", "pos", "seed", "dropout", "steps", "lr", "warmup")
+                "heads", "batch", "pool", "pos", "seed", "dropout", "steps", "lr", "warmup", "aux_weight")
         return json.loads(json.dumps({k: getattr(self, k) for k in keys}, default=str))
 
 
@@ -190,6 +195,7 @@ class Batches:
         self.padded = not bool(self.mask.all())
         self.device = device
         self.per_token = self.y.dim() == 2
+        self.aux = None if data.aux is None else torch.from_numpy(data.aux)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -200,6 +206,16 @@ class Batches:
         mask = self.mask[i, :length].to(self.device) if self.padded else None
         y = self.y[i, :length] if self.per_token else self.y[i]
         return x, mask, y.to(self.device)
+
+    def get_aux(self, idx: np.ndarray, length: int) -> Tensor:
+        """Auxiliary targets [len(idx), length] of rows ``idx`` (IGNORE = none)."""
+        if self.aux is None:
+            raise ValueError("this split has no aux targets")
+        return self.aux[torch.from_numpy(np.asarray(idx, dtype=np.int64)), :length].to(self.device)
+
+    def count_aux(self, idx: np.ndarray, length: int) -> int:
+        """Labelled auxiliary positions in rows ``idx`` (cut to ``length``)."""
+        return int((self.get_aux(idx, length) != IGNORE).sum())
 
     def trim(self, idx: np.ndarray) -> int:
         """Length covering every real token of the rows ``idx`` (padding beyond is dropped)."""
@@ -222,6 +238,7 @@ def build_model(cfg: TrainConfig, task_cfg: Any, kind: str) -> nn.Module:
         heads=cfg.heads, mechanism=cfg.mechanism, mechanism_params=dict(cfg.mechanism_params),
         causal=kind == "lm", head=_HEAD_OF_KIND[kind], num_classes=task_cfg.num_classes,
         pool=cfg.pool or "mean", pos=cfg.pos, dropout=cfg.dropout,
+        aux_classes=tasks.get(cfg.task).aux_classes if cfg.aux_weight else 0,
     )
     return Transformer(mcfg)
 
@@ -469,19 +486,32 @@ def _save(path: Path | None, cfg: TrainConfig, model: nn.Module, opt: Any, sched
 
 def _train_step(model: nn.Module, opt: Any, sched: Any, train_data: Batches, step: int, cfg: TrainConfig,
                 d: Dist) -> tuple[Tensor, int]:
-    """One update on the global batch of ``step``: ([loss sum, correct, count] over all ranks, tokens)."""
+    """One update on the global batch of ``step``: ([loss sum, correct, count, aux loss sum, aux count]
+    over all ranks, tokens). With ``cfg.aux_weight`` the loss adds that weight times the mean
+    cross-entropy of the task's per-token aux targets."""
     params = list(model.parameters())
     gidx = batch_indices(step, len(train_data), cfg.batch, cfg.seed)
     idx = gidx if cfg.sequence_parallel else gidx[d.rank :: d.world]
-    x, mask, y = train_data.get(idx, train_data.trim(gidx))
+    length = train_data.trim(gidx)
+    x, mask, y = train_data.get(idx, length)
     count = train_data.count(gidx)  # labelled items in the GLOBAL batch
+    aux_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    aux_count = 1
     if cfg.sequence_parallel:  # this rank's slice of every sequence (longattn.distributed)
         from longattn.distributed import sequence_parallel_loss
         loss_sum, correct = sequence_parallel_loss(model, x, mask, y, loss_and_correct, ignore_index=IGNORE)
+        loss = loss_sum / count
+    elif cfg.aux_weight:
+        logits, aux_logits = model.forward_with_aux(x, key_padding_mask=mask)
+        loss_sum, correct = loss_and_correct(logits, y)
+        aux_sum, _ = loss_and_correct(aux_logits, train_data.get_aux(idx, length))
+        aux_count = max(train_data.count_aux(gidx, length), 1)  # over the GLOBAL batch, like count
+        loss = loss_sum / count + cfg.aux_weight * aux_sum / aux_count
     else:
         loss_sum, correct = loss_and_correct(model(x, key_padding_mask=mask), y)
+        loss = loss_sum / count
     opt.zero_grad(set_to_none=True)
-    (loss_sum / count).backward()
+    loss.backward()
     if d.world > 1:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -495,8 +525,9 @@ def _train_step(model: nn.Module, opt: Any, sched: Any, train_data: Batches, ste
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     sched.step()
-    stats = d.all_sum(torch.stack([loss_sum.detach().double(), correct.double(),
-                                   torch.tensor(float(count) / d.world, dtype=torch.float64, device=d.device)]))
+    share = lambda n: torch.tensor(float(n) / d.world, dtype=torch.float64, device=d.device)  # noqa: E731
+    stats = d.all_sum(torch.stack([loss_sum.detach().double(), correct.double(), share(count),
+                                   aux_sum.detach().double(), share(aux_count)]))
     return stats, int(train_data.lengths[torch.from_numpy(gidx)].sum())
 
 
@@ -524,6 +555,7 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
         raise ValueError("resume=True needs out= (the run directory holding checkpoint.pt)")
     out = Path(cfg.out) if cfg.out else None
     spec = tasks.get(cfg.task)
+    _check_aux(cfg, spec)
     task_cfg = spec.make_config(**cfg.task_options)
     splits = _load_splits(cfg, task_cfg, d)
     train_data, val_data, test_data = (Batches(splits[s], d.device) for s in tasks.SPLITS)
@@ -559,7 +591,7 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
         bar = tqdm(total=cfg.steps, initial=prog.step, desc=f"{cfg.task}/{_mech_name(cfg.mechanism)}",
                    dynamic_ncols=True, file=sys.stderr)
     model.train()
-    win = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss, correct, count since last log
+    win = torch.zeros(5, dtype=torch.float64, device=d.device)  # loss, correct, count, aux loss, aux count
     win_tokens, win_t0 = 0, time.perf_counter()
     while prog.step < cfg.steps:
         t0 = time.perf_counter()
@@ -574,6 +606,8 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
             dt = max(time.perf_counter() - win_t0, 1e-9)
             rec = {"step": step, "loss": win[0].item() / win[2].item(), "acc": win[1].item() / win[2].item(),
                    "lr": sched.get_last_lr()[0], "tokens_per_s": win_tokens / dt, "time": prog.elapsed}
+            if cfg.aux_weight:
+                rec["aux_loss"] = win[3].item() / win[4].item()
             log.write(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
@@ -623,6 +657,17 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     return result
 
 
+def _check_aux(cfg: TrainConfig, spec: tasks.TaskSpec) -> None:
+    """aux_weight must be a number >= 0, and > 0 only for a task with aux targets and batch parallelism."""
+    w = cfg.aux_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"aux_weight must be a finite number >= 0, got {w!r}")
+    if w and not spec.aux_classes:
+        raise ValueError(f"aux_weight={w}: task {spec.name!r} gives no aux targets (set aux_weight=0)")
+    if w and cfg.sequence_parallel:
+        raise ValueError(f"aux_weight={w} is not supported with sequence_parallel=True (set aux_weight=0)")
+
+
 def _mech_name(m: Any) -> str:
     if isinstance(m, str):
         return m
@@ -669,7 +714,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--pool", choices=("mean", "cls"), default=None)
-    p.add_argument("--pos", default="sinusoidal")
+    p.add_argument("--pos", default=None, help="positional encoding; default: per task (sinusoidal, "
+                   "rope for pathfinder)")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="weight of the task's per-token aux targets (0 = off); default: per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=200)
@@ -688,7 +736,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_seed=args.data_seed, mechanism=parse_mechanism(args.mechanism),
         mechanism_params=parse_kv(args.param, "--param"), layers=args.layers, dim=args.dim,
         heads=args.heads, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-        weight_decay=args.weight_decay, dropout=args.dropout, pool=args.pool, pos=args.pos, seed=args.seed,
+        weight_decay=args.weight_decay, dropout=args.dropout, pool=args.pool, pos=args.pos,
+        aux_weight=args.aux_weight, seed=args.seed,
         eval_every=args.eval_every, max_eval=args.max_eval, ckpt_every=args.ckpt_every, log_every=args.log_every,
         out=getattr(args, "out", None), resume=getattr(args, "resume", False), device=args.device,
         progress=not args.no_progress, sequence_parallel=getattr(args, "sequence_parallel", False),

@@ -13,6 +13,10 @@ A split is a :class:`TaskData`: ``x`` int64 [n, N] token ids (0 is padding), ``m
 bool [n, N] (True = a real token) and ``y`` int64, either [n] (``kind="classify"``)
 or [n, N] with -100 where no loss is taken (``kind="tokens"``: one label per
 position, bidirectional; ``kind="lm"``: same layout, but the model must be causal).
+A task may also give ``aux`` int64 [n, N]: per-token intermediate targets (-100 = none)
+that the trainer can add as a second loss while training (``TrainConfig.aux_weight``);
+they are never used to score a model. Pathfinder's say which lit pixels are joined to a
+marker, the flood fill the label is a yes/no question about.
 
 Caching: ``$LONGATTN_CACHE`` or ``~/.cache/longattn/tasks``; one ``.npz`` per split,
 named by a hash of (task, config, split, generator version), written to a temporary
@@ -46,11 +50,13 @@ class TaskData:
         x: int64 [n, N] token ids, 0 = padding.
         mask: bool [n, N], True = a real token.
         y: int64 [n] (classify) or [n, N] (tokens / lm, -100 = no label).
+        aux: None, or int64 [n, N] intermediate targets for training only (-100 = none).
     """
 
     x: np.ndarray
     mask: np.ndarray
     y: np.ndarray
+    aux: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -60,6 +66,8 @@ class TaskData:
             raise ValueError(f"x {self.x.shape} and mask {self.mask.shape} must be equal [n, N]")
         if self.y.shape[0] != self.x.shape[0]:
             raise ValueError(f"y {self.y.shape} must have {self.x.shape[0]} rows")
+        if self.aux is not None and self.aux.shape != self.x.shape:
+            raise ValueError(f"aux {self.aux.shape} must be [n, N] = {self.x.shape}, like x")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class TaskSpec:
         summary: one line for tables.
         paper: where the task comes from.
         version: bump when the generator's output changes (invalidates caches).
+        aux_classes: classes of the split's ``aux`` targets (0 = the task gives none).
     """
 
     name: str
@@ -86,6 +95,7 @@ class TaskSpec:
     summary: str = ""
     paper: str = ""
     version: int = 1
+    aux_classes: int = 0
 
     @property
     def causal(self) -> bool:
@@ -181,7 +191,7 @@ def load(
     if path.exists():
         try:
             with np.load(path) as z:
-                return TaskData(x=z["x"], mask=z["mask"], y=z["y"])
+                return TaskData(x=z["x"], mask=z["mask"], y=z["y"], aux=z["aux"] if "aux" in z.files else None)
         except Exception:  # a damaged cache file is regenerated, never trusted
             pass
     data = spec.generate(config, split, split_seed(seed, split))
@@ -194,7 +204,8 @@ def _atomic_save(path: Path, data: TaskData) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=data.x, mask=data.mask, y=data.y)
+            extra = {} if data.aux is None else {"aux": data.aux}
+            np.savez(f, x=data.x, mask=data.mask, y=data.y, **extra)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

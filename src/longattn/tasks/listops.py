@@ -23,7 +23,7 @@ from typing import Union
 
 import numpy as np
 
-from longattn.tasks import TaskData, TaskSpec, pad_sequences, register_task
+from longattn.tasks import IGNORE, TaskData, TaskSpec, pad_sequences, register_task
 
 OPS = ("MAX", "MIN", "MED", "SM")
 VOCAB = ["<pad>"] + [str(d) for d in range(10)] + [f"[{op}" for op in OPS] + ["]"]
@@ -91,6 +91,17 @@ def to_tokens(tree: Tree) -> list[str]:
     return out
 
 
+def closing_values(tree: Tree) -> list[int]:
+    """Per-token training targets aligned with :func:`to_tokens`: at each ``]`` the value
+    of the expression it closes (the last one is the label), IGNORE at every other token."""
+    if isinstance(tree, (int, np.integer)):
+        return [IGNORE]
+    out = [IGNORE]
+    for a in tree[1]:
+        out += closing_values(a)
+    return out + [evaluate(tree)]
+
+
 def _grow(rng: np.random.Generator, budget: int, depth: int, cfg: ListOpsConfig, root: bool) -> Tree:
     """A tree with at most ``budget`` tokens; ``depth`` = operators above it."""
     need = 2 + cfg.min_args  # smallest operator expression
@@ -118,13 +129,15 @@ def sample(rng: np.random.Generator, cfg: ListOpsConfig) -> Tree:
 def generate(cfg: ListOpsConfig, split: str, seed: int) -> TaskData:
     n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
     rng = np.random.default_rng(seed)
-    seqs, labels = [], []
-    for _ in range(n):
+    seqs, labels, aux = [], [], np.full((n, cfg.max_len), IGNORE, dtype=np.int64)
+    for i in range(n):
         tree = sample(rng, cfg)
         seqs.append([TOKEN_ID[t] for t in to_tokens(tree)])
         labels.append(evaluate(tree))
+        values = closing_values(tree)
+        aux[i, : len(values)] = values
     x, mask = pad_sequences(seqs, cfg.max_len)
-    return TaskData(x=x, mask=mask, y=np.asarray(labels, dtype=np.int64))
+    return TaskData(x=x, mask=mask, y=np.asarray(labels, dtype=np.int64), aux=aux)
 
 
 def detokenize(ids: np.ndarray) -> str:
@@ -140,5 +153,7 @@ SPEC = register_task(
         kind="classify",
         summary="nested MAX/MIN/MED/SM expressions over digits; label = value (10 classes)",
         paper="Nangia & Bowman 2018; Tay et al. 2021 (LRA)",
+        version=2,  # v2: splits carry ``aux`` (closing_values)
+        aux_classes=10,
     )
 )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from longattn.tasks import TaskData, TaskSpec, register_task
+from longattn.tasks import IGNORE, TaskData, TaskSpec, register_task
 
 
 @dataclass(frozen=True)
@@ -129,23 +129,23 @@ def _free(owner: np.ndarray, p: tuple[int, int], pid: int, pix: list[tuple[int, 
     return True
 
 
-def _connected(img: np.ndarray, a: tuple[int, int], b: tuple[int, int]) -> bool:
-    """8-connected path of non-zero pixels from a to b (BFS)."""
+def reach(img: np.ndarray, seeds: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """bool [W, W]: the lit pixels joined to any of ``seeds`` by an 8-connected run of lit
+    pixels (breadth-first flood fill, O(W^2))."""
     W = img.shape[0]
     seen = np.zeros(img.shape, dtype=bool)
-    queue = deque([a])
-    seen[a] = True
+    queue = deque(s for s in seeds if img[s] > 0)
+    for s in queue:
+        seen[s] = True
     while queue:
         y, x = queue.popleft()
-        if (y, x) == b:
-            return True
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 ny, nx = y + dy, x + dx
                 if 0 <= ny < W and 0 <= nx < W and not seen[ny, nx] and img[ny, nx] > 0:
                     seen[ny, nx] = True
                     queue.append((ny, nx))
-    return False
+    return seen
 
 
 def draw(rng: np.random.Generator, cfg: PathfinderConfig, positive: bool) -> tuple[np.ndarray, tuple, tuple]:
@@ -184,7 +184,7 @@ def draw(rng: np.random.Generator, cfg: PathfinderConfig, positive: bool) -> tup
         img = (owner > 0).astype(np.float32)
         for cy, cx in (ma, mb):
             img[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = 1.0
-        if _connected(img, ma, mb) == positive:
+        if bool(reach(img, (ma,))[mb]) == positive:
             return img, ma, mb
     raise RuntimeError(f"could not draw a Pathfinder image with {cfg}")
 
@@ -209,15 +209,27 @@ def tokens(img: np.ndarray, cfg: PathfinderConfig, markers: tuple = ()) -> np.nd
     return 1 + tiles @ weights
 
 
+def joined_targets(img: np.ndarray, markers: tuple, cfg: PathfinderConfig) -> np.ndarray:
+    """Per-token training targets [(W/patch)^2]: 1 where the token's lit pixels touch a
+    path joined to a marker, 0 where they are lit but on no marked path, IGNORE where the
+    token is dark. The label asks whether one such path holds both markers."""
+    joined = reach(img, markers)
+    p, s = cfg.patch, cfg.side
+    tiles = lambda a: a.reshape(s, p, s, p).transpose(0, 2, 1, 3).reshape(s * s, p * p).any(1)  # noqa: E731
+    return np.where(tiles(img > 0), tiles(joined).astype(np.int64), IGNORE)
+
+
 def generate(cfg: PathfinderConfig, split: str, seed: int) -> TaskData:
     n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % 2).astype(np.int64)  # balanced
     x = np.empty((n, cfg.seq_len), dtype=np.int64)
+    aux = np.empty((n, cfg.seq_len), dtype=np.int64)
     for i in range(n):
         img, ma, mb = draw(rng, cfg, bool(labels[i]))
         x[i] = tokens(img, cfg, (ma, mb))
-    return TaskData(x=x, mask=np.ones_like(x, dtype=bool), y=labels)
+        aux[i] = joined_targets(img, (ma, mb), cfg)
+    return TaskData(x=x, mask=np.ones_like(x, dtype=bool), y=labels, aux=aux)
 
 
 def image(row: np.ndarray, cfg: PathfinderConfig) -> np.ndarray:
@@ -238,5 +250,7 @@ SPEC = register_task(
         kind="classify",
         summary="are the two markers joined by one path? W x W pixels as tokens (2 classes)",
         paper="Linsley et al. 2018; Tay et al. 2021 (LRA)",
+        version=2,  # v2: splits carry ``aux`` (joined_targets)
+        aux_classes=2,
     )
 )
