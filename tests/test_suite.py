@@ -107,6 +107,10 @@ def test_quick_suite_end_to_end(tmp_path):
     assert "| mechanism | recall | copy | avg |" in md and "*majority class*" in md
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    train_recs, val_recs = suite.read_log(tmp_path / "runs" / "recall" / "full" / "seed0")
+    assert train_recs[-1]["step"] == 2 and [r["step"] for r in val_recs] == [2]
+    for t in ("recall", "copy"):  # the learning curves drawn from those logs
+        assert (tmp_path / f"curves_{t}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow  # two interpreter start-ups (~20 s on a busy 2-core machine)

@@ -12,7 +12,9 @@ size, steps, batch, learning rate, data), and the suite writes to ``--out``:
   parameters, the mechanism parameters used, or why the pair was skipped / failed;
 - ``results.md``: an LRA-style table (mechanisms x tasks, with a majority-class row
   and an average), then train time and peak memory tables;
-- ``accuracy.png``: accuracy per task per mechanism, baseline dashed.
+- ``accuracy.png``: accuracy per task per mechanism, baseline dashed;
+- ``curves_<task>.png``: validation accuracy and training loss against the step, one
+  line per mechanism (the learning curves).
 
 Mechanisms that need per-task parameters (windows, ``max_len`` of Linformer and
 the Synthesizer, the image side of 2-D patterns) take them from
@@ -59,13 +61,17 @@ DEFAULT_MECHANISMS = ("full", "local", "longformer", "bigbird", "linformer", "ny
 
 # Per-task budgets: (task options, trainer options), the same for every mechanism.
 # "default" aims at about an hour for the whole suite on 2 CPU cores; "quick" at
-# <= 10 minutes. Sizes: seq_len listops <= 256 (mean ~110), pathfinder 32x32 = 1024,
+# <= 10 minutes. Sizes: seq_len listops <= 256 (mean ~110), pathfinder 16x16 = 256,
 # recall 64, copy 64, digits 64.
 BUDGETS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "default": {
         # 10000 test examples: binomial standard error ~0.5 points at 35%, so one point is outside the noise
         "listops": ({"n_train": 8000, "n_test": 10000}, dict(steps=600, batch=32, eval_every=200)),
-        "pathfinder": ({"n_train": 6000}, dict(steps=250, batch=32, eval_every=125, max_eval=500)),
+        # 16 x 16 pixels, one distractor, markers as their own token; 4 layers, rotary positions and
+        # the flood-fill aux loss (without them full attention stays at chance: README, "Pathfinder")
+        "pathfinder": ({"size": 16, "distractors": 1, "marker_token": True, "n_train": 8000},
+                       dict(steps=1000, batch=32, eval_every=250, max_eval=500, layers=4, pos="rope",
+                            aux_weight=1.0)),
         "recall": ({"n_train": 8000}, dict(steps=1500, batch=32, eval_every=250)),
         "copy": ({"n_train": 8000}, dict(steps=1000, batch=32, eval_every=250)),
         "copy_masked": ({"n_train": 8000}, dict(steps=600, batch=32, eval_every=200)),
@@ -328,6 +334,7 @@ def write_outputs(records: list[dict[str, Any]], out: Path, cfg: SuiteConfig, wi
         return
     try:
         plot(records, out / "accuracy.png")
+        plot_curves(records, out)
     except Exception as e:  # a missing display backend must not lose the results
         print(f"[suite] plot failed: {e}", file=sys.stderr)
 
@@ -481,6 +488,59 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def read_log(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, validation records) of a run's ``log.jsonl``; empty lists if it has none."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return [], []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if "split" not in r], [r for r in recs if r.get("split") == "val"]
+
+
+def plot_curves(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``curves_<task>.png`` per task: validation accuracy and training loss (and the aux
+    loss where the task's recipe uses one) against the step, one line per mechanism (its
+    first seed), read from each run's ``log.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_order, mech_order, cells = _grid(records)
+    cmap = plt.get_cmap("tab20")
+    paths = []
+    for t in task_order:
+        fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+        drawn = False
+        for j, m in enumerate(mech_order):
+            c = cells.get((t, m))
+            if c is None or not c.ok:
+                continue
+            train_recs, val_recs = read_log(out / "runs" / t / m / f"seed{c.ok[0]['seed']}")
+            if not val_recs:
+                continue
+            drawn = True
+            color = cmap(j % 20)
+            acc_ax.plot([r["step"] for r in val_recs], [100 * r["acc"] for r in val_recs], "o-", ms=3,
+                        color=color, label=m)
+            loss_ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], color=color, lw=1)
+            aux = [r for r in train_recs if "aux_loss" in r]
+            if aux:
+                loss_ax.plot([r["step"] for r in aux], [r["aux_loss"] for r in aux], color=color, lw=0.8, ls=":")
+        if not drawn:
+            plt.close(fig)
+            continue
+        acc_ax.set(xlabel="step", ylabel="validation accuracy (%)", title=f"{t}: validation accuracy")
+        loss_ax.set(xlabel="step", ylabel="cross-entropy", title=f"{t}: training loss (dotted: aux loss)")
+        acc_ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"curves_{t}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 # ---------------------------------------------------------------- CLI
