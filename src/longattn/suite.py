@@ -509,7 +509,8 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     task_order, mech_order, cells = _grid(records)
-    cmap = plt.get_cmap("tab20")
+    base = _baselines(task_order, cells)
+    cmap = plt.get_cmap("tab10" if len(mech_order) <= 10 else "tab20")
     paths = []
     for t in task_order:
         fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -522,7 +523,7 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> list[Path]:
             if not val_recs:
                 continue
             drawn = True
-            color = cmap(j % 20)
+            color = cmap(j % cmap.N)
             acc_ax.plot([r["step"] for r in val_recs], [100 * r["acc"] for r in val_recs], "o-", ms=3,
                         color=color, label=m)
             loss_ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], color=color, lw=1)
@@ -532,6 +533,8 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> list[Path]:
         if not drawn:
             plt.close(fig)
             continue
+        if base[t] is not None:
+            acc_ax.axhline(100 * base[t], color="k", ls="--", lw=1, label="majority class")
         acc_ax.set(xlabel="step", ylabel="validation accuracy (%)", title=f"{t}: validation accuracy")
         loss_ax.set(xlabel="step", ylabel="cross-entropy", title=f"{t}: training loss (dotted: aux loss)")
         acc_ax.legend(fontsize=7, ncol=2)
