@@ -16,6 +16,11 @@ any other path or an older part of its own path, so two paths never join. Marker
 are 3 x 3 disks centred on path ends, touching no other path. Every image is checked by a flood fill
 before it is kept (positives connected, negatives not). Cost: O(W * paths) per
 image, plus the O(W^2) check.
+
+Each split also carries ``aux`` (:func:`joined_targets`): per token, is it on a path
+that holds a marker? That flood fill is what the label asks a yes/no question about;
+the trainer can learn it as a second loss (``TrainConfig.aux_weight``), which is what
+lets full attention leave the 0.693 plateau on a CPU budget (README, "Pathfinder").
 """
 
 from __future__ import annotations
