@@ -213,10 +213,6 @@ class Batches:
             raise ValueError("this split has no aux targets")
         return self.aux[torch.from_numpy(np.asarray(idx, dtype=np.int64)), :length].to(self.device)
 
-    def count_aux(self, idx: np.ndarray, length: int) -> int:
-        """Labelled auxiliary positions in rows ``idx`` (cut to ``length``)."""
-        return int((self.get_aux(idx, length) != IGNORE).sum())
-
     def trim(self, idx: np.ndarray) -> int:
         """Length covering every real token of the rows ``idx`` (padding beyond is dropped)."""
         return int(self.lengths[torch.from_numpy(np.asarray(idx, dtype=np.int64))].max()) if self.padded \
@@ -504,8 +500,9 @@ def _train_step(model: nn.Module, opt: Any, sched: Any, train_data: Batches, ste
     elif cfg.aux_weight:
         logits, aux_logits = model.forward_with_aux(x, key_padding_mask=mask)
         loss_sum, correct = loss_and_correct(logits, y)
-        aux_sum, _ = loss_and_correct(aux_logits, train_data.get_aux(idx, length))
-        aux_count = max(train_data.count_aux(gidx, length), 1)  # over the GLOBAL batch, like count
+        aux = train_data.get_aux(gidx, length)  # the GLOBAL batch's targets: this rank's rows, and the count
+        aux_sum, _ = loss_and_correct(aux_logits, aux[d.rank :: d.world])
+        aux_count = max(int((aux != IGNORE).sum()), 1)
         loss = loss_sum / count + cfg.aux_weight * aux_sum / aux_count
     else:
         loss_sum, correct = loss_and_correct(model(x, key_padding_mask=mask), y)
