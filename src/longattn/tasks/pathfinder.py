@@ -88,48 +88,54 @@ class PathfinderConfig:
         return self.side * self.side
 
 
-def _walk(rng: np.random.Generator, owner: np.ndarray, pid: int, cfg: PathfinderConfig) -> list[tuple[int, int]] | None:
-    """Draw one path into ``owner`` (pixel -> path id, 0 = empty); None if it got stuck."""
-    W, m = cfg.size, cfg.margin
-    y, x = rng.uniform(m, W - 1 - m, size=2)
+def _walk(rng: np.random.Generator, grid: list[list[int]], pid: int, cfg: PathfinderConfig) -> list[tuple[int, int]] | None:
+    """Draw one path into ``grid`` (pixel -> path id, 0 = empty); None if it got stuck.
+
+    ``grid`` is a list of rows of Python ints, not an array: this loop runs ~20 steps per
+    path and ~70 paths per kept image, and numpy's per-element indexing dominated it."""
+    W, m, length = cfg.size, cfg.margin, cfg.length
+    y0, x0 = rng.uniform(m, W - 1 - m, size=2)
+    y, x = float(y0), float(x0)
     theta = rng.uniform(0, 2 * math.pi)
-    pix = [(int(round(y)), int(round(x)))]
-    if not _free(owner, pix[0], pid, pix, W, m):
+    pix = [(round(y), round(x))]
+    if not _free(grid, pix[0], pid, pix, W, m):
         return None
-    owner[pix[0]] = pid
+    grid[pix[0][0]][pix[0][1]] = pid
     tries = 0
-    while len(pix) < cfg.length:
+    while len(pix) < length:
         t = theta + rng.uniform(-cfg.max_turn, cfg.max_turn)
         ny, nx = y + math.sin(t), x + math.cos(t)
-        p = (int(round(ny)), int(round(nx)))
+        p = (round(ny), round(nx))
         if p == pix[-1]:
             y, x, theta = ny, nx, t
             continue
-        if _free(owner, p, pid, pix, W, m):
+        if _free(grid, p, pid, pix, W, m):
             y, x, theta = ny, nx, t
             pix.append(p)
-            owner[p] = pid
+            grid[p[0]][p[1]] = pid
             tries = 0
         else:
             tries += 1
             theta += rng.uniform(-1.0, 1.0)  # look around
             if tries > 20:
-                for q in pix:
-                    owner[q] = 0
+                for qy, qx in pix:
+                    grid[qy][qx] = 0
                 return None
     return pix
 
 
-def _free(owner: np.ndarray, p: tuple[int, int], pid: int, pix: list[tuple[int, int]], W: int, m: int) -> bool:
+def _free(grid: list[list[int]], p: tuple[int, int], pid: int, pix: list[tuple[int, int]], W: int, m: int) -> bool:
+    """May ``p`` join path ``pid``: inside the margin, and its 3 x 3 block holds no other
+    path and no pixel of this one but its last two."""
     py, px = p
     if not (m <= py < W - m and m <= px < W - m):
         return False
-    recent = set(pix[-2:])
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            q = (py + dy, px + dx)
-            o = owner[q]
-            if o and (o != pid or q not in recent):
+    recent = pix[-2:]
+    for qy in (py - 1, py, py + 1):
+        row = grid[qy]
+        for qx in (px - 1, px, px + 1):
+            o = row[qx]
+            if o and (o != pid or (qy, qx) not in recent):
                 return False
     return True
 
@@ -157,13 +163,13 @@ def draw(rng: np.random.Generator, cfg: PathfinderConfig, positive: bool) -> tup
     """One image (float32 [W, W] in [0, 1]) and its two marker centres."""
     W = cfg.size
     for _ in range(1000):
-        owner = np.zeros((W, W), dtype=np.int32)
+        grid = [[0] * W for _ in range(W)]
         n_paths = cfg.distractors + 2
         paths = []
         for pid in range(1, n_paths + 1):
             p = None
             for _ in range(50):
-                p = _walk(rng, owner, pid, cfg)
+                p = _walk(rng, grid, pid, cfg)
                 if p is not None:
                     break
             if p is None:
@@ -171,6 +177,7 @@ def draw(rng: np.random.Generator, cfg: PathfinderConfig, positive: bool) -> tup
             paths.append(p)
         if len(paths) < n_paths:
             continue
+        owner = np.array(grid, dtype=np.int32)
         a_path = paths[0]
         if positive:
             ma, mb = a_path[0], a_path[-1]
