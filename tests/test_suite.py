@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -161,3 +162,47 @@ def test_resume_reuses_only_finished_runs_with_the_same_settings(tmp_path, monke
     cfg.steps = 3
     suite.run_suite(cfg)
     assert calls == ["full", "linear"]
+
+
+def test_job_layout_shares_the_cores():
+    assert suite.job_layout(None, True, cpus=2) == (2, 1)  # one single-thread run per core
+    assert suite.job_layout(None, True, cpus=16) == (4, 4)
+    assert suite.job_layout(3, True, cpus=2) == (3, 1)
+    assert suite.job_layout(1, True, cpus=8) == (1, 8)
+    assert suite.job_layout(None, False, cpus=2) == (1, 2)  # in-process runs go one at a time
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jobs"):
+            suite.job_layout(bad, True, cpus=2)
+    with pytest.raises(ValueError, match="jobs=2"):
+        suite.job_layout(2, False, cpus=2)
+
+
+def test_parallel_runs_keep_the_table_order(tmp_path, monkeypatch):
+    import threading
+    import time as time_mod
+
+    seen = []
+    lock = threading.Lock()
+
+    def fake_run_one(task, mech, cfg, run_dir, seed=None, threads=None):
+        if mech == "full":  # the first run finishes last
+            time_mod.sleep(0.5)
+        with lock:
+            seen.append((task, mech, seed, threads, cfg.progress))
+        return {"task": task, "mechanism": mech, "seed": seed, "status": "ok", "test_acc": 0.5,
+                "majority_baseline": 0.1, "test_items": 100, "train_time_s": 1.0, "peak_mem_mb": 1.0,
+                "tokens_per_s": 1.0, "steps": 1}
+
+    monkeypatch.setattr(suite, "run_one", fake_run_one)
+    cfg = suite.SuiteConfig(tasks=["recall", "copy"], mechanisms=["full", "linear", "linformer"], quick=True,
+                            steps=1, out=str(tmp_path), progress=False, isolate=True, jobs=2)
+    recs = suite.run_suite(cfg)
+    # linformer cannot be causal: copy plans it once (run_one reports the skip)
+    assert [(r["task"], r["mechanism"]) for r in recs] == [
+        ("recall", "full"), ("recall", "linear"), ("recall", "linformer"),
+        ("copy", "full"), ("copy", "linear"), ("copy", "linformer")]
+    assert seen[0][1] != "full"  # it did run side by side
+    assert {s[3] for s in seen} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert not any(s[4] for s in seen)  # no per-run progress bars interleaved
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["mechanism"] for r in saved["results"]][:3] == ["full", "linear", "linformer"]
