@@ -201,8 +201,36 @@ def test_parallel_runs_keep_the_table_order(tmp_path, monkeypatch):
     assert [(r["task"], r["mechanism"]) for r in recs] == [
         ("recall", "full"), ("recall", "linear"), ("recall", "linformer"),
         ("copy", "full"), ("copy", "linear"), ("copy", "linformer")]
-    assert seen[0][1] != "full"  # it did run side by side
+    assert [s[:2] for s in seen] != [(r["task"], r["mechanism"]) for r in recs]  # finished out of order
     assert {s[3] for s in seen} == {max(1, (os.cpu_count() or 1) // 2)}
     assert not any(s[4] for s in seen)  # no per-run progress bars interleaved
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["mechanism"] for r in saved["results"]][:3] == ["full", "linear", "linformer"]
+
+
+def test_side_by_side_runs_take_the_longest_ready_run_first(tmp_path, monkeypatch):
+    import time as time_mod
+
+    events = []
+
+    def fake_prepare(cfg, task):
+        if task == "recall":
+            time_mod.sleep(0.3)  # recall's data is late: copy's runs go first
+        events.append(("data", task))
+
+    def fake_run_one(task, mech, cfg, run_dir, seed=None, threads=None):
+        events.append((task, mech))
+        return {"task": task, "mechanism": mech, "seed": seed, "status": "ok", "test_acc": 0.5,
+                "majority_baseline": 0.1, "test_items": 10, "train_time_s": 1.0, "peak_mem_mb": 1.0,
+                "tokens_per_s": 1.0, "steps": 1}
+
+    monkeypatch.setattr(suite, "_prepare_data", fake_prepare)
+    monkeypatch.setattr(suite, "run_one", fake_run_one)
+    monkeypatch.setattr(suite, "_run_cost", lambda task, cfg: {"copy": 10.0, "recall": 1.0}[task])
+    cfg = suite.SuiteConfig(tasks=["recall", "copy"], mechanisms=["full", "linear"], quick=True, steps=1,
+                            out=str(tmp_path), progress=False, isolate=True, jobs=2)
+    recs = suite.run_suite(cfg)
+    assert events == [("data", "copy"), ("copy", "full"), ("copy", "linear"), ("data", "recall"),
+                      ("recall", "full"), ("recall", "linear")]
+    assert [(r["task"], r["mechanism"]) for r in recs] == [
+        ("recall", "full"), ("recall", "linear"), ("copy", "full"), ("copy", "linear")]

@@ -44,7 +44,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from longattn import tasks
 
@@ -53,24 +53,30 @@ DEFAULT_TASKS = ("listops", "pathfinder", "recall", "copy", "digits")
 # mechanism (full attention included), and quick must show full attention above the
 # majority class on every task it runs. ``--tasks pathfinder`` still runs it.
 QUICK_TASKS = ("listops", "recall", "copy", "digits")
-# One or two per family: what the default (about an hour on 2 cores) and --quick run.
-# ``--mechanisms all`` takes every registered mechanism. Names not registered (yet)
-# are left out with a note.
-DEFAULT_MECHANISMS = ("full", "local", "longformer", "bigbird", "linformer", "nystrom", "performer", "linear",
-                      "lsh", "clustered", "sinkhorn", "synthesizer")
+# One or two per family: what the default (<= 90 minutes on 2 cores) and --quick run:
+# windows (local, longformer), random + global blocks (bigbird), fewer keys (linformer,
+# nystrom), kernel features (performer), content routing (lsh, sinkhorn), no Q.K
+# (synthesizer). ``--mechanisms all`` takes every registered mechanism (linear and
+# clustered among them). Names not registered (yet) are left out with a note.
+DEFAULT_MECHANISMS = ("full", "local", "longformer", "bigbird", "linformer", "nystrom", "performer", "lsh",
+                      "sinkhorn", "synthesizer")
 
 # Per-task budgets: (task options, trainer options), the same for every mechanism.
-# "default" aims at about an hour for the whole suite on 2 CPU cores; "quick" at
+# "default" aims at <= 90 minutes for the whole suite on 2 CPU cores (two runs side by
+# side, ``--jobs``); "quick" at
 # <= 10 minutes. Sizes: seq_len listops <= 256 (mean ~110), pathfinder 16x16 = 256,
 # recall 64, copy 64, digits 64.
 BUDGETS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "default": {
         # 10000 test examples: binomial standard error ~0.5 points at 35%, so one point is outside the noise
-        "listops": ({"n_train": 8000, "n_test": 10000}, dict(steps=600, batch=32, eval_every=200)),
+        # rotary positions and the closing-value aux loss (README, "ListOps"); 300 steps: every recipe we
+        # tried sat at its plateau from there on
+        "listops": ({"n_train": 8000, "n_test": 10000},
+                    dict(steps=300, batch=32, eval_every=100, pos="rope", aux_weight=1.0)),
         # 16 x 16 pixels, one distractor, markers as their own token; 4 layers, rotary positions and
         # the flood-fill aux loss (without them full attention stays at chance: README, "Pathfinder")
         "pathfinder": ({"size": 16, "distractors": 1, "marker_token": True, "n_train": 8000},
-                       dict(steps=1000, batch=32, eval_every=250, max_eval=500, layers=4, pos="rope",
+                       dict(steps=600, batch=32, eval_every=200, max_eval=500, layers=4, pos="rope",
                             aux_weight=1.0)),
         "recall": ({"n_train": 8000}, dict(steps=1500, batch=32, eval_every=250)),
         "copy": ({"n_train": 8000}, dict(steps=1000, batch=32, eval_every=250)),
@@ -338,8 +344,6 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(cfg, mechs)
-    if isolate:
-        _prepare_data(cfg)
     if jobs > 1:
         print(f"[suite] {len(plan)} runs, {jobs} at a time with {threads} thread(s) each", file=sys.stderr)
     done: dict[int, dict[str, Any]] = {}
@@ -359,27 +363,14 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
         write_outputs([done[k] for k in sorted(done)], out, cfg, with_plot=False)
 
     if jobs == 1:
+        if isolate:
+            for task in cfg.tasks:
+                _prepare_data(cfg, task)
         for i, (task, mech, seed) in enumerate(plan):
             print(f"[suite] {task} / {mech} / seed {seed}", file=sys.stderr, flush=True)
             finish(i, run_one(task, mech, cfg, out / "runs" / task / mech / f"seed{seed}", seed))
     else:
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        from tqdm.auto import tqdm
-
-        quiet = replace(cfg, progress=False)  # one bar over the runs, not interleaved bars of each
-
-        def start_quiet(i: int) -> dict[str, Any]:
-            task, mech, seed = plan[i]
-            return run_one(task, mech, quiet, out / "runs" / task / mech / f"seed{seed}", seed, threads=threads)
-
-        bar = tqdm(total=len(plan), desc="suite", unit="run", disable=not cfg.progress)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on subprocesses
-            futures = {pool.submit(start_quiet, i): i for i in range(len(plan))}
-            for fut in as_completed(futures):
-                finish(futures[fut], fut.result())
-                bar.update(1)
-        bar.close()
+        _run_side_by_side(plan, cfg, jobs, threads, finish)
     records = [done[k] for k in sorted(done)]
     write_outputs(records, out, cfg)
     return records
@@ -397,13 +388,67 @@ def _plan(cfg: SuiteConfig, mechs: list[str]) -> list[tuple[str, str, int]]:
     return plan
 
 
-def _prepare_data(cfg: SuiteConfig) -> None:
-    """Generate (and cache) every task's splits once, before runs that would each generate them."""
-    for task in cfg.tasks or []:
-        topts = budget(task, cfg.quick, cfg.steps)[0]
-        config = tasks.get(task).make_config(**topts)
-        for split in tasks.SPLITS:
-            tasks.load(task, split, seed=0, config=config)  # the data seed `longattn train` uses
+def _prepare_data(cfg: SuiteConfig, task: str) -> None:
+    """Generate (and cache) ``task``'s splits once, before runs that would each generate them."""
+    config = tasks.get(task).make_config(**budget(task, cfg.quick, cfg.steps)[0])
+    for split in tasks.SPLITS:
+        tasks.load(task, split, seed=0, config=config)  # the data seed `longattn train` uses
+
+
+def _run_cost(task: str, cfg: SuiteConfig) -> float:
+    """Rough relative cost of one run of ``task``: steps x batch x tokens x layers."""
+    topts, trainopts = budget(task, cfg.quick, cfg.steps)
+    return trainopts["steps"] * trainopts["batch"] * task_info(task, topts).seq_len * trainopts["layers"]
+
+
+def _run_side_by_side(plan: list[tuple[str, str, int]], cfg: SuiteConfig, jobs: int, threads: int,
+                      finish: Callable[[int, dict[str, Any]], None]) -> None:
+    """Run ``plan`` ``jobs`` at a time, each run a subprocess with ``threads`` torch threads.
+
+    A task's data is generated once (in a slot of its own, while other tasks' runs
+    train; Pathfinder's takes minutes), and a free slot takes the most expensive run
+    whose data is ready: longest first packs the slots best, so the suite does not end
+    on one long run with the other cores idle.
+    """
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    quiet = replace(cfg, progress=False)  # one bar over the runs, not interleaved bars of each
+    cost = {t: _run_cost(t, cfg) for t in cfg.tasks or []}
+    to_prepare = sorted(cost, key=lambda t: -cost[t])
+    ready: set[str] = set()
+    pending = sorted(range(len(plan)), key=lambda i: -cost[plan[i][0]])  # stable: table order within a task
+
+    def start(i: int) -> dict[str, Any]:
+        task, mech, seed = plan[i]
+        return run_one(task, mech, quiet, out / "runs" / task / mech / f"seed{seed}", seed, threads=threads)
+
+    bar = tqdm(total=len(plan), desc="suite", unit="run", disable=not cfg.progress)
+    running: dict[Future, tuple[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads wait on subprocesses (or generate data)
+        while pending or running:
+            while len(running) < jobs:
+                nxt = next((i for i in pending if plan[i][0] in ready), None)
+                if nxt is not None:
+                    pending.remove(nxt)
+                    running[pool.submit(start, nxt)] = ("run", nxt)
+                elif to_prepare:
+                    task = to_prepare.pop(0)
+                    running[pool.submit(_prepare_data, cfg, task)] = ("data", task)
+                else:
+                    break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                kind, what = running.pop(fut)
+                if kind == "data":
+                    fut.result()  # a generator error stops the suite, as it does without --jobs
+                    ready.add(what)
+                else:
+                    finish(what, fut.result())
+                    bar.update(1)
+    bar.close()
 
 
 def write_outputs(records: list[dict[str, Any]], out: Path, cfg: SuiteConfig, with_plot: bool = True) -> None:
