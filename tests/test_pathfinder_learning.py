@@ -1,6 +1,6 @@
 """Pathfinder is learnable on the suite's own budget, and only with long-range attention.
 
-Slow (about 25 minutes on 2 cores: the data, then two training runs), so left out of
+Slow (about 20 minutes on 2 cores: the data, then two training runs), so left out of
 ``make test``; run with ``make test-all`` or ``pytest -m slow tests/test_pathfinder_learning.py``.
 """
 
@@ -27,11 +27,12 @@ def _run(mechanism: str, params: dict) -> float:
 @pytest.mark.slow
 def test_full_attention_learns_pathfinder_and_a_tiny_window_stays_at_chance():
     """Full attention, seed 0, the default suite's Pathfinder budget: well above chance
-    (measured 80.1% on the 1000 test pictures; the bound leaves room for another BLAS or
-    CPU). A window of +-4 tokens cannot see a pixel's neighbours in the rows above and
-    below (16 tokens away), so it cannot follow a path and stays near 50% (measured
-    50.6%): the task needs the long range."""
+    (measured 72.7% on the 1000 test pictures in the suite's run, 600 steps; the bound,
+    15 points above chance, leaves room for another BLAS, CPU or thread count). A
+    window of +-4 tokens cannot see a pixel's neighbours in the rows above and below
+    (16 tokens away), so it cannot follow a path and stays near 50% (measured 50.6% on
+    the earlier 1000-step budget): the task needs the long range."""
     full = _run("full", {})
     local = _run("local", {"before": 4, "after": 4})
-    assert full >= 0.70, f"full attention reached only {full:.3f} on Pathfinder"
+    assert full >= 0.65, f"full attention reached only {full:.3f} on Pathfinder"
     assert local <= 0.58, f"a +-4 token window reached {local:.3f}: the task leaks a local cue"
