@@ -64,9 +64,8 @@ DEFAULT_MECHANISMS = ("full", "local", "bigbird", "linformer", "nystrom", "perfo
 
 # Per-task budgets: (task options, trainer options), the same for every mechanism.
 # "default" aims at <= 90 minutes for the whole suite on 2 CPU cores (two runs side by
-# side, ``--jobs``); "quick" at
-# <= 10 minutes. Sizes: seq_len listops <= 128 (mean ~58), pathfinder 16x16 = 256,
-# recall 64, copy 64, digits 64.
+# side, ``--jobs``); "quick" at <= 10 minutes. Sizes: seq_len listops <= 128 (mean ~58),
+# pathfinder 16x16 = 256, recall 64, copy 64, digits 64.
 BUDGETS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "default": {
         # 10000 test examples: binomial standard error ~0.5 points at 35%, so one point is outside the noise.
