@@ -368,12 +368,17 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
                 _prepare_data(cfg, task)
         for i, (task, mech, seed) in enumerate(plan):
             print(f"[suite] {task} / {mech} / seed {seed}", file=sys.stderr, flush=True)
-            finish(i, run_one(task, mech, cfg, out / "runs" / task / mech / f"seed{seed}", seed))
+            finish(i, run_one(task, mech, cfg, run_dir(out, task, mech, seed), seed))
     else:
         _run_side_by_side(plan, cfg, jobs, threads, finish)
     records = [done[k] for k in sorted(done)]
     write_outputs(records, out, cfg)
     return records
+
+
+def run_dir(out: Path, task: str, mechanism: str, seed: int) -> Path:
+    """Where the run of (task, mechanism, seed) keeps its log, checkpoint and result."""
+    return out / "runs" / task / mechanism / f"seed{seed}"
 
 
 def _plan(cfg: SuiteConfig, mechs: list[str]) -> list[tuple[str, str, int]]:
@@ -423,7 +428,7 @@ def _run_side_by_side(plan: list[tuple[str, str, int]], cfg: SuiteConfig, jobs: 
 
     def start(i: int) -> dict[str, Any]:
         task, mech, seed = plan[i]
-        return run_one(task, mech, quiet, out / "runs" / task / mech / f"seed{seed}", seed, threads=threads)
+        return run_one(task, mech, quiet, run_dir(out, task, mech, seed), seed, threads=threads)
 
     bar = tqdm(total=len(plan), desc="suite", unit="run", disable=not cfg.progress)
     running: dict[Future, tuple[str, Any]] = {}
@@ -644,7 +649,7 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> list[Path]:
             c = cells.get((t, m))
             if c is None or not c.ok:
                 continue
-            train_recs, val_recs = read_log(out / "runs" / t / m / f"seed{c.ok[0]['seed']}")
+            train_recs, val_recs = read_log(run_dir(out, t, m, c.ok[0]["seed"]))
             if not val_recs:
                 continue
             drawn = True
