@@ -355,8 +355,11 @@ def evaluate(model: nn.Module, data: Batches, d: Dist, batch: int, limit: int = 
     model.eval()
     n = len(data) if not limit else min(limit, len(data))
     tot = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, count
+    # the same rows in order of length: each batch is trimmed to its longest row, so
+    # this wastes little on padding
+    rows = np.argsort(data.lengths[:n].numpy(), kind="stable") if data.padded else np.arange(n)
     for start in range(0, n, batch):
-        gidx = np.arange(start, min(start + batch, n))
+        gidx = rows[start : start + batch]
         idx = gidx[d.rank :: d.world]
         if len(idx) == 0:
             continue
@@ -532,8 +535,8 @@ def _test(model: nn.Module, prog: _Progress, test_data: Batches, cfg: TrainConfi
           ) -> tuple[dict[str, float], dict[str, float]]:
     """(test metrics at the best validation step, test metrics of the final weights)."""
     final_test = evaluate(model, test_data, d, cfg.eval_batch)
-    if prog.best_state is None:
-        return final_test, final_test
+    if prog.best_state is None or all(torch.equal(v, prog.best_state[k]) for k, v in model.state_dict().items()):
+        return final_test, final_test  # the best validation step is the last one
     final_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(prog.best_state)
     test = evaluate(model, test_data, d, cfg.eval_batch)
