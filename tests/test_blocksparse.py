@@ -263,6 +263,36 @@ def test_view_paths_equal_oracle(name, causal):
     _compare(VIEW_PATTERNS[name], 1000, causal, padded=name.startswith("longformer"))
 
 
+@pytest.mark.parametrize("indices", [list(range(16)), [0, 5, 100, 999], list(range(0, 1000, 29))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_columns_run_as_one_call_and_equal_oracle(indices, causal, monkeypatch):
+    """Query tiles that all see the same unmasked keys (global columns) run as one kernel
+    call over all their rows, forward and backward; still equal to the oracle, and in
+    float32 and GQA too."""
+    import longattn.ops.blocksparse as bs
+
+    calls = []
+    real = bs._rows_as_one
+    monkeypatch.setattr(bs, "_rows_as_one", lambda x: calls.append(tuple(x.shape)) or real(x))
+    _compare(P.GlobalTokens(indices), 1000, causal, padded=False)
+    if indices == list(range(16)) or not causal:
+        assert calls, "no chunk took the one-call path"
+    if indices == list(range(16)):  # every query after the global rows, in one call
+        assert max(c[1] * c[2] for c in calls) >= 1000 - 128
+    # (one call sums a global key's gradient over ~1000 rows in float32: ~3e-5 here, 1e-5 in tiles)
+    _compare(P.GlobalTokens(indices), 999, causal, padded=False, dtype=torch.float32, tol=1e-4)
+    q, k, v = _inputs(1, 4, 777, 16, torch.float64)
+    kv = [x[:, :2].detach().clone().requires_grad_() for x in (k, v)]
+    out = pattern_attention(q, *kv, P.GlobalTokens(indices), causal=causal)
+    mask = P.GlobalTokens(indices).mask(777, 4, causal)
+    ref = dense_attention(q, *(x.repeat_interleave(2, 1) for x in kv), mask[None], causal=causal)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(out.sum(), kv)
+    want = torch.autograd.grad(ref.sum(), kv)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["local", "dilated", "strided", "bigbird", "st_fixed_heads", "per_head", "longformer"])
 def test_plain_matmul_tile_kernel_equals_oracle(name, monkeypatch):
     # the path other devices take (no CPU flash kernel), run here on the CPU

@@ -339,10 +339,12 @@ class GlobalTokens(Pattern):
         comps: list[Component] = [
             Gather(qpos, cols.expand(1, qpos.shape[0], -1).clone(), cols_pred),
         ]
-        # rows in blocks of 32 (bounded masks when keys are padded), every key listed
+        # rows in blocks of at most 32 (bounded masks when keys are padded), as even as
+        # they go (16 global rows: one block of 16, not 32 with 16 empty), every key listed
         mine = idx[(idx >= q0) & (idx < q1)]
         if mine.numel():
-            comps.append(Gather(_blocks(mine, 32), torch.arange(n)[None, None, :], rows_pred, leading=True))
+            per = -(-mine.numel() // -(-mine.numel() // 32))
+            comps.append(Gather(_blocks(mine, per), torch.arange(n)[None, None, :], rows_pred, leading=True))
         return comps
 
 

@@ -593,6 +593,14 @@ class _Chunk:
     kidx: Tensor
     kshared: bool
 
+    @property
+    def flat(self) -> bool:
+        """Do all the tiles see the same keys, unmasked (global columns)? Then they run
+        as one kernel call over their Tc * bq query rows: the kernel's own query
+        blocks, and the shared keys read once."""
+        return (self.kind == "full" and self.mask is None and self.alive is None and self.Tc > 1
+                and (self.kshared or (self.kview is not None and self.kview.step == 0)))
+
 
 def _additive(vis: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros((), dtype=dtype, device=vis.device).expand(vis.shape).masked_fill(~vis, float("-inf"))
@@ -699,6 +707,11 @@ def _gq(x: Tensor, ch: _Chunk) -> Tensor:
     return _rows(x, ch.qidx).view(x.shape[0], ch.Tc, ch.bq, x.shape[-1])
 
 
+def _rows_as_one(x: Tensor) -> Tensor:
+    """[BH, Tc, bq, D] tiles -> [BH, 1, Tc * bq, D] (a view when the rows are consecutive)."""
+    return x.reshape(x.shape[0], 1, -1, x.shape[-1])
+
+
 def _expand_heads(x: Tensor, g: int) -> Tensor:
     """[B * Hkv, ...] -> [B * Hkv * g, ...]: each kv head once for each of its g query
     heads (head h reads kv head h // g). A copy of one chunk, never of the sequence."""
@@ -798,8 +811,12 @@ def _forward_bh(q, k, v, batches, scale, kpm, H, g, O, Lse):
     fwd, _ = _kernels(q.device)
     for tb, first in batches:
         for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, g=g):
-            o, lse = fwd(_gq(q, ch), _gk(k, ch, g), _gk(v, ch, g), 0.0, ch.kind == "causal",
-                         attn_mask=ch.mask, scale=scale)
+            qc, kc, vc = _gq(q, ch), _gk(k, ch, g), _gk(v, ch, g)
+            if ch.flat:
+                o, lse = fwd(_rows_as_one(qc), kc[:, :1], vc[:, :1], 0.0, False, scale=scale)
+                o, lse = o.reshape(BH, ch.Tc, ch.bq, Dv), lse.reshape(BH, ch.Tc, ch.bq)
+            else:
+                o, lse = fwd(qc, kc, vc, 0.0, ch.kind == "causal", attn_mask=ch.mask, scale=scale)
             lse = lse.to(acc)
             if ch.alive is not None:
                 lse = lse.masked_fill(~ch.alive, float("-inf"))
@@ -823,10 +840,13 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, g, dq, dk, dv):
             gO = _gq(dO, ch)
             if ch.qvalid is not None:
                 gO = gO * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(gO.dtype)
-            gq, gk, gv = bwd(
-                gO, _gq(q, ch), _gk(k, ch, g), _gk(v, ch, g), _gq(O, ch), _gq(Lb, ch)[..., 0], 0.0,
-                ch.kind == "causal", attn_mask=ch.mask, scale=scale,
-            )
+            qc, kc, vc, Oc, Lc = _gq(q, ch), _gk(k, ch, g), _gk(v, ch, g), _gq(O, ch), _gq(Lb, ch)[..., 0]
+            if ch.flat:  # one call over all the rows; the key gradients come summed over them
+                gq, gk, gv = bwd(_rows_as_one(gO), _rows_as_one(qc), kc[:, :1], vc[:, :1], _rows_as_one(Oc),
+                                 Lc.reshape(BH, 1, -1), 0.0, False, scale=scale)
+                gq = gq.reshape(BH, ch.Tc, ch.bq, D)
+            else:
+                gq, gk, gv = bwd(gO, qc, kc, vc, Oc, Lc, 0.0, ch.kind == "causal", attn_mask=ch.mask, scale=scale)
             if ch.qview is not None:
                 _window(dq, ch.qview, ch.Tc, ch.bq).add_(gq)
             else:
