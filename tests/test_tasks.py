@@ -57,6 +57,21 @@ def test_listops_evaluator_hand_cases():
     assert eval_listops_text("[SM 9 9 [MAX 1 5 ] ]")[0] == 3
 
 
+def test_listops_root_operator_baseline_on_a_hand_made_split():
+    from longattn.tasks import TaskData, listops
+
+    def split(texts, labels):
+        seqs = [[listops.TOKEN_ID[t] for t in text.split()] for text in texts]
+        x, mask = listops.pad_sequences(seqs, 8)
+        return TaskData(x=x, mask=mask, y=np.asarray(labels))
+
+    train = split(["[MAX 1 9 ]", "[MAX 9 2 ]", "[MAX 3 4 ]", "[MIN 0 5 ]", "[SM 5 5 ]", "[SM 1 1 ]", "[SM 1 1 ]"],
+                  [9, 9, 4, 0, 0, 2, 2])
+    # MAX -> 9, MIN -> 0, SM -> 2, MED unseen -> the most common label overall (0, 2, 9 tie: 0)
+    test = split(["[MAX 1 2 ]", "[MIN 7 8 ]", "[SM 1 1 ]", "[MED 2 2 ]"], [2, 7, 2, 0])
+    assert listops.root_operator_baseline(train, test) == 0.5
+
+
 def test_listops_aux_targets_are_the_closed_expressions_values():
     """``aux`` at each ``]`` = the independent evaluator's value of the bracket it closes
     (the last one is the label); IGNORE everywhere else, padding included."""

@@ -140,6 +140,16 @@ def generate(cfg: ListOpsConfig, split: str, seed: int) -> TaskData:
     return TaskData(x=x, mask=mask, y=np.asarray(labels, dtype=np.int64), aux=aux)
 
 
+def root_operator_baseline(train: TaskData, test: TaskData) -> float:
+    """Accuracy on ``test`` of a rule with no model: read the first token (the root
+    operator) and answer that operator's most common label in ``train``. It measures
+    the cue a model learns first; only accuracy above it shows brackets evaluated."""
+    best = {int(op): int(np.bincount(train.y[train.x[:, 0] == op]).argmax()) for op in np.unique(train.x[:, 0])}
+    fallback = int(np.bincount(train.y).argmax())
+    guess = np.array([best.get(int(op), fallback) for op in test.x[:, 0]])
+    return float((guess == test.y).mean())
+
+
 def detokenize(ids: np.ndarray) -> str:
     """Token ids (padding dropped) back to text, e.g. ``"[MAX 2 9 ]"``."""
     return " ".join(VOCAB[int(i)] for i in ids if int(i) != 0)
