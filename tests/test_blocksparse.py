@@ -227,6 +227,22 @@ out.sum().backward()
     assert peak < 600, f"peak {peak:.0f} MiB: something quadratic was built"
 
 
+def test_memory_global_tokens_forward_backward_no_n_squared():
+    # 16 global tokens at N = 16384, H = 4: the global columns run as one kernel call over
+    # all rows; one N x N float32 score matrix per head would be 4 GiB. Budget: 600 MiB.
+    setup = """
+from longattn.ops.blocksparse import pattern_attention
+from longattn.patterns import GlobalTokens
+q, k, v = (torch.randn(1, 4, 16384, 64, requires_grad=True) for _ in range(3))
+"""
+    run = """
+out = pattern_attention(q, k, v, GlobalTokens(list(range(16))))
+out.sum().backward()
+"""
+    peak = peak_memory_mb(setup, run, threads=2)
+    assert peak < 600, f"peak {peak:.0f} MiB: something quadratic was built"
+
+
 def test_memory_grows_linearly_for_bigbird():
     def peak(n):
         setup = f"""

@@ -342,9 +342,11 @@ class GlobalTokens(Pattern):
         # rows in blocks of at most 32 (bounded masks when keys are padded), as even as
         # they go (16 global rows: one block of 16, not 32 with 16 empty), every key listed
         mine = idx[(idx >= q0) & (idx < q1)]
-        if mine.numel():
-            per = -(-mine.numel() // -(-mine.numel() // 32))
-            comps.append(Gather(_blocks(mine, per), torch.arange(n)[None, None, :], rows_pred, leading=True))
+        m = mine.numel()
+        if m:
+            blocks = -(-m // 32)
+            comps.append(Gather(_blocks(mine, -(-m // blocks)), torch.arange(n)[None, None, :], rows_pred,
+                                leading=True))
         return comps
 
 
