@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -303,3 +304,50 @@ def test_short_runs_list_missing_peers_and_peers_that_cannot_run(monkeypatch):
     assert left[0]["reason"] == "no causal form"
     table = skipped_table({"results": [], "peers_missing": [], "peers_left_out": left})
     assert "local-attention" in table and "no causal form" in table
+
+
+def _count_calls(case_kw, warm_s_per_call=0.0):
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(warm_s_per_call)
+
+    case = dict(warmup=1, min_repeats=3, max_repeats=3, min_time_s=0.0, soft_timeout_s=60.0)
+    case.update(case_kw)
+    res = harness._timed(step, case)
+    return len(calls), res
+
+
+def test_timed_calls_warm_up_then_peak_then_timed():
+    # warm-up 1 + the peak call + 3 timed calls; the peak call's time is not a timed one
+    n, res = _count_calls({})
+    assert n == 5 and len(res["times"]) == 3 and res["warmup_s"] >= 0
+    # a slow case (warm-up over 2 * min_time_s) in adaptive mode: one timed call after the peak call
+    n, res = _count_calls(dict(adaptive_repeats=True, min_time_s=0.01), warm_s_per_call=0.03)
+    assert n == 3 and len(res["times"]) == 1
+    # strict: the peak call is that one timed call (no third call)
+    n, res = _count_calls(dict(adaptive_repeats=True, min_time_s=0.01, allocator="strict"), warm_s_per_call=0.03)
+    assert n == 2 and len(res["times"]) == 1 and res["times"][0] >= 0.03
+
+
+def test_peak_call_sees_a_buffer_the_step_allocates():
+    """The peak is the resident growth during one call: a 64 MiB buffer written in the call
+    shows (mapped afresh above glibc's 32 MiB threshold even without the strict setting)."""
+    import torch
+
+    def step():
+        torch.ones(16 << 20)  # 64 MiB
+
+    _, peak = harness._peak_call(step)
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 60 <= peak < 200
+
+
+def test_report_says_which_allocator_timed_the_calls(tmp_path):
+    doc = harness.sweep(_tiny_cfg(mechanisms=["local"], modes=["fwd"], allocator="strict"), progress=False)
+    assert doc["config"]["allocator"] == "strict"
+    assert "`--allocator strict`" in report.bench_markdown(doc)
+    doc["config"]["allocator"] = "reuse"
+    assert "reuse freed buffers" in report.bench_markdown(doc)

@@ -65,7 +65,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
     cfg = BenchConfig(
         mechanisms=args.mechanisms, peers=args.peers, ns=args.n, modes=args.mode, dtype=args.dtype,
         batch=args.batch, heads=args.heads, dim=args.dim, causal=args.causal, threads=args.threads,
-        timeout_s=args.timeout, mem_budget_mb=args.mem_budget_mb,
+        timeout_s=args.timeout, mem_budget_mb=args.mem_budget_mb, allocator=args.allocator,
     )
     if args.quick:
         cfg.ns = args.n if args.n_given else [1024, 4096]
@@ -226,6 +226,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per case (default 300)")
     p.add_argument("--mem-budget-mb", type=float, default=0.0, help="default: 60%% of available memory")
     p.add_argument("--repeats", type=int, default=0, help="fixed number of timed repeats")
+    p.add_argument("--allocator", choices=["reuse", "strict"], default="reuse",
+                   help="timed calls reuse freed buffers up to 32 MiB (glibc's default, the "
+                        "default here) or map every buffer above 64 KiB afresh (strict: each call "
+                        "pays its page faults again); peak memory is always measured strict")
     p.add_argument("--quick", action="store_true", help="N=1024,4096, fewer repeats, flex only for local")
     p.add_argument("--out", default="report", help="output folder (default report/)")
     p.add_argument("--no-progress", action="store_true")

@@ -275,6 +275,13 @@ def plot_error(doc: dict[str, Any], out_dir: str | Path) -> Path:
 # ----------------------------------------------------------------------- pages
 
 
+def _allocator_note(doc: dict[str, Any]) -> str:
+    if doc["config"].get("allocator", "strict") == "reuse":
+        return ("Timed calls reuse freed buffers up to 32 MiB (glibc's default behaviour; "
+                "`--allocator strict` maps every buffer afresh, as runs before December 2026 did).")
+    return "Timed calls map every buffer above 64 KiB afresh (`--allocator strict`)."
+
+
 def bench_markdown(doc: dict[str, Any], plots: list[Path] | None = None, rel_to: Path | None = None) -> str:
     m = doc["machine"]
     out = ["## Speed and memory", "",
@@ -283,8 +290,8 @@ def bench_markdown(doc: dict[str, Any], plots: list[Path] | None = None, rel_to:
            f"Shape B={doc['config']['batch']}, H={doc['config']['heads']}, D={doc['config']['dim']}, "
            f"{doc['config']['dtype']}, causal={doc['config']['causal']}.", "",
            "Each cell: median time [min-max] over the repeats, peak working memory above the inputs "
-           "(own process), useful GFLOP/s (and % of the matmul rate), speed-up over dense SDPA "
-           f"(`full`) at the same N. FLOPs: {doc['flops_convention']}.", ""]
+           "(own process, one call under a strict allocator), useful GFLOP/s (and % of the matmul rate), speed-up over dense SDPA "
+           f"(`full`) at the same N. FLOPs: {doc['flops_convention']}. {_allocator_note(doc)}", ""]
     for p in plots or []:
         out.append(f"![{p.stem}]({p.relative_to(rel_to) if rel_to else p})")
     out += ["", "### Against dense SDPA", "", headline_table(doc), ""]
