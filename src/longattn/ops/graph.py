@@ -139,14 +139,10 @@ def csr_of(edge_index: Tensor, nq: int, nk: int, causal: bool, device: torch.dev
     return csr
 
 
-def _sddmm(csr: CSR, a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """alpha * a_i . b_j for every edge (j -> i): a [BH, Nq, D], b [BH, Nk, D] -> [BH, E]."""
-    BH = a.shape[0]
-    pat = csr.pattern(a.dtype)
-    out = a.new_empty(BH, csr.E)
-    for h in range(BH):
-        out[h] = torch.sparse.sampled_addmm(pat, a[h], b[h].t(), beta=0.0, alpha=alpha).values()
-    return out
+def _sddmm_head(pat: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha * a_i . b_j for every edge (j -> i) of the CSR pattern ``pat``: a [Nq, D],
+    b [Nk, D] -> [E] (a fresh tensor, free to be changed in place)."""
+    return torch.sparse.sampled_addmm(pat, a, b.t(), beta=0.0, alpha=alpha).values()
 
 
 def _gather_sum(idx: Tensor, rowptr: Tensor, deg: int | None, table: Tensor, w: Tensor) -> Tensor:
@@ -162,21 +158,30 @@ def _gather_sum(idx: Tensor, rowptr: Tensor, deg: int | None, table: Tensor, w: 
     return out
 
 
-def _row_softmax(s: Tensor, csr: CSR, masked: bool = True) -> Tensor:
-    """Softmax of the scores s [BH, E] (-inf = masked) over each query's edges, in place
-    where possible. Rows with no finite score give all zeros (never NaN); ``masked``:
-    some scores may be -inf."""
-    BH, E = s.shape
+def _row_softmax(s: Tensor, csr: CSR, out: Tensor, masked: bool = True) -> None:
+    """Softmax of one head's scores s [E] (-inf = masked; changed in place) over each
+    query's edges, written to ``out`` [E]. Rows with no finite score give all zeros
+    (never NaN); ``masked``: some scores may be -inf."""
     if csr.degree is not None:  # one fused softmax over [rows, degree]
-        p = torch.softmax(s.view(BH, csr.nq, csr.degree), -1).view(BH, E)
-        return p.nan_to_num_(0.0) if masked else p  # a row of -inf only: NaN -> 0
-    idx = csr.dst.expand(BH, E)
-    m = torch.full((BH, csr.nq), float("-inf"), dtype=s.dtype, device=s.device)
-    m = m.scatter_reduce(1, idx, s, reduce="amax", include_self=True)
+        torch.ops.aten._softmax.out(s.view(csr.nq, csr.degree), -1, False, out=out.view(csr.nq, csr.degree))
+        if masked:
+            out.nan_to_num_(0.0)  # a row of -inf only: NaN -> 0
+        return
+    m = torch.full((csr.nq,), float("-inf"), dtype=s.dtype, device=s.device)
+    m = m.scatter_reduce(0, csr.dst, s, reduce="amax", include_self=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m.index_select(1, csr.dst))
-    den = torch.zeros(BH, csr.nq, dtype=s.dtype, device=s.device).scatter_add_(1, idx, p)
-    return p / den.clamp_min(torch.finfo(s.dtype).tiny).index_select(1, csr.dst)
+    torch.exp(s.sub_(m.index_select(0, csr.dst)), out=out)
+    den = torch.zeros(csr.nq, dtype=s.dtype, device=s.device).scatter_add_(0, csr.dst, out)
+    out.div_(den.clamp_min(torch.finfo(s.dtype).tiny).index_select(0, csr.dst))
+
+
+def _per_edge_sub_(x: Tensor, row_values: Tensor, csr: CSR) -> Tensor:
+    """x [E] -= row_values[i] for every edge (j -> i), in place."""
+    if csr.degree is not None:
+        x.view(csr.nq, csr.degree).sub_(row_values[:, None])
+    else:
+        x.sub_(row_values.index_select(0, csr.dst))
+    return x
 
 
 class _GraphAttn(torch.autograd.Function):
@@ -192,10 +197,13 @@ class _GraphAttn(torch.autograd.Function):
             ctx.save_for_backward(q, k, v)
             return v.new_zeros(BH, csr.nq, v.shape[-1])
         ctx.empty = False
-        s = _sddmm(csr, q, k, scale)
-        if edge_ok is not None:
-            s.masked_fill_(~edge_ok, float("-inf"))
-        p = _row_softmax(s, csr, masked=edge_ok is not None)
+        pat = csr.pattern(q.dtype)
+        p = q.new_empty(BH, csr.E)
+        for h in range(BH):  # one head's scores at a time: no [BH, E] score tensor besides p
+            s = _sddmm_head(pat, q[h], k[h], scale)
+            if edge_ok is not None:
+                s.masked_fill_(~edge_ok[h if edge_ok.shape[0] > 1 else 0], float("-inf"))
+            _row_softmax(s, csr, p[h], masked=edge_ok is not None)
         del s
         out = _gather_sum(csr.col, csr.rowptr, csr.degree, v, p)
         ctx.csr, ctx.scale = csr, scale
@@ -214,11 +222,15 @@ class _GraphAttn(torch.autograd.Function):
         pt = p.index_select(1, csr.tperm)
         dv = _gather_sum(csr.tcol, csr.trowptr, tdeg, g, pt)
         del pt
-        dp = _sddmm(csr, g, v, 1.0)  # dO_i . v_j
-        delta = (g * out).sum(-1)  # [BH, Nq]: sum_j p_ij dP_ij
-        ds = p * (dp - delta.index_select(1, csr.dst))  # masked edges: p = 0 -> 0
+        # ds = p * (dP - delta) * scale, dP_ij = dO_i . v_j, delta_i = sum_j p_ij dP_ij;
+        # masked edges have p = 0 -> 0
+        delta = (g * out).sum(-1).mul_(ctx.scale)  # [BH, Nq]
+        pat = csr.pattern(q.dtype)
+        ds = torch.empty_like(p)
+        for h in range(q.shape[0]):
+            dp = _per_edge_sub_(_sddmm_head(pat, g[h], v[h], ctx.scale), delta[h], csr)
+            torch.mul(dp, p[h], out=ds[h])
         del dp
-        ds.mul_(ctx.scale)
         dq = _gather_sum(csr.col, csr.rowptr, csr.degree, k, ds)
         dk = _gather_sum(csr.tcol, csr.trowptr, tdeg, q, ds.index_select(1, csr.tperm))
         return dq, dk, dv, None, None, None
