@@ -207,34 +207,40 @@ class StripPlan:
                         yield i0, min(r1, i0 + rows), s0, min(c1, s0 + cols), (r0, c0)
 
     # -- layouts ------------------------------------------------------------------------
-    def tiles(self, x: Tensor, fill: float = 0.0) -> Tensor:
-        """[N, D] pixels -> [S, Tr, th * tw, D] query tiles (a copy; ``fill`` beyond the image)."""
+    def tiles(self, x: Tensor, fill: float = 0.0, out: Tensor | None = None) -> Tensor:
+        """[N, D] pixels -> [S, Tr, th * tw, D] query tiles (a copy, into ``out`` if given;
+        ``fill`` beyond the image)."""
         D = x.shape[-1]
         img = x.view(self.H, self.W, D)
         if (self.Hp, self.Wp) != (self.H, self.W):
             img = F.pad(img, (0, 0, 0, self.Wp - self.W, 0, self.Hp - self.H), value=fill)
         t = img.view(self.Tr, self.th, self.S, self.tw, D).permute(2, 0, 1, 3, 4)
-        return t.reshape(self.S, self.Tr, self.L, D)
+        if out is None:
+            return t.reshape(self.S, self.Tr, self.L, D)
+        out.view(t.shape).copy_(t)
+        return out
 
-    def untiles(self, t: Tensor) -> Tensor:
-        """Inverse of :meth:`tiles`: [S, Tr, th * tw, D] -> [N, D]."""
+    def untiles(self, t: Tensor, out: Tensor | None = None) -> Tensor:
+        """Inverse of :meth:`tiles`: [S, Tr, th * tw, D] -> [N, D] (written to ``out``
+        [N, D] if given)."""
         D = t.shape[-1]
         img = t.view(self.S, self.Tr, self.th, self.tw, D).permute(1, 2, 0, 3, 4).reshape(self.Hp, self.Wp, D)
-        return img[: self.H, : self.W].reshape(self.H * self.W, D)
+        if out is None:
+            return img[: self.H, : self.W].reshape(self.H * self.W, D)
+        out.view(self.H, self.W, D).copy_(img[: self.H, : self.W])
+        return out
 
     def halo(self, x: Tensor) -> Tensor:
         """[N, D] pixels -> haloed strips [S, Hp + 2 rh, tw + 2 rw, D] (zeros outside)."""
-        D = x.shape[-1]
-        rh, rw = self.rh, self.rw
-        pad = F.pad(x.view(self.H, self.W, D), (0, 0, rw, self.Wp - self.W + rw, rh, self.Hp - self.H + rh))
-        st = pad.stride()
-        return pad.as_strided((self.S, pad.shape[0], self.kw, D), (self.tw * st[1], st[0], st[1], st[2])).contiguous()
+        return HaloBuffers(self, x.shape[-1], x.dtype, x.device)(x)
 
-    def unhalo(self, g: Tensor) -> Tensor:
-        """Adjoint of :meth:`halo`: sums the strips' overlapping columns back -> [N, D]."""
+    def unhalo(self, g: Tensor, out: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
+        """Adjoint of :meth:`halo`: sums the strips' overlapping columns back -> [N, D]
+        (written to ``out`` if given; ``pad``: a reused [Hp + 2 rh, Wp + 2 rw, D] buffer,
+        zeroed here)."""
         D = g.shape[-1]
         rh, rw = self.rh, self.rw
-        pad = g.new_zeros(self.Hp + 2 * rh, self.Wp + 2 * rw, D)
+        pad = g.new_zeros(self.Hp + 2 * rh, self.Wp + 2 * rw, D) if pad is None else pad.zero_()
         st = pad.stride()
         every = -(-self.kw // self.tw)  # strips s, s + every, ... do not overlap
         for s0 in range(min(every, self.S)):
@@ -242,7 +248,11 @@ class StripPlan:
             view = pad.as_strided((gs.shape[0], pad.shape[0], self.kw, D), (every * self.tw * st[1], st[0], st[1], st[2]),
                                   pad.storage_offset() + s0 * self.tw * st[1])
             view.add_(gs)
-        return pad[rh : rh + self.H, rw : rw + self.W].reshape(self.H * self.W, D)
+        inside = pad[rh : rh + self.H, rw : rw + self.W]
+        if out is None:
+            return inside.reshape(self.H * self.W, D)
+        out.view(self.H, self.W, D).copy_(inside)
+        return out
 
     def blocks(self, h: Tensor, i0: int, i1: int, s0: int, s1: int, every: int = 1, first: int = 0) -> Tensor:
         """Haloed strips [S, R, kw, D] -> the key blocks [s1 - s0, n, K, D] of tiles rows
@@ -252,6 +262,26 @@ class StripPlan:
         st = h.stride()
         return h.as_strided((s1 - s0, n, self.K, D), (st[0], every * self.th * st[1], st[2], st[3]),
                             h.storage_offset() + s0 * st[0] + (i0 + first) * self.th * st[1])
+
+
+class HaloBuffers:
+    """:meth:`StripPlan.halo` for many heads in a row, in reused memory: the padded image
+    (its zero border written once) and the strips. Each call overwrites the previous
+    call's strips; a head costs two copies into pages already mapped (fresh buffers of
+    this size are mapped and faulted in again at every head)."""
+
+    def __init__(self, plan: StripPlan, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.plan = plan
+        rh, rw = plan.rh, plan.rw
+        self.pad = torch.zeros(plan.Hp + 2 * rh, plan.Wp + 2 * rw, dim, dtype=dtype, device=device)
+        self.inside = self.pad[rh : rh + plan.H, rw : rw + plan.W]
+        st = self.pad.stride()
+        self.windows = self.pad.as_strided((plan.S, self.pad.shape[0], plan.kw, dim), (plan.tw * st[1], st[0], st[1], st[2]))
+        self.strips = torch.empty(self.windows.shape, dtype=dtype, device=device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.inside.copy_(x.view(self.plan.H, self.plan.W, -1))
+        return self.strips.copy_(self.windows)
 
 
 _STRIP_PLANS: dict[tuple, StripPlan] = {}
@@ -282,19 +312,21 @@ class _StripAttention(torch.autograd.Function):
         lse = torch.empty(B, H, N, 1, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
         ot = q.new_empty(plan.S, plan.Tr, plan.L, Dv)
         lt = lse.new_empty(plan.S, plan.Tr, plan.L)
+        halo_k, halo_v = HaloBuffers(plan, D, k.dtype, k.device), HaloBuffers(plan, Dv, v.dtype, v.device)
+        qt_buf = q.new_empty(plan.S, plan.Tr, plan.L, D)
         for b in range(B):
             for hk in range(Hk):
-                kh, vh = plan.halo(k[b, hk]), plan.halo(v[b, hk])
+                kh, vh = halo_k(k[b, hk]), halo_v(v[b, hk])
                 for h in range(hk * g, (hk + 1) * g):
-                    qt = plan.tiles(q[b, h])
+                    qt = plan.tiles(q[b, h], out=qt_buf)
                     for i0, i1, s0, s1, key in plan.calls():
                         o, l = _flash_fwd(qt[s0:s1, i0:i1], plan.blocks(kh, i0, i1, s0, s1),
                                           plan.blocks(vh, i0, i1, s0, s1), 0.0, False,
                                           attn_mask=masks[key], scale=scale)
                         ot[s0:s1, i0:i1] = o
                         lt[s0:s1, i0:i1] = l
-                    out[b, h] = plan.untiles(ot)
-                    lse[b, h] = plan.untiles(lt[..., None])
+                    plan.untiles(ot, out=out[b, h])
+                    plan.untiles(lt[..., None], out=lse[b, h])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = bwd_plan, scale
         return out
@@ -313,25 +345,34 @@ class _StripAttention(torch.autograd.Function):
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         every = -(-plan.kh // plan.th)  # tile rows i, i + every, ... read disjoint key rows
+        halo_k, halo_v = HaloBuffers(plan, D, k.dtype, k.device), HaloBuffers(plan, v.shape[-1], v.dtype, v.device)
+        # buffers reused by every head (fresh ones would be mapped and faulted in each time)
+        dkh, dvh = (torch.empty(x.strips.shape, dtype=acc, device=q.device) for x in (halo_k, halo_v))
+        pad = torch.empty(halo_k.pad.shape[:2] + (max(D, v.shape[-1]),), dtype=acc, device=q.device)
+        tiled = {name: torch.empty(plan.S, plan.Tr, plan.L, x.shape[-1], dtype=x.dtype, device=x.device)
+                 for name, x in (("q", q), ("out", out), ("dout", dout), ("dq", q))}
+        lt = torch.empty(plan.S, plan.Tr, plan.L, 1, dtype=lse.dtype, device=lse.device)
+        qt, ot, gt, dqt = tiled["q"], tiled["out"], tiled["dout"], tiled["dq"]
         for b in range(B):
             for hk in range(Hk):
-                kh, vh = plan.halo(k[b, hk]), plan.halo(v[b, hk])
-                dkh, dvh = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (kh, vh))
+                kh, vh = halo_k(k[b, hk]), halo_v(v[b, hk])
+                dkh.zero_()
+                dvh.zero_()
                 for h in range(hk * g, (hk + 1) * g):
-                    qt, ot, gt = plan.tiles(q[b, h]), plan.tiles(out[b, h]), plan.tiles(dout[b, h])
-                    lt = plan.tiles(lse[b, h], fill=float("inf"))[..., 0]  # beyond the image: P = 0
-                    dqt = torch.empty_like(qt)
+                    for x, buf in ((q, qt), (out, ot), (dout, gt)):
+                        plan.tiles(x[b, h], out=buf)
+                    plan.tiles(lse[b, h], fill=float("inf"), out=lt)  # beyond the image: P = 0
                     # the kernel returns a key gradient per tile: calls of a bounded size
                     for i0, i1, s0, s1, key in plan.calls(max(1, BWD_WORKSPACE // (plan.K * D))):
                         r = (slice(s0, s1), slice(i0, i1))
                         gq, gk, gv = _flash_bwd(gt[r], qt[r], plan.blocks(kh, i0, i1, s0, s1),
-                                                plan.blocks(vh, i0, i1, s0, s1), ot[r], lt[r],
+                                                plan.blocks(vh, i0, i1, s0, s1), ot[r], lt[r][..., 0],
                                                 0.0, False, attn_mask=masks[key], scale=scale)
                         dqt[r] = gq
                         for first in range(min(every, i1 - i0)):
                             plan.blocks(dkh, i0, i1, s0, s1, every, first).add_(gk[:, first::every])
                             plan.blocks(dvh, i0, i1, s0, s1, every, first).add_(gv[:, first::every])
-                    dq[b, h] = plan.untiles(dqt)
-                dk[b, hk] = plan.unhalo(dkh)
-                dv[b, hk] = plan.unhalo(dvh)
+                    plan.untiles(dqt, out=dq[b, h])
+                plan.unhalo(dkh, out=dk[b, hk], pad=pad[..., :D])
+                plan.unhalo(dvh, out=dv[b, hk], pad=pad[..., : v.shape[-1]])
         return dq, dk, dv, None, None, None
