@@ -83,14 +83,11 @@ class CSR:
     def E(self) -> int:
         return self.col.numel()
 
-    def pattern(self, dtype: torch.dtype) -> Tensor:
-        """The [Nq, Nk] CSR pattern with zero values (input of sampled_addmm)."""
+    def with_values(self, values: Tensor) -> Tensor:
+        """The [Nq, Nk] CSR matrix of these edges holding ``values`` [E] (shared, not copied)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(
-                self.rowptr, self.col, torch.zeros(self.E, dtype=dtype, device=self.col.device),
-                (self.nq, self.nk), check_invariants=False,
-            )
+            return torch.sparse_csr_tensor(self.rowptr, self.col, values, (self.nq, self.nk), check_invariants=False)
 
 
 def build_csr(ei: Tensor, nq: int, nk: int, causal: bool) -> CSR:
@@ -139,22 +136,32 @@ def csr_of(edge_index: Tensor, nq: int, nk: int, causal: bool, device: torch.dev
     return csr
 
 
-def _sddmm_head(pat: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """alpha * a_i . b_j for every edge (j -> i) of the CSR pattern ``pat``: a [Nq, D],
-    b [Nk, D] -> [E] (a fresh tensor, free to be changed in place)."""
-    return torch.sparse.sampled_addmm(pat, a, b.t(), beta=0.0, alpha=alpha).values()
+def _sddmm_into(out: Tensor, csr: CSR, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """out[e] = alpha * a_i . b_j for every edge e = (j -> i): a [Nq, D], b [Nk, D], out [E].
+
+    ``sampled_addmm`` writes in place when its output is its input matrix (else it first
+    copies the whole pattern, indices included); beta = 0 still reads the old values
+    (0 * NaN = NaN), so they are zeroed first."""
+    m = csr.with_values(out.zero_())
+    torch.sparse.sampled_addmm(m, a, b.t(), beta=0.0, alpha=alpha, out=m)
+    return out
 
 
-def _gather_sum(idx: Tensor, rowptr: Tensor, deg: int | None, table: Tensor, w: Tensor) -> Tensor:
-    """out[h, r] = sum_{e in row r} w[h, e] table[h, idx[e]]: table [BH, M, D], w [BH, E] -> [BH, R, D]."""
+_bag_sum_into = torch.ops.aten._embedding_bag_forward_only.out
+
+
+def _gather_sum(idx: Tensor, rowptr: Tensor, table: Tensor, w: Tensor) -> Tensor:
+    """out[h, r] = sum_{e in row r} w[h, e] table[h, idx[e]]: table [BH, M, D], w [BH, E] -> [BH, R, D].
+
+    One ``embedding_bag`` (mode sum, per-sample weights) per head, written straight into
+    the result (a fresh output per head would be mapped, faulted in and copied)."""
     BH, _, D = table.shape
     R = rowptr.numel() - 1
     out = table.new_empty(BH, R, D)
+    aux = [torch.empty(0, dtype=torch.long, device=table.device) for _ in range(3)]
     for h in range(BH):
-        if deg is not None and deg > 0:
-            out[h] = F.embedding_bag(idx.view(R, deg), table[h], per_sample_weights=w[h].view(R, deg), mode="sum")
-        else:
-            out[h] = F.embedding_bag(idx, table[h], rowptr[:-1], per_sample_weights=w[h], mode="sum")
+        _bag_sum_into(table[h], idx, rowptr, False, 0, False, w[h], True, -1,
+                      out0=out[h], out1=aux[0], out2=aux[1], out3=aux[2])
     return out
 
 
@@ -173,6 +180,12 @@ def _row_softmax(s: Tensor, csr: CSR, out: Tensor, masked: bool = True) -> None:
     torch.exp(s.sub_(m.index_select(0, csr.dst)), out=out)
     den = torch.zeros(csr.nq, dtype=s.dtype, device=s.device).scatter_add_(0, csr.dst, out)
     out.div_(den.clamp_min(torch.finfo(s.dtype).tiny).index_select(0, csr.dst))
+
+
+def _transposed(w: Tensor, csr: CSR) -> Tensor:
+    """Edge values [BH, E] from the CSR order to the transposed (source-major) order
+    (``gather`` with a broadcast index: ~1.6x faster than ``index_select`` here)."""
+    return w.gather(1, csr.tperm.expand(w.shape[0], -1))
 
 
 def _per_edge_sub_(x: Tensor, row_values: Tensor, csr: CSR) -> Tensor:
@@ -197,15 +210,15 @@ class _GraphAttn(torch.autograd.Function):
             ctx.save_for_backward(q, k, v)
             return v.new_zeros(BH, csr.nq, v.shape[-1])
         ctx.empty = False
-        pat = csr.pattern(q.dtype)
         p = q.new_empty(BH, csr.E)
-        for h in range(BH):  # one head's scores at a time: no [BH, E] score tensor besides p
-            s = _sddmm_head(pat, q[h], k[h], scale)
+        s = q.new_empty(csr.E)  # one head's scores at a time: no [BH, E] score tensor besides p
+        for h in range(BH):
+            _sddmm_into(s, csr, q[h], k[h], scale)
             if edge_ok is not None:
                 s.masked_fill_(~edge_ok[h if edge_ok.shape[0] > 1 else 0], float("-inf"))
             _row_softmax(s, csr, p[h], masked=edge_ok is not None)
         del s
-        out = _gather_sum(csr.col, csr.rowptr, csr.degree, v, p)
+        out = _gather_sum(csr.col, csr.rowptr, v, p)
         ctx.csr, ctx.scale = csr, scale
         ctx.save_for_backward(q, k, v, p, out)
         return out
@@ -218,21 +231,17 @@ class _GraphAttn(torch.autograd.Function):
         q, k, v, p, out = ctx.saved_tensors
         csr = ctx.csr
         g = g.contiguous()
-        tdeg = None
-        pt = p.index_select(1, csr.tperm)
-        dv = _gather_sum(csr.tcol, csr.trowptr, tdeg, g, pt)
+        pt = _transposed(p, csr)
+        dv = _gather_sum(csr.tcol, csr.trowptr, g, pt)
         del pt
         # ds = p * (dP - delta) * scale, dP_ij = dO_i . v_j, delta_i = sum_j p_ij dP_ij;
         # masked edges have p = 0 -> 0
-        delta = (g * out).sum(-1).mul_(ctx.scale)  # [BH, Nq]
-        pat = csr.pattern(q.dtype)
+        delta = torch.linalg.vecdot(g, out).mul_(ctx.scale)  # [BH, Nq]
         ds = torch.empty_like(p)
         for h in range(q.shape[0]):
-            dp = _per_edge_sub_(_sddmm_head(pat, g[h], v[h], ctx.scale), delta[h], csr)
-            torch.mul(dp, p[h], out=ds[h])
-        del dp
-        dq = _gather_sum(csr.col, csr.rowptr, csr.degree, k, ds)
-        dk = _gather_sum(csr.tcol, csr.trowptr, tdeg, q, ds.index_select(1, csr.tperm))
+            _per_edge_sub_(_sddmm_into(ds[h], csr, g[h], v[h], ctx.scale), delta[h], csr).mul_(p[h])
+        dq = _gather_sum(csr.col, csr.rowptr, k, ds)
+        dk = _gather_sum(csr.tcol, csr.trowptr, q, _transposed(ds, csr))
         return dq, dk, dv, None, None, None
 
 
