@@ -29,6 +29,7 @@ only. The look-back chunk always covers that window.
 
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import Tensor
@@ -208,37 +209,142 @@ def _flash_ok(x: Tensor) -> bool:
 _FLASH_SLICE = 1 << 19
 
 
-def code_bias(code: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive scores of visibility codes n (0 = hidden, n = visible in n rounds):
-    -|log n| is -inf for 0, 0 for 1 and -log n above."""
-    return code.to(dtype).log_().abs_().neg_()
-
-
 def uniform_bias(c: int, w: int, exclude_self: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The additive mask [1, 1, c, w] that every chunk shares when nothing is padded,
-    nothing is causal and no pair is counted in several rounds: every key visible
-    but, with ``exclude_self``, the token itself (the diagonal of the own chunk, the
-    last c keys)."""
+    """The additive mask [c, w] every chunk starts from: every key visible but, with
+    ``exclude_self``, the token itself (the diagonal of the own chunk, the last c keys)."""
     b = torch.zeros(c, w, dtype=dtype, device=device)
     if exclude_self:
         b[:, w - c :].diagonal().fill_(float("-inf"))
-    return b[None, None]
+    return b
 
 
-def _slice_bias(code: Tensor | None, uniform: Tensor | None, g0: int, g1: int, C: int,
-                look_back: bool, dtype: torch.dtype) -> Tensor:
-    """Additive mask of groups g0:g1 ([g1 - g0, 1, c, w]): from the visibility codes, or
-    the uniform mask broadcast, with the look-back keys of each sequence's first chunk
-    (group g with g % C == 0: it has no previous chunk) hidden."""
-    if code is not None:
-        return code_bias(code[g0:g1], dtype)
-    _, _, c, w = uniform.shape
-    bias = uniform.expand(g1 - g0, 1, c, w)
-    first = [g - g0 for g in range(-(-g0 // C) * C, g1, C)]
-    if look_back and first:
-        bias = bias.clone()
-        bias[first, :, :, : w - c] = float("-inf")
-    return bias
+def _row_keys(t: Tensor, g0: int, g1: int, c: int, look_back: bool) -> Tensor:
+    """Per-row values t [G * c, ...] of the keys of groups g0:g1: [g1 - g0, w, ...] (the
+    rows of the look-back chunk, then the own chunk; group 0's missing look-back rows
+    hold t's first rows and must be masked). A view where possible."""
+    if not look_back:
+        return t[g0 * c : g1 * c].view(g1 - g0, c, *t.shape[1:])
+    if g0 == 0:
+        t = torch.cat([t[:c], t[: g1 * c]])
+        start = 0
+    else:
+        start = (g0 - 1) * c
+    inner = t.stride()[1:]
+    return t.as_strided((g1 - g0, 2 * c, *t.shape[1:]), (c * t.stride(0), t.stride(0), *inner),
+                        t.storage_offset() + start * t.stride(0))
+
+
+class ChunkVisibility:
+    """Which keys each query of the sorted-chunk layout sees, as additive masks built one
+    slice of chunks at a time (never a [G, c, w] tensor over every chunk).
+
+    Built from per-row tables of the sorted layout (G = B * H * R * C chunks of c rows;
+    O(R N) memory): the token of each row, its validity, its group and, for ``dedup``,
+    where it sits in the other rounds. :meth:`bias` gives a slice's mask: 0 = visible,
+    -inf = hidden, -log n for a pair visible in n rounds (``dedup``: merging the rounds by
+    their log-sum-exp then counts it once). Hidden: padded keys, other groups' or future
+    keys (``causal``: the ``chunk`` most recent same-group predecessors and the token
+    itself), the token itself (``exclude_self``), the missing look-back chunk of each
+    sequence's first chunk.
+    """
+
+    def __init__(self, perm: Tensor, slot: Tensor, group: Tensor, valid: Tensor | None, *, chunk: int,
+                 causal: bool, look_back: bool, exclude_self: bool, dedup: bool) -> None:
+        B, H, R, Np = perm.shape
+        self.c, self.C, self.R = chunk, Np // chunk, R
+        self.w = 2 * chunk if look_back else chunk
+        self.causal, self.look_back, self.exclude_self = causal, look_back, exclude_self
+
+        def at(table: Tensor) -> Tensor:  # table [B, H, R, Np] by token -> [G * c] by sorted row
+            return torch.gather(table, 3, perm).reshape(-1)
+
+        self.valid = None if valid is None else at(valid[:, None, None, :].expand(B, H, R, Np))
+        self.tok = self.grp = self.pos = None
+        if causal:
+            self.tok, self.grp = perm.reshape(-1), at(group)
+            self.pos = torch.arange(Np, device=perm.device).repeat(B * H * R)  # slot of each row
+        # per other round: where each row's token sits there (causal: slot and group; else
+        # its chunk, as float32: see _rounds_bias)
+        self.others: list[tuple[Tensor, Tensor | None]] = []
+        for shift in range(1, R if dedup else 1):
+            other_slot = at(torch.roll(slot, shift, dims=2))  # query round r vs round r - shift
+            if causal:
+                self.others.append((other_slot, at(torch.roll(group, shift, dims=2))))
+            else:
+                self.others.append((torch.div(other_slot, chunk, rounding_mode="floor").to(torch.float32), None))
+        # a row may see no key at all: padding, causal windows, or a chunk of one token without itself
+        self.may_be_empty = valid is not None or causal or (exclude_self and chunk == 1)
+        self._base: dict[tuple, Tensor] = {}
+
+    @property
+    def uniform(self) -> bool:
+        """Every chunk has the same mask (no padding, not causal, no round counts)."""
+        return self.valid is None and not self.causal and not self.others
+
+    def base(self, dtype: torch.dtype, device: torch.device, rounds: int = 1) -> Tensor:
+        """The mask every chunk starts from [c, w], less log(rounds) on the visible entries."""
+        key = (dtype, str(device), rounds)
+        if key not in self._base:
+            self._base[key] = uniform_bias(self.c, self.w, self.exclude_self, dtype, device) - math.log(rounds)
+        return self._base[key]
+
+    def bias(self, g0: int, g1: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Additive mask [g1 - g0, 1, c, w] of chunks g0:g1, and the rows that see no key
+        ([g1 - g0, c] bool; None when no row can be empty)."""
+        c, n = self.c, g1 - g0
+        base = self.base(dtype, device)
+        bias = self._rounds_bias(g0, g1, base)
+        hide = self._hidden(g0, g1)
+        if hide is not None:
+            bias = bias.masked_fill_(hide, float("-inf")) if bias is not None else base.masked_fill(hide, float("-inf"))
+        if bias is None:
+            bias = base.expand(n, c, self.w)
+        first = [g - g0 for g in range(-(-g0 // self.C) * self.C, g1, self.C)] if self.look_back else []
+        if first:  # a sequence's first chunk has no look-back chunk
+            bias = bias.clone() if bias.stride(0) == 0 else bias
+            bias[first, :, : self.w - c] = float("-inf")
+        empty = torch.isneginf(bias).all(-1) if self.may_be_empty else None
+        return bias[:, None], empty
+
+    def _pair(self, t: Tensor, g0: int, g1: int) -> tuple[Tensor, Tensor]:
+        """A per-row table at the queries [n, c, 1] and at the keys [n, 1, w] of chunks g0:g1."""
+        q = t[g0 * self.c : g1 * self.c].view(g1 - g0, self.c, 1)
+        return q, _row_keys(t, g0, g1, self.c, self.look_back)[:, None, :]
+
+    def _hidden(self, g0: int, g1: int) -> Tensor | None:
+        hide = None
+        if self.valid is not None:
+            vq, vk = self._pair(self.valid, g0, g1)
+            hide = ~(vq & vk)
+        if self.causal:
+            tq, tk = self._pair(self.tok, g0, g1)
+            gq, gk = self._pair(self.grp, g0, g1)
+            sq, sk = self._pair(self.pos, g0, g1)
+            h = (tk > tq) | (gk != gq) | (sk < sq - self.c)
+            hide = h if hide is None else hide.logical_or_(h)
+        return hide
+
+    def _rounds_bias(self, g0: int, g1: int, base: Tensor) -> Tensor | None:
+        """base - log(rounds in which each pair is visible) [n, c, w] (a fresh tensor), or
+        None with one round. Non-causal: a key is in the query's chunk or look-back chunk
+        of the other round iff the chunk difference d is 0 or 1, i.e. |d - 1/2| <= 1/2 (one
+        subtraction, abs and compare over the [n, c, w] slice)."""
+        if not self.others:
+            return None
+        count = None
+        for where, grp in self.others:
+            aq, ak = self._pair(where, g0, g1)
+            if self.causal:
+                gq, gk = self._pair(grp, g0, g1)
+                hit = (gq == gk) & (ak <= aq) & (ak >= aq - self.c)
+            elif self.look_back:
+                hit = ((aq - 0.5) - ak).abs_().le(0.5)
+            else:
+                hit = aq == ak
+            if len(self.others) == 1:  # two rounds: seen in one or both
+                return torch.where(hit, self.base(base.dtype, base.device, 2), base)
+            count = hit.to(base.dtype) if count is None else count.add_(hit)
+        return count.add_(1.0).log_().neg_().add_(base)
 
 
 def _slice_keys(x: Tensor, g0: int, g1: int, c: int, look_back: bool) -> Tensor:
@@ -259,12 +365,11 @@ def _slice_keys(x: Tensor, g0: int, g1: int, c: int, look_back: bool) -> Tensor:
 class _SortedRounds(torch.autograd.Function):
     """R rounds of chunk attention in sorted orders, merged by log-sum-exp.
 
-    Inputs in sorted-chunk layout: q, k [B, H, R, C, c, D], v [.., Dv]; code int8
-    [B, H, R, C, c, w] (0 = hidden, n = visible in n rounds: score - log n; w = 2c
-    with look-back, else c), or None with ``uniform`` [1, 1, c, w]: one mask shared by
-    every chunk (see :func:`_slice_bias`; no row may be left without a key); unsort: int64 [B * H * R * Np] rows of the sorted layout
-    in token order. Returns the merged output [B, H, Np, Dv] and log-sum-exp
-    [B, H, Np] (-inf where no round sees a key; not differentiable) in token order.
+    Inputs in sorted-chunk layout: q, k [B, H, R, C, c, D], v [.., Dv]; vis: the
+    :class:`ChunkVisibility` of the layout (masks built per slice of chunks); unsort:
+    int64 [B * H * R * Np] rows of the sorted layout in token order. Returns the merged
+    output [B, H, Np, Dv] and log-sum-exp [B, H, Np] (-inf where no round sees a key; not
+    differentiable) in token order.
 
     PyTorch's fused CPU flash kernel does the chunks, a bounded slice of them per
     call (look-back keys as zero-copy views). The backward calls its backward with
@@ -274,48 +379,46 @@ class _SortedRounds(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, code, uniform, unsort, scale, look_back):
+    def forward(ctx, q, k, v, vis, unsort, scale):
         B, H, R, C, c, D = q.shape
         Dv = v.shape[-1]
         Np = C * c
         G = B * H * R * C
-        w = (code if code is not None else uniform).shape[-1]
         qf, kf, vf = q.reshape(G, 1, c, D), k.reshape(G * c, D), v.reshape(G * c, Dv)
-        cf = code.reshape(G, 1, c, w) if code is not None else None
         o = q.new_empty(G, c, Dv)
         l = None
-        step = max(1, _FLASH_SLICE // (c * w))
+        step = max(1, _FLASH_SLICE // (c * vis.w))
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
-            bias = _slice_bias(cf, uniform, g0, g1, C, look_back, q.dtype)
-            os_, ls = _flash(qf[g0:g1], _slice_keys(kf, g0, g1, c, look_back), _slice_keys(vf, g0, g1, c, look_back),
-                             0.0, False, attn_mask=bias, scale=scale)
+            bias, empty = vis.bias(g0, g1, q.dtype, q.device)
+            os_, ls = _flash(qf[g0:g1], _slice_keys(kf, g0, g1, c, vis.look_back),
+                             _slice_keys(vf, g0, g1, c, vis.look_back), 0.0, False, attn_mask=bias, scale=scale)
             if l is None:
                 l = ls.new_empty(G, c)
             o[g0:g1] = os_[:, 0]
             l[g0:g1] = ls[:, 0]
+            if empty is not None:
+                l[g0:g1].masked_fill_(empty, float("-inf"))  # rows with no key
         ctx.lse_dtype = l.dtype
         l = l.to(q.dtype)
-        if cf is not None:
-            l.masked_fill_((cf[:, 0] == 0).all(-1), float("-inf"))  # rows with no key
         outs = o.reshape(-1, Dv).index_select(0, unsort).reshape(B, H, R, Np, Dv)
         lses = l.reshape(-1).index_select(0, unsort).reshape(B, H, R, Np)
         del o, l
         out, lse = merge_by_lse(outs, lses, dim=2)
-        ctx.save_for_backward(q, k, v, code, uniform, unsort, out, lse)
-        ctx.scale, ctx.look_back = scale, look_back
+        ctx.save_for_backward(q, k, v, unsort, out, lse)
+        ctx.scale, ctx.vis = scale, vis
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, g_out, _g_lse):
-        q, k, v, code, uniform, unsort, out, lse = ctx.saved_tensors
+        q, k, v, unsort, out, lse = ctx.saved_tensors
+        vis = ctx.vis
         B, H, R, C, c, D = q.shape
         Dv = v.shape[-1]
         Np = C * c
         G = B * H * R * C
-        w = (code if code is not None else uniform).shape[-1]
-        look_back = ctx.look_back
+        look_back = vis.look_back
         # token-order rows -> sorted layout: the inverse of unsort
         sort = torch.empty_like(unsort)
         sort[unsort] = torch.arange(unsort.numel(), device=unsort.device)
@@ -328,17 +431,16 @@ class _SortedRounds(torch.autograd.Function):
         ls = lse_f.reshape(-1).index_select(0, tok).reshape(G, 1, c).to(ctx.lse_dtype)
         del sort, tok, lse_f
         qf, kf, vf = q.reshape(G, 1, c, D), k.reshape(G * c, D), v.reshape(G * c, Dv)
-        cf = code.reshape(G, 1, c, w) if code is not None else None
         dq = torch.empty(G, c, D, dtype=q.dtype, device=q.device)
         dk = torch.zeros(G * c, D, dtype=k.dtype, device=k.device)
         dv = torch.zeros(G * c, Dv, dtype=v.dtype, device=v.device)
-        step = max(1, _FLASH_SLICE // (c * w))
+        step = max(1, _FLASH_SLICE // (c * vis.w))
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
             dqs, dks, dvs = _flash_bwd(
                 gs[g0:g1], qf[g0:g1], _slice_keys(kf, g0, g1, c, look_back),
                 _slice_keys(vf, g0, g1, c, look_back), os_[g0:g1], ls[g0:g1], 0.0, False,
-                attn_mask=_slice_bias(cf, uniform, g0, g1, C, look_back, q.dtype), scale=ctx.scale,
+                attn_mask=vis.bias(g0, g1, q.dtype, q.device)[0], scale=ctx.scale,
             )
             dq[g0:g1] = dqs[:, 0]
             for grad, part in ((dk, dks[:, 0]), (dv, dvs[:, 0])):
@@ -349,8 +451,7 @@ class _SortedRounds(torch.autograd.Function):
                 grad[g0 * c : g1 * c] += part[:, c:].reshape(-1, grad.shape[-1])
                 lo = max(g0, 1)
                 grad[(lo - 1) * c : (g1 - 1) * c] += part[lo - g0 :, :c].reshape(-1, grad.shape[-1])
-        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
-                None, None, None, None, None)
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None, None, None
 
 
 def merge_by_lse(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -368,15 +469,6 @@ def merge_by_lse(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     out = (outs * w.unsqueeze(-1)).sum(dim)
     lse = (m + torch.log(z)).squeeze(dim)
     return out, lse
-
-
-def _with_look_back(x: Tensor, dim: int) -> Tensor:
-    """Concatenate the previous chunk before each chunk: [.., C, c, ..] -> [.., C, 2c, ..].
-
-    ``dim`` is the chunk axis (C); the slot axis is ``dim + 1``. Chunk 0 gets the
-    last chunk (the caller marks those keys invalid).
-    """
-    return torch.cat([torch.roll(x, 1, dims=dim), x], dim=dim + 1)
 
 
 def sorted_chunk_attention(
@@ -451,26 +543,15 @@ def sorted_chunk_attention(
     vs = v.reshape(-1, Dv).index_select(0, rows).reshape(B, H, R, C, chunk, Dv)
 
     use_lb = look_back or causal
-    code = uniform = None
-    if _flash_ok(q) and key_valid is None and not pad and not causal and not (dedup and R > 1) \
-            and (chunk > 1 or not exclude_self):
-        # every chunk sees the same mask: no per-entry visibility tensor at all
-        uniform = uniform_bias(chunk, 2 * chunk if use_lb else chunk, exclude_self, q.dtype, dev)
-    else:
-        with torch.no_grad():
-            mask, count = _sorted_mask(
-                perm, slot, group, valid, chunk=chunk, causal=causal, look_back=use_lb,
-                exclude_self=exclude_self, dedup=dedup and R > 1,
-            )
-            # visibility code: 0 hidden, n = visible in n rounds (score - log n in each)
-            code = mask.to(torch.int8) if count is None else count
-            del mask, count
+    with torch.no_grad():
+        vis = ChunkVisibility(perm, slot, group, None if key_valid is None and not pad else valid,
+                              chunk=chunk, causal=causal, look_back=use_lb, exclude_self=exclude_self,
+                              dedup=dedup and R > 1)
     if _flash_ok(q):
-        out, lse = _SortedRounds.apply(qs, ks, vs, code, uniform, unsort, scale, use_lb)
+        out, lse = _SortedRounds.apply(qs, ks, vs, vis, unsort, scale)
         return out[:, :, :N], lse[:, :, :N]
     with torch.no_grad():
-        bias = code_bias(code, q.dtype)
-        del code
+        bias = vis.bias(0, B * H * R * C, q.dtype, dev)[0].reshape(B, H, R, C, chunk, vis.w)
     out, lse = chunk_attention(qs, ks, vs, bias, scale, look_back=use_lb)
     out = out.reshape(B, H, R, Np, Dv)
     lse = lse.reshape(B, H, R, Np)
@@ -479,58 +560,6 @@ def sorted_chunk_attention(
     lse = lse.reshape(-1).index_select(0, unsort).reshape(B, H, R, Np)
     out, lse = merge_by_lse(out, lse, dim=2)
     return out[:, :, :N], lse[:, :, :N]
-
-
-def _sorted_mask(
-    perm: Tensor, slot: Tensor, group: Tensor, valid: Tensor, *, chunk: int, causal: bool,
-    look_back: bool, exclude_self: bool, dedup: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Visibility [B, H, R, C, c, w] (and round counts) of the sorted-chunk layout."""
-    B, H, R, Np = perm.shape
-    C = Np // chunk
-    shape = (B, H, R, C, chunk)
-
-    def at(table: Tensor, idx: Tensor) -> Tensor:  # table [B,H,R,Np] read at token ids idx
-        return torch.gather(table, 3, idx.reshape(B, H, R, -1)).reshape(idx.shape)
-
-    def lb(x: Tensor) -> Tensor:
-        return _with_look_back(x, 3) if look_back else x
-
-    tq = perm.reshape(shape)
-    tk = lb(tq)
-    valid_t = valid[:, None, None, :].expand(B, H, R, Np)
-    kvalid = lb(at(valid_t, tq))
-    if look_back:
-        kvalid[:, :, :, 0, :chunk] = False  # chunk 0 has no previous chunk
-    mask = kvalid[..., None, :] & at(valid_t, tq)[..., :, None]
-    if exclude_self:  # each token is once in its round's order: self is the own-chunk diagonal
-        mask[..., :, tk.shape[-1] - chunk :].diagonal(dim1=-2, dim2=-1).fill_(False)
-    if causal:
-        mask &= tk[..., None, :] <= tq[..., :, None]
-        mask &= at(group, tq)[..., :, None] == at(group, tk)[..., None, :]
-        sq, sk = at(slot, tq), at(slot, tk)
-        mask &= sk[..., None, :] >= (sq - chunk)[..., :, None]
-    if not dedup:
-        return mask, None
-    # rounds visible in = 1 (its own round) + hits in the other rounds
-    count = torch.ones(mask.shape, dtype=torch.int8, device=mask.device)
-    for shift in range(1, R):
-        sl2 = torch.roll(slot, shift, dims=2)  # query round r vs round r - shift
-        aq, ak = at(sl2, tq), at(sl2, tk)
-        if causal:
-            g2 = torch.roll(group, shift, dims=2)
-            hit = at(g2, tq)[..., :, None] == at(g2, tk)[..., None, :]
-            hit &= ak[..., None, :] <= aq[..., :, None]
-            hit &= ak[..., None, :] >= (aq - chunk)[..., :, None]
-        else:
-            cq = torch.div(aq, chunk, rounding_mode="floor")[..., :, None]
-            ck = torch.div(ak, chunk, rounding_mode="floor")[..., None, :]
-            hit = ck == cq
-            if look_back:
-                hit |= ck == cq - 1
-        count += hit
-    count.masked_fill_(~mask, 0)
-    return mask, count
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
