@@ -265,23 +265,36 @@ class StripPlan:
 
 
 class HaloBuffers:
-    """:meth:`StripPlan.halo` for many heads in a row, in reused memory: the padded image
-    (its zero border written once) and the strips. Each call overwrites the previous
-    call's strips; a head costs two copies into pages already mapped (fresh buffers of
-    this size are mapped and faulted in again at every head)."""
+    """:meth:`StripPlan.halo` for many heads in a row, in one reused buffer: its zeros
+    (halo rows, columns outside the image) are written once, and each call copies the
+    image into the rest straight from ``x`` (one strided copy for the strips wholly inside
+    the image, one per edge strip). Each call overwrites the previous call's strips."""
 
     def __init__(self, plan: StripPlan, dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.plan = plan
-        rh, rw = plan.rh, plan.rw
-        self.pad = torch.zeros(plan.Hp + 2 * rh, plan.Wp + 2 * rw, dim, dtype=dtype, device=device)
-        self.inside = self.pad[rh : rh + plan.H, rw : rw + plan.W]
-        st = self.pad.stride()
-        self.windows = self.pad.as_strided((plan.S, self.pad.shape[0], plan.kw, dim), (plan.tw * st[1], st[0], st[1], st[2]))
-        self.strips = torch.empty(self.windows.shape, dtype=dtype, device=device)
+        self.strips = torch.zeros(plan.S, plan.Hp + 2 * plan.rh, plan.kw, dim, dtype=dtype, device=device)
+        first = [s * plan.tw - plan.rw for s in range(plan.S)]  # image column of each strip's column 0
+        inner = [s for s in range(plan.S) if first[s] >= 0 and first[s] + plan.kw <= plan.W]
+        self.inner = (inner[0], inner[-1] + 1) if inner else (0, 0)
+        self.edges = [(s, max(0, -first[s]), min(plan.kw, plan.W - first[s]))
+                      for s in range(plan.S) if not self.inner[0] <= s < self.inner[1]]
 
     def __call__(self, x: Tensor) -> Tensor:
-        self.inside.copy_(x.view(self.plan.H, self.plan.W, -1))
-        return self.strips.copy_(self.windows)
+        p = self.plan
+        D = x.shape[-1]
+        img = x.view(p.H, p.W, D)
+        rows = slice(p.rh, p.rh + p.H)
+        s0, s1 = self.inner
+        if s1 > s0:
+            st = img.stride()
+            view = img.as_strided((s1 - s0, p.H, p.kw, D), (p.tw * st[1], st[0], st[1], st[2]),
+                                  img.storage_offset() + (s0 * p.tw - p.rw) * st[1])
+            self.strips[s0:s1, rows].copy_(view)
+        for s, a, b in self.edges:
+            if b > a:
+                c = s * p.tw - p.rw
+                self.strips[s, rows, a:b].copy_(img[:, c + a : c + b])
+        return self.strips
 
 
 _STRIP_PLANS: dict[tuple, StripPlan] = {}
@@ -348,7 +361,7 @@ class _StripAttention(torch.autograd.Function):
         halo_k, halo_v = HaloBuffers(plan, D, k.dtype, k.device), HaloBuffers(plan, v.shape[-1], v.dtype, v.device)
         # buffers reused by every head (fresh ones would be mapped and faulted in each time)
         dkh, dvh = (torch.empty(x.strips.shape, dtype=acc, device=q.device) for x in (halo_k, halo_v))
-        pad = torch.empty(halo_k.pad.shape[:2] + (max(D, v.shape[-1]),), dtype=acc, device=q.device)
+        pad = torch.empty(plan.Hp + 2 * plan.rh, plan.Wp + 2 * plan.rw, max(D, v.shape[-1]), dtype=acc, device=q.device)
         tiled = {name: torch.empty(plan.S, plan.Tr, plan.L, x.shape[-1], dtype=x.dtype, device=x.device)
                  for name, x in (("q", q), ("out", out), ("dout", dout), ("dq", q))}
         lt = torch.empty(plan.S, plan.Tr, plan.L, 1, dtype=lse.dtype, device=lse.device)
