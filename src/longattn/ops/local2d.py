@@ -140,8 +140,9 @@ class StripPlan:
     one contiguous run of that buffer and a strip's tiles are one strided view (step
     th rows). K and V are copied once into this layout ((tw + 2 rw) / tw copies), never
     per tile. A tile's mask depends only on whether its rows / columns touch the image
-    border, so tiles split into at most a few row classes x column classes, each a
-    rectangle of tiles with one shared mask and one kernel call per head::
+    border: one mask per tile row (broadcast over strips) serves a whole class of
+    strips, so a head takes one kernel call per class of strips (left border, inner,
+    right border)::
 
         strip 0 (tw = 2, rw = 1), rh = 1: the buffer holds image columns -1..2 and rows
         -1..H; tile rows i = 0, 1 read buffer rows [0, 4) and [2, 6): overlapping runs
@@ -186,25 +187,31 @@ class StripPlan:
                 real = (qr[:, None] & qc[None, :])[:, :, None, None]
                 # a padding query (outside the image) sees its whole block: finite, never read
                 self.vis[(i0, s0)] = (vis | ~real).reshape(self.L, self.K)
-        self._masks: dict[tuple, dict[tuple[int, int], Tensor]] = {}
+        self._masks: dict[tuple, dict] = {}
 
-    def masks(self, dtype: torch.dtype, device: torch.device) -> dict[tuple[int, int], Tensor]:
-        """The additive [1, 1, L, K] mask of each class (built once per dtype and device)."""
+    def masks(self, dtype: torch.dtype, device: torch.device) -> dict[int, Tensor]:
+        """Per class of strips (keyed by its first strip): the additive masks of every
+        tile row, [1, Tr, L, K], broadcast over the class's strips (built once per dtype
+        and device), so one kernel call covers tiles of any row class."""
         key = (dtype, str(device))
         if key not in self._masks:
-            self._masks[key] = {c: _additive(vis, dtype).to(device)[None, None] for c, vis in self.vis.items()}
+            self._masks[key] = {
+                c0: torch.cat([_additive(self.vis[(r0, c0)], dtype).expand(r1 - r0, self.L, self.K)
+                               for r0, r1 in self.row_runs])[None].to(device)
+                for c0, _ in self.col_runs
+            }
         return self._masks[key]
 
     def calls(self, max_tiles: int | None = None):
-        """(i0, i1, s0, s1, mask key): rectangles of tiles sharing one mask, cut into
-        pieces of at most ``max_tiles`` tiles (whole rows of a piece first)."""
-        for r0, r1 in self.row_runs:
-            for c0, c1 in self.col_runs:
-                rows = r1 - r0 if max_tiles is None else max(1, min(r1 - r0, max_tiles))
-                cols = c1 - c0 if max_tiles is None else max(1, max_tiles // rows)
-                for i0 in range(r0, r1, rows):
-                    for s0 in range(c0, c1, cols):
-                        yield i0, min(r1, i0 + rows), s0, min(c1, s0 + cols), (r0, c0)
+        """(i0, i1, s0, s1, c0): rectangles of tiles inside one class of strips (c0: its
+        first strip, the key of :meth:`masks`), every tile row at once or cut into pieces
+        of at most ``max_tiles`` tiles (whole rows of a piece first)."""
+        for c0, c1 in self.col_runs:
+            rows = self.Tr if max_tiles is None else max(1, min(self.Tr, max_tiles))
+            cols = c1 - c0 if max_tiles is None else max(1, max_tiles // rows)
+            for i0 in range(0, self.Tr, rows):
+                for s0 in range(c0, c1, cols):
+                    yield i0, min(self.Tr, i0 + rows), s0, min(c1, s0 + cols), c0
 
     # -- layouts ------------------------------------------------------------------------
     def tiles(self, x: Tensor, fill: float = 0.0, out: Tensor | None = None) -> Tensor:
@@ -332,10 +339,10 @@ class _StripAttention(torch.autograd.Function):
                 kh, vh = halo_k(k[b, hk]), halo_v(v[b, hk])
                 for h in range(hk * g, (hk + 1) * g):
                     qt = plan.tiles(q[b, h], out=qt_buf)
-                    for i0, i1, s0, s1, key in plan.calls():
+                    for i0, i1, s0, s1, c0 in plan.calls():
                         o, l = _flash_fwd(qt[s0:s1, i0:i1], plan.blocks(kh, i0, i1, s0, s1),
                                           plan.blocks(vh, i0, i1, s0, s1), 0.0, False,
-                                          attn_mask=masks[key], scale=scale)
+                                          attn_mask=masks[c0][:, i0:i1], scale=scale)
                         ot[s0:s1, i0:i1] = o
                         lt[s0:s1, i0:i1] = l
                     plan.untiles(ot, out=out[b, h])
@@ -376,11 +383,11 @@ class _StripAttention(torch.autograd.Function):
                         plan.tiles(x[b, h], out=buf)
                     plan.tiles(lse[b, h], fill=float("inf"), out=lt)  # beyond the image: P = 0
                     # the kernel returns a key gradient per tile: calls of a bounded size
-                    for i0, i1, s0, s1, key in plan.calls(max(1, BWD_WORKSPACE // (plan.K * D))):
+                    for i0, i1, s0, s1, c0 in plan.calls(max(1, BWD_WORKSPACE // (plan.K * D))):
                         r = (slice(s0, s1), slice(i0, i1))
                         gq, gk, gv = _flash_bwd(gt[r], qt[r], plan.blocks(kh, i0, i1, s0, s1),
                                                 plan.blocks(vh, i0, i1, s0, s1), ot[r], lt[r][..., 0],
-                                                0.0, False, attn_mask=masks[key], scale=scale)
+                                                0.0, False, attn_mask=masks[c0][:, i0:i1], scale=scale)
                         dqt[r] = gq
                         for first in range(min(every, i1 - i0)):
                             plan.blocks(dkh, i0, i1, s0, s1, every, first).add_(gk[:, first::every])
