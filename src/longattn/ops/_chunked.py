@@ -16,7 +16,9 @@ Two pieces:
   (``aten._scaled_dot_product_flash_attention_for_cpu``, look-back keys as a
   zero-copy strided view); its backward, given the merged output and lse, is the
   exact gradient of the merged softmax. Elsewhere :func:`chunk_attention` runs it
-  (a test holds the two engines equal).
+  (a test holds the two engines equal). The masks (padding, causal windows, self,
+  round counts) come from :class:`ChunkVisibility`, one slice of chunks at a time,
+  forward and backward: O(R N) per-row tables, never a mask over every chunk.
 
 Causal mode of :func:`sorted_chunk_attention` is *strictly* causal. With plain
 equal chunks the keys a query sees would depend on how many *future* tokens fell
