@@ -18,12 +18,12 @@ the sweep did until December 2026 (there a slow case's one timed call is the pea
 Safety. Before running, a case is skipped when its estimated memory
 (:func:`longattn.bench.cases.estimate_bytes`, or the previous size's measured
 peak scaled by the model) exceeds the budget, or when its predicted time (the
-previous size's time scaled by the useful FLOPs; or the FLOPs at the machine's
-full matmul rate) cannot fit the per-case timeout. A running case is killed by a
+previous size's time scaled by the useful FLOPs, times :data:`EXTRAPOLATION_MARGIN`;
+or the FLOPs at the machine's full matmul rate) cannot fit the per-case timeout. A running case is killed by a
 watchdog when its resident memory passes the budget, or when it passes its
 timeout; larger sizes of that mechanism are then skipped.
 
-Timing: ``warmup`` calls (compilation happens there), then at least
+Timing: ``warmup`` calls (compilation happens there), the peak-memory call, then at least
 ``min_repeats`` and up to ``max_repeats`` timed calls until ``min_time_s`` of
 measured time (with ``adaptive_repeats``, as in the demo, a case whose warm-up call
 took over ``2 * min_time_s`` gets one timed call, and one predicted to take over
@@ -109,6 +109,10 @@ def _status_kb(field_name: str) -> float:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
+#: a case predicted (from the previous N, scaled by useful FLOPs) to need more than
+#: timeout / this factor is skipped rather than started and killed at the timeout
+EXTRAPOLATION_MARGIN = 1.5
+
 
 def _glibc() -> Any | None:
     try:
@@ -157,7 +161,7 @@ def _peak_call(step: Callable[[], None]) -> tuple[float, float | None]:
 
 def _timed(step: Callable[[], None], case: dict[str, Any]) -> dict[str, Any]:
     """Warm-up, the peak-memory call, then the timed calls (module docstring):
-    {"times", "warmup_s", "peak_mb"}."""
+    {"times", "warmup_s", "peak_mb", "peak_call_s" (0 when the peak call is the timed one)}."""
     deadline = time.perf_counter() + case["soft_timeout_s"]
     t0 = time.perf_counter()
     for _ in range(max(case["warmup"], 0)):
@@ -169,7 +173,7 @@ def _timed(step: Callable[[], None], case: dict[str, Any]) -> dict[str, Any]:
     if case.get("adaptive_repeats"):
         slow = warm_s / case["warmup"] > 2 * case["min_time_s"] if case["warmup"] else True
         if slow and not reuse:  # one call is enough, and the peak call was timed as one
-            return {"times": [peak_s], "warmup_s": warm_s, "peak_mb": peak_mb}
+            return {"times": [peak_s], "warmup_s": warm_s, "peak_mb": peak_mb, "peak_call_s": 0.0}
         if slow:  # (with no warm-up: the sweep predicted a multi-second call)
             min_repeats = 1
     if reuse:
@@ -185,7 +189,7 @@ def _timed(step: Callable[[], None], case: dict[str, Any]) -> dict[str, Any]:
             break
         if time.perf_counter() + times[-1] > deadline:
             break
-    return {"times": times, "warmup_s": warm_s, "peak_mb": peak_mb}
+    return {"times": times, "warmup_s": warm_s, "peak_mb": peak_mb, "peak_call_s": peak_s}
 
 
 def _child(case: dict[str, Any], result_path: str) -> None:
@@ -449,7 +453,9 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
                 pred_t = prev["time_s"]["median"] * flops / prev["flops"]
                 if cfg.adaptive_repeats and pred_t > 5.0:  # a multi-second call needs no warm-up
                     case["warmup"] = 0
-                pred_t_total = pred_t * (case["warmup"] + 1) + prev.get("setup_s", 0.0)
+                # warm-up, the peak call and one timed call; x EXTRAPOLATION_MARGIN: a larger N
+                # leaves the caches (additive took 24x longer at 4 x N, 16x the FLOPs)
+                pred_t_total = pred_t * EXTRAPOLATION_MARGIN * (case["warmup"] + 2) + prev.get("setup_s", 0.0)
                 if pred_t_total > timeout:
                     reason = (f"predicted {pred_t_total:.0f} s (from N={prev['n']} scaled by useful FLOPs) "
                               f"exceeds the {timeout:.0f} s timeout")
@@ -458,7 +464,7 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
                     if pred_mb > budget_mb:
                         reason = f"predicted {pred_mb:.0f} MiB exceeds the memory budget {budget_mb:.0f} MiB"
             elif flops and matmul:
-                ideal = flops / (matmul * 1e9) * (cfg.warmup + 1)
+                ideal = flops / (matmul * 1e9) * (cfg.warmup + 2)
                 if ideal > timeout:
                     reason = f"needs {ideal:.0f} s even at the full matmul rate; timeout {timeout:.0f} s"
             if reason is None and est_mb is not None and est_mb > budget_mb and (prev is None or not prev.get("peak_mb")):
@@ -474,7 +480,7 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
                 rec["peak_mb"] = res["peak_mb"]
                 rec["rss_peak_mb"] = res["rss_peak_mb"]
                 rec["params"] = res["params"]
-                rec["setup_s"] = max(0.0, res["wall_s"] - sum(res["times"]) - res["warmup_s"])
+                rec["setup_s"] = max(0.0, res["wall_s"] - sum(res["times"]) - res["warmup_s"] - res.get("peak_call_s", 0.0))
                 med = rec["time_s"]["median"]
                 if flops:
                     rec["gflops"] = flops / med / 1e9
