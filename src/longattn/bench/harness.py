@@ -453,8 +453,8 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
                 pred_t = prev["time_s"]["median"] * flops / prev["flops"]
                 if cfg.adaptive_repeats and pred_t > 5.0:  # a multi-second call needs no warm-up
                     case["warmup"] = 0
-                # warm-up, the peak call and one timed call; x EXTRAPOLATION_MARGIN: a larger N
-                # leaves the caches (additive took 24x longer at 4 x N, 16x the FLOPs)
+                # warm-up, the peak call and one timed call, x EXTRAPOLATION_MARGIN (the previous
+                # size's few calls move by 20-30% on a shared machine)
                 pred_t_total = pred_t * EXTRAPOLATION_MARGIN * (case["warmup"] + 2) + prev.get("setup_s", 0.0)
                 if pred_t_total > timeout:
                     reason = (f"predicted {pred_t_total:.0f} s (from N={prev['n']} scaled by useful FLOPs) "
