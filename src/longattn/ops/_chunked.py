@@ -253,7 +253,7 @@ class ChunkVisibility:
     def __init__(self, perm: Tensor, slot: Tensor, group: Tensor, valid: Tensor | None, *, chunk: int,
                  causal: bool, look_back: bool, exclude_self: bool, dedup: bool) -> None:
         B, H, R, Np = perm.shape
-        self.c, self.C, self.R = chunk, Np // chunk, R
+        self.c, self.C = chunk, Np // chunk
         self.w = 2 * chunk if look_back else chunk
         self.causal, self.look_back, self.exclude_self = causal, look_back, exclude_self
 
@@ -277,11 +277,6 @@ class ChunkVisibility:
         # a row may see no key at all: padding, causal windows, or a chunk of one token without itself
         self.may_be_empty = valid is not None or causal or (exclude_self and chunk == 1)
         self._base: dict[tuple, Tensor] = {}
-
-    @property
-    def uniform(self) -> bool:
-        """Every chunk has the same mask (no padding, not causal, no round counts)."""
-        return self.valid is None and not self.causal and not self.others
 
     def base(self, dtype: torch.dtype, device: torch.device, rounds: int = 1) -> Tensor:
         """The mask every chunk starts from [c, w], less log(rounds) on the visible entries."""

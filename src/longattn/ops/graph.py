@@ -38,7 +38,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from longattn.ops._checks import check_qkv, default_scale

@@ -214,40 +214,30 @@ class StripPlan:
                     yield i0, min(self.Tr, i0 + rows), s0, min(c1, s0 + cols), c0
 
     # -- layouts ------------------------------------------------------------------------
-    def tiles(self, x: Tensor, fill: float = 0.0, out: Tensor | None = None) -> Tensor:
-        """[N, D] pixels -> [S, Tr, th * tw, D] query tiles (a copy, into ``out`` if given;
-        ``fill`` beyond the image)."""
+    def tiles(self, x: Tensor, out: Tensor, fill: float = 0.0) -> Tensor:
+        """[N, D] pixels -> query tiles, copied into ``out`` [S, Tr, th * tw, D] (``fill``
+        beyond the image)."""
         D = x.shape[-1]
         img = x.view(self.H, self.W, D)
         if (self.Hp, self.Wp) != (self.H, self.W):
             img = F.pad(img, (0, 0, 0, self.Wp - self.W, 0, self.Hp - self.H), value=fill)
         t = img.view(self.Tr, self.th, self.S, self.tw, D).permute(2, 0, 1, 3, 4)
-        if out is None:
-            return t.reshape(self.S, self.Tr, self.L, D)
         out.view(t.shape).copy_(t)
         return out
 
-    def untiles(self, t: Tensor, out: Tensor | None = None) -> Tensor:
-        """Inverse of :meth:`tiles`: [S, Tr, th * tw, D] -> [N, D] (written to ``out``
-        [N, D] if given)."""
+    def untiles(self, t: Tensor, out: Tensor) -> Tensor:
+        """Inverse of :meth:`tiles`: [S, Tr, th * tw, D] -> ``out`` [N, D]."""
         D = t.shape[-1]
         img = t.view(self.S, self.Tr, self.th, self.tw, D).permute(1, 2, 0, 3, 4).reshape(self.Hp, self.Wp, D)
-        if out is None:
-            return img[: self.H, : self.W].reshape(self.H * self.W, D)
         out.view(self.H, self.W, D).copy_(img[: self.H, : self.W])
         return out
 
-    def halo(self, x: Tensor) -> Tensor:
-        """[N, D] pixels -> haloed strips [S, Hp + 2 rh, tw + 2 rw, D] (zeros outside)."""
-        return HaloBuffers(self, x.shape[-1], x.dtype, x.device)(x)
-
-    def unhalo(self, g: Tensor, out: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
-        """Adjoint of :meth:`halo`: sums the strips' overlapping columns back -> [N, D]
-        (written to ``out`` if given; ``pad``: a reused [Hp + 2 rh, Wp + 2 rw, D] buffer,
-        zeroed here)."""
+    def unhalo(self, g: Tensor, out: Tensor, pad: Tensor) -> Tensor:
+        """Adjoint of :class:`HaloBuffers`: sums the strips' overlapping columns back into
+        ``out`` [N, D]; ``pad`` is a reused [Hp + 2 rh, Wp + 2 rw, D] buffer, zeroed here."""
         D = g.shape[-1]
         rh, rw = self.rh, self.rw
-        pad = g.new_zeros(self.Hp + 2 * rh, self.Wp + 2 * rw, D) if pad is None else pad.zero_()
+        pad.zero_()
         st = pad.stride()
         every = -(-self.kw // self.tw)  # strips s, s + every, ... do not overlap
         for s0 in range(min(every, self.S)):
@@ -255,10 +245,7 @@ class StripPlan:
             view = pad.as_strided((gs.shape[0], pad.shape[0], self.kw, D), (every * self.tw * st[1], st[0], st[1], st[2]),
                                   pad.storage_offset() + s0 * self.tw * st[1])
             view.add_(gs)
-        inside = pad[rh : rh + self.H, rw : rw + self.W]
-        if out is None:
-            return inside.reshape(self.H * self.W, D)
-        out.view(self.H, self.W, D).copy_(inside)
+        out.view(self.H, self.W, D).copy_(pad[rh : rh + self.H, rw : rw + self.W])
         return out
 
     def blocks(self, h: Tensor, i0: int, i1: int, s0: int, s1: int, every: int = 1, first: int = 0) -> Tensor:
@@ -272,7 +259,8 @@ class StripPlan:
 
 
 class HaloBuffers:
-    """:meth:`StripPlan.halo` for many heads in a row, in one reused buffer: its zeros
+    """[N, D] pixels -> haloed strips [S, Hp + 2 rh, tw + 2 rw, D] (zeros outside the
+    image; :class:`StripPlan`'s layout) for many heads in a row, in one reused buffer: its zeros
     (halo rows, columns outside the image) are written once, and each call copies the
     image into the rest straight from ``x`` (one strided copy for the strips wholly inside
     the image, one per edge strip). Each call overwrites the previous call's strips."""
@@ -369,10 +357,9 @@ class _StripAttention(torch.autograd.Function):
         # buffers reused by every head (fresh ones would be mapped and faulted in each time)
         dkh, dvh = (torch.empty(x.strips.shape, dtype=acc, device=q.device) for x in (halo_k, halo_v))
         pad = torch.empty(plan.Hp + 2 * plan.rh, plan.Wp + 2 * plan.rw, max(D, v.shape[-1]), dtype=acc, device=q.device)
-        tiled = {name: torch.empty(plan.S, plan.Tr, plan.L, x.shape[-1], dtype=x.dtype, device=x.device)
-                 for name, x in (("q", q), ("out", out), ("dout", dout), ("dq", q))}
+        qt, ot, gt, dqt = (torch.empty(plan.S, plan.Tr, plan.L, x.shape[-1], dtype=x.dtype, device=x.device)
+                           for x in (q, out, dout, q))
         lt = torch.empty(plan.S, plan.Tr, plan.L, 1, dtype=lse.dtype, device=lse.device)
-        qt, ot, gt, dqt = tiled["q"], tiled["out"], tiled["dout"], tiled["dq"]
         for b in range(B):
             for hk in range(Hk):
                 kh, vh = halo_k(k[b, hk]), halo_v(v[b, hk])
