@@ -345,18 +345,10 @@ class ChunkVisibility:
 
 
 def _slice_keys(x: Tensor, g0: int, g1: int, c: int, look_back: bool) -> Tensor:
-    """Keys of groups g0:g1 from the flat sorted rows x [G * c, D]: [g1 - g0, 1, w, D].
-    With look-back, group g sees rows (g - 1) c .. (g + 1) c: a zero-copy view (the
-    first group's missing look-back rows are zeros, always masked)."""
-    D = x.shape[-1]
-    if not look_back:
-        return x[g0 * c : g1 * c].view(g1 - g0, 1, c, D)
-    if g0 == 0:
-        x = torch.cat([x.new_zeros(c, D), x[: g1 * c]])
-        start = 0
-    else:
-        start = (g0 - 1) * c
-    return x.as_strided((g1 - g0, 1, 2 * c, D), (c * D, c * D, D, 1), x.storage_offset() + start * D)
+    """Keys of groups g0:g1 from the flat sorted rows x [G * c, D]: [g1 - g0, 1, w, D]
+    (:func:`_row_keys`: with look-back, group g sees rows (g - 1) c .. (g + 1) c as a
+    zero-copy view; the first group's missing look-back rows are always masked)."""
+    return _row_keys(x, g0, g1, c, look_back)[:, None]
 
 
 class _SortedRounds(torch.autograd.Function):

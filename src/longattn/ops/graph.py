@@ -22,8 +22,10 @@ How it runs (no per-edge Python work, nothing of size E x D ever materialised):
 
 These three PyTorch kernels are the whole cost. At N = 16384, 32 edges per node, on 2
 cores, ``sampled_addmm`` computes ~10 GFLOP/s of dot products: each edge reads a random
-key row, so it is bound by memory latency, not arithmetic. That caps the forward at
-about a fifth of dense SDPA's useful rate. Going past it needs a fused kernel.
+key row, so it is bound by those reads, not arithmetic (with a cache-sized key table
+the same kernels run ~2x faster). That caps the forward at about a fifth of dense
+SDPA's useful rate; a fused C++ prototype (scores, softmax and gather-sum in one
+pass) was no faster, since the random key and value rows still have to be read.
 
 The backward is written by hand (a torch.autograd.Function): dV and dK are
 gather-sums over the transposed CSR, dQ one over the CSR, dP = dO_i . v_j a sampled
