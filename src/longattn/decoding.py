@@ -36,6 +36,7 @@ the whole prefix every step (O(T) forwards; documented, never silent about
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longattn.layers.attention import HeadGroup
+from longattn.ops._checks import check_int
 
 DECODE_STATES: dict[str, type["DecodeState"]] = {}
 """mechanism name -> decoding-state class."""
@@ -295,6 +297,28 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _check_generate_args(prompt: object, max_new_tokens: object, temperature: object, top_k: object,
+                         use_cache: object, generator: object) -> None:
+    """TypeError/ValueError naming the argument of :func:`generate` that is wrong."""
+    if not isinstance(prompt, Tensor):
+        raise TypeError(f"prompt must be an int64 tensor [B, T], got {type(prompt).__name__}")
+    if prompt.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"prompt must be an integer (int64) tensor [B, T], got dtype {prompt.dtype}")
+    if prompt.dim() != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be int64 [B, T] with B, T >= 1, got shape {tuple(prompt.shape)}")
+    check_int("max_new_tokens", max_new_tokens, minimum=0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=1)
+    if use_cache is not None and not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be None, True or False, got {use_cache!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, *, use_cache: bool | None = None,
@@ -307,14 +331,7 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature:
     model without states raises ValueError. The model runs in eval mode (restored after).
     """
     _check_lm(model)
-    if prompt.dim() != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be int64 [B, T] with T >= 1, got {tuple(prompt.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    _check_generate_args(prompt, max_new_tokens, temperature, top_k, use_cache, generator)
     cached = supports_cache(model) if use_cache is None else use_cache
     if cached and not supports_cache(model):
         missing = sorted({g.name for a in _attn_modules(model) for g in a.groups} - set(DECODE_STATES))

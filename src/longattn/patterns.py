@@ -1,4 +1,4 @@
-"""Attention patterns: which key j each query i may see (DESIGN.md section 4).
+"""Attention patterns: which key j each query i may see (docs/design.md section 4).
 
 Each pattern is written once as a *predicate* ``visible(i, j, h)`` on broadcast
 integer tensors (attention-gym style). The same pattern also describes itself to
@@ -316,9 +316,9 @@ QUERY_BLOCK = 128
 
 
 class GlobalTokens(Pattern):
-    """Global positions: ``i in idx or j in idx``. Positions >= N are ignored (the
-    registered mechanisms refuse them instead; a packed document shorter than an
-    index simply has no such token)."""
+    """Global positions: ``i in idx or j in idx``. Positions >= N are ignored: that
+    token is not there (a shorter input, a decode step before it, a packed document
+    shorter than the index), exactly as the predicate, which never meets them."""
 
     def __init__(self, indices: Sequence[int] | Tensor = (0,)) -> None:
         self.indices = _as_index(indices, "indices")

@@ -19,7 +19,8 @@ Features (each refused with a clear ValueError where the mechanism cannot do it)
 - cross-attention: ``forward(x, context)``; every mechanism must have ``spec.cross``.
 - ``rope=True``: rotary embedding of q and k (any mechanism).
 - ``alibi=True``: an ALiBi score bias ``bias=[1, H, Nq, Nk]`` passed to mechanisms with
-  ``spec.bias`` (an Nq x Nk tensor: meant for ``full``).
+  ``spec.bias`` (an Nq x Nk tensor: meant for ``full``). With ``segment_ids`` each
+  packed document gets its own Nd x Nd bias, positions restarting at its first token.
 - ``attn_dropout``: passed as the mechanism's ``dropout`` parameter in training
   (mechanisms without a ``dropout`` parameter refuse a non-zero value).
 - ``global_tokens=G``: G learned tokens are prepended, made global (they see every
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from longattn import registry
 from longattn.layers.positional import RotaryEmbedding, alibi_bias, alibi_slopes
 from longattn.ops import custom
+from longattn.ops.packing import with_document_arguments
 from longattn.registry import Mechanism
 
 MechanismItem = Union[str, tuple[str, dict]]
@@ -160,11 +162,16 @@ class HeadGroup(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                 key_padding_mask: Tensor | None, bias: Tensor | None = None,
                 global_idx: tuple[int, ...] = (), shift: int = 0, segment_ids: Tensor | None = None,
-                **call_params: Any) -> Tensor:
+                alibi_slopes: Tensor | None = None, **call_params: Any) -> Tensor:
         """q [B, h, Nq, D]; k, v [B, h_kv, Nk, .] (grouped KV heads when h_kv < h);
-        ``segment_ids`` [B, N]: packed documents (mechanisms with ``packed``)."""
+        ``segment_ids`` [B, N]: packed documents (mechanisms with ``packed``).
+        ``bias``: a score bias for the whole call ([1|B, h, Nq, Nk]); ``alibi_slopes``
+        [h]: ALiBi built inside every call the mechanism makes, at that call's length
+        (each packed document gets its own Nd x Nd bias, positions from its first token)."""
         if global_idx and self.global_mode is None:
             raise ValueError(f"mechanism {self.name!r} cannot make positions global")
+        if bias is not None and alibi_slopes is not None:
+            raise ValueError("give bias (one for the whole call) or alibi_slopes (built per call), not both")
         if self.impl is not None:
             if call_params:
                 raise TypeError(f"learned mechanism {self.name!r} takes no per-call parameters "
@@ -194,12 +201,19 @@ class HeadGroup(nn.Module):
             if global_idx or shift:
                 params[pname] = tuple(global_idx) + tuple(i + shift for i in _as_index_tuple(user))
         fn = self.spec.fn
-        if torch.compiler.is_compiling():  # one custom op, no graph break (longattn.ops.custom)
+        if torch.compiler.is_compiling() and alibi_slopes is None:  # one custom op (longattn.ops.custom)
             return custom.attention(q, k, v, self.name, causal=causal, key_padding_mask=key_padding_mask,
                                     segment_ids=segment_ids, **params)
-        return registry.run(
-            self.spec, lambda q, k, v, kpm: fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **params),
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids, params=params)
+
+        def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
+            if alibi_slopes is None:
+                return fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **params)
+            bias = alibi_bias(alibi_slopes, q.shape[2], k.shape[2], device=q.device).to(q.dtype)
+            return with_document_arguments(
+                lambda: fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **{**params, "bias": bias}))
+
+        return registry.run(self.spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                            segment_ids=segment_ids, params=params)
 
     def extra_repr(self) -> str:
         return f"{self.name}, heads=[{self.start}, {self.stop}), params={self.params}"
@@ -303,7 +317,7 @@ class MultiHeadAttention(nn.Module):
         ``key_padding_mask``: bool [B, Nk] over the keys (x, or context when given),
         True = real. ``n_global``: the first n_global positions of x are global.
         ``segment_ids``: integer [B, N], documents packed in each row (runs of equal
-        ids): each attends as if alone, RoPE positions restart at each document.
+        ids): each attends as if alone, RoPE and ALiBi positions restart at each document.
         ``call_params``: per-call mechanism parameters (e.g. ``edge_index`` for graph).
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
@@ -341,8 +355,10 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(src)), self._split(self.v_proj(src))
         if self.rope is not None:
             q, k = self.rope.rotate(q, positions=positions), self.rope.rotate(k, positions=positions)
-        bias = None
-        if self.use_alibi:
+        bias = slopes = None
+        if self.use_alibi and segment_ids is not None:
+            slopes = self.alibi_slopes  # per document: each document call builds its own bias
+        elif self.use_alibi:
             bias = alibi_bias(self.alibi_slopes, q.shape[2], k.shape[2], device=x.device).to(q.dtype)
         gidx = tuple(range(G + n_global))
         outs = []
@@ -351,6 +367,7 @@ class MultiHeadAttention(nn.Module):
             outs.append(grp(q[:, s], k[:, skv], v[:, skv], causal=self.causal,
                             key_padding_mask=key_padding_mask,
                             bias=None if bias is None else bias[:, s],
+                            alibi_slopes=None if slopes is None else slopes[s],
                             global_idx=gidx, shift=G, segment_ids=segment_ids, **call_params))
         out = torch.cat(outs, dim=1).transpose(1, 2).flatten(2)   # [B, G+N, dim]
         return self.out_proj(out[:, G:])

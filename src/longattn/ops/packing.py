@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from longattn.ops._checks import check_qkv
+
 Call = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 """``call(q, k, v, key_padding_mask) -> out``: one mechanism on [B, H, N, D] tensors."""
 
@@ -39,6 +41,29 @@ def inside_packed_call() -> bool:
     """True while a mechanism runs on the documents of a packed batch (its length is
     then a document's, not the row's: checks against the row length do not apply)."""
     return _INSIDE.get()
+
+
+_DOCS: contextvars.ContextVar = contextvars.ContextVar("longattn_packed_docs", default=None)
+
+
+def packed_documents() -> tuple[Tensor, Tensor, tuple[int, int]] | None:
+    """Inside a packed call, the documents being run: (row [M], positions [M, L], (B, N)),
+    the row of the packed batch each document comes from, each slot's position in that
+    row (padding slots clamped into the row) and the packed batch's shape. Per-position
+    arguments (a score bias) are sliced with it. None outside a packed call."""
+    return _DOCS.get()
+
+
+def with_document_arguments(fn: Callable[[], Tensor]) -> Tensor:
+    """``fn()`` for a call whose per-position arguments were built at the document's
+    own length (the layer's ALiBi bias of each document, O(L^2) rather than the row's
+    O(N^2)): within it :func:`packed_documents` is None, so nothing slices them again
+    as whole-row arguments. Outside a packed call it is just ``fn()``."""
+    token = _DOCS.set(None)
+    try:
+        return fn()
+    finally:
+        _DOCS.reset(token)
 
 
 def check_segment_ids(segment_ids: object, B: int, N: int) -> Tensor:
@@ -89,7 +114,11 @@ def packed_attention(
 
     q: [B, H, N, D]; k, v: [B, Hkv, N, .] (self-attention: Nq == Nk); segment_ids:
     [B, N] integer runs; key_padding_mask: [B, N] (True = real) within documents.
-    Differentiable in q, k, v (gathers and scatters of rows)."""
+    The inputs pass :func:`longattn.ops._checks.check_qkv` first (the checks and
+    messages of an unpacked call: a mechanism only sees the documents, so a row-level
+    mistake would otherwise reach it reshaped). Differentiable in q, k, v (gathers and
+    scatters of rows)."""
+    check_qkv(q, k, v, key_padding_mask=key_padding_mask, gqa=True)
     B, H, N, _ = q.shape
     if k.shape[2] != N:
         raise ValueError(
@@ -117,19 +146,21 @@ def packed_attention(
             mask = kpm.index_select(0, idx).view(len(sel), Lp) & real.to(q.device)
         elif not causal and not bool(real.all()):
             mask = real.to(q.device)
-        od = _inside(call, qd, kd, vd, mask)
+        od = _inside(call, qd, kd, vd, mask, (row[sel], (start[sel, None] + t).clamp(max=N - 1), (B, N)))
         od = od.transpose(1, 2).reshape(-1, H, od.shape[-1])
         keep = real.reshape(-1).to(q.device)
         out = out.index_copy(0, idx[keep], od[keep])
     return out.view(B, N, H, -1).transpose(1, 2)
 
 
-def _inside(call: Call, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    token = _INSIDE.set(True)
+def _inside(call: Call, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+            docs: tuple[Tensor, Tensor, tuple[int, int]] | None = None) -> Tensor:
+    token, docs_token = _INSIDE.set(True), _DOCS.set(docs)
     try:
         return call(q, k, v, mask)
     finally:
         _INSIDE.reset(token)
+        _DOCS.reset(docs_token)
 
 
 def _equal_documents(call: Call, q: Tensor, k: Tensor, v: Tensor, L: int) -> Tensor:
@@ -141,7 +172,8 @@ def _equal_documents(call: Call, q: Tensor, k: Tensor, v: Tensor, L: int) -> Ten
     def split(x: Tensor) -> Tensor:  # [B, h, N, d] -> [B * m, h, L, d]
         return x.view(B, x.shape[1], m, L, x.shape[3]).transpose(1, 2).reshape(B * m, x.shape[1], L, x.shape[3])
 
-    out = _inside(call, split(q), split(k), split(v), None)
+    docs = (torch.arange(B).repeat_interleave(m), (torch.arange(m)[:, None] * L + torch.arange(L)).repeat(B, 1), (B, N))
+    out = _inside(call, split(q), split(k), split(v), None, docs)
     return out.view(B, m, H, L, -1).transpose(1, 2).reshape(B, H, N, -1)
 
 

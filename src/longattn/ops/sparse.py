@@ -13,13 +13,13 @@ from torch import Tensor
 
 from longattn import patterns as P
 from longattn.ops.blocksparse import pattern_attention
-from longattn.ops.packing import inside_packed_call
 from longattn.registry import REQUIRED, Param, register
 
 _CACHE: dict[tuple, P.Pattern] = {}
 
 
 def _freeze(x: Any) -> Any:
+    """``x`` as a hashable value: lists, tuples, ranges and tensors become tuples."""
     if isinstance(x, (list, tuple)):
         return tuple(_freeze(v) for v in x)
     if hasattr(x, "tolist"):
@@ -29,9 +29,20 @@ def _freeze(x: Any) -> Any:
     return x
 
 
+def _typed_key(x: Any) -> Any:
+    """A cache key of ``x`` that is equal only for values of the same types: Python has
+    ``2.0 == 2`` and ``True == 1`` (same hash), so a plain key would hand a refused
+    ``before=2.0`` the pattern built for ``before=2`` once that was cached."""
+    x = _freeze(x)
+    if isinstance(x, tuple):
+        return ("tuple", tuple(_typed_key(v) for v in x))
+    return (type(x).__qualname__, x)
+
+
 def cached_pattern(name: str, **params: Any) -> P.Pattern:
-    """``patterns.make(name, **params)``, one object per distinct parameter set."""
-    key = (name, tuple(sorted((k, _freeze(v)) for k, v in params.items())))
+    """``patterns.make(name, **params)``, one object per distinct parameter set (equal
+    values of different types, 2 and 2.0 or 1 and True, are different sets)."""
+    key = (name, tuple(sorted((k, _typed_key(v)) for k, v in params.items())))
     pat = _CACHE.get(key)
     if pat is None:
         if len(_CACHE) > 512:
@@ -46,7 +57,7 @@ def with_globals(name: str, global_idx: Any = (), **params: Any) -> P.Pattern:
     idx = _freeze(global_idx)
     if not idx:
         return base
-    key = ("+global", id(base), idx)
+    key = ("+global", id(base), _typed_key(idx))
     pat = _CACHE.get(key)
     if pat is None:
         pat = _CACHE[key] = P.Union([base, P.GlobalTokens(list(idx))])
@@ -56,26 +67,27 @@ def with_globals(name: str, global_idx: Any = (), **params: Any) -> P.Pattern:
 GLOBAL_IDX = Param("global_idx", (), "extra global positions (e.g. CLS tokens): see all, seen by all")
 BACKEND = Param("backend", "auto", "'engine' | 'flex' (FlexAttention block masks) | 'auto': flex on CUDA")
 
-#: the parameters of each pattern mechanism that name positions (checked against N)
+#: the parameters of each pattern mechanism that name positions (checked to be >= 0)
 _POSITION_PARAMS = {"global": "indices", "longformer": "global_indices"}
 
-_REAL_MODELS = dict(gqa=True, bottom_right=True, packed=True)
-"""Every exact pattern serves grouped KV heads, decode steps and packed documents."""
+_REAL_MODELS = dict(gqa=True, bottom_right=True, packed=True, sinks=True, softcap=True)
+"""Every exact pattern serves grouped KV heads, decode steps, packed documents, learned
+sinks and score caps."""
 
 
-def _check_positions(name: str, n: int, global_idx: Any, params: dict[str, Any]) -> None:
-    """Global positions must lie in the sequence: a ValueError naming the parameter.
-    (Inside a packed call a document may be shorter than an index: it has no such token.)"""
-    if inside_packed_call():
-        return
+def _check_positions(name: str, global_idx: Any, params: dict[str, Any]) -> None:
+    """Global positions must be >= 0: a ValueError naming the parameter. A position >= N
+    is not an error: that token is not there yet (a decode step before it, a shorter
+    input, a packed document shorter than the index) and is ignored for this call, as
+    the full-sequence computation ignores it for every earlier query."""
     for pname, value in ((_POSITION_PARAMS.get(name), params.get(_POSITION_PARAMS.get(name, ""))),
                          ("global_idx", global_idx)):
         idx = _freeze(value) if pname else ()
         if isinstance(idx, int):
             idx = (idx,)
-        bad = [i for i in (idx or ()) if isinstance(i, int) and not 0 <= i < n]
+        bad = [i for i in (idx or ()) if isinstance(i, int) and i < 0]
         if bad:
-            raise ValueError(f"{pname} must be positions in [0, N={n}), got {bad[:8]}")
+            raise ValueError(f"{pname} must be non-negative positions, got {bad[:8]}")
 
 
 def _quantum(name: str) -> Callable[[dict[str, Any], bool], int]:
@@ -87,12 +99,13 @@ def _quantum(name: str) -> Callable[[dict[str, Any], bool], int]:
 
 
 def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary: str) -> Callable[..., Tensor]:
-    def fn(q, k, v, *, causal=False, key_padding_mask=None, scale=None, global_idx=(), backend="auto", **kw):
-        if isinstance(k, Tensor) and k.dim() == 4:
-            _check_positions(name, k.shape[2], global_idx, kw)
+    def fn(q, k, v, *, causal=False, key_padding_mask=None, scale=None, global_idx=(), backend="auto",
+           sinks=None, softcap=None, **kw):
+        _check_positions(name, global_idx, kw)
         return pattern_attention(
             q, k, v, with_globals(name, global_idx, **kw),
             causal=causal, key_padding_mask=key_padding_mask, scale=scale, backend=backend,
+            sinks=sinks, softcap=softcap,
         )
 
     fn.__name__ = f"{name}_attention"
@@ -177,10 +190,11 @@ st_fixed_attention = _pattern_mechanism(
     params=(Param("pattern", REQUIRED, "a longattn.patterns.Pattern (unions, per-head lists...)"), BACKEND),
     family="pattern", exact=True, causal=True, cross=False, subquadratic=True, **_REAL_MODELS,
     extra={"length_quantum": lambda params, causal: params["pattern"].length_quantum(causal)},
-    paper="any composition of DESIGN.md section 4",
+    paper="any composition of docs/design.md section 4",
     summary="exact attention over any Pattern object",
 )
-def any_pattern_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, pattern, backend="auto"):
+def any_pattern_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, pattern, backend="auto",
+                          sinks=None, softcap=None):
     """Exact attention over a user-built pattern, e.g. ``Local(64, 64) | Strided(128)``."""
     return pattern_attention(q, k, v, pattern, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                             backend=backend)
+                             backend=backend, sinks=sinks, softcap=softcap)
