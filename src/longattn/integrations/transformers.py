@@ -2,28 +2,51 @@
 
     >>> from transformers import AutoModelForCausalLM
     >>> from longattn.integrations.transformers import register
-    >>> name = register("local", before=4095)                # or register("bigbird", block=64)
+    >>> name = register("bigbird", block=64)                  # full-attention layers
+    >>> name = register({"full_attention": ("bigbird", {"block": 64}),
+    ...                  "sliding_attention": "local"})       # the same, spelled out
     >>> model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
 
 :func:`register` adds two functions to transformers (5.x):
 
 - an attention function (``AttentionInterface``): it receives the tensors as the
   model's attention layer gives them (``query [B, H, Nq, D]``, ``key/value [B, Hkv,
-  Nk, D]`` after RoPE and the cache update), runs the mechanism with grouped KV heads
-  (never repeated), the layer's ``scaling``, causality from the layer, bottom-right
-  alignment for decode steps (Nq < Nk, over HF's own cache), key padding from the 2-D
-  mask, and packed documents where ``position_ids`` restart inside a row (HF's
-  packing convention); it returns ``[B, Nq, H, D]``.
+  Nk, D]`` after RoPE and the cache update), runs the layer's mechanism with grouped KV
+  heads (never repeated), the layer's ``scaling``, causality from the layer, bottom-right
+  alignment for decode steps (Nq < Nk, over HF's own cache), key padding and packed
+  documents from its mask builder; it returns ``[B, Nq, H, D]``.
 - a mask function (``AttentionMaskInterface``): it never builds an Nq x Nk mask. It
-  hands the attention the 2-D padding mask (its last ``kv_length`` columns), or
-  nothing when no token is padded: the mechanism applies causality, its pattern and
-  the padding itself.
+  reads the model's mask function and accepts only those it reproduces (causal,
+  bidirectional, HF's causal and symmetric sliding windows, packed documents); every
+  other (PaliGemma's prefix-LM ``token_type_ids``, image blocks, chunked attention, a
+  user's ``or_mask``/``and_mask``) is refused. It hands the attention the 2-D padding
+  mask, integer segment ids for packed rows, or nothing.
 
-``local`` without ``before`` follows the layer's sliding window (HF: key visible when
-``q_idx - sliding_window < kv_idx <= q_idx``, i.e. ``before = sliding_window - 1``);
-an explicit ``before`` wins. Attention dropout in training is passed to mechanisms
-that have a ``dropout`` parameter and refused (ValueError) by the others;
-``output_attentions=True`` is refused: no mechanism here forms the attention matrix.
+Layer types. Each attention layer is one of ``full_attention``, ``sliding_attention``
+(the layer passes a ``sliding_window`` or its config's ``layer_types`` says so),
+``cross_attention`` (decoder over encoder states) or ``indexed_attention`` (the layer
+passes the keys an indexer selected, ``indices`` [B, Nq, topk]: DeepSeek-V3.2's and
+GLM-5's DSA). ``register(mechanism, **params)`` puts the mechanism on the
+full-attention layers; every other layer keeps the model's own semantics (``"model"``):
+a sliding layer runs exact ``local`` with that layer's window (HF's causal window, key
+visible when ``q - w < k <= q``, is ``before = w - 1, after = 0``; a non-causal layer
+(ModernBERT) sees ``|q - k| <= w``, ``before = after = w``), a cross-attention layer
+runs exact ``full`` over any encoder length, an indexed layer runs
+:func:`longattn.ops.given_keys.given_keys_attention` over exactly the given keys. A
+mapping ``{layer_type: mechanism | (mechanism, params) | "model"}`` chooses otherwise;
+``local`` without ``before`` there follows the layer's window. A window is never
+dropped silently: a sliding layer changes only when the mapping names it.
+
+Every argument the model passes that changes the result is honoured or refused with a
+ValueError naming it: ``softcap`` (Gemma-2) and learned sinks ``s_aux`` (gpt-oss, with
+their gradient) go to mechanisms whose registry entry has ``softcap`` / ``sinks``;
+attention dropout in training to mechanisms with a ``dropout`` parameter;
+``output_attentions=True``, ``position_bias`` and flash-attention varlen arguments are
+refused; so is any argument this module does not know.
+
+:class:`SinkWindowCache` is a bounded KV cache for ``local`` with leading sink tokens
+(StreamingLLM): generation keeps the first ``sinks`` and the last ``window`` keys per
+layer and equals recomputation without a cache.
 
 transformers is an optional dependency: ``pip install 'longattn[hf]'``.
 """
@@ -31,7 +54,8 @@ transformers is an optional dependency: ``pip install 'longattn[hf]'``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -41,14 +65,49 @@ from longattn.ops import custom
 
 try:  # only when used: longattn itself never needs transformers
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        bidirectional_mask_function,
+        causal_mask_function,
+        sdpa_mask,
+    )
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "longattn.integrations.transformers needs transformers >= 5.0 (AttentionInterface and "
         "AttentionMaskInterface): pip install 'longattn[hf]'"
     ) from e
 
-_REGISTERED: dict[str, tuple[str, dict[str, Any]]] = {}
+#: the attention layer types :func:`register` maps to mechanisms
+LAYER_TYPES = ("full_attention", "sliding_attention", "cross_attention", "indexed_attention")
+#: the mapping value that keeps a layer type as the model defines it
+MODEL = "model"
+
+#: arguments models pass to attention functions that never change the result here
+_INERT = frozenset({"use_cache", "cache_position", "output_router_logits", "deterministic",
+                    "return_dict", "output_hidden_states", "output_attentions"})
+#: arguments that change the result, each honoured below
+_TERMS = frozenset({"softcap", "s_aux", "indices", "is_causal", "position_ids"})
+#: arguments refused with a reason
+_REFUSED = {
+    "position_bias": "an additive relative-position bias (T5-style)",
+    "cu_seq_lens_q": "flash-attention varlen packing; pass position_ids that restart per document instead",
+    "cu_seq_lens_k": "flash-attention varlen packing; pass position_ids that restart per document instead",
+    "max_length_q": "flash-attention varlen packing; pass position_ids that restart per document instead",
+    "max_length_k": "flash-attention varlen packing; pass position_ids that restart per document instead",
+}
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What runs on one layer type: a registered mechanism and its parameters, or
+    :data:`MODEL` (the model's own semantics)."""
+
+    name: str
+    params: dict[str, Any]
+
+
+_REGISTERED: dict[str, dict[str, _Choice]] = {}
 
 
 def _key(value: Any) -> str:
@@ -61,58 +120,203 @@ def _key(value: Any) -> str:
     return repr(value)
 
 
-def implementation_name(mechanism: str, **params: Any) -> str:
-    """The ``attn_implementation`` name of ``mechanism`` with ``params``: the same
-    mechanism and parameters always give the same name."""
+def implementation_name(mechanism: str | Mapping[str, Any], **params: Any) -> str:
+    """The ``attn_implementation`` name of ``mechanism`` with ``params`` (or of a
+    layer-type mapping): the same registration always gives the same name."""
+    if not isinstance(mechanism, str):
+        choices = _choices(mechanism, params)
+        text = ";".join(f"{t}={c.name}:" + ",".join(f"{k}={_key(v)}" for k, v in sorted(c.params.items()))
+                        for t, c in sorted(choices.items()))
+        return f"longattn_layers_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
     if not params:
         return f"longattn_{mechanism}"
     text = ";".join(f"{k}={_key(v)}" for k, v in sorted(params.items()))
     return f"longattn_{mechanism}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
-def register(mechanism: str, **params: Any) -> str:
-    """Register ``mechanism`` (with ``params``) as a transformers attention implementation
-    and its mask builder; return the name for ``attn_implementation=`` (or
-    ``model.set_attn_implementation``). Idempotent.
-
-    Raises ValueError/TypeError for an unknown mechanism or parameters (checked here,
-    not at the first forward)."""
-    spec = registry.get(mechanism)
+def _choice(layer_type: str, entry: Any) -> _Choice:
+    """One mapping entry (``"name"``, ``("name", {params})`` or ``"model"``), checked."""
+    if isinstance(entry, str):
+        name, params = entry, {}
+    elif isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], Mapping):
+        name, params = entry[0], dict(entry[1])
+    else:
+        raise TypeError(f"layers[{layer_type!r}] must be a mechanism name, (name, params) or 'model', got {entry!r}")
+    if name == MODEL:
+        if params:
+            raise TypeError(f"layers[{layer_type!r}] = 'model' takes no parameters, got {sorted(params)}")
+        return _Choice(MODEL, {})
+    if layer_type == "indexed_attention":
+        raise ValueError(f"layers['indexed_attention'] = {name!r}: an indexed layer attends over exactly the keys the "
+                         "model's indexer selected (DeepSeek-V3.2, GLM-5); another mechanism would drop them. "
+                         "Use 'model'")
+    spec = registry.get(name)
     unknown = sorted(set(params) - set(spec.param_names))
     if unknown:
-        raise TypeError(f"mechanism {mechanism!r} got unknown parameter(s) {unknown}; "
+        raise TypeError(f"mechanism {name!r} got unknown parameter(s) {unknown}; "
                         f"it accepts {list(spec.param_names) or 'no parameters'}")
-    follows_window = mechanism == "local" and "before" not in params
     needed = [p.name for p in spec.params if p.required and p.name not in params]
     if needed:
-        raise TypeError(f"mechanism {mechanism!r} needs parameter(s) {needed} to be registered")
+        raise TypeError(f"mechanism {name!r} needs parameter(s) {needed} to be registered")
+    if layer_type == "cross_attention" and not spec.cross:
+        able = [s.name for s in registry.specs() if s.cross]
+        raise ValueError(f"layers['cross_attention'] = {name!r}: it cannot attend over encoder states of another "
+                         f"length (Nq != Nk); cross-capable mechanisms: {able}, or 'model' (exact full)")
+    return _Choice(name, params)
+
+
+def _choices(mechanism: str | Mapping[str, Any], params: dict[str, Any]) -> dict[str, _Choice]:
+    """Every layer type's choice: ``mechanism`` on the full-attention layers (or the
+    mapping's entries), :data:`MODEL` on the rest."""
+    if isinstance(mechanism, str):
+        mapping: dict[str, Any] = {"full_attention": (mechanism, params)}
+    elif isinstance(mechanism, Mapping):
+        if params:
+            raise TypeError(f"register(mapping) takes each mechanism's parameters in the mapping, e.g. "
+                            f"{{'full_attention': ('bigbird', {{'block': 64}})}}; got keyword arguments "
+                            f"{sorted(params)}")
+        mapping = dict(mechanism)
+    else:
+        raise TypeError(f"mechanism must be a name or a mapping layer type -> mechanism, "
+                        f"got {type(mechanism).__name__}")
+    unknown = sorted(set(mapping) - set(LAYER_TYPES))
+    if unknown:
+        raise TypeError(f"unknown layer type(s) {unknown}; layer types: {list(LAYER_TYPES)}")
+    out = {t: _Choice(MODEL, {}) for t in LAYER_TYPES}
+    out.update({t: _choice(t, entry) for t, entry in mapping.items()})
+    return out
+
+
+def register(mechanism: str | Mapping[str, Any], **params: Any) -> str:
+    """Register a transformers attention implementation and its mask builder; return the
+    name for ``attn_implementation=`` (or ``model.set_attn_implementation``). Idempotent.
+
+    Args:
+        mechanism: a mechanism name, run on the model's full-attention layers with
+            ``params`` (sliding, cross-attention and indexed layers keep the model's own
+            semantics); or a mapping ``{layer_type: name | (name, params) | "model"}``
+            over :data:`LAYER_TYPES` (missing types stay ``"model"``).
+        **params: the mechanism's parameters (with a name only).
+
+    Raises ValueError/TypeError for an unknown mechanism, layer type or parameter, a
+    missing required parameter, or a mechanism that cannot serve its layer type
+    (checked here, not at the first forward)."""
+    choices = _choices(mechanism, params)
     name = implementation_name(mechanism, **params)
     if name not in _REGISTERED:
-        AttentionInterface.register(name, _attention_function(spec, dict(params), follows_window))
+        AttentionInterface.register(name, _attention_function(choices))
         AttentionMaskInterface.register(name, padding_mask)
-        _REGISTERED[name] = (mechanism, dict(params))
+        _REGISTERED[name] = choices
     return name
+
+
+@dataclass(frozen=True)
+class MaskShape:
+    """What a transformers mask function computes, as far as longattn reproduces it.
+
+    Attributes:
+        causal: causal (``kv <= q``) or bidirectional base.
+        window: HF's sliding window ``w``, or None: causal ``q - w < kv``,
+            bidirectional ``|q - kv| <= w``.
+        segments: packed documents, integer [B, N] (equal ids: one document), or None.
+    """
+
+    causal: bool
+    window: int | None = None
+    segments: Tensor | None = None
+
+
+def _cells(fn: Callable) -> dict[str, Any]:
+    """The closure variables of ``fn`` by name."""
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return {}
+    return dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__)))
+
+
+def _parts(fn: Callable, out: list[Callable]) -> list[Callable]:
+    """``fn`` flattened through ``and_masks`` and packed-position remapping."""
+    name, cells = getattr(fn, "__qualname__", ""), _cells(fn)
+    if name == "and_masks.<locals>.and_mask" and "mask_functions" in cells:
+        for part in cells["mask_functions"]:
+            _parts(part, out)
+    elif name == "remap_positions_for_packed_sequence.<locals>.inner_mask" and "mask_function" in cells:
+        _parts(cells["mask_function"], out)  # segment ids restart positions per document
+    else:
+        out.append(fn)
+    return out
+
+
+_WHY = ("it reproduces only causal / bidirectional masks, HF's sliding windows and packed documents. A longattn "
+        "mechanism applies causality and its pattern itself (no Nq x Nk mask); this model's extra mask term (a "
+        "prefix-LM's token_type_ids, image-token blocks, chunked attention, an or_mask/and_mask) would be dropped. "
+        "Use attn_implementation='sdpa' or 'eager' for this model")
+
+
+def read_mask_function(fn: Callable) -> MaskShape:
+    """Decode a transformers mask function into a :class:`MaskShape`; ValueError naming
+    any part longattn does not reproduce (never ignored). O(1): nothing is evaluated."""
+    base: bool | None = None
+    window: tuple[bool, int] | None = None
+    segments = None
+    for part in _parts(fn, []):
+        name, cells = getattr(part, "__qualname__", repr(part)), _cells(part)
+        if part is causal_mask_function or part is bidirectional_mask_function:
+            causal = part is causal_mask_function
+            if base is not None and base != causal:
+                raise ValueError(f"the mask function is both causal and bidirectional: {_WHY}")
+            base = causal
+        elif name in ("sliding_window_overlay.<locals>.inner_mask",
+                      "sliding_window_bidirectional_overlay.<locals>.inner_mask") and "sliding_window" in cells:
+            window = (name.startswith("sliding_window_overlay"), int(cells["sliding_window"]))
+        elif name == "packed_sequence_mask_function.<locals>.inner_mask" and "packed_sequence_mask" in cells:
+            segments = cells["packed_sequence_mask"]
+        else:
+            raise ValueError(f"the model's mask contains {name!r}, which longattn does not reproduce: {_WHY}")
+    if base is None:
+        raise ValueError(f"the mask function has neither a causal nor a bidirectional base: {_WHY}")
+    if window is not None and window[0] != base:
+        raise ValueError(f"a {'causal' if window[0] else 'symmetric'} sliding window over a "
+                         f"{'causal' if base else 'bidirectional'} mask: {_WHY}")
+    return MaskShape(base, None if window is None else window[1], segments)
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                  mask_function: Callable | None = None, attention_mask: Tensor | None = None,
-                 use_vmap: bool = False, **kwargs: Any) -> Tensor | None:
-    """The mask builder: the 2-D padding mask [B, kv_length] (True = real), or None when
-    nothing is padded. Never an Nq x Nk mask: the mechanism applies causality and its
-    pattern itself. A model that composes its own mask functions (``use_vmap``: extra
-    masks for image tokens and the like) is refused rather than silently ignored."""
-    if use_vmap:
-        raise ValueError(
-            "this model adds its own mask function to the causal mask (or_mask/and_mask); a longattn "
-            "mechanism applies causality and its pattern itself and cannot honour it"
-        )
+                 use_vmap: bool = False, config: Any = None, **kwargs: Any) -> Tensor | None:
+    """The mask builder (``AttentionMaskInterface``): the 2-D padding mask [B, kv_length]
+    (True = real), integer segment ids [B, N] for packed rows, or None when nothing is
+    padded. Never an Nq x Nk mask, except for models whose indexer reads the 4-D mask
+    itself (``config.index_topk``: DeepSeek-V3.2, GLM-5), which get HF's own.
+
+    The mask function is read (:func:`read_mask_function`): anything longattn does not
+    reproduce is refused; a sliding window must be the config's (the attention takes
+    the window from there); a causal mask must be bottom-right aligned over the keys
+    (dynamic caches; a static cache with unfilled slots is refused)."""
+    shape = read_mask_function(mask_function if mask_function is not None else causal_mask_function)
+    if shape.window is not None and shape.window != getattr(config, "sliding_window", None):
+        raise ValueError(f"the mask's sliding window ({shape.window}) is not the config's sliding_window "
+                         f"({getattr(config, 'sliding_window', None)}), which the attention layers follow")
+    if shape.causal and (isinstance(q_offset, Tensor) or q_offset + q_length != kv_offset + kv_length):
+        raise ValueError(f"queries at offset {q_offset} ({q_length}) are not the last of the {kv_length} keys at "
+                         f"offset {kv_offset}: a static cache with unfilled slots; longattn runs over dynamic caches "
+                         "(the default DynamicCache, SinkWindowCache)")
+    if getattr(config, "index_topk", None) is not None:  # the model's indexer reads this mask itself
+        device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, device=device)
+    if shape.segments is not None:
+        return shape.segments.to(torch.long)
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [B, N], got shape {tuple(attention_mask.shape)}")
-    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    if mask.shape[1] < kv_length:  # as transformers' prepare_padding_mask: missing columns are padding
+        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[1]), value=False)
     # a data-dependent check: under torch.compile the mask is always passed (as HF does)
-    if not torch.compiler.is_compiling() and mask.shape[1] == kv_length and bool(mask.all()):
+    if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask
 
@@ -131,6 +335,11 @@ def packed_segments(position_ids: Tensor | None, n: int) -> Tensor | None:
     return seg
 
 
+def _family(module: Any) -> str:
+    """The model family of an attention layer, for messages."""
+    return str(getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__)
+
+
 def _wants_attentions(module: Any, kwargs: dict[str, Any]) -> bool:
     if kwargs.get("output_attentions"):
         return True
@@ -143,46 +352,239 @@ def _wants_attentions(module: Any, kwargs: dict[str, Any]) -> bool:
         return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
-def _attention_function(spec: registry.Mechanism, params: dict[str, Any], follows_window: bool) -> Callable:
+def _read_kwargs(module: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The result-changing arguments among ``kwargs`` (``softcap``, ``s_aux``, ``indices``,
+    ``is_causal``); ValueError for any other non-None argument not known to be inert."""
+    terms: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in _TERMS:
+            terms[name] = value
+        elif value is not None and name not in _INERT:
+            what = _REFUSED.get(name, "an argument longattn does not know, so it cannot tell whether it changes "
+                                      "the result")
+            raise ValueError(f"the {_family(module)} attention layer passed {name}= ({what}); longattn cannot "
+                             f"honour it: use attn_implementation='eager' or 'sdpa' for this model")
+    return terms
+
+
+def _layer(module: Any, sliding_window: int | None, causal: bool, nq: int, nk: int) -> tuple[str, int | None]:
+    """(layer type, HF window or None) of the calling attention layer."""
+    cfg = getattr(module, "config", None)
+    types, idx = getattr(cfg, "layer_types", None), getattr(module, "layer_idx", None)
+    known = isinstance(idx, int) and isinstance(types, (list, tuple)) and 0 <= idx < len(types)
+    declared = types[idx] if known else None
+    crossing = not causal and (nq != nk or getattr(module, "is_decoder", False))
+    if getattr(module, "is_cross_attention", False) or crossing:
+        return "cross_attention", None
+    if sliding_window is not None or declared == "sliding_attention":
+        window = getattr(cfg, "sliding_window", None) or sliding_window  # the masks' window: the config's
+        if not window:
+            raise ValueError(f"a sliding layer of {_family(module)} without a sliding_window in its config")
+        return "sliding_attention", int(window)
+    if declared not in (None, "full_attention"):
+        raise ValueError(f"layer {idx} of {_family(module)} is a {declared!r} layer; longattn runs full, sliding, "
+                         f"cross-attention and indexed layers only: use attn_implementation='sdpa' for this model")
+    return "full_attention", None
+
+
+def _window_params(window: int, causal: bool) -> dict[str, int]:
+    """``local``'s before/after for HF's window ``w``: causal ``q - w < k <= q``,
+    bidirectional ``|q - k| <= w``."""
+    return {"before": window - 1, "after": 0} if causal else {"before": window, "after": window}
+
+
+def _resolve(choice: _Choice, kind: str, window: int | None, causal: bool, nk: int, needs: list[str],
+             family: str) -> tuple[str, dict[str, Any]]:
+    """The mechanism and parameters that run on this layer."""
+    if choice.name == MODEL:
+        if window is not None:
+            return "local", _window_params(window, causal)
+        full = registry.get("full")
+        if kind == "cross_attention" or all(getattr(full, t, False) for t in needs):
+            return "full", {}
+        return "local", {"before": nk, "after": nk}  # every key, with the score terms 'full' lacks
+    params = dict(choice.params)
+    if choice.name == "local" and "before" not in params:
+        if window is None:
+            raise ValueError(f"mechanism 'local' was registered without before= and this {kind} layer of {family} "
+                             "has no sliding_window: register('local', before=...)")
+        params = {**_window_params(window, causal), **params}
+    return choice.name, params
+
+
+def _check_terms(spec: registry.Mechanism, needs: list[str], kind: str, family: str) -> None:
+    """ValueError when the model passes a score term the mechanism lacks."""
+    for arg in needs:
+        if not getattr(spec, arg, False):
+            able = [s.name for s in registry.specs() if getattr(s, arg, False)]
+            hf = {"sinks": "learned sinks (s_aux)", "softcap": "a score softcap"}[arg]
+            raise ValueError(f"{family} passes {hf} on its {kind} layers and mechanism {spec.name!r} has no {arg}: "
+                             f"map {kind!r} to one that has ({able}) or to 'model'")
+
+
+def _split_mask(mask: Tensor | None, nq: int, nk: int) -> tuple[Tensor | None, Tensor | None]:
+    """(key padding [B, Nk], segment ids [B, N]) from what :func:`padding_mask` gave."""
+    if mask is None:
+        return None, None
+    if mask.dim() != 2:
+        raise ValueError(f"longattn attention got a {mask.dim()}-D mask; it expects the 2-D padding mask its own "
+                         "mask builder gives (was the model built with this attn_implementation?)")
+    if mask.dtype != torch.bool:
+        if nq != nk or mask.shape[1] != nk:
+            raise ValueError(f"segment ids {tuple(mask.shape)} for Nq={nq}, Nk={nk}: packed rows need Nq == Nk")
+        return None, mask
+    if mask.shape[1] != nk:
+        raise ValueError(f"the padding mask covers {mask.shape[1]} keys but the layer has {nk}: a cache that drops "
+                         "keys (SinkWindowCache) cannot take a padded batch; generate unpadded rows")
+    return mask, None
+
+
+def _indexed(module: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, terms: dict[str, Any],
+             scaling: float | None, causal: bool) -> Tensor:
+    """DeepSeek-V3.2 / GLM-5 DSA: exact attention over the indexer's keys, with the
+    causality and padding of the model's mask (the last query row of HF's causal mask
+    sees every real key)."""
+    from longattn.ops.given_keys import given_keys_attention  # lazy: only indexed models need it
+
+    if terms.get("softcap") is not None:
+        raise ValueError(f"{_family(module)} passes softcap with indices; given-keys attention has no softcap")
+    kpm = None
+    if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
+        kpm = mask[:, 0, -1, :]
+    elif mask is not None and mask.dim() == 2 and mask.dtype == torch.bool:
+        kpm = mask
+    elif mask is not None:
+        raise ValueError(f"indices with a {mask.dim()}-D {mask.dtype} mask: expected longattn's own mask builder")
+    return given_keys_attention(q, k, v, terms["indices"], causal=causal, key_padding_mask=kpm, scale=scaling,
+                                sinks=terms.get("s_aux"))
+
+
+def _attention_function(choices: dict[str, _Choice]) -> Callable:
     def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                  sliding_window: int | None = None, position_ids: Tensor | None = None,
-                  **kwargs: Any) -> tuple[Tensor, None]:
+                  sliding_window: int | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+        family = _family(module)
         if _wants_attentions(module, kwargs):
-            raise ValueError(
-                f"output_attentions=True: longattn mechanism {spec.name!r} never forms the attention "
-                "matrix; use attn_implementation='eager' to inspect weights"
-            )
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                f"longattn attention got a {attention_mask.dim()}-D mask; it expects the 2-D padding mask "
-                "its own mask builder gives (was the model built with this attn_implementation?)"
-            )
-        causal = bool(getattr(module, "is_causal", True))
-        call = dict(params)
-        if follows_window:
-            window = sliding_window or getattr(getattr(module, "config", None), "sliding_window", None)
-            if not window:
-                raise ValueError(
-                    "mechanism 'local' was registered without before= and this layer has no sliding_window: "
-                    "register('local', before=...)"
-                )
-            call["before"] = int(window) - 1
-            call.setdefault("after", 0)
-        if dropout and module.training:
+            raise ValueError("output_attentions=True: longattn mechanisms never form the attention matrix; use "
+                             "attn_implementation='eager' to inspect weights")
+        terms = _read_kwargs(module, kwargs)
+        causal = bool(getattr(module, "is_causal", True) if terms.get("is_causal") is None else terms["is_causal"])
+        training_dropout = dropout if module.training else 0.0
+        if terms.get("indices") is not None:
+            if training_dropout:
+                raise ValueError(f"attention dropout {dropout} in training with indices ({family}): set the config's "
+                                 "attention_dropout to 0")
+            out = _indexed(module, query, key, value, attention_mask, terms, scaling, causal)
+            return out.transpose(1, 2).contiguous(), None
+        nq, nk = query.shape[2], key.shape[2]
+        kpm, segments = _split_mask(attention_mask, nq, nk)
+        if attention_mask is None and nq == nk:  # packed rows the mask builder did not see (a cache was passed)
+            segments = packed_segments(terms.get("position_ids"), nq)
+            segments = None if segments is None else segments.expand(query.shape[0], -1)
+        kind, window = _layer(module, sliding_window, causal, nq, nk)
+        scores = {t: v for t, v in (("sinks", terms.get("s_aux")), ("softcap", terms.get("softcap"))) if v is not None}
+        name, call = _resolve(choices[kind], kind, window, causal, nk, list(scores), family)
+        spec = registry.get(name)
+        _check_terms(spec, list(scores), kind, family)
+        if training_dropout:
             if "dropout" not in spec.param_names:
-                raise ValueError(f"attention dropout {dropout} in training: mechanism {spec.name!r} has no dropout; "
+                raise ValueError(f"attention dropout {dropout} in training: mechanism {name!r} has no dropout; "
                                  "set the model config's attention_dropout to 0")
             call["dropout"] = dropout
-        nq, nk = query.shape[2], key.shape[2]
-        segments = packed_segments(position_ids, nq) if attention_mask is None and nq == nk else None
-        if segments is not None:  # position_ids may come unexpanded, [1, N]
-            segments = segments.expand(query.shape[0], -1)
         # under torch.compile: one custom op per layer, no graph break (longattn.ops.custom)
-        run = custom.attention if torch.compiler.is_compiling() else registry.attention
-        out = run(query, key, value, spec.name, causal=causal, key_padding_mask=attention_mask,
-                  scale=scaling, segment_ids=segments, **call)
+        run = custom.attention if torch.compiler.is_compiling() and not scores else registry.attention
+        out = run(query, key, value, name, causal=causal, key_padding_mask=kpm, scale=scaling,
+                  segment_ids=segments, **call, **scores)
         return out.transpose(1, 2).contiguous(), None
 
-    attention.__name__ = f"longattn_{spec.name}_attention"
+    attention.__name__ = "longattn_attention"
     return attention
+
+
+class SinkWindowLayer(DynamicLayer):
+    """One layer of :class:`SinkWindowCache`: keeps the first ``sinks`` and the last
+    ``window`` keys/values (as the attention layer stored them: after RoPE), and counts
+    every token seen (``get_seq_length``), so positions stay the true ones."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, sinks: int, window: int, **kwargs: Any) -> None:
+        super().__init__()
+        self.sinks, self.window = sinks, window
+        self.cumulative_length = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Append the new keys/values; return all that the current queries may read
+        (what is stored plus the new ones), then keep only the sinks and the window."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        if keys.shape[-2] > self.sinks + self.window:
+            self.keys = torch.cat([keys[..., :self.sinks, :], keys[..., -self.window:, :]], dim=-2)
+            self.values = torch.cat([values[..., :self.sinks, :], values[..., -self.window:, :]], dim=-2)
+        else:
+            self.keys, self.values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (not the number stored)."""
+        return self.cumulative_length
+
+    def stored_length(self) -> int:
+        """Keys held now: at most ``sinks + window``."""
+        return 0 if not self.is_initialized else int(self.keys.shape[-2])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """As if nothing were dropped: no padding gives no mask; a padded batch gets a
+        mask longer than the keys, which the attention refuses (never a wrong slice)."""
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("SinkWindowCache cannot be cropped: it has dropped the keys a crop would need")
+
+
+class SinkWindowCache(Cache):
+    """A bounded KV cache for windowed mechanisms with leading sink tokens (StreamingLLM,
+    Xiao et al. 2023): per layer only the first ``sinks`` and the last ``window`` keys
+    are kept, so memory stays O(sinks + window) however long the generation.
+
+    Pass it as ``cache`` (``past_key_values`` before transformers 5.40) to ``model.generate``
+    with a model registered as
+
+        register("local", before=window, after=0, global_idx=tuple(range(sinks)))
+
+    (query t sees keys t - window .. t and the first ``sinks`` tokens): the kept keys are
+    exactly those the query can see, stored after RoPE with their true positions, so
+    the tokens equal recomputation without a cache. A mechanism that reads further back
+    than ``window`` (or other than the sinks) would get the wrong keys: only pair it
+    with such a ``local``. Batches must be unpadded (a padded one is refused).
+
+    Args:
+        config: the model's config (its text config's ``num_hidden_layers``).
+        sinks: leading tokens kept, >= 0.
+        window: most recent tokens kept, >= 1.
+    """
+
+    def __init__(self, config: Any, sinks: int, window: int) -> None:
+        for arg, value, low in (("sinks", sinks, 0), ("window", window, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"SinkWindowCache: {arg} must be an int >= {low}, got {value!r}")
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layers = int(getattr(text, "num_hidden_layers"))
+        super().__init__(layers=[SinkWindowLayer(sinks, window) for _ in range(layers)])
+        self.sinks, self.window = sinks, window
+
+    def stored_length(self, layer_idx: int = 0) -> int:
+        """Keys held by layer ``layer_idx`` now (<= sinks + window)."""
+        return self.layers[layer_idx].stored_length()
