@@ -198,9 +198,9 @@ def test_functional_api_and_registry():
         (lambda q, k, v: longattn.attention(q, k, v, "pattern", pattern="local"), TypeError, "Pattern"),
         (lambda q, k, v: longattn.attention(q, k, v, "pattern", pattern=P.PerHead([P.Local(1, 1)] * 3)), ValueError, "divisible"),
         (lambda q, k, v: longattn.attention(q, k, v, "longformer", dilation=0), ValueError, "dilation"),
-        (lambda q, k, v: longattn.attention(q, k, v, "global", indices=[25]), ValueError, "indices"),
-        (lambda q, k, v: longattn.attention(q, k, v, "longformer", global_indices=[0, 300]), ValueError, "global_indices"),
-        (lambda q, k, v: longattn.attention(q, k, v, "local", global_idx=[400]), ValueError, "global_idx"),
+        (lambda q, k, v: longattn.attention(q, k, v, "global", indices=[-1]), ValueError, "indices"),
+        (lambda q, k, v: longattn.attention(q, k, v, "longformer", global_indices=[0, -3]), ValueError, "global_indices"),
+        (lambda q, k, v: longattn.attention(q, k, v, "local", global_idx=[-2]), ValueError, "global_idx"),
         (lambda q, k, v: longattn.attention(q, k, v, "full", dropout=-0.5), ValueError, "dropout"),
         (lambda q, k, v: longattn.attention(q, k, v, "full", dropout=1.5), ValueError, "dropout"),
     ],
@@ -331,3 +331,26 @@ def test_value_dim_differs_from_key_dim():
     ga = torch.autograd.grad(out.sum(), (q, k, v))
     gb = torch.autograd.grad(ref.sum(), (q, k, v))
     assert all((a - b).abs().max() < 1e-10 for a, b in zip(ga, gb))
+
+
+@pytest.mark.parametrize("name", ["local_wide", "dilated", "strided", "global", "random", "per_head", "st_strided_heads"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks_and_softcap_equal_oracle(name, causal):
+    """Issue 31: a sink logit per head in the denominator and a tanh score cap, outputs
+    and gradients (d sinks too), padded, value dim != key dim, 131 rows (no block divides)."""
+    N, H = 131, 4
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, H, N, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    v = torch.randn(2, H, N, 12, generator=g, dtype=torch.float64).requires_grad_()
+    sinks = torch.randn(H, generator=g, dtype=torch.float64).requires_grad_()
+    kpm = torch.rand(2, N, generator=g) > 0.2
+    pat = PATTERNS[name]
+    out = pattern_attention(q, k, v, pat, causal=causal, key_padding_mask=kpm, sinks=sinks, softcap=1.5)
+    ref = dense_attention(q, k, v, pat.mask(N, H, causal)[None], causal=causal, key_padding_mask=kpm,
+                          sinks=sinks, softcap=1.5)
+    assert (out - ref).abs().max().item() < 1e-10
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v, sinks), w)
+    want = torch.autograd.grad(ref, (q, k, v, sinks), w)
+    for x, a, b in zip(("q", "k", "v", "sinks"), got, want):
+        assert (a - b).abs().max().item() < 1e-10, f"d{x} differs from the oracle"

@@ -59,13 +59,17 @@ class Mechanism:
         causal: can be asked for ``causal=True``.
         learned: owns parameters or buffers (use ``module``).
         cross: accepts Nq != Nk (cross-attention).
-        subquadratic: never builds an Nq x Nk tensor (section 1 of DESIGN.md).
+        subquadratic: never builds an Nq x Nk tensor (section 1 of docs/design.md).
         bias: accepts an additive score bias (e.g. ALiBi) as ``bias=``.
         gqa: computes grouped KV heads (k, v with H / g heads) without repeating
             them; other mechanisms get K/V repeated by :func:`attention`.
         bottom_right: accepts ``causal=True`` with Nq < Nk, the queries being the last
             Nq positions (FlashAttention's bottom-right alignment: a decode step).
         packed: accepts ``segment_ids`` (documents packed in one row).
+        sinks: accepts ``sinks=`` (a learned logit per query head [H] in the softmax
+            denominator only, gpt-oss's ``s_aux``; docs/design.md section 9).
+        softcap: accepts ``softcap=`` (scores s -> c tanh(s / c) before the softmax,
+            Gemma-2).
         paper: the reference, e.g. ``"Beltagy et al. 2020, Longformer"``.
         summary: one line for tables.
         module: builder of an ``nn.Module`` for learned mechanisms.
@@ -84,6 +88,8 @@ class Mechanism:
     gqa: bool = False
     bottom_right: bool = False
     packed: bool = False
+    sinks: bool = False
+    softcap: bool = False
     paper: str = ""
     summary: str = ""
     module: Callable[..., nn.Module] | None = None
@@ -108,6 +114,22 @@ class Mechanism:
         if missing:
             raise TypeError(f"mechanism {self.name!r} needs parameter(s) {missing}")
 
+    def score_terms(self, *, sinks: Any = None, softcap: Any = None) -> dict[str, Any]:
+        """``sinks`` / ``softcap`` as keyword arguments for ``fn`` (only those given, so a
+        call without them passes nothing); a ValueError naming the argument and the
+        mechanisms that accept it where this one lacks the capability. The values are
+        checked by the mechanism (sinks [H], softcap > 0)."""
+        out: dict[str, Any] = {}
+        for arg, value in (("sinks", sinks), ("softcap", softcap)):
+            if value is None:
+                continue
+            if not getattr(self, arg):
+                able = [s.name for s in specs() if getattr(s, arg)]
+                raise ValueError(f"{arg} is not supported by mechanism {self.name!r}; "
+                                 f"mechanisms that accept it: {able}")
+            out[arg] = value
+        return out
+
     def describe(self) -> dict[str, Any]:
         """A plain dict, for tables and JSON."""
         return {
@@ -121,6 +143,8 @@ class Mechanism:
             "gqa": self.gqa,
             "bottom_right": self.bottom_right,
             "packed": self.packed,
+            "sinks": self.sinks,
+            "softcap": self.softcap,
             "params": {
                 p.name: (None if p.required else _jsonable(p.default)) for p in self.params
             },
@@ -227,11 +251,15 @@ class FunctionalAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         scale: float | None = None,
         segment_ids: Tensor | None = None,
+        sinks: Tensor | None = None,
+        softcap: float | None = None,
         **extra: Any,
     ) -> Tensor:
+        terms = self.spec.score_terms(sinks=sinks, softcap=softcap)
+
         def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
             return self.spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale,
-                                **self.params, **extra)
+                                **self.params, **extra, **terms)
 
         return run(self.spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                    segment_ids=segment_ids, params={**self.params, **extra})
@@ -262,6 +290,8 @@ def attention(
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
     segment_ids: Tensor | None = None,
+    sinks: Tensor | None = None,
+    softcap: float | None = None,
     **params: Any,
 ) -> Tensor:
     """Attention of ``q`` over ``k``/``v`` with the registered ``mechanism``.
@@ -280,6 +310,11 @@ def attention(
         scale: score scale, default 1/sqrt(D).
         segment_ids: integer [B, N]: documents packed in each row as runs of equal
             ids; each attends as if run alone (mechanisms with ``packed``).
+        sinks: float [H], one learned logit per query head that joins the softmax
+            denominator only: out = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sinks[h]})
+            (gpt-oss's ``s_aux``; differentiable). Mechanisms with ``sinks``.
+        softcap: float c > 0: scores s -> c tanh(s / c) before the softmax (Gemma-2).
+            Mechanisms with ``softcap``. Others raise a ValueError for either.
         **params: the mechanism's parameters; unknown ones raise TypeError.
 
     Returns:
@@ -290,9 +325,10 @@ def attention(
     if causal and not spec.causal:
         raise ValueError(f"mechanism {mechanism!r} cannot be causal (causal=True was given)")
     full = {**spec.defaults(), **params}
+    terms = spec.score_terms(sinks=sinks, softcap=softcap)
 
     def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
-        return spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, **full)
+        return spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, **full, **terms)
 
     return run(spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                segment_ids=segment_ids, params=full)
@@ -313,7 +349,10 @@ def run(
     """``call(q, k, v, key_padding_mask)`` under the conventions of real models:
     grouped KV heads (repeated here for mechanisms without ``gqa``), causal with
     Nq < Nk (refused where the mechanism has no ``bottom_right``), and packed
-    documents (``segment_ids``, mechanisms with ``packed``)."""
+    documents (``segment_ids``, mechanisms with ``packed``). A packed call checks its
+    inputs with the same :func:`longattn.ops._checks.check_qkv` as the mechanisms
+    (in :func:`longattn.ops.packing.packed_attention`, before the rows are cut into
+    documents): the same errors and messages with and without ``segment_ids``."""
     if all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
         H, Hkv = q.shape[1], k.shape[1]
         if Hkv != H and not spec.gqa and Hkv >= 1 and H % Hkv == 0 and v.shape[1] == Hkv:

@@ -48,6 +48,7 @@ sub-quadratic, just without the fused kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -520,50 +521,107 @@ def needed_keys(pattern: Pattern, n: int, heads: int, *, causal: bool = False, q
 # ----------------------------------------------------------------------------------------
 
 
-def _scores(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None, scale: float) -> Tensor:
+@dataclass(frozen=True)
+class _Opts:
+    """How the tiles are computed: ``softcap`` (scores s -> c tanh(s / c)) and ``safe``
+    (non-finite inputs: masked scores selected, never added, and no 0 * NaN in a matmul).
+    Either runs the plain-matmul kernels; the default runs the CPU flash kernel."""
+
+    softcap: float | None = None
+    safe: bool = False
+
+    @property
+    def math(self) -> bool:
+        return self.softcap is not None or self.safe
+
+
+_FAST = _Opts()
+
+
+def _scores(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None, scale: float,
+            softcap: float | None = None, grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Masked scores [.., M, K] in the accumulation dtype, and (``grad`` and ``softcap``)
+    the cap's derivative 1 - tanh^2(s / c). ``attn_mask``: bool (True = visible, the
+    hidden scores are *selected* to -inf, so a NaN key cannot reach a row that does not
+    see it) or additive float. The cap comes before the masks (tanh(-inf) is -1)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)
+    dcap = None
+    if softcap is not None:
+        s = s.div_(softcap).tanh_()
+        dcap = 1.0 - s * s if grad else None
+        s = s.mul_(softcap)
     if is_causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
         s = s + attn_mask.to(acc)
-    return s
+    return s, dcap
 
 
-def _math_fwd(q, k, v, dropout_p, is_causal, attn_mask=None, scale=None):
-    """The tile kernel in plain tensor ops, for devices without the CPU flash kernel.
-    Same contract as ``aten._scaled_dot_product_flash_attention_for_cpu``: output and
-    lse of [B, H, M, D] queries over [B, H, K, D] keys (a row with no visible key gets
-    a zero output; its lse is masked by the caller)."""
-    s = _scores(q, k, is_causal, attn_mask, scale)
+def _matmul_safe(a: Tensor, b: Tensor, safe: bool) -> Tensor:
+    """a @ b where a zero of ``a`` never meets a non-finite entry of ``b`` (0 * NaN would
+    spread a hidden key's NaN over every row of the tile): b's non-finite entries are
+    zeroed, and the outputs that take one with a non-zero weight are set to NaN.
+    ``safe=False``: the plain matmul. Cost: one more matmul of a's support, safe only."""
+    if not safe:
+        return torch.matmul(a, b)
+    bad = ~torch.isfinite(b)
+    out = torch.matmul(a, b.masked_fill(bad, 0.0))
+    if bool(bad.any()):
+        hit = torch.matmul((a != 0).to(a.dtype), bad.to(a.dtype))
+        out = out.masked_fill(hit > 0, float("nan"))
+    return out
+
+
+def _math_fwd(q, k, v, dropout_p, is_causal, attn_mask=None, scale=None, *, softcap=None, safe=False):
+    """The tile kernel in plain tensor ops, for devices without the CPU flash kernel and
+    for what that kernel cannot do (``softcap``; ``safe``: non-finite inputs). Same
+    contract as ``aten._scaled_dot_product_flash_attention_for_cpu``: output and lse of
+    [B, H, M, D] queries over [B, H, K, D] keys (a row with no visible key gets a zero
+    output; its lse is masked by the caller). ``attn_mask`` bool (True = visible) or
+    additive. Cost O(M K D) time, O(M K) memory per call (the caller bounds M K)."""
+    s, _ = _scores(q, k, is_causal, attn_mask, scale, softcap)
     m = s.amax(-1, keepdim=True)
     m = m.masked_fill(torch.isinf(m), 0.0)
     p = _exp_(s.sub_(m))
     z = p.sum(-1, keepdim=True)
-    o = torch.matmul(p, v.to(p.dtype)).div_(z.clamp_min(torch.finfo(p.dtype).tiny))
+    o = _matmul_safe(p, v.to(p.dtype), safe).div_(z.clamp_min(torch.finfo(p.dtype).tiny))
     return o.to(q.dtype), (m + torch.log(z)).squeeze(-1)
 
 
-def _math_bwd(g, q, k, v, o, lse, dropout_p, is_causal, attn_mask=None, scale=None):
+def _math_bwd(g, q, k, v, o, lse, dropout_p, is_causal, attn_mask=None, scale=None, *, softcap=None, safe=False):
     """Backward of :func:`_math_fwd` given the merged output and lse, as the flash
     kernel does it: p = exp(s - lse), dv = p^T g, ds = p * (g v^T - rowsum(g * o)),
-    dq = scale ds k, dk = scale ds^T q."""
-    s = _scores(q, k, is_causal, attn_mask, scale)
+    dq = scale ds k, dk = scale ds^T q; with ``softcap`` ds is taken through the cap
+    (times 1 - tanh^2). ``safe``: rows without upstream gradient and hidden pairs
+    contribute exact zeros (no 0 * NaN from a non-finite row, key or value)."""
+    s, dcap = _scores(q, k, is_causal, attn_mask, scale, softcap, grad=True)
     p = _exp_(s.sub_(lse.to(s.dtype)[..., None]))
     ga = g.to(s.dtype)
+    if safe:
+        p = p.masked_fill(~(ga != 0).any(-1, keepdim=True), 0.0)
     delta = (ga * o.to(s.dtype)).sum(-1, keepdim=True)
-    dv = torch.matmul(p.transpose(-1, -2), ga)
-    ds = torch.matmul(ga, v.to(s.dtype).transpose(-1, -2)).sub_(delta).mul_(p)
-    dq = torch.matmul(ds, k.to(s.dtype)).mul_(scale)
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(s.dtype)).mul_(scale)
+    dv = _matmul_safe(p.transpose(-1, -2), ga, safe)
+    ds = _matmul_safe(ga, v.to(s.dtype).transpose(-1, -2), safe).sub_(delta).mul_(p)
+    if safe:
+        ds = ds.masked_fill(p == 0, 0.0)
+    if dcap is not None:
+        ds = ds.mul_(dcap)
+    dq = _matmul_safe(ds, k.to(s.dtype), safe).mul_(scale)
+    dk = _matmul_safe(ds.transpose(-1, -2), q.to(s.dtype), safe).mul_(scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _kernels(device: torch.device):
-    """(forward, backward) tile kernels for a device."""
-    if device.type == "cpu" and not FORCE_MATH:
+def _kernels(device: torch.device, opts: _Opts = _FAST):
+    """(forward, backward) tile kernels for a device and options."""
+    if device.type == "cpu" and not FORCE_MATH and not opts.math:
         return _flash_fwd, _flash_bwd
-    return _math_fwd, _math_bwd
+    if not opts.math:
+        return _math_fwd, _math_bwd
+    kw = dict(softcap=opts.softcap, safe=opts.safe)
+    return partial(_math_fwd, **kw), partial(_math_bwd, **kw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -620,13 +678,15 @@ def _slice_tiles(tb: TileBatch, B: int, H: int, D: int, Dv: int, padded: bool, b
 
 
 def _chunks(tb: TileBatch, B: int, H: int, D: int, Dv: int, kpm: Tensor | None, dtype: torch.dtype,
-            device: torch.device, backward: bool = False, g: int = 1):
-    """The kernel calls of a tile batch: views or gathers, and the additive mask."""
+            device: torch.device, backward: bool = False, g: int = 1, additive: bool = True):
+    """The kernel calls of a tile batch: views or gathers, and the mask (additive for
+    the flash kernel, else bool: True = visible)."""
+    as_mask = (lambda vis: _additive(vis, dtype)) if additive else (lambda vis: vis)
     T, bq, K = tb.shape
     step = _slice_tiles(tb, B, H, D, Dv, kpm is not None, backward, g)
     shared_mask = None
     if tb.kind == "shared" and kpm is None:
-        shared_mask = _additive(tb.shared, dtype).to(device)
+        shared_mask = as_mask(tb.shared.to(device))
         shared_alive = tb.shared.any(-1)
         shared_alive = None if bool(shared_alive.all()) else shared_alive.to(device)
     for t0 in range(0, T, step):
@@ -660,7 +720,7 @@ def _chunks(tb: TileBatch, B: int, H: int, D: int, Dv: int, kpm: Tensor | None, 
             if vis is not None:
                 vis = vis.to(device)
                 alive = vis.any(-1)
-                mask = _additive(vis, dtype)
+                mask = as_mask(vis)
         kk = kp[:, :1] if tb.kshared else kp
         qflat = qp.reshape(-1)
         valid = qflat >= 0
@@ -802,15 +862,15 @@ def _accumulate(x: Tensor, ch: _Chunk, g: Tensor, heads_per_kv: int = 1) -> None
     x.view(BH * N, D).index_add_(0, _flat_index(ch.kidx, BH, N), g.reshape(-1, D).to(x.dtype))
 
 
-def _forward_bh(q, k, v, batches, scale, kpm, H, g, O, Lse):
+def _forward_bh(q, k, v, batches, scale, kpm, H, g, O, Lse, opts: _Opts = _FAST):
     """Fill O [BH, Nq, Dv] (zeros) and Lse [BH, Nq] (-inf), in the accumulation dtype.
     k, v: [B * H / g, Nk, .] (g query heads per kv head)."""
     BH, N, D = q.shape
     Dv = v.shape[-1]
     acc = O.dtype
-    fwd, _ = _kernels(q.device)
+    fwd, _ = _kernels(q.device, opts)
     for tb, first in batches:
-        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, g=g):
+        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, g=g, additive=fwd is _flash_fwd):
             qc, kc, vc = _gq(q, ch), _gk(k, ch, g), _gk(v, ch, g)
             if ch.flat:
                 o, lse = fwd(_rows_as_one(qc), kc[:, :1], vc[:, :1], 0.0, False, scale=scale)
@@ -823,12 +883,12 @@ def _forward_bh(q, k, v, batches, scale, kpm, H, g, O, Lse):
             _merge(O, Lse, ch, o.to(acc), lse, first)
 
 
-def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, g, dq, dk, dv):
+def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, g, dq, dk, dv, opts: _Opts = _FAST):
     """Add the gradients into dq, dk, dv ([BH, N, .], accumulation dtype)."""
     BH, N, D = q.shape
     Dv = v.shape[-1]
     acc = dq.dtype
-    _, bwd = _kernels(q.device)
+    _, bwd = _kernels(q.device, opts)
     # ghost queries (zeroed dO) and ghost keys (always masked) get exactly zero
     # gradient from the kernel, so their clamped indices can point at row 0
     Lb = Lse.masked_fill(torch.isneginf(Lse), float("inf"))
@@ -836,7 +896,8 @@ def _backward(dO, q, k, v, O, Lse, batches, scale, kpm, H, g, dq, dk, dv):
         Lb = Lb.float()
     Lb = Lb[..., None].contiguous()
     for tb, _ in batches:
-        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, backward=True, g=g):
+        for ch in _chunks(tb, BH // H, H, D, Dv, kpm, q.dtype, q.device, backward=True, g=g,
+                          additive=bwd is _flash_bwd):
             gO = _gq(dO, ch)
             if ch.qvalid is not None:
                 gO = gO * ch.qvalid.view(1, ch.Tc, ch.bq, 1).to(gO.dtype)
@@ -878,33 +939,77 @@ def _each_group(groups: Groups, B: int, qs: tuple[Tensor, ...], kvs: tuple[Tenso
                 x[:, a : a + m] = xp.view(B, m, *x.shape[2:])
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, groups: Groups, kpm: Tensor | None, scale: float, written: bool,
+            opts: _Opts) -> tuple[Tensor, Tensor]:
+    """Merged output O [B, H, N, Dv] and log-sum-exp Lse [B, H, N, 1] (accumulation dtype)
+    of every head group's tiles."""
+    B, H, N, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if written:  # every row is written by a first batch: no initial fill (and no page
+        # faults of a separate pass over a fresh N x D buffer)
+        O = torch.empty(B, H, N, v.shape[-1], dtype=acc, device=q.device)
+        Lse = torch.empty(B, H, N, 1, dtype=acc, device=q.device)
+        if UNINIT_FILL is not None:
+            O.fill_(UNINIT_FILL)
+            Lse.fill_(UNINIT_FILL)
+    else:
+        O = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
+        Lse = torch.full((B, H, N, 1), float("-inf"), dtype=acc, device=q.device)
+    for batches, nh, g, (qg,), (kg, vg), (Og, Lg) in _each_group(groups, B, (q,), (k, v), (O, Lse)):
+        _forward_bh(qg, kg, vg, batches, scale, kpm, nh, g, Og, Lg[..., 0], opts)
+    return O, Lse
+
+
+def _add_sinks(O: Tensor, Lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold a sink logit per head into the merged softmax: Lse' = logaddexp(Lse, sink_h),
+    O' = O e^(Lse - Lse') (the sink has a zero value). A row with no key gets O' = 0."""
+    sk = sinks.to(Lse.dtype).view(1, -1, 1, 1)
+    L2 = torch.logaddexp(Lse, sk)
+    w = torch.where(torch.isneginf(L2), 0.0, torch.exp(Lse - L2))
+    return O.mul_(w), L2
+
+
+def _sink_grad(dout: Tensor, out: Tensor, Lse: Tensor, sinks: Tensor) -> Tensor:
+    """d loss / d sink_h = -sum over batch and rows of P_sink * (dO . O), P_sink =
+    e^(sink_h - Lse') (the sink's softmax weight; rows without gradient add nothing)."""
+    sk = sinks.to(Lse.dtype).view(1, -1, 1, 1)
+    p_sink = torch.where(torch.isneginf(Lse), 0.0, torch.exp(sk - Lse))[..., 0]
+    dot = torch.where(dout == 0, 0.0, dout.to(Lse.dtype) * out.to(Lse.dtype)).sum(-1)
+    return -(p_sink * dot).sum((0, 2)).to(sinks.dtype)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
-    """Exact attention over the tile plans of each head group (see the module doc)."""
+    """Exact attention over the tile plans of each head group (see the module doc).
+
+    Non-finite inputs: the fast kernels add masks and multiply hidden weights (0) by
+    values, so a NaN key or value can reach rows that do not see it; the output then
+    holds a non-finite entry and the call reruns on the safe kernels (selected masks,
+    no 0 * NaN), forward and backward. Sinks are folded into the merged (O, Lse); the
+    kernels' backward given that (O, Lse) is the exact gradient of the softmax with the
+    sink in its denominator."""
 
     @staticmethod
-    def forward(ctx, q, k, v, groups: Groups, bwd_groups: Groups | None, scale, kpm, written: bool):
-        B, H, N, D = q.shape
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        if written:  # every row is written by a first batch: no initial fill (and no page
-            # faults of a separate pass over a fresh N x D buffer)
-            O = torch.empty(B, H, N, v.shape[-1], dtype=acc, device=q.device)
-            Lse = torch.empty(B, H, N, 1, dtype=acc, device=q.device)
-            if UNINIT_FILL is not None:
-                O.fill_(UNINIT_FILL)
-                Lse.fill_(UNINIT_FILL)
-        else:
-            O = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
-            Lse = torch.full((B, H, N, 1), float("-inf"), dtype=acc, device=q.device)
-        for batches, nh, g, (qg,), (kg, vg), (Og, Lg) in _each_group(groups, B, (q,), (k, v), (O, Lse)):
-            _forward_bh(qg, kg, vg, batches, scale, kpm, nh, g, Og, Lg[..., 0])
+    def forward(ctx, q, k, v, groups: Groups, bwd_groups: Groups | None, scale, kpm, written: bool,
+                sinks: Tensor | None = None, softcap: float | None = None):
+        opts = _Opts(softcap=softcap)
+        O, Lse = _attend(q, k, v, groups, kpm, scale, written, opts)
+        if not bool(torch.isfinite(O).all()):
+            opts = _Opts(softcap=softcap, safe=True)
+            O, Lse = _attend(q, k, v, groups, kpm, scale, written, opts)
+        if sinks is not None:
+            O, Lse = _add_sinks(O, Lse, sinks)
         out = O.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, Lse)
-        ctx.groups, ctx.scale, ctx.kpm = bwd_groups or groups, scale, kpm
+        ctx.save_for_backward(q, k, v, out, Lse, *(() if sinks is None else (sinks,)))
+        ctx.groups, ctx.scale, ctx.kpm, ctx.opts = bwd_groups or groups, scale, kpm, opts
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, Lse = ctx.saved_tensors
+        q, k, v, out, Lse, *rest = ctx.saved_tensors
+        sinks = rest[0] if rest else None
+        opts = getattr(ctx, "opts", None)
+        if opts is None:  # a caller's own ctx (the torch.library op): safe iff inputs are not finite
+            opts = _Opts(safe=not all(bool(torch.isfinite(x).all()) for x in (q, k, v)))
         B = q.shape[0]
         acc = Lse.dtype
         dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
@@ -912,8 +1017,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         for batches, nh, g, (dOg, qg, Og, Lg), (kg, vg), (dqg, dkg, dvg) in _each_group(
             ctx.groups, B, qs, (k, v), (dq,), (dk, dv)
         ):
-            _backward(dOg, qg, kg, vg, Og, Lg[..., 0], batches, ctx.scale, ctx.kpm, nh, g, dqg, dkg, dvg)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+            _backward(dOg, qg, kg, vg, Og, Lg[..., 0], batches, ctx.scale, ctx.kpm, nh, g, dqg, dkg, dvg, opts)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[8]:
+            dsinks = _sink_grad(dout, out, Lse, sinks)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, dsinks, None
 
 
 _PLAN_CACHE: dict[tuple, tuple[Pattern, list[tuple[TileBatch, bool]], bool]] = {}
@@ -958,6 +1066,8 @@ def pattern_attention(
     q_start: int | None = None,
     k_positions: Tensor | None = None,
     backend: str = "auto",
+    sinks: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Exact softmax attention restricted to ``pattern``.
 
@@ -979,17 +1089,30 @@ def pattern_attention(
             :mod:`longattn.ops.flex`: the fused GPU kernel; on the CPU forward only),
             or "auto": flex on CUDA, the engine elsewhere (on the CPU it is 1.5-2x
             faster than compiled Flex and has a backward).
+        sinks: float [H] (may require grad): one logit per query head in the softmax
+            denominator only, out = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sinks[h]})
+            (gpt-oss ``s_aux``). Folded into the merged log-sum-exp: O(Nq) extra work,
+            the tile kernels unchanged; d sink_h = -sum_i P_sink,i (dO_i . O_i).
+        softcap: c > 0: scores s -> c tanh(s / c) before the softmax (Gemma-2). Runs
+            the plain-matmul tile kernels (no fused kernel has the cap): same
+            O(visible entries * D) time and bounded workspace, ~2-4x slower than the
+            flash kernel on the CPU.
 
     Returns:
-        [B, H, Nq, Dv]. Queries with no visible key get zeros. Differentiable in
-        q, k, v. Cost ~ the entries the Nq queries see (a decode step of a window
-        costs the window, not n); memory O((Nq + Nk) * D) + a bounded workspace.
+        [B, H, Nq, Dv]. Queries with no visible key get zeros (with or without a
+        sink). Differentiable in q, k, v and sinks. Cost ~ the entries the Nq queries
+        see (a decode step of a window costs the window, not n); memory
+        O((Nq + Nk) * D) + a bounded workspace. A row's output never depends on keys
+        it cannot see, even non-finite ones (padded keys are zeroed; a non-finite
+        output reruns the call on the safe kernels).
     """
     d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=True)
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a longattn.patterns.Pattern, got {type(pattern).__name__}")
     s = default_scale(scale, d.D)
-    if _use_flex(backend, q, k_positions):
+    check_sinks(sinks, d.H)
+    check_softcap(softcap)
+    if _use_flex(backend, q, k_positions, sinks is not None or softcap is not None):
         from longattn.ops.flex import flex_pattern_attention
 
         return flex_pattern_attention(q, k, v, pattern, causal=causal, key_padding_mask=key_padding_mask,
@@ -999,7 +1122,8 @@ def pattern_attention(
         w = max(d.D, d.Dv)
         pad = lambda x: torch.nn.functional.pad(x, (0, w - x.shape[-1]))  # noqa: E731
         return pattern_attention(pad(q), pad(k), pad(v), pattern, causal=causal, key_padding_mask=key_padding_mask,
-                                 scale=s, n=n, q_start=q0, k_positions=k_positions)[..., : d.Dv]
+                                 scale=s, n=n, q_start=q0, k_positions=k_positions, backend="engine",
+                                 sinks=sinks, softcap=softcap)[..., : d.Dv]
     rows = (q0, q0 + d.Nq)
     keys = None if k_positions is None else k_positions.to("cpu", torch.long)
     padded = key_padding_mask is not None
@@ -1012,18 +1136,46 @@ def pattern_attention(
     fwd = groups(BAND_QUERY_TILE)
     written = all(w for *_, (_, w) in fwd)
     bwd = [(*g[:4], g[4][0]) for g in groups(BAND_QUERY_TILE_BWD)] if grad else None
+    if padded:  # padded rows can hold anything (fp16 overflow): zeros reach no output
+        keep = key_padding_mask[:, None, :, None]
+        k, v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _BlockSparseAttention.apply(q, k, v, [(*g[:4], g[4][0]) for g in fwd], bwd, s, key_padding_mask, written)
+    return _BlockSparseAttention.apply(q, k, v, [(*g[:4], g[4][0]) for g in fwd], bwd, s, key_padding_mask, written,
+                                       sinks, None if softcap is None else float(softcap))
+
+
+def check_sinks(sinks: object, H: int) -> None:
+    """``sinks`` must be None or a float tensor [H] (one logit per query head)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must be a float tensor [H] (one logit per query head), got "
+                        f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
+    if tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks must have shape [H] = [{H}] (query heads), got {tuple(sinks.shape)}")
+
+
+def check_softcap(softcap: object) -> None:
+    """``softcap`` must be None or a number > 0."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float > 0, got {softcap!r}")
+    if not softcap > 0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
 
 
 BACKENDS = ("auto", "engine", "flex")
 
 
-def _use_flex(backend: str, q: Tensor, k_positions: Tensor | None) -> bool:
-    """Does this call run on FlexAttention (see :func:`pattern_attention`'s ``backend``)?"""
+def _use_flex(backend: str, q: Tensor, k_positions: Tensor | None, terms: bool = False) -> bool:
+    """Does this call run on FlexAttention (see :func:`pattern_attention`'s ``backend``)?
+    ``terms``: sinks or softcap are given (the engine's, not Flex's here)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "engine" or (backend == "auto" and q.device.type != "cuda"):
+    if backend == "flex" and terms:
+        raise ValueError("backend='flex' does not take sinks or softcap here: use backend='engine' or 'auto'")
+    if backend == "engine" or terms or (backend == "auto" and q.device.type != "cuda"):
         return False
     from longattn.ops.flex import flex_available
 

@@ -60,6 +60,8 @@ def neighborhood(height: int, width: int, radius_h: int, radius_w: int) -> P.Nei
     subquadratic=True,
     gqa=True,
     bottom_right=True,
+    sinks=True,
+    softcap=True,
     paper="Parmar et al. 2018, Image Transformer (local 2D attention)",
     summary="2D neighbourhood window on a row-major H x W grid, exact, O(N * window), engine tiles",
 )
@@ -75,11 +77,16 @@ def local2d_attention(
     width: int,
     radius_h: int = 1,
     radius_w: int = 1,
+    sinks: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """q [B, h, Nq, D], k [B, h_kv, N, D], v [B, h_kv, N, Dv] with N = height * width
     -> [B, h, Nq, Dv] (Nq < N: the last Nq pixels in raster order).
 
-    Fully masked queries (all neighbours padded) return zeros."""
+    Fully masked queries (all neighbours padded) return zeros. ``sinks`` / ``softcap``
+    (see :func:`longattn.attention`) run on the pattern engine. A non-finite output of
+    the strips (a NaN key can reach a tile's other rows there) reruns on the engine,
+    whose rows never read keys they cannot see."""
     d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=True)
     H = check_int("height", height, minimum=1)
     W = check_int("width", width, minimum=1)
@@ -87,11 +94,13 @@ def local2d_attention(
     rw = check_int("radius_w", radius_w, minimum=0)
     if H * W != d.Nk:
         raise ValueError(f"height * width ({H} * {W} = {H * W}) must equal the sequence length {d.Nk}")
-    if _strips_apply(q, k, v, key_padding_mask, H * W):
+    if sinks is None and softcap is None and _strips_apply(q, k, v, key_padding_mask, H * W):
         plans = strip_plan(H, W, rh, rw, causal), strip_plan(H, W, rh, rw, causal, TILE_BWD)
-        return _StripAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *plans, default_scale(scale, d.D))
+        out = _StripAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *plans, default_scale(scale, d.D))
+        if bool(torch.isfinite(out).all()):
+            return out
     return pattern_attention(q, k, v, neighborhood(H, W, rh, rw), causal=causal,
-                             key_padding_mask=key_padding_mask, scale=scale)
+                             key_padding_mask=key_padding_mask, scale=scale, sinks=sinks, softcap=softcap)
 
 
 #: images of at least this many pixels run over haloed strips (see :class:`StripPlan`);
