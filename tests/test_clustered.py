@@ -206,7 +206,7 @@ def test_memory_is_linear_not_quadratic():
 @pytest.mark.parametrize("dv", [5, 13])
 @pytest.mark.parametrize("causal", [False, True])
 def test_value_head_size_differs(dv, causal):
-    """DESIGN section 3 allows Dv != D (was: 'Q/K/V should have the same head size')."""
+    """docs/design.md section 3 allows Dv != D (was: 'Q/K/V should have the same head size')."""
     B, H, N, D = 1, 2, 27, 8
     q, k = rand(B, H, N, D, seed=1), rand(B, H, N, D, seed=2)
     v = rand(B, H, N, dv, seed=3)

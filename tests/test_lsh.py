@@ -301,7 +301,7 @@ def test_unit_has_the_gradient_of_the_plain_formula():
 @pytest.mark.parametrize("dv", [5, 13])
 @pytest.mark.parametrize("causal", [False, True])
 def test_value_head_size_differs(dv, causal):
-    """DESIGN section 3 allows Dv != D (was: 'Q/K/V should have the same head size')."""
+    """docs/design.md section 3 allows Dv != D (was: 'Q/K/V should have the same head size')."""
     B, H, N, D = 1, 2, 27, 8
     q, v = rand(B, H, N, D, seed=1), rand(B, H, N, dv, seed=2)
     kpm = rand(B, N, seed=3) > -0.8

@@ -1,7 +1,7 @@
 """Checks every mechanism must pass, reusable by users who add their own.
 
 - :func:`assert_no_causal_leak`: perturbing inputs after t leaves out[:t] unchanged,
-  and d out[:t] / d inputs[t:] is zero (DESIGN.md section 1).
+  and d out[:t] / d inputs[t:] is zero (docs/design.md section 1).
 - :func:`assert_padding_no_leak`: changing padded keys/values changes nothing.
 - :func:`peak_memory_mb`: peak RSS growth of a snippet run in a fresh subprocess,
   for memory tests that fail if an N x N tensor is built.

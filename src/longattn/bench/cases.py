@@ -41,6 +41,21 @@ The peers of the newer rows (each :class:`Peer`'s ``note`` says what still diffe
   ceil(N / 512) clusters: 512 keys per query as ours (chunk of 256 + the one before).
 - ``sinkhorn``: sinkhorn-transformer's ``SinkhornAttention(bucket_size=256,
   n_top_buckets=1)``: own + one sorted block, 8 Sinkhorn iterations, temperature 0.75.
+
+The select-then-attend and recurrent families (docs/design.md sections 9, 10):
+
+- ``topk_blocks``: blocks of 64, the own block + the 7 best earlier blocks by the MoBA
+  gate (512 keys per query); ``nsa``: blocks of 64 (compression stride 64), the own,
+  first and 6 selected blocks + a window of 64 + the N/64 compressed tokens; ``dsa``:
+  512 tokens per query picked by a lightning indexer of 4 heads x 32 (its scores are
+  O(N^2) cheap products, in chunks; in training it also computes its KL loss).
+- ``gated_delta``, ``kda``, ``ssd``, ``gla``, ``retention``: chunks of 64, gates learned
+  from k (registry defaults). They are causal only: a non-causal run lists them as
+  skipped (``--causal`` runs them).
+- peers: native-sparse-attention-pytorch's ``SparseAttention`` for ``nsa`` (its
+  projections set to identity, its compression MLP replaced by our weighted pooling)
+  and transformers' ``torch_chunk_gated_delta_rule`` (the Qwen3-Next fallback, with
+  autograd) for ``gated_delta``, fed the very gates our module computes.
 """
 
 from __future__ import annotations
@@ -119,7 +134,24 @@ SETTINGS: dict[str, Setting] = {
     "sinkhorn": Setting({"block_size": 256, "seed": 0}, "blocks of 256"),
     "synthesizer": Setting({"kind": "random", "max_len": lambda n, h, d: n, "seed": 0},
                            "random N x N scores per head"),
+    "topk_blocks": Setting({"block": 64, "topk": 7, "gate": "mean"},
+                           "own block + 7 MoBA-gated blocks of 64 = 512 keys per query"),
+    "nsa": Setting({"block": 64, "topk": 6, "window": 64},
+                   "N/64 compressed tokens + own, first and 6 selected blocks of 64 + window 64"),
+    "dsa": Setting({"topk": 512, "index_heads": 4, "index_dim": 32},
+                   "512 tokens per query chosen by a 4 x 32 lightning indexer (O(N^2) cheap scores)"),
+    **{r: Setting({"chunk_size": 64}, "chunks of 64, gates learned from k")
+       for r in ("gated_delta", "kda", "ssd", "gla")},
+    "retention": Setting({"chunk_size": 64}, "chunks of 64, RetNet's fixed decays"),
 }
+
+
+def causal_only(name: str) -> bool:
+    """Whether registered mechanism ``name`` runs only causally (a recurrence: the
+    registry marks it ``extra["causal_only"]``)."""
+    from longattn.registry import get
+
+    return bool(get(name).extra.get("causal_only", False))
 
 
 def settings(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
@@ -219,6 +251,11 @@ class Peer:
     note: str = ""
     #: how to install it, for the report's "not installed" line ("" = the bench extra)
     install: str = ""
+    #: it has no non-causal form (a non-causal run lists it as left out)
+    causal_only: bool = False
+    #: ``estimate(case) -> bytes`` of its working memory, where the mechanism's
+    #: :func:`estimate_bytes` model would undercount it (None: that model)
+    estimate: Callable[[dict[str, Any]], float] | None = None
 
 
 def _has(module: str) -> Callable[[], bool]:
@@ -240,7 +277,7 @@ def _flex_available() -> bool:
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
-# mask_mods written from the predicates of DESIGN.md section 4 (for FlexAttention)
+# mask_mods written from the predicates of docs/design.md section 4 (for FlexAttention)
 def _flex_mask_mod(name: str, n: int, heads: int) -> Callable:
     s = SETTINGS[name].params
     if name == "local":
@@ -499,6 +536,101 @@ def _build_natten(n: int, heads: int, dim: int, causal: bool) -> Callable:
     return run
 
 
+class _PoolCompress(nn.Module):
+    """Our ``nsa`` compression for native-sparse-attention-pytorch's ``compress_mlp``:
+    [B, H, W, block, D] (its windows, intra-block positions added) -> [B, H, W, D], a
+    weighted mean over the block with softmax(logits) (logits 0: the block mean, as ours
+    at initialisation). O(W block D)."""
+
+    def __init__(self, block: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(block))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bhwnd,n->bhwd", x, self.logits.softmax(0).to(x.dtype))
+
+
+class _FirstFeatures(nn.Module):
+    """``inner`` applied to the first ``width`` features (the queries of [q | k | v])."""
+
+    def __init__(self, inner: nn.Module, width: int) -> None:
+        super().__init__()
+        self.inner, self.width = inner, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x[..., : self.width])
+
+
+def _build_nsa_pkg(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    """native-sparse-attention-pytorch's ``SparseAttention`` reduced to its attention.
+
+    q, k, v go in concatenated along the features, its RMSNorm, q/k/v projection and
+    head-combining projection become identities, its branch gates read the queries (as
+    ours), and its compression MLP is our weighted pooling (:class:`_PoolCompress`), so
+    the three branches attend over our q, k, v with our block, stride, top-k and window.
+    Still its own: one learned memory key/value among the compressed tokens, rotary
+    positions on the selected and window branches, a window of ``window + 1`` keys.
+    """
+    from native_sparse_attention_pytorch import SparseAttention
+
+    s = _with_defaults("nsa", n, heads, dim)
+    blk = s["block"]
+    mod = SparseAttention(dim=heads * dim, dim_head=dim, heads=heads, sliding_window_size=s["window"],
+                          compress_block_size=blk, compress_block_sliding_stride=s["stride"] or blk,
+                          selection_block_size=blk, num_selected_blocks=s["topk"], causal=causal, norm=False,
+                          query_heads_share_selected_kv=s["shared"], compress_mlp=_PoolCompress(blk))
+    mod.to_qkv = nn.Identity()
+    mod.combine_heads = nn.Identity()
+    mod.to_strategy_combine[0] = _FirstFeatures(mod.to_strategy_combine[0], heads * dim)
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, N, D = q.shape
+        x = torch.cat([t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v)], dim=-1)
+        return mod(x).reshape(B, N, H, D).transpose(1, 2)
+
+    run.module = mod  # type: ignore[attr-defined]
+    return run
+
+
+def _nsa_pkg_bytes(case: dict[str, Any]) -> float:
+    """native-sparse-attention-pytorch's CPU path gathers every query's selected key and
+    value blocks: 2 x [B, H, N, topk + 1, block, D] plus the [B, H, N, (topk + 1) block]
+    scores (x 2.5 in training, for the saved tensors and gradients)."""
+    B, H, N, D = case["batch"], case["heads"], case["n"], case["dim"]
+    s = _with_defaults("nsa", N, H, D)
+    keys = (s["topk"] + 1) * s["block"]
+    per = B * H * N * keys * (2 * D + 3) * 4
+    return per * (2.5 if case["mode"] == "train" else 1.0) + 6 * B * H * N * D * 4
+
+
+def _build_transformers_gdn(n: int, heads: int, dim: int, causal: bool) -> Callable:
+    """transformers' ``torch_chunk_gated_delta_rule`` (Qwen3-Next's fallback without
+    flash-linear-attention), with autograd for the backward, on [B, N, H, D].
+
+    It gets the gates our ``gated_delta`` module computes from k (a
+    :class:`longattn.ops.recurrent.modules.RecurrentGates` built the same way), L2-norm
+    of q and k on, chunks of 64: the same computation as ours (checked equal).
+    """
+    if not causal:
+        raise ValueError("torch_chunk_gated_delta_rule is causal only (a recurrence)")
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    from longattn.ops.recurrent.modules import RecurrentGates
+
+    chunk = _with_defaults("gated_delta", n, heads, dim)["chunk_size"]
+    gates = RecurrentGates(heads, dim, "gated_delta")
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        g, beta, _ = gates(k)
+        o, _ = torch_chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            g.transpose(1, 2), beta.transpose(1, 2), chunk_size=chunk,
+                                            use_qk_l2norm_in_kernel=True)
+        return o.transpose(1, 2)
+
+    run.module = gates  # type: ignore[attr-defined]
+    return run
+
+
 _FLEX_EXTRA = {
     "local2d": ". Blocks of 128 are whole grid rows: each query block computes 15 partial key blocks "
                "(1920 keys) for 225 visible; checked equal to ours",
@@ -557,6 +689,23 @@ PEERS: dict[str, Peer] = {
              "backend, uncompiled (it compiles Flex on CUDA devices only): forward only, N x N scores",
         install="not in the bench extra (pip would build it in an isolated environment with a CUDA torch): "
                 "`pip install --no-build-isolation natten` builds it against this torch"),
+    "native-sparse-attention": Peer(
+        "native-sparse-attention", "nsa", "native_sparse_attention_pytorch", _build_nsa_pkg,
+        _has("native_sparse_attention_pytorch"), estimate=_nsa_pkg_bytes,
+        note="SparseAttention(compress block = stride = selection block = 64, 6 selected blocks, window 64) "
+             "with its norm and q/k/v/out projections set to identity and our weighted pooling as its "
+             "compression MLP. Not the same computation (so not checked equal): one learned memory "
+             "key/value among the compressed tokens, rotary positions on the selected and window "
+             "branches, a window of 65 keys, the own block but not the first one added to the selection; "
+             "on CPU (no Triton, no CUDA FlexAttention) it gathers every query's selected blocks "
+             "(O(N topk block D) memory)"),
+    "transformers-gdn": Peer(
+        "transformers-gdn", "gated_delta", "transformers", _build_transformers_gdn, _has("transformers"),
+        causal_only=True,
+        note="transformers' torch_chunk_gated_delta_rule (Qwen3-Next's torch fallback), autograd backward, "
+             "[B, N, H, D] layout, chunks of 64, q/k L2-normalised, fed the gates our module computes: "
+             "the same computation (checked equal)",
+        install="`pip install 'longattn[hf]'` (transformers >= 5.0)"),
 }
 
 
@@ -583,6 +732,9 @@ def estimate_bytes(case: dict[str, Any], flops_fwd: float | None = None) -> floa
     """
     from longattn.registry import get
 
+    peer = PEERS.get(case.get("peer") or "")
+    if peer is not None and peer.estimate is not None:
+        return peer.estimate(case)
     B, H, N, D = case["batch"], case["heads"], case["n"], case["dim"]
     el = torch.tensor([], dtype=getattr(torch, case.get("dtype", "float32"))).element_size()
     el = max(el, 4)

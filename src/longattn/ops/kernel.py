@@ -761,7 +761,7 @@ def linear_attention(
     numerator nor the normaliser; a query with normaliser 0 returns zeros.
 
     ``scale``: q and k are multiplied by sqrt(scale) before the feature map. The
-    default differs from DESIGN.md section 3 on purpose: for the deterministic maps
+    default differs from docs/design.md section 3 on purpose: for the deterministic maps
     (elu+1, relu) ``scale=None`` feeds the raw q, k, as the Linear Transformer does
     (Katharopoulos et al. 2020; the 1/sqrt(D) of softmax has no role in a feature
     map); FAVOR+ defaults to 1/sqrt(D), since it approximates the softmax kernel.

@@ -257,7 +257,7 @@ def lsh_attention(
         qw, vw = q[:, h0:h1].to(work), v[:, h0:h1].to(work)
         buckets = lsh_buckets(qw, rotations, nb)  # [B, h, R, N]
         kw = unit(qw)
-        qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (DESIGN section 3)
+        qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (docs/design.md section 3)
         out, lse = sorted_chunk_attention(
             qp, kp, vp, buckets, chunk=bucket_size, scale=s, key_valid=key_padding_mask,
             causal=causal, look_back=True, exclude_self=True, dedup=dedup,

@@ -14,7 +14,7 @@ Tay et al. 2020, "Synthesizer: Rethinking Self-Attention in Transformer Models".
 
 The per-position input x_i is the head's query vector q_i (the mechanism sees no
 other per-token input); keys enter only through ``mix``. Scores are Nq x Nk by
-nature: the Synthesizer is exempt from the sub-quadratic rule (DESIGN.md section 1).
+nature: the Synthesizer is exempt from the sub-quadratic rule (docs/design.md section 1).
 Cost O(Nq Nk Dv + Nq hidden max_len).
 """
 
