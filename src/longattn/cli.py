@@ -17,6 +17,7 @@ COMMANDS = (
     "longattn.train",
     "longattn.suite",
     "longattn.bench.cli",
+    "longattn.evaluation.command",
 )
 
 
