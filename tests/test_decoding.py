@@ -90,6 +90,30 @@ def test_local_window_cache_equals_parallel_and_is_bounded():
     assert sizes[3] == sizes[23] == 4 * sizes[0], "the window holds before + 1 keys, no more"
 
 
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_local_with_sink_tokens_keeps_sinks_and_window_only(pos):
+    """StreamingLLM's bounded cache (SinkWindowCache's, for generate): local(before=4)
+    with global_idx = range(3) keeps the 3 sinks and the last 5 keys, memory flat, and
+    the tokens equal generation that recomputes the whole prefix (no cache, no bound)."""
+    need("local")
+    m = lm("local", {"before": 4, "after": 0, "global_idx": (0, 1, 2)}, pos=pos)
+    check_incremental(m, 23)
+    sizes = _state_bytes(m, 30)
+    assert sizes[7] == sizes[29] == 8 * sizes[0], "3 sinks + a window of 5 keys, whatever the length"
+    prompt = torch.randint(0, 17, (2, 5))
+    assert torch.equal(generate(m, prompt, 19, temperature=0), generate(m, prompt, 19, temperature=0, use_cache=False))
+
+
+def test_local_with_a_later_global_token_holds_keys_until_it_passes():
+    """A global query at position 9 reads every earlier key: they are held (and hidden
+    from the local queries before it), then dropped."""
+    need("local")
+    m = lm("local", {"before": 2, "after": 0, "global_idx": (9,)})
+    check_incremental(m, 17)
+    sizes = _state_bytes(m, 17)
+    assert sizes[8] == 9 * sizes[0] and sizes[9] == 3 * sizes[0] and sizes[12] == sizes[16] == 4 * sizes[0]
+
+
 def _linear_params():
     spec = registry.get("linear")
     return {"feature_map": "elu"} if "feature_map" in spec.param_names else {}

@@ -9,8 +9,9 @@ mechanism      state                       per-step cost                memory
 =============  ==========================  ===========================  ==============
 ``full``       KV cache (:class:`KVCache`) O(t * D)                     O(t * D)
 ``local``      rolling window of the last  O(W * D), W = before + 1     O(W * D)
-               ``before + 1`` keys
-               (:class:`LocalWindowCache`)
+               ``before + 1`` keys, and    (+ sinks)                    (+ sinks)
+               the ``global_idx`` (sink)
+               keys (:class:`LocalWindowCache`)
 ``linear``     recurrent S = sum phi(k)v^T, O(D * Dv)                   O(D * Dv),
                z = sum phi(k)                                           constant in N
                (:class:`LinearState`, Katharopoulos et al. 2020)
@@ -121,23 +122,60 @@ class KVCache(DecodeState):
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
+def _global_positions(value: Any) -> frozenset[int]:
+    """``global_idx`` (an int, a sequence, a range or a tensor of positions) as a set."""
+    if isinstance(value, int):
+        return frozenset((value,))
+    return frozenset(int(i) for i in (value.tolist() if hasattr(value, "tolist") else value))
+
+
 @register_state("local")
 class LocalWindowCache(DecodeState):
-    """Rolling window of the last ``before + 1`` keys (causal local: i - before <= j <= i)."""
+    """Causal local window with optional global tokens (``global_idx``): query i sees
+    j in [i - before, i], every global j <= i, and every j <= i when i is global.
+
+    Kept per head group: the last ``before + 1`` keys and the global ones, plus any key
+    a global query still to come will read (none once the last global position has
+    passed). With leading sink tokens, ``global_idx = range(sinks)`` (StreamingLLM, Xiao
+    et al. 2023; HF's :class:`longattn.integrations.transformers.SinkWindowCache`), that
+    is the first ``sinks`` and the last ``before + 1`` keys from the first step on:
+    memory O((sinks + before) * D), flat however long the generation; a step costs
+    O((sinks + before) * D). Exact: equals the parallel forward.
+    """
 
     def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
         super().__init__(group, alibi_slopes)
         self.window = int(self.params["before"]) + 1
+        self.globals = _global_positions(self.params.get("global_idx", ()))
+        self.last_global = max(self.globals, default=-1)
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.key_pos: Tensor | None = None
+
+    def _window_or_global(self, key_pos: Tensor, pos: int) -> Tensor:
+        """bool [n]: key in the window of a query at ``pos``, or a global token."""
+        seen = key_pos > pos - self.window
+        if self.globals:
+            seen |= torch.isin(key_pos, torch.tensor(sorted(self.globals), device=key_pos.device))
+        return seen
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        new_pos = torch.tensor([pos], device=k.device)
         k_all = k if self.k is None else torch.cat((self.k, k), dim=2)
         v_all = v if self.v is None else torch.cat((self.v, v), dim=2)
-        self.k = k_all[:, :, -self.window:].clone()   # clone: drop the larger buffer
-        self.v = v_all[:, :, -self.window:].clone()
-        key_pos = torch.arange(pos + 1 - self.k.shape[2], pos + 1, device=k.device)
-        return _softmax_attend(q, self.k, self.v, self.scale, _alibi_row(self.slopes, pos, key_pos))
+        key_pos = new_pos if self.key_pos is None else torch.cat((self.key_pos, new_pos))
+        bias = _alibi_row(self.slopes, pos, key_pos)
+        near = self._window_or_global(key_pos, pos)
+        if pos not in self.globals and not bool(near.all()):  # keys held for a global query to come
+            hide = torch.zeros(near.shape, dtype=torch.float32, device=k.device).masked_fill(~near, -math.inf)
+            hide = hide[None, None, None]
+            bias = hide if bias is None else bias + hide
+        out = _softmax_attend(q, k_all, v_all, self.scale, bias)
+        if self.last_global <= pos:   # no global query to come: keep what this query could read
+            # clone: drop the larger buffer
+            k_all, v_all, key_pos = k_all[:, :, near].clone(), v_all[:, :, near].clone(), key_pos[near]
+        self.k, self.v, self.key_pos = k_all, v_all, key_pos
+        return out
 
     def nbytes(self) -> int:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
