@@ -198,3 +198,27 @@ def test_compiled_model_fullgraph_equals_eager(mechanism, params):
         assert len(grads) == len(ref_grads) > 0
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_topk_blocks_covering_every_block_equals_sdpa_and_cached_generate_equals_recomputation():
+    """register("topk_blocks", ...) on a tiny Llama (GQA): with topk past the number of
+    earlier blocks every key is selected, so logits (left padding too) equal sdpa; with
+    topk=2 (a real selection, sink token, no window) cached greedy generation equals
+    recomputation without a cache, tokens and scores."""
+    model = _model("llama").double()
+    x = _tokens(N=37)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    ref = _logits(model, "sdpa", x, attention_mask=mask)
+    out = _logits(model, register("topk_blocks", block=8, topk=8, sink_tokens=1), x, attention_mask=mask)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out[1, 5:], ref[1, 5:], atol=1e-10, rtol=1e-10)
+    model.set_attn_implementation(register("topk_blocks", block=8, topk=2, sink_tokens=1))
+    sparse = model(x).logits
+    assert (sparse[:, 24:] - _logits(model, "sdpa", x)[:, 24:]).abs().max() > 1e-6  # it does select
+    model.set_attn_implementation(register("topk_blocks", block=8, topk=2, sink_tokens=1))
+    runs = [model.generate(x[:1], max_new_tokens=11, do_sample=False, use_cache=c, output_scores=True,
+                           return_dict_in_generate=True, pad_token_id=0) for c in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].scores, runs[1].scores):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -17,10 +17,20 @@
   documents from its mask builder; it returns ``[B, Nq, H, D]``.
 - a mask function (``AttentionMaskInterface``): it never builds an Nq x Nk mask. It
   reads the model's mask function and accepts only those it reproduces (causal,
-  bidirectional, HF's causal and symmetric sliding windows, packed documents); every
-  other (PaliGemma's prefix-LM ``token_type_ids``, image blocks, chunked attention, a
-  user's ``or_mask``/``and_mask``) is refused. It hands the attention the 2-D padding
-  mask, integer segment ids for packed rows, or nothing.
+  bidirectional, HF's causal and symmetric sliding windows, packed documents, and
+  bidirectional blocks over a causal full-attention mask: PaliGemma's prefix-LM
+  ``token_type_ids``, HF's ``block_sequence_ids``); every other (blocks over a window,
+  chunked attention, a user's ``or_mask``/``and_mask``) is refused. It hands the
+  attention the 2-D padding mask, integer segment ids for packed rows, the block ids
+  as an integer [B, 1, 1, N] tensor (a 4-D mask passes through the model untouched;
+  -2 marks padding), or nothing.
+
+Prefix-LM blocks are honoured exactly: the rows of a block run [s, e) (the image +
+prompt prefix) come from exact non-causal attention over keys [0, e) (O(e^2)), the
+causal rows after it run the layer's mechanism bottom-right aligned over the keys
+before them; decode steps need nothing (one query sees every earlier key). The
+vision tower of such a model (SigLIP, non-causal) also runs the registered mechanism
+unless ``set_attn_implementation({"text_config": name, "vision_config": "sdpa"})``.
 
 Layer types. Each attention layer is one of ``full_attention``, ``sliding_attention``
 (the layer passes a ``sliding_window`` or its config's ``layer_types`` says so),
@@ -82,6 +92,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 LAYER_TYPES = ("full_attention", "sliding_attention", "cross_attention", "indexed_attention")
 #: the mapping value that keeps a layer type as the model defines it
 MODEL = "model"
+#: a padded key in the prefix-LM group ids the mask builder hands the attention
+PADDED = -2
 
 #: arguments models pass to attention functions that never change the result here
 _INERT = frozenset({"use_cache", "cache_position", "output_router_logits", "deterministic",
@@ -219,11 +231,15 @@ class MaskShape:
         window: HF's sliding window ``w``, or None: causal ``q - w < kv``,
             bidirectional ``|q - kv| <= w``.
         segments: packed documents, integer [B, N] (equal ids: one document), or None.
+        blocks: HF's ``block_sequence_ids`` [B, N] OR-ed over a causal mask (a prefix-LM's
+            image + prompt prefix, PaliGemma): query and key of the same id >= 0 see each
+            other both ways; -1 = plain causal token. None when absent.
     """
 
     causal: bool
     window: int | None = None
     segments: Tensor | None = None
+    blocks: Tensor | None = None
 
 
 def _cells(fn: Callable) -> dict[str, Any]:
@@ -249,13 +265,29 @@ def _parts(fn: Callable, out: list[Callable]) -> list[Callable]:
 
 _WHY = ("it reproduces only causal / bidirectional masks, HF's sliding windows and packed documents. A longattn "
         "mechanism applies causality and its pattern itself (no Nq x Nk mask); this model's extra mask term (a "
-        "prefix-LM's token_type_ids, image-token blocks, chunked attention, an or_mask/and_mask) would be dropped. "
+        "hand-written prefix-LM or image mask, chunked attention, an or_mask/and_mask) would be dropped. "
         "Use attn_implementation='sdpa' or 'eager' for this model")
+
+
+def _split_blocks(fn: Callable) -> tuple[Callable, Tensor | None]:
+    """(the rest, block ids) when ``fn`` is transformers' ``or_masks(rest,
+    blockwise_overlay(block_sequence_ids))`` (the prefix-LM / image-block term), else
+    (``fn``, None)."""
+    if getattr(fn, "__qualname__", "") != "or_masks.<locals>.or_mask":
+        return fn, None
+    parts = list(_cells(fn).get("mask_functions", ()))
+    blocks = [p for p in parts if getattr(p, "__qualname__", "") == "blockwise_overlay.<locals>.inner_mask"
+              and "block_sequence_ids" in _cells(p)]
+    if len(parts) != 2 or len(blocks) != 1:
+        return fn, None  # refused by the caller, naming the or_mask
+    rest = parts[1] if parts[0] is blocks[0] else parts[0]
+    return rest, _cells(blocks[0])["block_sequence_ids"]
 
 
 def read_mask_function(fn: Callable) -> MaskShape:
     """Decode a transformers mask function into a :class:`MaskShape`; ValueError naming
     any part longattn does not reproduce (never ignored). O(1): nothing is evaluated."""
+    fn, blocks = _split_blocks(fn)
     base: bool | None = None
     window: tuple[bool, int] | None = None
     segments = None
@@ -278,7 +310,12 @@ def read_mask_function(fn: Callable) -> MaskShape:
     if window is not None and window[0] != base:
         raise ValueError(f"a {'causal' if window[0] else 'symmetric'} sliding window over a "
                          f"{'causal' if base else 'bidirectional'} mask: {_WHY}")
-    return MaskShape(base, None if window is None else window[1], segments)
+    if blocks is not None and (not base or window is not None or segments is not None):
+        what = "a bidirectional mask" if not base else "a sliding window" if window is not None else "packed rows"
+        raise ValueError(f"the model's mask ORs prefix-LM / image blocks (block_sequence_ids, e.g. PaliGemma's "
+                         f"token_type_ids) over {what}; longattn honours them only over a plain causal full-"
+                         "attention mask. Use attn_implementation='sdpa' or 'eager' for this model")
+    return MaskShape(base, None if window is None else window[1], segments, blocks)
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -308,6 +345,29 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                          allow_is_causal_skip=False, device=device)
     if shape.segments is not None:
         return shape.segments.to(torch.long)
+    mask = _key_padding(attention_mask, kv_offset, kv_length)
+    blocks = shape.blocks
+    if blocks is None and shape.causal and q_length > 1 and getattr(config, "use_bidirectional_attention", False):
+        # PaliGemma: its layers say non-causal (use_bidirectional_attention) but its mask is causal
+        blocks = torch.full((batch_size, kv_length), -1, dtype=torch.long, device=kwargs.get("device", "cpu"))
+    if blocks is not None:
+        if q_offset != 0 or kv_offset != 0 or q_length != kv_length:
+            raise ValueError(f"prefix-LM / image blocks (block_sequence_ids), or a causal mask over layers that say "
+                             f"non-causal (use_bidirectional_attention, PaliGemma), for {q_length} queries at offset "
+                             f"{q_offset} over {kv_length} keys: longattn honours them in a forward over the whole "
+                             "sequence (prefill or no cache) or one query at a time only")
+        groups = blocks[:, :kv_length].to(torch.long).expand(batch_size, -1)
+        if mask is not None:
+            groups = groups.masked_fill(~mask, PADDED)
+        return groups.reshape(batch_size, 1, 1, kv_length)  # 4-D: the model passes it on as built
+    # a data-dependent check: under torch.compile the mask is always passed (as HF does)
+    if mask is None or (not torch.compiler.is_compiling() and bool(mask.all())):
+        return None
+    return mask
+
+
+def _key_padding(attention_mask: Tensor | None, kv_offset: int, kv_length: int) -> Tensor | None:
+    """The model's 2-D padding mask cut to the keys [B, kv_length] (bool, True = real)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
@@ -315,9 +375,6 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
     if mask.shape[1] < kv_length:  # as transformers' prepare_padding_mask: missing columns are padding
         mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[1]), value=False)
-    # a data-dependent check: under torch.compile the mask is always passed (as HF does)
-    if not torch.compiler.is_compiling() and bool(mask.all()):
-        return None
     return mask
 
 
@@ -459,6 +516,66 @@ def _indexed(module: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
                                 sinks=terms.get("s_aux"))
 
 
+def _block_runs(row: list[int], family: str) -> tuple[tuple[int, int, bool], ...]:
+    """One row of prefix-LM group ids as maximal runs ``(start, end, is_block)``: a run of
+    one id >= 0 is a bidirectional block; everything else (-1, padding) is causal. An id
+    split over two runs (a block that sees across other tokens) is refused."""
+    runs: list[tuple[int, int, bool]] = []
+    seen: set[int] = set()
+    start = 0
+    for i in range(1, len(row) + 1):
+        if i < len(row) and (row[i] == row[start] or (row[i] < 0 and row[start] < 0)):
+            continue
+        gid = row[start]
+        if gid >= 0:
+            if gid in seen:
+                raise ValueError(f"{family}: prefix-LM / image block id {gid} (block_sequence_ids) spans two "
+                                 "separate runs of tokens; longattn honours contiguous blocks only: use "
+                                 "attn_implementation='sdpa' or 'eager'")
+            seen.add(gid)
+        runs.append((start, i, gid >= 0))
+        start = i
+    return tuple(runs)
+
+
+def _prefix_lm(run: Callable, q: Tensor, k: Tensor, v: Tensor, groups: Tensor, name: str, call: dict[str, Any],
+               scores: dict[str, Any], scale: float | None, family: str) -> Tensor:
+    """Causal attention with bidirectional blocks (HF's ``block_sequence_ids``: PaliGemma's
+    image + prompt prefix), exactly: query i of a block run [s, e) sees every real key
+    before e, so that run's rows come from one exact non-causal attention over keys [0, e)
+    (O(e^2), e = the prefix end); a causal run [s, e) runs the layer's mechanism over keys
+    [0, e), bottom-right aligned (its queries are the last e - s positions). Rows whose
+    runs differ are computed one at a time. q [B, H, N, D], groups [B, N] -> [B, H, N, Dv]."""
+    kpm_all = groups != PADDED
+    plans = [_block_runs(r, family) for r in groups.tolist()]
+    batches = [(slice(None), plans[0])] if all(p == plans[0] for p in plans) else \
+        [(slice(b, b + 1), p) for b, p in enumerate(plans)]
+    dense, dense_call = _resolve(_Choice(MODEL, {}), "full_attention", None, False, q.shape[2], list(scores), family)
+    if "dropout" in call:
+        dense_call = {**dense_call, "dropout": call["dropout"]}
+    if any(s > 0 and not blk for _, p in batches for s, _, blk in p) and not registry.get(name).bottom_right:
+        raise ValueError(f"{family}: the tokens after a prefix-LM block attend causally over the keys before them "
+                         f"(Nq < Nk, bottom-right); mechanism {name!r} cannot: map 'full_attention' to one that can "
+                         f"({[m.name for m in registry.specs() if m.bottom_right]})")
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for rows, plan in batches:
+        kpm = kpm_all[rows]
+        for s, e, blk in plan:
+            mech, extra, causal, q0 = (dense, dense_call, False, 0) if blk else (name, call, True, s)
+            piece = run(q[rows, :, q0:e], k[rows, :, :e], v[rows, :, :e], mech, causal=causal,
+                        key_padding_mask=kpm[:, :e], scale=scale, **extra, **scores)
+            out[rows, :, s:e] = piece[:, :, s - q0:]
+    return out
+
+
+def _groups(mask: Tensor | None) -> Tensor | None:
+    """The prefix-LM group ids [B, N] when ``mask`` is what :func:`padding_mask` builds for
+    them (integer [B, 1, 1, N]), else None."""
+    if mask is None or mask.dim() != 4 or mask.dtype not in (torch.int64, torch.int32) or mask.shape[1:3] != (1, 1):
+        return None
+    return mask[:, 0, 0]
+
+
 def _attention_function(choices: dict[str, _Choice]) -> Callable:
     def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -477,7 +594,9 @@ def _attention_function(choices: dict[str, _Choice]) -> Callable:
             out = _indexed(module, query, key, value, attention_mask, terms, scaling, causal)
             return out.transpose(1, 2).contiguous(), None
         nq, nk = query.shape[2], key.shape[2]
-        kpm, segments = _split_mask(attention_mask, nq, nk)
+        groups = _groups(attention_mask)  # prefix-LM blocks over a causal mask, whatever the layer says
+        causal = causal or groups is not None
+        kpm, segments = _split_mask(None if groups is not None else attention_mask, nq, nk)
         if attention_mask is None and nq == nk:  # packed rows the mask builder did not see (a cache was passed)
             segments = packed_segments(terms.get("position_ids"), nq)
             segments = None if segments is None else segments.expand(query.shape[0], -1)
@@ -493,6 +612,12 @@ def _attention_function(choices: dict[str, _Choice]) -> Callable:
             call["dropout"] = dropout
         # under torch.compile: one custom op per layer, no graph break (longattn.ops.custom)
         run = custom.attention if torch.compiler.is_compiling() and not scores else registry.attention
+        if groups is not None:
+            if kind != "full_attention" or groups.shape[1] != nq or nq != nk:
+                raise ValueError(f"prefix-LM / image blocks reached a {kind} layer of {family} with Nq={nq}, "
+                                 f"Nk={nk}: longattn honours them on causal full-attention layers only")
+            out = _prefix_lm(run, query, key, value, groups, name, call, scores, scaling, family)
+            return out.transpose(1, 2).contiguous(), None
         out = run(query, key, value, name, causal=causal, key_padding_mask=kpm, scale=scaling,
                   segment_ids=segments, **call, **scores)
         return out.transpose(1, 2).contiguous(), None
