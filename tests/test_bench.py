@@ -351,3 +351,31 @@ def test_report_says_which_allocator_timed_the_calls(tmp_path):
     assert "`--allocator strict`" in report.bench_markdown(doc)
     doc["config"]["allocator"] = "reuse"
     assert "reuse freed buffers" in report.bench_markdown(doc)
+
+
+def test_selection_pair_count_by_hand_and_by_the_mechanism():
+    # causal, N=10, blocks of 4, top-1: rows 0-3 see their own block causally (1+2+3+4);
+    # rows 4-7 own (10) + block 0 (4 each: 16); rows 8-9 own (1+2) + one block of 4 (8): 47
+    assert flops._block_pairs_selected(10, 4, 1, causal=True) == 10 + 26 + 11
+    # the mechanism itself: with v = identity each output row is its attention weights
+    from longattn.registry import attention
+
+    n = 10
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, n, 8, generator=g), torch.randn(1, 1, n, 8, generator=g)
+    w = attention(q, k, torch.eye(n)[None, None], "topk_blocks", causal=True, block=4, topk=1)
+    assert int((w > 0).sum()) == 47
+    got = flops.forward_flops("topk_blocks", {"block": 4, "topk": 1}, n=n, batch=1, heads=1, dim=D, causal=True)
+    gate = 2 * n * 3 * D // 2  # q . block mean over the 3 blocks, causal half
+    assert got == gate + 4 * 47 * D
+
+
+def test_error_meter_measures_topk_blocks_and_names_why_others_sit_out():
+    doc = measure(ErrorConfig(n=200, heads=2, dim=16, threads=1, inputs=("local",),
+                              mechanisms=["topk_blocks", "gated_delta", "nsa"]))
+    err = dict(error_curve(doc, "topk_blocks", "local"))
+    # 200 / 32 -> 7 blocks: top-1 < top-2 < top-4 in accuracy; top-8 selects every block = exact
+    assert err[1] > err[2] > err[4] > 1e-6
+    assert err[8] < 1e-12 and err[32] < 1e-12
+    reasons = {s["mechanism"]: s["reason"] for s in doc["skipped"]}
+    assert "recurrent" in reasons["gated_delta"] and "gated sum" in reasons["nsa"]

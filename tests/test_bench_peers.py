@@ -235,3 +235,120 @@ def test_a_failing_peer_reaches_the_report_through_the_sweep():
     assert "ValueError" in rec["reason"] and "multiple of its bucket size" in rec["reason"]
     md = report.bench_markdown(doc)
     assert "| `sinkhorn-transformer` | 128 | fwd | error | ValueError" in md
+
+
+# ----------------------------------------------------------------------- selection and recurrent rows
+
+
+def _gated_delta_by_token(q, k, v, g, beta):
+    """The gated delta rule one token at a time in float64 (docs/design.md section 10):
+    q, k L2-normalised, S = exp(g_t) S, S += k_t (beta_t (v_t - S^T k_t))^T, o_t = S^T q_t / sqrt(D)."""
+    q, k, v, g, beta = (t.detach().double() for t in (q, k, v, g, beta))
+    q = q / (q.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt() / q.shape[-1] ** 0.5
+    k = k / (k.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    B, H, N, D = q.shape
+    S = torch.zeros(B, H, D, v.shape[-1], dtype=torch.float64)
+    out = []
+    for t in range(N):
+        S = S * g[:, :, t, None, None].exp()
+        kt, vt = k[:, :, t], v[:, :, t]
+        err = vt - torch.einsum("bhd,bhde->bhe", kt, S)
+        S = S + torch.einsum("bhd,bhe->bhde", kt, beta[:, :, t, None] * err)
+        out.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
+    return torch.stack(out, 2)
+
+
+@pytest.mark.slow  # imports transformers (~10-15 s on a busy 2-core machine)
+def test_transformers_gated_delta_peer_equals_the_token_recurrence_and_ours():
+    pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    n, heads, d = 70, 2, 8  # 70: not a multiple of the chunk (64)
+    q, k, v = cases.make_inputs(1, heads, n, d, torch.float32, train=True)
+    torch.manual_seed(0)
+    peer = cases.PEERS["transformers-gdn"].build(n, heads, d, True)
+    torch.manual_seed(0)  # the same gate weights: the sweep seeds every case's process alike
+    ours = cases.build_ours("gated_delta", n, heads, d, True)
+    g, beta, _ = peer.module(k)
+    want = _gated_delta_by_token(q, k, v, g, beta)
+    got = peer(q, k, v)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert torch.allclose(ours(q, k, v).double(), want, atol=1e-5)
+    grads = torch.autograd.grad(got.sum(), (q, k, v))
+    grads_ours = torch.autograd.grad(ours(q, k, v).sum(), (q, k, v))
+    for a, b in zip(grads, grads_ours):
+        assert torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="causal only"):
+        cases.PEERS["transformers-gdn"].build(n, heads, d, False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_sparse_attention_peer_runs_and_trains(causal):
+    pytest.importorskip("native_sparse_attention_pytorch")
+    n, heads, d = 150, 2, 16  # not a multiple of the block (64)
+    q, k, v = cases.make_inputs(1, heads, n, d, torch.float32, train=True)
+    out = cases.PEERS["native-sparse-attention"].build(n, heads, d, causal)(q, k, v)
+    assert out.shape == (1, heads, n, d) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    if causal:  # its attention is causal: the first 100 outputs ignore a change after them
+        q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+        v2[:, :, 100:] += 1.0
+        again = cases.PEERS["native-sparse-attention"].build(n, heads, d, True)(q2, k2, v2)
+        assert torch.allclose(again[:, :, :100], out.detach()[:, :, :100], atol=1e-5)
+
+
+def test_nsa_peer_memory_estimate_skips_it_before_it_runs():
+    case = {"mechanism": "nsa", "peer": "native-sparse-attention", "n": 16384, "mode": "train", "batch": 1,
+            "heads": 8, "dim": 64, "dtype": "float32"}
+    # the gathered k and v blocks, 2 x [1, 8, 16384, 7, 64, 64] fp32, are 30 GB alone
+    assert cases.estimate_bytes(case) > 7e9
+    from longattn.bench import flops
+
+    fwd = flops.forward_flops("nsa", cases.settings("nsa", 16384, 8, 64), n=16384, batch=1, heads=8, dim=64,
+                              causal=True)
+    assert cases.estimate_bytes(case) > 3 * cases.estimate_bytes({**case, "peer": None}, fwd)  # ours: no gather
+
+
+def test_causal_only_rows_sit_out_non_causal_sweeps():
+    cfg = harness.BenchConfig(mechanisms=["gated_delta"], peers=["transformers-gdn"], ns=[96], modes=["fwd"],
+                              threads=1, warmup=0, min_repeats=1, max_repeats=1, min_time_s=0.0,
+                              timeout_s=60, matmul_n=64)
+    if not cases.PEERS["transformers-gdn"].available():
+        pytest.skip("transformers not installed")
+    assert [c.label for c in harness.plan_cases(cfg)] == ["gated_delta"]
+    assert harness.peers_left_out(cfg)[0]["peer"] == "transformers-gdn"
+    doc = harness.sweep(cfg, progress=False)
+    (rec,) = doc["results"]
+    assert rec["status"] == "skipped" and "causal only" in rec["reason"]
+    assert "causal only" in report.skipped_table(doc)
+
+
+@pytest.mark.parametrize("name", ["topk_blocks", "nsa", "dsa", "gated_delta"])
+def test_new_families_run_as_a_bench_case(name, tmp_path):
+    # the sweep's child, in this process: settings, build, forward + backward, timing
+    from longattn.bench import flops
+
+    if name not in cases.mechanism_names():
+        pytest.skip(f"{name} is not registered")
+    case = {"mechanism": name, "peer": None, "n": 100, "mode": "train", "batch": 1, "heads": 2, "dim": 16,
+            "dtype": "float32", "causal": True, "threads": 1, "warmup": 0, "min_repeats": 1, "max_repeats": 1,
+            "min_time_s": 0.0, "soft_timeout_s": 30.0}
+    harness._child(case, str(tmp_path / "res.json"))
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["status"] == "ok", res.get("reason")
+    assert flops.forward_flops(name, cases.settings(name, 100, 2, 16), n=100, batch=1, heads=2, dim=16,
+                               causal=True) > 0
+
+
+@pytest.mark.slow  # six case processes, transformers imported in one (~20 s on a busy 2-core machine)
+def test_new_families_and_their_peers_run_in_a_causal_sweep():
+    pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    mechs = [m for m in ("full", "topk_blocks", "nsa", "dsa", "gated_delta") if m in cases.mechanism_names()]
+    cfg = harness.BenchConfig(mechanisms=mechs, peers=["transformers-gdn"], ns=[96], modes=["train"],
+                              causal=True, threads=1, warmup=0, min_repeats=1, max_repeats=1, min_time_s=0.0,
+                              timeout_s=120, matmul_n=64)
+    doc = harness.sweep(cfg, progress=False)
+    got = {r["mechanism"]: r for r in doc["results"]}
+    assert set(got) == {*mechs, "transformers-gdn"}
+    for name, r in got.items():
+        assert r["status"] == "ok", (name, r.get("reason"))
+        assert r["flops"] and r["flops"] > 0, name

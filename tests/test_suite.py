@@ -234,3 +234,38 @@ def test_side_by_side_runs_take_the_longest_ready_run_first(tmp_path, monkeypatc
                       ("recall", "full"), ("recall", "linear")]
     assert [(r["task"], r["mechanism"]) for r in recs] == [
         ("recall", "full"), ("recall", "linear"), ("copy", "full"), ("copy", "linear")]
+
+
+def test_new_families_get_cpu_params_and_sit_out_only_where_they_cannot_run():
+    for name in ("topk_blocks", "nsa", "gated_delta"):
+        assert name in suite.DEFAULT_MECHANISMS and name in suite.MECHANISM_PARAMS
+    for task in suite.DEFAULT_TASKS:
+        info = suite.task_info(task, suite.budget(task, False)[0])
+        for name in ("topk_blocks", "nsa"):  # both have a non-causal form: every task
+            params, why = suite.mechanism_params(name, info)
+            assert params == suite.MECHANISM_PARAMS[name] and why == "", (task, name)
+        params, why = suite.mechanism_params("gated_delta", info)
+        if task in ("copy", "recall"):  # copy is causal; recall is read left to right
+            assert params == {"chunk_size": 32} and why == "", task
+        else:
+            assert params is None and "causal only" in why, task
+        want = True if task == "recall" else None
+        assert suite.causal_model("gated_delta", info) is want and suite.causal_model("full", info) is None
+
+
+def test_causal_only_mechanism_trains_on_recall_with_a_causal_model(tmp_path):
+    cfg = suite.SuiteConfig(tasks=["recall", "digits"], mechanisms=["gated_delta"], quick=True, steps=1,
+                            out=str(tmp_path), progress=False)
+    rec, skipped = suite.run_suite(cfg)
+    assert rec["status"] == "ok" and "left to right" in rec["causal_model"], rec
+    saved = json.loads((tmp_path / "runs" / "recall" / "gated_delta" / "seed0" / "result.json").read_text())
+    assert saved["config"]["causal"] is True
+    assert skipped["status"] == "skipped" and "causal only" in skipped["reason"]
+    assert "recall / gated_delta: read left to right" in (tmp_path / "results.md").read_text()
+    from longattn.train import TrainConfig, build_model
+    from longattn import tasks
+
+    spec = tasks.get("recall")
+    tc = TrainConfig(task="recall", mechanism="full", causal=True, layers=1, dim=16, heads=2).resolved()
+    model = build_model(tc, spec.make_config(), spec.kind)
+    assert model.cfg.is_causal

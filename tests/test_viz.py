@@ -55,3 +55,44 @@ def test_show_checkpoint_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "att.png"
     assert main(["show", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out)]) == 0
     assert mpimg.imread(out).shape[0] > 100
+
+
+def _planted(n: int = 10, d: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """k: block 1 (positions 4-7) points along e0, the rest along e1; q along e0: the
+    mean gate prefers block 1 wherever it is a candidate."""
+    k = torch.zeros(1, 1, n, d)
+    k[..., :, 1] = 1.0
+    k[..., 4:8, :] = 0.0
+    k[..., 4:8, 0] = 1.0
+    q = torch.zeros(1, 1, n, d)
+    q[..., 0] = 1.0
+    return q, k
+
+
+def test_selection_map_equals_a_hand_drawn_map():
+    from longattn.viz import selection_map
+
+    q, k = _planted()
+    # causal, blocks of 4 (3 blocks), top-1, sink 1 token, window 2. Codes: 4 own block,
+    # 3 selected, 2 window keys only, 1 sink keys only, 0 nothing.
+    # rows 0-3: own block 0 (no earlier block to select)
+    # rows 4-7: own block 1, top-1 of {0} = block 0 (the only candidate); row 4's window
+    #           (positions 3, 4) reaches block 0, already selected
+    # rows 8-9: own block 2, top-1 of {0, 1} = block 1 (along q); sink token 0 in block 0;
+    #           row 8's window (7, 8) reaches block 1, selected
+    want = torch.tensor([[4, 0, 0]] * 4 + [[3, 4, 0]] * 4 + [[1, 3, 4]] * 2)
+    got = selection_map(q, k, block=4, topk=1, sink_tokens=1, window=2, causal=True)
+    assert torch.equal(got, want)
+    # window 2 without sinks, top-0: row 4 reads position 3 of block 0 as a window key
+    got = selection_map(q, k, block=4, topk=0, window=2, causal=True)
+    assert got[4].tolist() == [2, 4, 0] and got[8].tolist() == [0, 2, 4] and got[9].tolist() == [0, 0, 4]
+
+
+def test_show_selection_writes_a_png(tmp_path):
+    from longattn.bench.error import make_inputs
+    from longattn.viz import show_selection
+
+    q, k, _ = make_inputs("local", 1, 2, 300, 16, seed=0)
+    out = show_selection(q, k, tmp_path / "sel.png", block=16, topk=3, sink_tokens=4, window=24)
+    img = mpimg.imread(out)
+    assert img.ndim == 3 and img.shape[0] > 300 and out.stat().st_size > 5000

@@ -3,7 +3,9 @@
 ``show_pattern`` draws the visible (query, key) entries of a pattern as a black and
 white matrix, one panel per distinct head (per-head lists, random blocks), like the
 attention-matrix figures of the lecture notes. ``pattern_gallery`` draws every
-named pattern into a folder (used by the demo and the README).
+named pattern into a folder (used by the demo and the README). ``show_selection``
+draws what the content-based ``topk_blocks`` selected for a given input (queries x key
+blocks), since a selection has no fixed pattern to draw.
 """
 
 from __future__ import annotations
@@ -111,6 +113,88 @@ def pattern_gallery(out_dir: str | Path = "report/patterns", n: int = 64, heads:
         h = len(pat.patterns)
         paths.append(show_pattern(pat, n, out_dir / f"{name}.png", heads=h, title=title))
     return paths
+
+
+#: cell codes of :func:`selection_map`, in drawing priority (a higher code wins a cell)
+SELECTION_CODES = {0: "not read", 1: "sink keys", 2: "window keys", 3: "selected block", 4: "own block"}
+
+
+@torch.no_grad()
+def selection_map(q: torch.Tensor, k: torch.Tensor, *, block: int = 64, topk: int = 8, gate: str = "mean",
+                  sink_tokens: int = 0, window: int = 0, causal: bool = True, shared: bool = False,
+                  head: int = 0, batch: int = 0) -> torch.Tensor:
+    """What ``topk_blocks`` reads for each query of one head: long [Nq, Nk / block] codes
+    (:data:`SELECTION_CODES`): its own block, the blocks its gate selected (read whole),
+    blocks it reads only for the first ``sink_tokens`` or last ``window`` positions, or 0.
+
+    q [B, H, Nq, D], k [B, Hkv, Nk, D] (Nq <= Nk: the queries are the last Nq positions);
+    the selection is :func:`longattn.ops.topk_blocks.select_blocks`, the mechanism's own.
+    Cost O(Nq * Nk / block * D) for the gate; the map is Nq x (Nk / block).
+    """
+    from longattn.ops.topk_blocks import _check_params, select_blocks
+
+    _check_params(block, topk, gate, sink_tokens, window, shared)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, N, D], got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    H, Hkv, Nq, Nk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if not 0 <= head < H:
+        raise ValueError(f"head must be in [0, {H}), got {head}")
+    sel = select_blocks(q[batch : batch + 1], k[batch : batch + 1], block=block, topk=topk, gate=gate,
+                        shared=shared or H == Hkv, causal=causal, key_padding_mask=None)
+    R = H // Hkv
+    sel = sel[0, head // R, 0 if sel.shape[2] == 1 else head % R]  # [Nq, K]
+    nb = -(-Nk // block)
+    pos = torch.arange(Nq) + (Nk - Nq)  # each query's position
+    blocks = torch.arange(nb)
+    codes = torch.zeros(Nq, nb, dtype=torch.long)
+    if sink_tokens:  # blocks holding a sink key the query may see
+        first_keys = blocks * block
+        sink = (first_keys < sink_tokens)[None, :].expand(Nq, nb)
+        codes[sink & (first_keys[None, :] <= pos[:, None]) if causal else sink] = 1
+    if window:  # blocks holding one of the query's last `window` positions
+        lo, hi = (pos - window + 1).clamp_min(0) // block, pos // block
+        codes[(blocks[None, :] >= lo[:, None]) & (blocks[None, :] <= hi[:, None])] = 2
+    picked = torch.zeros(Nq, nb + 1, dtype=torch.bool)
+    picked.scatter_(1, torch.where(sel >= 0, sel, nb), True)
+    codes[picked[:, :nb]] = 3
+    codes[torch.arange(Nq), pos // block] = 4
+    return codes
+
+
+def show_selection(q: torch.Tensor, k: torch.Tensor, out: str | Path = "selection.png", *, block: int = 64,
+                   topk: int = 8, gate: str = "mean", sink_tokens: int = 0, window: int = 0, causal: bool = True,
+                   shared: bool = False, head: int = 0, title: str | None = None) -> Path:
+    """Draw what ``topk_blocks`` selected for a real input: queries (rows) x key blocks
+    (columns), its own block, the gate's selected blocks, and the blocks it reads only for
+    sink or window keys shaded apart (:func:`selection_map`); writes a PNG, returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    codes = selection_map(q, k, block=block, topk=topk, gate=gate, sink_tokens=sink_tokens, window=window,
+                          causal=causal, shared=shared, head=head)
+    colors = ["#ffffff", "#2ca02c", "#98df8a", "#1f4e9c", "#ff7f0e"]
+    Nq, nb = codes.shape
+    fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + 0.25 * nb), 5.0))
+    ax.imshow(codes.numpy(), cmap=ListedColormap(colors), vmin=0, vmax=4, aspect="auto", interpolation="nearest",
+              extent=(-0.5, nb - 0.5, Nq - 0.5, -0.5))
+    ax.set_xlabel(f"key block (blocks of {block} keys)")
+    ax.set_ylabel("query position")
+    read = (codes >= 3).sum(1).float().mean().item()
+    ax.set_title(title or f"topk_blocks(block={block}, topk={topk}, gate={gate!r}, sink_tokens={sink_tokens}, "
+                          f"window={window}), head {head}: {read:.1f} whole blocks read per query", fontsize=9)
+    present = sorted(set(codes.unique().tolist()) - {0})
+    handles = [Patch(facecolor=colors[c], edgecolor="#666666", label=SELECTION_CODES[c]) for c in present]
+    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def gallery_markdown(paths: list[Path], relative_to: Path) -> str:

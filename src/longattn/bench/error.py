@@ -55,11 +55,22 @@ BUDGETS: dict[str, Budget] = {
     "clustered": Budget("chunk_size", (16, 64, 256, 1024), {"n_clusters": 8}, "chunk length (8 clusters)"),
     "sinkhorn": Budget("block_size", (16, 64, 256, 1024), None, "block length"),
     "linear": Budget("chunk_size", (64,), {"feature_map": "elu"}, "elu+1 features: no budget"),
+    # every block selected (topk >= N / 32 - 1) is exact attention: the curve ends at rounding
+    "topk_blocks": Budget("topk", (1, 2, 4, 8, 16, 32), {"block": 32, "gate": "mean"},
+                          "key blocks of 32 selected per query (MoBA gate)"),
 }
 """Budget axis of each approximate mechanism (capped ones drop values above N)."""
 
+_RECURRENT = ("a recurrent state model (decays, delta rule), causal only: not an approximation of softmax "
+              "attention, it has no budget that reaches it")
 NOT_AN_APPROXIMATION = {
     "synthesizer": "synthesised scores with no Q-K product: not an approximation of softmax attention",
+    # learned mixtures whose untrained output is not softmax attention over all keys
+    "nsa": "a learned sigmoid-gated sum of three branches (compressed, selected, window): not an "
+           "approximation of one softmax over all keys",
+    "dsa": "its selection comes from a learned indexer (random at initialisation): measured on a trained "
+           "model (longattn eval), not here",
+    **{r: _RECURRENT for r in ("gated_delta", "kda", "ssd", "gla", "retention")},
 }
 
 

@@ -275,6 +275,65 @@ def _synthesizer(p, n, h, d, causal):
     return h * (extra + 2 * pairs * d)
 
 
+def _block_pairs_selected(n: int, block: int, blocks: int, causal: bool) -> int:
+    """Pairs of "own key block (causally clipped) + ``blocks`` other whole key blocks"
+    per query (fewer where fewer earlier blocks exist): the selection families' count."""
+    nb = math.ceil(n / block)
+    pairs = 0
+    for qb in range(nb):
+        rows = min(block, n - qb * block)
+        own = rows * (rows + 1) // 2 if causal else rows * rows
+        others = min(blocks, qb if causal else nb - 1)
+        pairs += own + rows * others * block
+    return pairs
+
+
+def _topk_blocks(p, n, h, d, causal):
+    b, k = p.get("block", 64), p.get("topk", 8)
+    nb = math.ceil(n / b)
+    gate = 2 * n * nb * d // (2 if causal else 1)  # q . block summary, every (earlier) block
+    extra = n * (p.get("sink_tokens", 0) + p.get("window", 0))  # an upper count: overlaps not removed
+    pairs = min(_block_pairs_selected(n, b, k, causal) + extra, dense_pairs(n, causal))
+    return h * (gate + attention_flops(pairs, d))
+
+
+def _nsa(p, n, h, d, causal):
+    b, k, w = p.get("block", 32), p.get("topk", 16), p.get("window", 128)
+    stride = p.get("stride") or b
+    nc = max(0, (n - b) // stride + 1)
+    cmp_pairs = n * nc // (2 if causal else 1)
+    pool = 2 * 2 * n * d  # weighted pooling of k and v
+    # own + first + top-k blocks; the window branch's keys (causal: w, else 2w - 1)
+    sel = min(_block_pairs_selected(n, b, k + 1, causal), dense_pairs(n, causal))
+    win = n * min(n, w if causal else 2 * w - 1)
+    gates = 2 * n * d * 3
+    return h * (pool + gates + attention_flops(cmp_pairs + sel + win, d))
+
+
+def _dsa(p, n, h, d, causal):
+    k, hi, di = p.get("topk", 64), p.get("index_heads", 4), p.get("index_dim", 32)
+    proj = 2 * n * h * d * (hi * di + hi) + 2 * n * d * di  # index queries, weights, the shared index key
+    index = 2 * dense_pairs(n, causal) * hi * di  # every visible (t, s): Hi dot products of Di
+    m = min(k, n)
+    pairs = m * (m + 1) // 2 + (n - m) * m if causal else n * m  # causal row i sees min(k, i + 1)
+    return proj + index + h * attention_flops(pairs, d)  # proj and index are shared by the heads
+
+
+def _recurrent(delta: bool) -> Callable:
+    """The chunked form's matmuls per token (chunk C, state D x Dv): within the chunk the
+    masked q k^T and its product with v (4 C D), the WY solve's k k^T and its triangular
+    solve (delta members, ~3 C D); across chunks the state read q S and write k^T v
+    (4 D^2), plus the delta correction k S (2 D^2); per-channel decays rescale q and k
+    (2 D, not counted)."""
+
+    def model(p, n, h, d, causal):
+        C = min(p.get("chunk_size", 64), n)
+        per_token = 4 * C * d + 4 * d * d + ((3 * C * d + 2 * d * d) if delta else 0)
+        return h * n * per_token
+
+    return model
+
+
 MODELS: dict[str, Callable[..., float]] = {
     "full": _full,
     "local2d": _local2d,
@@ -289,6 +348,14 @@ MODELS: dict[str, Callable[..., float]] = {
     "clustered": _clustered,
     "sinkhorn": _sinkhorn,
     "synthesizer": _synthesizer,
+    "topk_blocks": _topk_blocks,
+    "nsa": _nsa,
+    "dsa": _dsa,
+    "gated_delta": _recurrent(True),
+    "kda": _recurrent(True),
+    "ssd": _recurrent(False),
+    "gla": _recurrent(False),
+    "retention": _recurrent(False),
 }
 
 

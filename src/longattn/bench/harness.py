@@ -362,7 +362,7 @@ def plan_cases(cfg: BenchConfig) -> list[Case]:
         out.append(Case(m, m, None, "dense" if m == "full" else "ours", tuple(cfg.modes)))
     for p in C.peer_names(cfg.peers, mechs if cfg.peers is None else None):
         peer = C.PEERS[p]
-        if cfg.causal and not peer.causal:
+        if (cfg.causal and not peer.causal) or (not cfg.causal and peer.causal_only):
             continue
         modes = tuple(md for md in cfg.modes if md in peer.modes)
         if modes:
@@ -383,11 +383,18 @@ def peers_left_out(cfg: BenchConfig) -> list[dict[str, str]]:
         if cfg.causal and not peer.causal:
             out.append({"peer": p, "modes": ",".join(cfg.modes), "reason": "no causal form"})
             continue
+        if not cfg.causal and peer.causal_only:
+            out.append({"peer": p, "modes": ",".join(cfg.modes), "reason": CAUSAL_ONLY_REASON})
+            continue
         lacking = [md for md in cfg.modes if md not in peer.modes]
         if lacking:
             out.append({"peer": p, "modes": ",".join(lacking),
                         "reason": f"runs {'/'.join(peer.modes)} only here" + (f" ({peer.note})" if peer.note else "")})
     return out
+
+
+#: why a causal-only mechanism or peer (a recurrence) does not run in a non-causal sweep
+CAUSAL_ONLY_REASON = "causal only (a recurrence over the past): run the sweep with --causal"
 
 
 def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -426,13 +433,16 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
                 "warmup": cfg.warmup, "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats,
                 "min_time_s": cfg.min_time_s, "adaptive_repeats": cfg.adaptive_repeats,
                 "allocator": cfg.allocator}
+        if c.peer is None and not cfg.causal and C.causal_only(c.mechanism):
+            rec.update(status="skipped", reason=CAUSAL_ONLY_REASON)
         try:
             params = C.settings(c.mechanism, n, cfg.heads, cfg.dim)
             fwd = Fl.forward_flops(c.mechanism, params, n=n, batch=cfg.batch, heads=cfg.heads,
                                    dim=cfg.dim, causal=cfg.causal)
         except Exception as e:  # noqa: BLE001
             params, fwd = None, None
-            rec.update(status="skipped", reason=f"no benchmark setting: {e}")
+            rec.setdefault("status", "skipped")
+            rec.setdefault("reason", f"no benchmark setting: {e}")
         flops = Fl.case_flops(mode, fwd)
         rec["flops"] = flops
         est_mb = C.estimate_bytes(case, fwd) / 2**20 if params is not None else None
