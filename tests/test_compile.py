@@ -14,6 +14,7 @@ import torch
 import longattn
 from longattn.model import ModelConfig, Transformer
 from longattn.ops import custom
+from longattn.ops.reference import dense_attention
 
 
 def _qkv(B=1, H=4, Hkv=2, N=40, D=8, dtype=torch.float64, seed=0):
@@ -189,3 +190,33 @@ def test_functional_bigbird_inductor_float32():
     g = torch.randn_like(ref)
     for a, b in zip(_grads(out, (q, k, v), g), _grads(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def _local_oracle(q, k, v, before, after):
+    """float64 dense reference of local(before, after) with its mask drawn by hand."""
+    n = q.shape[-2]
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    mask = (j >= i - before) & (j <= i + after)
+    return dense_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_head_sizes_and_dv_under_dynamic_shapes(dynamic):
+    """Issue 29: a symbolic head-size comparison reached config_key
+    (assume_constant_result) and Dynamo refused it -- under dynamic=True, and with the
+    default automatic dynamic on the second head size or a Dv != D call after a D == Dv
+    one. Every call must compile (fullgraph) and equal the float64 dense reference."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: custom.attention(q, k, v, "local", before=4, after=2),
+                       fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    g = torch.Generator().manual_seed(3)
+    for n, d, dv in ((21, 8, 8), (21, 16, 16), (21, 8, 12), (19, 6, 6)):
+        q, k = (torch.randn(1, 2, n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        v = torch.randn(1, 2, n, dv, generator=g, dtype=torch.float64, requires_grad=True)
+        out = fn(q, k, v)
+        ref = _local_oracle(q, k, v, 4, 2)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        go = torch.randn_like(ref)
+        for a, b in zip(_grads(out, (q, k, v), go), _grads(ref, (q, k, v), go)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -164,7 +164,7 @@ def _keys(world, slow=False):
 
 
 _RESULTS: dict[tuple, list[dict]] = {}
-_EXTRAS = {2: ("errors", "model", "math"), 4: ("bytes",)}
+_EXTRAS = {2: ("errors", "mismatch", "model", "math"), 4: ("bytes",)}
 
 
 def _results(world, slow=False):
@@ -323,6 +323,54 @@ def test_transformer_sequence_parallel_loss_and_gradients_equal_one_process(name
 def test_ring_with_plain_tensor_block_kernels(name):
     for r, res in enumerate(_results(2)):
         assert res.get(name) == "ok", f"rank {r}: {res.get(name, res.get('math'))}"
+
+
+def _mismatch_probe(rank, world):
+    """Calls whose mechanism, parameters, causal or dtype differ between the ranks, on a
+    subgroup with a short timeout: a regression (a hang in a collective) fails here in
+    seconds, not at the world group's 90 s."""
+    import longattn.distributed as ld
+
+    sub = torch.distributed.new_group(list(range(world)), timeout=datetime.timedelta(seconds=10))
+    x = torch.randn(1, 2, 9, 4, dtype=torch.float64)
+    y = x if rank == 0 else x.float()
+    calls = {
+        "dtype": lambda: ld.attention(y, y, y, "local", before=2, after=1, group=sub),
+        "mechanism": lambda: (ld.attention(x, x, x, "local", before=2, group=sub) if rank else
+                              ld.attention(x, x, x, "full", group=sub)),
+        "before": lambda: ld.attention(x, x, x, "local", before=2 + rank, after=0, group=sub),
+        "causal": lambda: ld.attention(x, x, x, "local", causal=bool(rank), before=2, after=0, group=sub),
+        "unsupported_on_one": lambda: ld.attention(x, x, x, "lsh" if rank else "local", before=2, group=sub),
+        "agree": lambda: ld.attention(x, x, x, "local", before=2, after=0, group=sub).shape,
+    }
+    res = {}
+    for name, call in calls.items():
+        try:
+            res[f"mismatch-{name}"] = f"no error {call()}"
+        except ValueError as e:
+            res[f"mismatch-{name}"] = str(e)
+    return res
+
+
+_PROBES["mismatch"] = _mismatch_probe
+
+
+def test_ranks_that_disagree_raise_the_same_error_on_every_rank():
+    """Issue 29: a dtype mismatch aborted one rank (gloo EnforceNotMet) while the other
+    returned; another mechanism per rank hung; another before/causal was accepted.
+    Now every rank raises one ValueError naming the field and the ranks."""
+    res = [{k: v for k, v in r.items() if k.startswith("mismatch")} for r in _results(2)]
+    assert res[0] and res[0] == res[1], res  # the same message on both ranks
+    assert res[0]["mismatch-agree"] == "no error torch.Size([1, 2, 9, 4])", res[0]
+    for name, needles in [
+        ("dtype", ["q, k, v dtypes", "rank 0: torch.float64", "rank 1: torch.float32"]),
+        ("mechanism", ["mechanism", "rank 0: 'full'", "rank 1: 'local'", "parameter before", "(not given)"]),
+        ("before", ["parameter before", "rank 0: 2", "rank 1: 3"]),
+        ("causal", ["causal", "rank 0: False", "rank 1: True"]),
+        ("unsupported_on_one", ["mechanism", "rank 1: 'lsh'"]),
+    ]:
+        msg = res[0][f"mismatch-{name}"]
+        assert "disagree" in msg and all(t in msg for t in needles), (name, msg)
 
 
 def test_needs_an_initialised_group():

@@ -254,14 +254,6 @@ def _check_forward(p, *, n=200, H=2, Hkv=2, nq=None, causal=False, kpm=None, seg
     return out, ref
 
 
-def test_flex_forward_local_padding_and_empty_rows():
-    n = 200
-    kpm = torch.ones(2, n, dtype=torch.bool)
-    kpm[1, :120] = False  # early queries of row 1 see no real key: zeros, not NaN
-    out, ref = _check_forward(make("local", before=20, after=5), n=n, kpm=kpm)
-    assert float(out[1, :, :90].abs().max()) == 0.0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["bigbird_padding", "st_fixed_causal_gqa", "per_head_bottom_right", "longformer_segments"])
 def test_flex_forward_more(case):
@@ -535,3 +527,55 @@ def test_split_side_memory_is_not_quadratic():
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["finite"] and got["peak_mb"] < 300, got
+
+
+# ----------------------------------------------------------------------------------------
+# Lengths off the block grid (issue 29): the CPU's compiled Flex runs on whole blocks
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,nq,causal", [(72, 72, False), (104, 33, True), (200, 200, False), (8, 3, True)])
+def test_padded_block_mask_hides_the_padding(n, nq, causal):
+    """pad_to_blocks: seq_lengths are whole blocks; over the real rows and keys the mask
+    is the predicate at (nq, n); padded keys are never visible, so the cut last key
+    block is never listed full (Flex would skip the mask_mod there)."""
+    kpm, seg = _inputs(n)
+    p = make("bigbird", block=16)
+    bm = block_mask_for(p, n, 2, causal=causal, block=64, key_padding_mask=kpm, segment_ids=seg, q_len=nq,
+                        pad_to_blocks=True)
+    assert bm.seq_lengths == (-(-nq // 64) * 64, -(-n // 64) * 64)
+    got = expand_block_mask(bm, 2, 2)
+    ref = reference_mask(p, n, 2, causal, kpm, seg, nq)
+    assert torch.equal(got[:, :, :nq, :n], ref.expand(2, 2, nq, n))
+    assert not got[..., n:].any()
+    last = (n - 1) // 64
+    assert not (bm.full_kv_indices[bm.full_kv_num_blocks > 0] == last).any() or n % 64 == 0
+
+
+def test_flex_forward_at_lengths_off_the_block_grid():
+    """Compiled Flex on the CPU at N = 8 mod 16 below one block (issue 29 saw wrong rows
+    and NaN at 8, 72, 104, 120), with key padding: q, k, v (and the mask's tables) are
+    padded to whole blocks inside, so these lengths share one compiled kernel; each
+    equals the float64 dense reference, and queries that see no real key give zeros."""
+    p = make("local", before=20, after=5)
+    for n in (120, 72, 8):
+        kpm = torch.ones(2, n, dtype=torch.bool)
+        kpm[1, : n // 2] = False  # early queries of row 1 see no real key: zeros, not NaN
+        out, _ = _check_forward(p, n=n, kpm=kpm)
+        if n > 8:  # a window of 5 after: queries before n // 2 - 5 see only padding
+            assert float(out[1, :, : n // 2 - 5].abs().max()) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [24, 40, 56, 88, 104, 136, 152])
+def test_flex_forward_lengths_sweep(n):
+    """More lengths off the grid: causal with bottom-right queries and documents."""
+    kpm, seg = _inputs(n)
+    _check_forward(make("longformer", window=8), n=n, nq=n - n // 3, causal=True, kpm=kpm)
+    _check_forward(make("bigbird", block=16), n=n, seg=seg)
+
+
+def test_cpu_float64_is_refused_clearly():
+    q = torch.randn(1, 1, 8, 16, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(TypeError, match="float64"):
+        flex_pattern_attention(q, q, q, make("local", before=2, after=2))

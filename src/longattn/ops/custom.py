@@ -203,7 +203,7 @@ def _engine_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor 
         from longattn.ops.sparse import _check_positions
 
         name, gidx, kw = cfg.check
-        _check_positions(name, k.shape[2], gidx, kw)
+        _check_positions(name, gidx, kw)
     d = check_qkv(q, k, v, causal=cfg.causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=True)
     s = default_scale(cfg.scale, d.D)
     fwd = _engine_groups(cfg, d.H, d.Hkv, d.Nq, d.Nk, key_padding_mask is not None, BAND_QUERY_TILE)
@@ -370,6 +370,14 @@ def supported(mechanism: str, params: dict[str, Any] | None = None) -> bool:
     return True
 
 
+def _same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
+    """``a == b`` as a Python bool. Under ``torch.compile(dynamic=True)`` (or after an
+    automatic-dynamic recompile) head sizes are SymInts and ``a == b`` a SymBool, which
+    :func:`config_key` (``assume_constant_result``) cannot take; branching on it makes
+    Dynamo evaluate it and guard on the answer, so the graph recompiles if it changes."""
+    return True if a == b else False
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -393,7 +401,9 @@ def attention(
                      segment_ids=segment_ids, **params)
     tnames = tuple(sorted(n for n, x in params.items() if isinstance(x, Tensor)))
     snames = tuple(sorted(n for n in params if n not in tnames))
-    engine_ok = segment_ids is None and q.dim() == 4 and v.dim() == 4 and q.shape[-1] == v.shape[-1]
+    # a plain bool (a shape guard under torch.compile), never a SymBool: config_key's
+    # arguments must be Python constants (assume_constant_result)
+    engine_ok = segment_ids is None and q.dim() == 4 and v.dim() == 4 and _same_size(q.shape[-1], v.shape[-1])
     key = config_key(mechanism, causal, scale, q.device.type, engine_ok, tnames, snames,
                      *[params[n] for n in snames])
     if "|engine|" in key:

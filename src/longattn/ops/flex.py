@@ -17,9 +17,12 @@ instance of a pattern kind.
 
 :func:`flex_pattern_attention` runs ``flex_attention`` (compiled with dynamic shapes,
 one compiled wrapper per pattern kind, cached) with that mask. On CUDA it has a
-forward and a backward; on the CPU, compiled Flex has a forward only.
+forward and a backward; on the CPU, compiled Flex has a forward only (fp32, bf16,
+fp16), is compiled per shape with static shapes, and runs on q, k, v zero-padded to
+whole blocks (``pad_to_blocks``): at some lengths off the block grid it returned wrong
+rows or NaN (issue 29), and padded lengths share their compiled kernels.
 
-Conventions (DESIGN.md sections 3, 4, 7): positions are 0-based; with Nq < Nk the
+Conventions (docs/design.md sections 3, 4, 7): positions are 0-based; with Nq < Nk the
 queries are the last Nq positions (bottom-right, FlashAttention >= 2.1); padded keys
 (``key_padding_mask`` False) get no weight; ``segment_ids`` packs documents: each
 document is attended as if run alone, positions restarting at its first token.
@@ -637,6 +640,7 @@ def block_mask_for(
     device: torch.device | str = "cpu",
     compact: bool | None = None,
     with_q_blocks: bool = True,
+    pad_to_blocks: bool = False,
 ):
     """A FlexAttention ``BlockMask`` for ``pattern`` over ``n`` keys and ``heads`` heads,
     built from the pattern's components (never from N x N predicate evaluations).
@@ -663,9 +667,15 @@ def block_mask_for(
             kernel requires. Default: compact except on the CPU.
         with_q_blocks: also build the transposed (per key block) lists Flex needs for
             the backward pass (built sparsely here, not by Flex's dense transpose).
+        pad_to_blocks: lay the mask over q and k zero-padded at the end to whole
+            blocks: seq_lengths (QB * block, KB * block), padded keys never visible
+            (the last key block, if cut, is partial), padded query rows to be sliced
+            off. The visibility among real positions is that of (q_len, n). This is
+            how :func:`flex_pattern_attention` runs the CPU's compiled Flex, which
+            returned wrong rows or NaN at some lengths off the block grid (issue 29).
 
     Returns:
-        ``BlockMask`` with seq_lengths (q_len, n), BLOCK_SIZE (block, block), the
+        ``BlockMask`` with seq_lengths (q_len, n) (see ``pad_to_blocks``), BLOCK_SIZE (block, block), the
         partial blocks in ``kv_num_blocks/kv_indices``, the full ones in
         ``full_kv_num_blocks/full_kv_indices`` and the pattern's predicate (with
         causal, padding and documents) as ``mask_mod``. Cost: O(visible blocks +
@@ -673,8 +683,9 @@ def block_mask_for(
     """
     g, B, docs = _check_build(pattern, n, heads, block, q_len, key_padding_mask, segment_ids)
     recs, H = _visible_blocks(pattern, g, heads, causal, key_padding_mask, segment_ids, docs, B)
-    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, torch.device(device))
-    return _assemble(g, B, H, recs, mask_mod, device, compact, with_q_blocks)
+    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, torch.device(device),
+                         pad_to_blocks)
+    return _assemble(g, B, H, recs, mask_mod, device, compact, with_q_blocks, pad_to_blocks)
 
 
 HEAVY_FACTOR = 4.0
@@ -735,6 +746,7 @@ def split_block_mask_for(
     with_q_blocks: bool = True,
     heavy_factor: float = HEAVY_FACTOR,
     heavy_min_blocks: int = HEAVY_MIN_BLOCKS,
+    pad_to_blocks: bool = False,
 ) -> SplitBlockMask:
     """:func:`block_mask_for` with the dense rows and columns taken out of the lists.
 
@@ -747,7 +759,9 @@ def split_block_mask_for(
 
     Args:
         pattern, n, heads, causal, block, key_padding_mask, segment_ids, q_len,
-            device, compact, with_q_blocks: as :func:`block_mask_for`.
+            device, compact, with_q_blocks, pad_to_blocks: as :func:`block_mask_for`
+            (``pad_to_blocks`` pads ``block_mask`` only: ``mask_mod`` and the heavy
+            rows and keys stay on the real lengths).
         heavy_factor, heavy_min_blocks: the thresholds above.
 
     Returns:
@@ -764,9 +778,10 @@ def split_block_mask_for(
     if hq.numel() or hk.numel():
         keep = ~(_block_flags(hq, g.QB)[recs[2]] | _block_flags(hk, g.KB)[recs[3]])
         recs = tuple(x[keep] for x in recs)
-    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, torch.device(device))
+    mask_mod = _mask_mod(pattern, heads, causal, g, key_padding_mask, segment_ids, docs, torch.device(device),
+                         pad_to_blocks)
     light = _without_blocks(mask_mod, g, hq, hk, torch.device(device)) if hq.numel() or hk.numel() else mask_mod
-    bm = _assemble(g, B, H, recs, light, device, compact, with_q_blocks)
+    bm = _assemble(g, B, H, recs, light, device, compact, with_q_blocks, pad_to_blocks)
     return SplitBlockMask(bm, mask_mod, hq, hk, block, n, g.nq, int(recs[0].numel()))
 
 
@@ -883,14 +898,21 @@ def _visible_blocks(pattern: Pattern, g: _Grid, heads: int, causal: bool, key_pa
 
 
 def _assemble(g: _Grid, B: int, H: int, recs: tuple[Tensor, ...], mask_mod: Callable,
-              device: torch.device | str, compact: bool | None, with_q_blocks: bool):
+              device: torch.device | str, compact: bool | None, with_q_blocks: bool, padded: bool = False):
     """The BlockMask of the records (b, h, qb, kb, full): partial and full kv lists
     [B, H, QB, W] (and the transposed q lists [B, H, KB, W'] when ``with_q_blocks``),
-    moved to ``device``. O(records log records) + the lists."""
+    moved to ``device``. O(records log records) + the lists. ``padded``: laid over q
+    and k padded to whole blocks (see :func:`_pad_to_blocks`)."""
     device = torch.device(device)
     if compact is None:
         compact = device.type != "cpu"
     bi, hi, qb, kb, full = recs
+    seq_lengths = (g.nq, g.n)
+    if padded:
+        seq_lengths = (g.QB * g.b, g.KB * g.b)
+        mask_mod = _pad_to_blocks(mask_mod, g, device)
+        if g.n % g.b:  # the last key block holds padded keys: never full (Flex skips mask_mod there)
+            full = full & (kb != g.KB - 1)
     part = ~full
     kv_w = None if compact else g.KB
     q_w = None if compact else g.QB
@@ -899,7 +921,7 @@ def _assemble(g: _Grid, B: int, H: int, recs: tuple[Tensor, ...], mask_mod: Call
     to = lambda x: x.to(device)  # noqa: E731
     bm = BlockMask.from_kv_blocks(
         to(kv_num), to(kv_idx), to(fkv_num), to(fkv_idx), BLOCK_SIZE=(g.b, g.b), mask_mod=mask_mod,
-        seq_lengths=(g.nq, g.n), compute_q_blocks=False,
+        seq_lengths=seq_lengths, compute_q_blocks=False,
     )
     if with_q_blocks:  # the transposed lists, from the same records (Flex's own transpose is dense)
         q_num, q_idx = _lists(B, H, g.KB, (bi[part], hi[part], kb[part]), qb[part], q_w)
@@ -909,19 +931,38 @@ def _assemble(g: _Grid, B: int, H: int, recs: tuple[Tensor, ...], mask_mod: Call
     return bm
 
 
+def _pad_to_blocks(mask_mod: Callable, g: _Grid, device: torch.device) -> Callable:
+    """``mask_mod`` for q and k padded to whole blocks (QB * block rows, KB * block
+    keys): padded keys (kv_idx >= n) are never visible. (``mask_mod`` clips its own
+    table lookups, as Flex evaluates it past the lengths in a cut block; padded query
+    rows are sliced off by :func:`_light`.)"""
+    n = _c(g.n).to(device)
+
+    def padded_mask_mod(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & (kv_idx < n)
+
+    padded_mask_mod.longattn_kind = ("padded", mask_mod.longattn_kind)  # type: ignore[attr-defined]
+    return padded_mask_mod
+
+
 def _mask_mod(pattern: Pattern, heads: int, causal: bool, g: _Grid, kpm: Tensor | None,
-              seg: Tensor | None, docs: list[list[tuple[int, int]]], device: torch.device):
+              seg: Tensor | None, docs: list[list[tuple[int, int]]], device: torch.device, padded: bool = False):
     """mask_mod(b, h, q_idx, kv_idx): the predicate at (document-local) positions, with
-    causal, padding and documents."""
+    causal, padding and documents. ``padded``: its [B, N] tables are KB * block wide
+    (lookups are clipped to n - 1 anyway), so that every length with as many blocks
+    shares one static-shape compiled kernel."""
     n, q0 = g.n, g.q0
+    if padded and kpm is not None:
+        kpm = torch.nn.functional.pad(kpm, (0, g.KB * g.b - n), value=False)
     if seg is None:
         lengths, lidx, start = [n], None, None
     else:
         lengths = sorted({L for row in docs for _, L in row})
         where = {L: k for k, L in enumerate(lengths)}
         B = len(docs)
-        start = torch.zeros(B, n, dtype=torch.long)
-        lidx = torch.zeros(B, n, dtype=torch.long)
+        width = g.KB * g.b if padded else n
+        start = torch.zeros(B, width, dtype=torch.long)
+        lidx = torch.zeros(B, width, dtype=torch.long)
         for bi, row in enumerate(docs):
             for s, L in row:
                 start[bi, s : s + L] = s
@@ -1034,6 +1075,7 @@ def expand_block_mask(bm, batch: int = 1, heads: int = 1) -> Tensor:
 
 _COMPILED: dict[object, Callable] = {}
 _MASKS: dict[tuple, tuple[Pattern, object]] = {}
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the CPU Flex template takes
 _SIDE_ELEMENTS = 1 << 23  # scores per chunk of the heavy rows/columns (fp32: 32 MiB)
 _SIDE_MIN_STEP = 128  # ... but at least this many keys (rows) per chunk
 
@@ -1048,15 +1090,15 @@ def _flex_call(q, k, v, block_mask, scale, enable_gqa, lse=False):
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
 
 
-def _compiled(kind: object) -> Callable:
-    """torch.compile(flex_attention) with dynamic shapes, one wrapper per pattern kind
-    (a code object of its own, so each kind has its own compile cache and recompile
-    budget)."""
+def _compiled(kind: object, dynamic: bool = True) -> Callable:
+    """torch.compile(flex_attention) (with dynamic shapes unless ``dynamic=False``), one
+    wrapper per pattern kind (a code object of its own, so each kind has its own compile
+    cache and recompile budget)."""
     fn = _COMPILED.get(kind)
     if fn is None:
         code = _flex_call.__code__.replace(co_name=f"_flex_call_{len(_COMPILED)}")
         wrapper = types.FunctionType(code, _flex_call.__globals__, code.co_name, _flex_call.__defaults__)
-        fn = torch.compile(wrapper, dynamic=True)
+        fn = torch.compile(wrapper, dynamic=dynamic)
         _COMPILED[kind] = fn
     return fn
 
@@ -1071,16 +1113,28 @@ def _light(q: Tensor, k: Tensor, v: Tensor, bm, scale: float, enable_gqa: bool, 
         if lse:
             raise NotImplementedError("compiled Flex on the CPU returns no log-sum-exp, which split=True (heavy "
                                       "rows and columns outside Flex) needs: use split=False on the CPU")
+        if q.dtype not in _CPU_DTYPES:
+            raise TypeError(f"compiled Flex on the CPU takes {', '.join(map(str, _CPU_DTYPES))} inputs, got "
+                            f"q of {q.dtype}: use backend='engine' (or cast)")
     kind = getattr(bm.mask_mod, "longattn_kind", None)
-    if q.device.type == "cpu":
-        # torch 2.13's CPU Flex template fails to build when a compiled graph is
-        # recompiled for new shapes (C++ error "cur_kvSplitSize4 was not declared"): on
-        # the CPU every shape gets a wrapper (a first compile) of its own.
-        kind = (kind, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
-        q, k, v = q.detach(), k.detach(), v.detach()  # Flex refuses requires_grad on the CPU
-    else:
-        kind = (kind, q.dtype, enable_gqa, lse)
-    return _compiled(kind)(q, k, v, bm, scale, enable_gqa, lse)
+    if q.device.type != "cpu":
+        return _compiled((kind, q.dtype, enable_gqa, lse))(q, k, v, bm, scale, enable_gqa, lse)
+    nq, (pq, pk) = q.shape[2], bm.seq_lengths
+    # a mask built with pad_to_blocks: q and k zero-padded to whole blocks, the padded
+    # rows sliced off (the padded keys are hidden by its mask_mod)
+    q, k, v = (x.detach() if x.shape[2] == n else _pad_rows(x.detach(), n) for x, n in ((q, pq), (k, pk), (v, pk)))
+    # torch 2.13's CPU Flex template fails to build (C++ error "cur_kvSplitSize4 was not
+    # declared") when a dynamic-shape graph is recompiled for new shapes, or when a
+    # mask table's length is a size symbol other than the key length (the padded case):
+    # on the CPU every shape gets a wrapper of its own, compiled with static shapes.
+    kind = (kind, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
+    out = _compiled(kind, dynamic=False)(q, k, v, bm, scale, enable_gqa, lse)
+    return out if out.shape[2] == nq else out[:, :, :nq]
+
+
+def _pad_rows(x: Tensor, n: int) -> Tensor:
+    """[B, H, N, D] -> [B, H, n, D], zero rows appended (n >= N)."""
+    return torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1256,7 +1310,9 @@ def flex_pattern_attention(
 
     Returns:
         [B, H, Nq, Dv]; queries with no visible key give zeros. On CUDA
-        differentiable; on the CPU forward only (compiled Flex has no CPU backward).
+        differentiable; on the CPU forward only (compiled Flex has no CPU backward),
+        fp32/bf16/fp16 only (TypeError otherwise), computed on q, k, v zero-padded to
+        whole blocks (the padded keys masked, the padded rows sliced off).
     """
     if flex_attention is None:  # pragma: no cover
         raise RuntimeError("FlexAttention needs torch >= 2.5")
@@ -1266,6 +1322,10 @@ def flex_pattern_attention(
     s = D ** -0.5 if scale is None else float(scale)
     split = _split_default(q.device) if split is None else bool(split)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    # the CPU's compiled Flex (which runs unsplit: it returns no lse) gets whole blocks
+    # only: at some lengths off the block grid (N = 8 mod 16 below one block) it
+    # returned wrong rows or NaN (issue 29)
+    pad = q.device.type == "cpu" and not split
     key = (id(pattern), Nk, H, causal, block, Nq, q.device, compact, grad, split, heavy_factor, heavy_min_blocks)
     cacheable = key_padding_mask is None and segment_ids is None
     hit = _MASKS.get(key) if cacheable else None
@@ -1274,7 +1334,8 @@ def flex_pattern_attention(
         sbm = split_block_mask_for(pattern, Nk, H, causal=causal, block=block, key_padding_mask=key_padding_mask,
                                    segment_ids=segment_ids, q_len=Nq, device=q.device, compact=compact,
                                    with_q_blocks=grad or q.device.type != "cpu",
-                                   heavy_factor=heavy_factor, heavy_min_blocks=heavy_min_blocks if split else _BIG)
+                                   heavy_factor=heavy_factor, heavy_min_blocks=heavy_min_blocks if split else _BIG,
+                                   pad_to_blocks=pad)
         if cacheable:
             if len(_MASKS) > 64:
                 _MASKS.clear()
