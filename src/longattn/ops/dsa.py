@@ -1,0 +1,313 @@
+"""``dsa``: DeepSeek Sparse Attention (DeepSeek-AI 2025, DeepSeek-V3.2-Exp), a learned mechanism.
+
+A *lightning indexer* scores every (query t, key s) pair cheaply,
+
+    I(t, s) = sum_j w_{t,j} ReLU(q^I_{t,j} . k^I_s),      j = 1 .. Hi index heads,
+
+and each query attends, with one exact softmax (:func:`longattn.ops.given_keys.
+given_keys_attention`), to its ``topk`` highest-scored visible tokens (ties to the lower
+position; causal: s <= t). The selection is shared by every head and is not
+differentiated. Here the indexer reads the attention layer's own tensors (the module gets
+q, k, v only): q^I_t = (concatenated query heads of t) W_q [H*D -> Hi*Di], the weights
+w_t = (concatenated query heads) W_w [H*D -> Hi] / sqrt(Hi), and one shared index key
+k^I_s = (mean of the kv heads of s) W_k [D -> Di]. As in the paper the indexer's input is
+detached: it learns only from :func:`indexer_loss`,
+
+    L_I = sum_t KL(p_t || softmax(I_t)),
+
+p_t = the main attention's distribution at t summed over heads and L1-normalised, both
+over the selected tokens (sparse stage) or over every visible token (``warmup=True``:
+dense main attention, the indexer trained by this loss alone, as the paper's warm-up).
+:func:`indexer_loss` returns the sum divided by the number of query rows.
+
+Cost: index scores in chunks of queries ([chunk, Hi, Nk], never Nq x Nk at once), time
+O(Nq * Nk * Hi * Di) for the indexer (cheap heads, as in the paper) plus
+O(Nq * topk * D) per head for the attention; memory O(Nq * topk). The module stores the
+loss of its last training call in ``last_indexer_loss`` (add it to the training loss).
+Decode (Nq < Nk, bottom-right): query r is position Nk - Nq + r.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops.dense import full_attention
+from longattn.ops.given_keys import given_keys_attention
+from longattn.ops.nsa import top_indices
+from longattn.registry import Param, register
+
+#: index scores (per chunk of queries, all index heads) one chunk may hold (elements)
+INDEX_ELEMENTS = 1 << 22
+
+WEIGHT_NAMES = ("index_q", "index_k", "index_w")
+
+
+def dsa_weights(heads: int, head_dim: int, index_heads: int, index_dim: int, *,
+                seed: int | None = 0) -> dict[str, Tensor]:
+    """Initial indexer weights (fp32, from ``seed``): ``index_q`` [H, D, Hi * Di],
+    ``index_k`` [D, Di], ``index_w`` [H, D, Hi], each N(0, 1 / fan_in)."""
+    g = None if seed is None else torch.Generator().manual_seed(int(seed))
+    fan = (heads * head_dim) ** -0.5
+    return {
+        "index_q": torch.randn(heads, head_dim, index_heads * index_dim, generator=g) * fan,
+        "index_k": torch.randn(head_dim, index_dim, generator=g) * head_dim ** -0.5,
+        "index_w": torch.randn(heads, head_dim, index_heads, generator=g) * fan,
+    }
+
+
+def index_inputs(q: Tensor, k: Tensor, weights: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Indexer queries, keys and weights from (detached) q [B, H, Nq, D], k [B, Hkv, Nk, D]:
+    q^I [B, Nq, Hi, Di], k^I [B, Nk, Di], w [B, Nq, Hi], in at least fp32."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    qd, kd = q.detach().to(work), k.detach().to(work)
+    Hi = weights["index_w"].shape[-1]
+    qi = torch.einsum("bhnd,hde->bne", qd, weights["index_q"].to(work))
+    wi = torch.einsum("bhnd,hde->bne", qd, weights["index_w"].to(work)) * Hi ** -0.5
+    ki = kd.mean(1) @ weights["index_k"].to(work)
+    return qi.view(*qi.shape[:2], Hi, -1), ki, wi
+
+
+def index_scores(qi: Tensor, ki: Tensor, wi: Tensor) -> Tensor:
+    """I(t, s) = sum_j w[t, j] ReLU(q^I[t, j] . k^I[s]): qi [B, C, Hi, Di], ki [B, Nk, Di],
+    wi [B, C, Hi] -> [B, C, Nk]. Memory C * Hi * Nk."""
+    B, C, Hi, Di = qi.shape
+    r = torch.relu(torch.matmul(qi.reshape(B, C * Hi, Di), ki.transpose(-1, -2)))  # one matmul per row
+    return torch.matmul(wi.unsqueeze(-2), r.view(B, C, Hi, -1)).squeeze(-2)
+
+
+def _visible(c0: int, c1: int, Nq: int, Nk: int, causal: bool, key_padding_mask: Tensor | None,
+             device: torch.device) -> Tensor:
+    """bool [B|1, C, Nk]: keys query rows c0..c1 (positions Nk - Nq + r) may see."""
+    pos = torch.arange(c0, c1, device=device) + (Nk - Nq)
+    keys = torch.arange(Nk, device=device)
+    vis = (keys[None, :] <= pos[:, None]) if causal else torch.ones(c1 - c0, Nk, dtype=torch.bool, device=device)
+    vis = vis.unsqueeze(0)
+    return vis & key_padding_mask[:, None, :] if key_padding_mask is not None else vis
+
+
+def _chunk(B: int, Hi: int, Nq: int, Nk: int) -> int:
+    return max(1, min(Nq, INDEX_ELEMENTS // max(1, B * (Hi + 4) * Nk)))
+
+
+def select_tokens(qi: Tensor, ki: Tensor, wi: Tensor, *, topk: int, causal: bool,
+                  key_padding_mask: Tensor | None) -> Tensor:
+    """The ``topk`` best visible tokens per query: long [B, Nq, min(topk, Nk)] (in no set
+    order), -1 = none (fewer visible tokens). Ties go to the lower position. No gradient."""
+    B, Nq, Hi, _ = qi.shape
+    Nk = ki.shape[1]
+    out = torch.empty(B, Nq, min(topk, Nk), dtype=torch.long, device=qi.device)
+    C = _chunk(B, Hi, Nq, Nk)
+    with torch.no_grad():
+        for c0 in range(0, Nq, C):
+            c1 = min(Nq, c0 + C)
+            hi = min(Nk, c1 + Nk - Nq) if causal else Nk  # causal: no key past the chunk's last row
+            sc = index_scores(qi[:, c0:c1], ki[:, :hi], wi[:, c0:c1])
+            vis = _visible(c0, c1, Nq, Nk, causal, key_padding_mask, qi.device)[..., :hi]
+            top = top_indices(sc, vis, topk)
+            out[:, c0:c1] = F.pad(top, (0, out.shape[-1] - top.shape[-1]), value=-1)
+    return out
+
+
+def _kl_rows(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """sum over rows of KL(target || softmax(logits)) on the valid slots ([..., T]); a row with
+    no valid slot adds 0."""
+    logq = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), -1)
+    logq = torch.where(valid, logq, torch.zeros_like(logq))
+    t = torch.where(valid, target, torch.zeros_like(target))
+    logt = torch.log(t.clamp_min(torch.finfo(t.dtype).tiny))
+    return (t * (logt - logq)).sum()
+
+
+def _main_probs(s: Tensor, valid: Tensor) -> Tensor:
+    """Scores [B, H, C, T] masked by valid [B, 1, C, T] -> per-head softmax summed over heads,
+    L1-normalised: [B, C, T] (zeros for a row with nothing)."""
+    s = s.masked_fill(~valid, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    p = (p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)).sum(1)
+    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _loss_chunk(qi: Tensor, wi: Tensor, ki: Tensor, q: Tensor, k: Tensor, vis: Tensor, idx: Tensor | None,
+                scale: float) -> Tensor:
+    """KL summed over one chunk of rows: dense over ``vis`` [B, C, Nk] (idx None) or over the
+    selected tokens idx [B, C, T] (-1 = empty)."""
+    B, H, C, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, H // Hkv, C, D)
+    if idx is None:
+        logits = index_scores(qi, ki, wi)
+        valid = vis
+        with torch.no_grad():
+            s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).view(B, H, C, -1) * scale
+    else:
+        safe = idx.clamp(min=0)
+        valid = (idx >= 0) & vis.gather(2, safe)
+        kis = ki.gather(1, safe.reshape(B, -1, 1).expand(-1, -1, ki.shape[-1])).view(*idx.shape, -1)
+        r = torch.relu(torch.matmul(qi.unsqueeze(2), kis.unsqueeze(3).transpose(-1, -2)))  # [B, C, T, Hi, 1]
+        logits = (r.squeeze(-1) * wi.unsqueeze(2)).sum(-1)
+        with torch.no_grad():
+            ks = k.gather(2, safe.reshape(B, 1, -1, 1).expand(-1, Hkv, -1, D)).view(B, Hkv, 1, C, -1, D)
+            s = torch.matmul(qg.unsqueeze(-2), ks.transpose(-1, -2)).view(B, H, C, -1) * scale
+    with torch.no_grad():
+        target = _main_probs(s, valid.unsqueeze(1))
+    return _kl_rows(logits, target, valid)
+
+
+def indexer_loss(
+    q: Tensor, k: Tensor, qi: Tensor, ki: Tensor, wi: Tensor, *, indices: Tensor | None = None,
+    causal: bool = False, key_padding_mask: Tensor | None = None, scale: float | None = None,
+) -> Tensor:
+    """The DSA indexer loss: mean over query rows of KL(p_t || softmax(I_t)) (a scalar).
+
+    q [B, H, Nq, D], k [B, Hkv, Nk, D] (the main attention's; no gradient reaches them);
+    qi, ki, wi from :func:`index_inputs` (the gradient flows to the indexer weights).
+    ``indices`` [B, Nq, T] (-1 = empty): the sparse stage, KL over each row's selected
+    tokens; None: the warm-up, KL over every visible token (causal, key padding). Chunks
+    of rows under activation checkpointing: memory one chunk ([chunk, Nk] scores), never
+    Nq x Nk; time O(Nq * Nk * (H * D + Hi * Di)) dense, O(Nq * T * ...) sparse.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    s = default_scale(scale, D)
+    qd, kd = q.detach(), k.detach()
+    work = qi.dtype
+    C = max(1, _chunk(B, max(qi.shape[2], H), Nq, Nk if indices is None else indices.shape[-1] * D))
+    total = qi.new_zeros(())
+    for c0 in range(0, Nq, C):
+        c1 = min(Nq, c0 + C)
+        vis = _visible(c0, c1, Nq, Nk, causal, key_padding_mask, q.device).expand(B, -1, -1)
+        idx = None if indices is None else indices[:, c0:c1]
+        args = (qi[:, c0:c1], wi[:, c0:c1], ki, qd[:, :, c0:c1].to(work), kd.to(work), vis, idx, s)
+        if torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad or wi.requires_grad):
+            total = total + torch.utils.checkpoint.checkpoint(_loss_chunk, *args, use_reentrant=False)
+        else:
+            total = total + _loss_chunk(*args)
+    return total / (B * Nq)
+
+
+def check_weights(weights: object, H: int, D: int) -> dict[str, Tensor]:
+    """The indexer weights dict checked (shapes as :func:`dsa_weights`); errors name it."""
+    if not isinstance(weights, dict):
+        raise TypeError(f"weights must be a dict of tensors {list(WEIGHT_NAMES)}, got {type(weights).__name__}")
+    for name in WEIGHT_NAMES:
+        t = weights.get(name)
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"weights[{name!r}] must be a floating tensor, got {type(t).__name__}")
+    wq, wk, ww = (weights[n] for n in WEIGHT_NAMES)
+    ok = (wq.dim() == 3 and tuple(wq.shape[:2]) == (H, D) and wk.dim() == 2 and wk.shape[0] == D
+          and ww.dim() == 3 and tuple(ww.shape[:2]) == (H, D) and wq.shape[2] == ww.shape[2] * wk.shape[1])
+    if not ok:
+        raise ValueError(f"weights must have shapes index_q [H={H}, D={D}, Hi*Di], index_k [D, Di], "
+                         f"index_w [H, D, Hi]; got {[list(weights[n].shape) for n in WEIGHT_NAMES]}")
+    return weights
+
+
+def _check_params(topk: object, index_heads: object, index_dim: object, warmup: object) -> None:
+    check_int("topk", topk, minimum=1)
+    check_int("index_heads", index_heads, minimum=1)
+    check_int("index_dim", index_dim, minimum=1)
+    if not isinstance(warmup, bool):
+        raise TypeError(f"warmup must be a bool, got {warmup!r}")
+
+
+def dsa_forward(
+    q: Tensor, k: Tensor, v: Tensor, weights: dict[str, Tensor], *, causal: bool, key_padding_mask: Tensor | None,
+    scale: float | None, topk: int, warmup: bool, with_loss: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(out [B, H, Nq, Dv], indexer loss or None): the main attention (sparse over the
+    indexer's top-k tokens, or dense when ``warmup``) and, if ``with_loss``, its indexer loss.
+    Inputs already checked."""
+    qi, ki, wi = index_inputs(q, k, weights)
+    idx = None
+    if warmup:
+        out = full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    else:
+        idx = select_tokens(qi, ki, wi, topk=topk, causal=causal, key_padding_mask=key_padding_mask)
+        out = given_keys_attention(q, k, v, idx, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    loss = None
+    if with_loss:
+        loss = indexer_loss(q, k, qi, ki, wi, indices=idx, causal=causal, key_padding_mask=key_padding_mask,
+                            scale=scale)
+    return out, loss
+
+
+def dsa_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None,
+    scale: float | None = None, topk: int = 64, index_heads: int = 4, index_dim: int = 32, warmup: bool = False,
+    weights: dict[str, Tensor] | None = None, seed: int | None = 0,
+) -> Tensor:
+    """DeepSeek Sparse Attention (see the module docstring).
+
+    q [B, H, Nq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv]; H % Hkv == 0; Nq <= Nk (the
+    queries are the last Nq positions). ``weights``: the indexer (:func:`dsa_weights`
+    shapes; None: initial ones from ``seed``). Returns [B, H, Nq, Dv] in q's dtype; never
+    an Nq x Nk tensor unless ``warmup`` (dense main attention by design).
+    """
+    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, cross=False, gqa=True,
+                  bottom_right=True)
+    _check_params(topk, index_heads, index_dim, warmup)
+    w = dsa_weights(d.H, d.D, index_heads, index_dim, seed=seed) if weights is None else weights
+    w = {n: t.to(q.device) for n, t in check_weights(w, d.H, d.D).items() if n in WEIGHT_NAMES}
+    default_scale(scale, d.D)
+    out, _ = dsa_forward(q, k, v, w, causal=causal, key_padding_mask=key_padding_mask, scale=scale, topk=topk,
+                         warmup=warmup, with_loss=False)
+    return out
+
+
+class DSAAttention(nn.Module):
+    """Module form of :func:`dsa_attention`: owns the lightning indexer. In training (with
+    gradients on) each call stores its indexer loss in ``last_indexer_loss`` (a scalar with a
+    gradient to the indexer weights only); add it to the loss. ``warmup`` may be switched
+    between calls (warm-up: dense attention; then sparse)."""
+
+    def __init__(self, heads: int, head_dim: int, topk: int = 64, index_heads: int = 4, index_dim: int = 32,
+                 warmup: bool = False, weights: dict[str, Tensor] | None = None, seed: int | None = 0) -> None:
+        super().__init__()
+        _check_params(topk, index_heads, index_dim, warmup)
+        init = dsa_weights(heads, head_dim, index_heads, index_dim, seed=seed) if weights is None else weights
+        init = check_weights(init, heads, head_dim)
+        for n in WEIGHT_NAMES:
+            setattr(self, n, nn.Parameter(init[n].detach().clone().float()))
+        self.heads, self.head_dim, self.topk, self.warmup = heads, head_dim, topk, warmup
+        self.last_indexer_loss: Tensor | None = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+        d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, cross=False, gqa=True,
+                      bottom_right=True)
+        if d.H != self.heads or d.D != self.head_dim:
+            raise ValueError(f"q must have heads={self.heads} and head_dim={self.head_dim}, got {tuple(q.shape)}")
+        default_scale(scale, d.D)
+        w = {n: getattr(self, n) for n in WEIGHT_NAMES}
+        with_loss = self.training and torch.is_grad_enabled()
+        out, loss = dsa_forward(q, k, v, w, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                topk=self.topk, warmup=self.warmup, with_loss=with_loss)
+        self.last_indexer_loss = loss
+        return out
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, topk={self.topk}, warmup={self.warmup}"
+
+
+# registered here, after the module class it builds
+register(
+    "dsa",
+    params=(
+        Param("topk", 64, "tokens each query attends to (chosen by the lightning indexer)"),
+        Param("index_heads", 4, "indexer heads Hi"),
+        Param("index_dim", 32, "indexer head width Di"),
+        Param("warmup", False, "warm-up stage: dense main attention (the indexer learns by its KL loss)"),
+        Param("weights", None, "dict of indexer tensors (see dsa_weights); None: initial ones from seed"),
+        Param("seed", 0, "seed of the initial indexer when weights is None"),
+    ),
+    family="select", exact=False, causal=True, learned=True, cross=False, subquadratic=True,
+    gqa=True, bottom_right=True, packed=False,
+    paper="DeepSeek-AI 2025, DeepSeek-V3.2-Exp (DeepSeek Sparse Attention)",
+    summary="lightning indexer picks top-k tokens per query, exact attention over them",
+    module=DSAAttention,
+)(dsa_attention)
