@@ -12,6 +12,7 @@ from longattn.decoding import (
     generate,
     incremental_logits,
     init_cache,
+    prefill,
     supports_cache,
 )
 from longattn.model import ModelConfig, Transformer
@@ -218,3 +219,67 @@ def test_generate_bad_inputs():
         generate(m, p, 2, top_k=0)
     with pytest.raises(ValueError, match="prompt"):
         generate(m, torch.randint(0, 17, (3,)), 2)
+
+
+# ------------------------------------------------------------------ recurrent family (issue 33)
+RECURRENT = ("gated_delta", "kda", "ssd", "gla", "retention")
+
+
+def _recurrent_lm(name: str, **kw) -> Transformer:
+    need(name)
+    return lm(name, {"chunk_size": 8}, **kw)   # chunks of 8: prompts of 13, 21 tokens end mid-chunk
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent_state_steps_and_prefill_equal_parallel(name):
+    """Token-by-token logits, and a 13-token chunked prefill followed by 8 steps, equal
+    model(x) (the chunked forward over all 21 tokens)."""
+    m = _recurrent_lm(name)
+    check_incremental(m, 21)
+    x = torch.randint(0, 17, (2, 21))
+    cache = init_cache(m)
+    with torch.no_grad():
+        head = prefill(m, x[:, :13], cache)
+        tail = torch.stack([decode_step(m, x[:, t], cache, t) for t in range(13, 21)], dim=1)
+        torch.testing.assert_close(torch.cat((head, tail), 1), m(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent_generate_with_state_equals_recomputation(name):
+    m = _recurrent_lm(name)
+    prompt = torch.randint(0, 17, (2, 11))
+    assert supports_cache(m)
+    assert torch.equal(generate(m, prompt, 7, temperature=0, use_cache=True),
+                       generate(m, prompt, 7, temperature=0, use_cache=False))
+
+
+def test_recurrent_state_is_chosen_by_family_and_constant_in_size():
+    """Every registered recurrent mechanism gets the family's state; the state is one
+    [B, H, Dk, Dv] tensor per layer (8-byte floats here), whatever the tokens decoded."""
+    from longattn.decoding import FAMILY_STATES, state_class
+
+    m = _recurrent_lm("gated_delta")
+    grp = m.blocks[0].attn.groups[0]
+    assert state_class(grp) is FAMILY_STATES["recurrent"] and "gated_delta" not in DECODE_STATES
+    for spec in registry.specs():
+        if spec.family == "recurrent":
+            assert FAMILY_STATES.get(spec.family) is not None
+    sizes = _state_bytes(m, 30)
+    assert sizes[0] == sizes[29] == 2 * (1 * 4 * 8 * 8) * 8     # depth 2, B 1, H 4, Dk = Dv = 8
+
+
+def test_recurrent_prompt_uses_the_chunked_forward_and_grouped_kv(monkeypatch):
+    """generate prefills the prompt with the chunked forward (no per-token step over the
+    prompt: only the generated tokens step), with grouped KV heads (kv_heads=2)."""
+    from longattn.decoding import RecurrentState
+
+    m = _recurrent_lm("gated_delta", kv_heads=2)
+    check_incremental(m, 13)
+    steps = []
+    orig = RecurrentState.step
+    monkeypatch.setattr(RecurrentState, "step", lambda self, *a: steps.append(1) or orig(self, *a))
+    prompt = torch.randint(0, 17, (2, 9))
+    out = generate(m, prompt, 4, temperature=0)
+    assert len(steps) == 3 * 2, "3 generated tokens fed back, 2 layers; the 9-token prompt never steps"
+    monkeypatch.setattr(RecurrentState, "step", orig)
+    assert torch.equal(out, generate(m, prompt, 4, temperature=0, use_cache=False))

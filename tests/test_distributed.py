@@ -164,7 +164,7 @@ def _keys(world, slow=False):
 
 
 _RESULTS: dict[tuple, list[dict]] = {}
-_EXTRAS = {2: ("errors", "mismatch", "model", "math"), 4: ("bytes",)}
+_EXTRAS = {2: ("errors", "mismatch", "model", "math", "recurrent"), 4: ("bytes",)}
 
 
 def _results(world, slow=False):
@@ -251,6 +251,7 @@ def _model_probe(rank, world):
         ("model-local", "local", dict(before=20, after=3), "tokens", "learned"),
         ("model-full", "full", {}, "lm", "sinusoidal"),
         ("model-linear", "linear", {}, "lm", "sinusoidal"),
+        ("model-retention", "retention", dict(chunk_size=8), "lm", "sinusoidal"),
         ("model-bigbird", "bigbird", dict(block=8, random_blocks=1), "tokens", "sinusoidal"),
     ]:
         torch.manual_seed(0)
@@ -313,7 +314,8 @@ def test_clear_errors_for_unsupported_mechanism_and_unequal_shards():
         assert "equal shards" in res["unequal"] and "[8, 9]" in res["unequal"], res["unequal"]
 
 
-@pytest.mark.parametrize("name", ["model-local", "model-full", "model-linear", "model-bigbird"])
+@pytest.mark.parametrize("name", ["model-local", "model-full", "model-linear", "model-retention",
+                                  "model-bigbird"])
 def test_transformer_sequence_parallel_loss_and_gradients_equal_one_process(name):
     for r, res in enumerate(_results(2)):
         assert res.get(name) == "ok", f"rank {r}: {res.get(name, res.get('model'))}"
@@ -476,3 +478,86 @@ def test_train_sequence_parallel_loss_curve_equals_one_process(tmp_path):
     two = _train_losses(tmp_path, "two", ["--sequence-parallel"], 2)
     assert len(one) == len(two) == 6
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+
+
+# ------------------------------------------------------------------------------ recurrent family
+
+RECURRENT = ("gated_delta", "kda", "ssd", "gla", "retention")
+
+
+def _recurrent_inputs(kind, N, padded):
+    """q, k, v, dO and the gates of ``kind`` (g and beta per token; retention's gamma per head)."""
+    from longattn.ops.recurrent import KINDS
+
+    q, k, v, gout, mask = _inputs(N, zlib.crc32(kind.encode()) % 1000, padded)
+    g = torch.Generator().manual_seed(5)
+    spec = KINDS[kind]
+    if kind == "retention":
+        return q, k, v, gout, mask, {"gamma": torch.rand(H, generator=g, dtype=torch.float64) * 0.5 + 0.45}
+    shape = (B, H, N, D) if spec.per_channel else (B, H, N)
+    gates = {"g": -0.3 * torch.rand(*shape, generator=g, dtype=torch.float64)}
+    if spec.delta:
+        gates["beta"] = torch.rand(B, H, N, generator=g, dtype=torch.float64)
+    return q, k, v, gout, mask, gates
+
+
+def _recurrent_case(kind, padded, rank, world, n):
+    """Outputs and the gradients of q, k, v and the gates, shard vs the single-process call."""
+    import longattn
+    import longattn.distributed as ld
+
+    q, k, v, gout, mask, gates = _recurrent_inputs(kind, n * world, padded)
+    sl = slice(rank * n, (rank + 1) * n)
+    full = {**{x: t.clone().requires_grad_(True) for x, t in zip("qkv", (q, k, v))},
+            **{a: t.clone().requires_grad_(True) for a, t in gates.items()}}
+    ref = longattn.attention(full["q"], full["k"], full["v"], kind, causal=True, key_padding_mask=mask,
+                             chunk_size=8, **{a: full[a] for a in gates})
+    ref.backward(gout)
+    # per-token tensors are sharded like q; retention's gamma [H] is the same on every rank
+    mine = {a: (t if t.dim() == 1 else t[:, :, sl]).clone().requires_grad_(True) for a, t in
+            {**dict(zip("qkv", (q, k, v))), **gates}.items()}
+    out = ld.attention(mine["q"], mine["k"], mine["v"], kind, causal=True, chunk_size=8,
+                       key_padding_mask=None if mask is None else mask[:, sl], **{a: mine[a] for a in gates})
+    out.backward(gout[:, :, sl])
+    errs = []
+    for name, a, b in [("out", out, ref[:, :, sl])] + [(f"d{x}", mine[x].grad, full[x].grad) for x in mine]:
+        if b.dim() == 1:  # a shared parameter: its gradient is the sum over ranks
+            a = a.clone()
+            torch.distributed.all_reduce(a)
+        elif name != "out":
+            b = b[:, :, sl]
+        if not torch.allclose(a, b, rtol=1e-9, atol=1e-10):
+            errs.append(f"{name} differs on rank {rank} (max |diff| {float((a - b).abs().max())})")
+    return errs
+
+
+def _recurrent_probe(rank, world):
+    import longattn.distributed as ld
+
+    res = {f"recurrent-{kind}-{'pad' if padded else 'nopad'}":
+           "; ".join(_recurrent_case(kind, padded, rank, world, SHARD[world])) or "ok"
+           for kind in RECURRENT for padded in (False, True)}
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    try:
+        ld.attention(q, q, q, "gated_delta", causal=False)
+        res["recurrent-bidir"] = "no error"
+    except ValueError as e:
+        res["recurrent-bidir"] = str(e)
+    return res
+
+
+_PROBES["recurrent"] = _recurrent_probe
+
+
+@pytest.mark.parametrize("name", [f"recurrent-{k}-{p}" for k in RECURRENT for p in ("nopad", "pad")])
+def test_recurrent_state_passes_along_the_ranks(name):
+    """The recurrent family sequence parallel (issue 33 item 5): each rank's (T, M) state
+    map composed over the ranks before it; outputs and every gradient (q, k, v, g, beta,
+    gamma) equal the single-process call on 2 gloo ranks, float64, with padded keys."""
+    for r, res in enumerate(_results(2)):
+        assert res.get(name) == "ok", f"rank {r}: {res.get(name, res.get('recurrent'))}"
+
+
+def test_recurrent_sequence_parallel_is_causal_only():
+    for res in _results(2):
+        assert "causal" in res["recurrent-bidir"], res["recurrent-bidir"]

@@ -2,7 +2,10 @@
 
 Each self-attention head group of each layer keeps a decoding state, chosen by the
 group's mechanism name in :data:`DECODE_STATES` (add one with
-:func:`register_state`; no switch over names):
+:func:`register_state`; no switch over names), else by its registry family in
+:data:`FAMILY_STATES` (:func:`state_class`). :func:`prefill` feeds a whole prompt
+(each state's :meth:`DecodeState.prefill`: the recurrent family's chunked forward,
+token-by-token steps for the others), :func:`decode_step` one token:
 
 =============  ==========================  ===========================  ==============
 mechanism      state                       per-step cost                memory
@@ -18,6 +21,12 @@ mechanism      state                       per-step cost                memory
 ``performer``  the module's own recurrent  O(F * Dv)                    O(F * Dv)
                step (:class:`ModuleStepState`
                over ``init_state``/``step``)
+recurrent      S [B, h, Dk, Dv] per layer  O(Dk * Dv)                   O(Dk * Dv),
+family         (:class:`RecurrentState`,                                constant in N
+(by            chosen by ``spec.family``
+``family``)    in :data:`FAMILY_STATES`);
+               the prompt's final state
+               from the chunked forward
 every other    KV cache, the new query     O(keys it sees * D): a       O(t * D)
 exact pattern  through the engine's        window or a few blocks,
                bottom-right causal path    not t
@@ -75,6 +84,13 @@ class DecodeState(ABC):
 
     @abstractmethod
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor: ...
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: int = 0) -> Tensor:
+        """A prompt's q, k, v [B, h, T, D] at positions pos..pos+T-1 -> outputs [B, h, T, Dv],
+        leaving the state after its last token. Default: :meth:`step` token by token;
+        a state with a parallel form (the recurrent family's chunked forward) overrides it."""
+        return torch.cat([self.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pos + t)
+                          for t in range(q.shape[2])], dim=2)
 
     @abstractmethod
     def nbytes(self) -> int:
@@ -246,6 +262,90 @@ class ModuleStepState(DecodeState):
         return sum(t.nbytes for t in vars(self.state).values() if isinstance(t, Tensor))
 
 
+def _recurrent_gates(group: HeadGroup) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]:
+    """``gates(k, v) -> (v, g, beta)`` of a recurrent head group on [B, h, T, .] tokens:
+    the learned module's gates (ssd's dt folded into v, as its forward does), or the
+    functional form's fixed ones (retention's gamma; no decay and beta = 1 otherwise)."""
+    from longattn.ops.recurrent.api import KINDS, _retention_g
+
+    impl, params = group.impl, {**group.spec.defaults(), **group.params}
+    if impl is not None:
+        def learned(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+            g, beta, dt = impl.gates(k.float() if k.dtype in (torch.float16, torch.bfloat16) else k)
+            return (v if dt is None else v * dt[..., None].to(v.dtype)), g, beta
+        return learned
+    kind = KINDS[group.name]
+    given = sorted(n for n in ("g", "beta") if params.get(n) is not None)
+    if given:
+        raise ValueError(f"mechanism {group.name!r}: per-token gates {given} given as tensors cannot "
+                         "continue past the prompt; use the learned module form to decode")
+
+    def fixed(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        B, H, T = v.shape[:3]
+        if "gamma" in params:
+            g = _retention_g(params["gamma"], B, H, T, k)
+        else:
+            g = k.new_zeros((B, H, T, k.shape[-1]) if kind.per_channel else (B, H, T))
+        return v, g, (k.new_ones(B, H, T) if kind.delta else None)
+    return fixed
+
+
+class RecurrentState(DecodeState):
+    """The recurrent family's state (Gated DeltaNet, KDA, Mamba-2 SSD, GLA, RetNet: see
+    :mod:`longattn.ops.recurrent`): one S [B, h, Dk, Dv] per head group, no KV cache.
+
+    :meth:`prefill` runs the chunked forward over the prompt with
+    ``output_final_state=True`` (O(T C D + T D^2)) and keeps its final state;
+    :meth:`step` is the one-token recurrence, O(Dk Dv) time and memory whatever the
+    position. Exact: equals the parallel forward (tests hold the logits equal)."""
+
+    def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
+        super().__init__(group, alibi_slopes)
+        from longattn.ops.recurrent.api import KINDS
+
+        if alibi_slopes is not None:
+            raise ValueError(f"mechanism {group.name!r} takes no ALiBi bias; no decoding state with alibi")
+        impl = group.impl
+        self.kind = KINDS[impl.kind if impl is not None else group.name]
+        self.chunk_size = int(impl.chunk_size if impl is not None else self.params.get("chunk_size", 64))
+        l2 = impl.use_qk_l2norm if impl is not None else self.params.get("use_qk_l2norm")
+        self.use_qk_l2norm = self.kind.delta if l2 is None else bool(l2)
+        self.gates = _recurrent_gates(group)
+        self.S: Tensor | None = None
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: int = 0) -> Tensor:
+        from longattn.ops.recurrent.api import _run
+
+        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        v, g, beta = self.gates(k, v)
+        out, self.S = _run(self.kind, q, k, v, g, beta, scale=None, initial_state=self.S, output_final_state=True,
+                           use_qk_l2norm=self.use_qk_l2norm, segment_ids=None, chunk_size=self.chunk_size)
+        return out
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        from longattn.ops.recurrent.api import _step
+
+        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        v, g, beta = self.gates(k, v)
+        out, self.S = _step(self.kind, q, k, v, g, beta, self.S, None, self.use_qk_l2norm)
+        return out
+
+    def nbytes(self) -> int:
+        return 0 if self.S is None else self.S.nbytes
+
+
+FAMILY_STATES: dict[str, type[DecodeState]] = {"recurrent": RecurrentState}
+"""registry family -> decoding-state class, for mechanisms without an entry in
+:data:`DECODE_STATES` (the choice comes from ``spec.family``, never from the name)."""
+
+
+def state_class(group: HeadGroup) -> type[DecodeState] | None:
+    """The decoding state of a head group: its name's entry in :data:`DECODE_STATES`,
+    else its family's in :data:`FAMILY_STATES`, else None (no state: ``generate``
+    re-runs the prefix)."""
+    return DECODE_STATES.get(group.name) or FAMILY_STATES.get(group.spec.family)
+
+
 class PatternCache(DecodeState):
     """Every key and value so far; the new query goes through the mechanism's own
     bottom-right causal path (query = the last position), which touches only the keys
@@ -286,9 +386,14 @@ def _attn_modules(model: nn.Module) -> list:
     return [blk.attn for blk in model.blocks]
 
 
+def _stateless(model: nn.Module) -> list[str]:
+    """Names of the mechanisms of ``model`` that have no decoding state (sorted, unique)."""
+    return sorted({g.name for a in _attn_modules(model) for g in a.groups if state_class(g) is None})
+
+
 def supports_cache(model: nn.Module) -> bool:
     """True when every head group of every layer has a decoding state."""
-    return all(g.name in DECODE_STATES for a in _attn_modules(model) for g in a.groups)
+    return not _stateless(model)
 
 
 def _check_lm(model: nn.Module) -> None:
@@ -304,11 +409,12 @@ def init_cache(model: nn.Module) -> list[list[DecodeState]]:
     _check_lm(model)
     cache = []
     for attn in _attn_modules(model):
-        missing = [g.name for g in attn.groups if g.name not in DECODE_STATES]
+        missing = [g.name for g in attn.groups if state_class(g) is None]
         if missing:
-            raise ValueError(f"no decoding state for mechanism(s) {missing}; known: {sorted(DECODE_STATES)}")
+            raise ValueError(f"no decoding state for mechanism(s) {missing}; known: {sorted(DECODE_STATES)} "
+                             f"and the families {sorted(FAMILY_STATES)}")
         slopes = attn.alibi_slopes if attn.use_alibi else None
-        cache.append([DECODE_STATES[g.name](g, slopes) for g in attn.groups])
+        cache.append([state_class(g)(g, slopes) for g in attn.groups])  # type: ignore[misc]
     return cache
 
 
@@ -321,6 +427,33 @@ def decode_step(model: nn.Module, tokens: Tensor, cache: list[list[DecodeState]]
     if model.final_norm is not None:
         h = model.final_norm(h)
     return model.head(h)[:, 0]
+
+
+class _Prefilling:
+    """Routes a block's per-group ``step`` calls to the state's :meth:`DecodeState.prefill`
+    (the blocks' step path then carries a whole prompt [B, T, dim])."""
+
+    def __init__(self, state: DecodeState) -> None:
+        self.state = state
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        return self.state.prefill(q, k, v, pos)
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, tokens: Tensor, cache: list[list[DecodeState]], pos: int = 0) -> Tensor:
+    """Feed a prompt ``tokens`` [B, T] at positions pos..pos+T-1 through the states, layer
+    by layer; return the logits [B, T, vocab]. A recurrent state runs its chunked
+    forward and keeps the final state (no per-token loop); the others step token by
+    token inside each layer. Eval mode expected."""
+    if tokens.dim() != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
+    h = model.embed(tokens, offset=pos)
+    for blk, states in zip(model.blocks, cache):
+        h = blk.step(h, [_Prefilling(s) for s in states], pos)
+    if model.final_norm is not None:
+        h = model.final_norm(h)
+    return model.head(h)
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None,
@@ -366,13 +499,14 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature:
     ``temperature=0`` is greedy; ``top_k`` keeps the k likeliest tokens. With
     ``use_cache`` None (default) the per-layer decoding states are used when every
     mechanism has one, else the prefix is re-run each step; ``use_cache=True`` on a
-    model without states raises ValueError. The model runs in eval mode (restored after).
+    model without states raises ValueError; with states the prompt goes through
+    :func:`prefill` (a recurrent state: one chunked forward). The model runs in eval mode (restored after).
     """
     _check_lm(model)
     _check_generate_args(prompt, max_new_tokens, temperature, top_k, use_cache, generator)
     cached = supports_cache(model) if use_cache is None else use_cache
     if cached and not supports_cache(model):
-        missing = sorted({g.name for a in _attn_modules(model) for g in a.groups} - set(DECODE_STATES))
+        missing = _stateless(model)
         raise ValueError(f"use_cache=True but mechanism(s) {missing} have no decoding state")
     was_training = model.training
     model.eval()
@@ -380,8 +514,7 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature:
         out = prompt
         if cached:
             cache = init_cache(model)
-            for t in range(prompt.shape[1]):
-                logits = decode_step(model, prompt[:, t], cache, t)
+            logits = prefill(model, prompt, cache)[:, -1]
             for i in range(max_new_tokens):
                 nxt = _sample(logits, temperature, top_k, generator)
                 out = torch.cat((out, nxt[:, None]), dim=1)

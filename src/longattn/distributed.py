@@ -36,6 +36,12 @@ What travels (per rank, per call; docs/design.md section 8):
   or by an ``all_gather`` of the per-rank totals and an exclusive prefix over the ranks
   before this one (causal), which then seeds the rank's chunked causal prefix sums.
   O(F Dv) bytes per rank, independent of N.
+- the recurrent family (``gated_delta``, ``kda``, ``ssd``, ``gla``, ``retention``;
+  causal only): a shard's state map is affine in the state entering it, S_out =
+  M_r S_in + T_r; each rank computes its (T_r, M_r) in one chunked pass, they are
+  all-gathered (O(P Dk (Dk + Dv)) bytes per head, independent of N) and rank r
+  composes those of the ranks before it into its entering state, then runs its shard
+  from it. The per-token gates (``g``, ``beta``) are given as the rank's shard, like q.
 
 Every exchange adds its bytes to a per-process counter: :func:`comm_stats` /
 :func:`reset_comm_stats`. Counted are the bytes this rank sends to and receives from
@@ -63,11 +69,13 @@ PATTERN_MECHANISMS = (
 )
 KERNEL_MECHANISMS = ("linear", "performer")
 RING_MECHANISMS = ("full",)
+RECURRENT_MECHANISMS = ("gated_delta", "kda", "ssd", "gla", "retention")
+_SHARDED_PARAMS = ("g", "beta")  # per-token gates of the recurrent family: each rank gives its shard
 
 
 def supported() -> tuple[str, ...]:
     """The mechanism names :func:`attention` accepts."""
-    return PATTERN_MECHANISMS + RING_MECHANISMS + KERNEL_MECHANISMS
+    return PATTERN_MECHANISMS + RING_MECHANISMS + KERNEL_MECHANISMS + RECURRENT_MECHANISMS
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,7 +255,10 @@ def _fingerprint(mechanism: Any, causal: Any, scale: Any, params: dict[str, Any]
     fp = {"mechanism": repr(mechanism), "causal": repr(causal), "scale": repr(scale),
           "q, k, v dtypes": ", ".join(kind(t) for t in (q, k, v)),
           "key_padding_mask": "None" if kpm is None else f"{kind(kpm)} {tuple(getattr(kpm, 'shape', ()))}"}
-    fp.update((f"parameter {name}", _describe(params[name])) for name in sorted(params))
+    sharded = _SHARDED_PARAMS if mechanism in RECURRENT_MECHANISMS else ()
+    fp.update((f"parameter {name}", kind(params[name]) + f" {tuple(params[name].shape)}"
+               if name in sharded and isinstance(params[name], Tensor) else _describe(params[name]))
+              for name in sorted(params))
     return fp
 
 
@@ -761,6 +772,76 @@ def _kernel_sharded(q, k, v, fmap, chunk, causal, kpm, scale, r, P, group):
 
 
 # ----------------------------------------------------------------------------------------
+# Recurrent family (gated_delta, kda, ssd, gla, retention): the state passes along the ranks
+# ----------------------------------------------------------------------------------------
+
+
+def _recurrent_gates(mechanism: str, params: dict[str, Any], q: Tensor,
+                     kpm: Tensor | None) -> tuple[Any, Tensor, Tensor | None, int, bool]:
+    """(kind, g, beta, chunk_size, use_qk_l2norm) of a recurrent mechanism's functional form
+    on this rank's shard: g, beta are the shard's rows [B, H, n(, D)] (defaults: no decay,
+    beta = 1; retention's g from ``gamma``), zeroed at padded keys as the module form does."""
+    from longattn import registry
+    from longattn.ops.recurrent.api import KINDS, _retention_g
+
+    spec = registry.get(mechanism)
+    spec.check_params(params)
+    full = {**spec.defaults(), **params}
+    kind = KINDS[mechanism]
+    B, H, n, D = q.shape
+    if "gamma" in full:
+        g = _retention_g(full["gamma"], B, H, n, q)
+    else:
+        g = full.get("g")
+        g = q.new_zeros((B, H, n, D) if kind.per_channel else (B, H, n)) if g is None else g
+    beta = (q.new_ones(B, H, n) if full.get("beta") is None else full["beta"]) if kind.delta else None
+    if kpm is not None:
+        real = kpm[:, None, :].to(g.dtype)
+        g = g * (real[..., None] if kind.per_channel else real)
+        beta = None if beta is None else beta * real
+    norm = full.get("use_qk_l2norm")
+    return kind, g, beta, full["chunk_size"], kind.delta if norm is None else bool(norm)
+
+
+def _recurrent_sharded(q: Tensor, k: Tensor, v: Tensor, mechanism: str, params: dict[str, Any],
+                       kpm: Tensor | None, scale: float | None, r: int, P: int, group: Any) -> Tensor:
+    """Rank r's shard of a recurrent mechanism (causal). The state map of a shard is
+    affine in the state entering it, S_out = M_r S_in + T_r (M_r [Dk, Dk]: the decays
+    and the delta rule's I - beta k kᵀ act on the left): one chunked pass over
+    [v, 0] from [0, I] gives [T_r, M_r] together (the state's columns evolve
+    independently); the (T, M) of every rank are all-gathered (O(P Dk (Dk + Dv)) bytes,
+    independent of n), rank r composes those of ranks < r into its entering state and
+    runs its shard from it. Gradients flow back through the gather and both passes.
+    Cost: two chunked passes over the shard (O(n C D + n D^2) each, the first with
+    Dv + Dk value columns) and O(r Dk^2 Dv) to compose."""
+    from longattn.ops.recurrent.api import _run
+
+    kind, g, beta, chunk, norm = _recurrent_gates(mechanism, params, q, kpm)
+    if kpm is not None:
+        real = kpm[:, None, :, None]
+        k, v = k * real.to(k.dtype), v * real.to(v.dtype)
+    B, H, n, Dk = q.shape
+    Dv = v.shape[-1]
+
+    def run(vv: Tensor, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+        return _run(kind, q, k, vv, g, beta, scale=scale, initial_state=s0, output_final_state=True,
+                    use_qk_l2norm=norm, segment_ids=None, chunk_size=chunk)
+
+    work = _acc(q.dtype)
+    eye = torch.eye(Dk, dtype=work, device=q.device).expand(B, H, Dk, Dk)
+    _, TM = run(torch.cat([v, v.new_zeros(B, H, n, Dk)], -1),
+                torch.cat([eye.new_zeros(B, H, Dk, Dv), eye], -1))
+    # [r, B, H, Dk, Dv + Dk]; every rank's state hangs off the gather (rank 0's as zeros),
+    # so every rank runs the gather's backward collective
+    before = _AllGather.apply(TM, group)[:r]
+    S = before.sum(0)[..., :Dv] * 0.0
+    for j in range(r):
+        S = torch.matmul(before[j, ..., Dv:], S) + before[j, ..., :Dv]
+    out, _ = run(v, S)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
 # The entry point
 # ----------------------------------------------------------------------------------------
 
@@ -792,7 +873,8 @@ def attention(
         q, k: [B, H, n, D], v: [B, H, n, Dv]: rank r of ``group`` holds positions
             [r*n, (r+1)*n) (equal shards on every rank; the sequence is N = n * P).
         mechanism: one of :func:`supported` (exact patterns, ``full``, ``linear``,
-            ``performer``).
+            ``performer``, the recurrent family: causal only, its per-token ``g`` and
+            ``beta`` given as this rank's shard [B, H, n(, D)]).
         causal: query i sees key j only if j <= i (over the whole sequence).
         group: a torch.distributed process group (default: the world).
         key_padding_mask: this rank's shard [B, n] of the mask (True = a real token).
@@ -821,6 +903,11 @@ def attention(
     spec = registry.get(mechanism)
     if causal and not spec.causal:
         raise ValueError(f"mechanism {mechanism!r} cannot be causal (causal=True was given)")
+    if mechanism in RECURRENT_MECHANISMS:
+        if not causal:
+            raise ValueError(f"mechanism {mechanism!r} is causal only (a recurrence over the past): "
+                             f"call it with causal=True, got causal={causal!r}")
+        return _recurrent_sharded(q, k, v, mechanism, params, key_padding_mask, scale, r, P, group)
     if mechanism in KERNEL_MECHANISMS:
         if scale is not None:
             default_scale(scale, q.shape[-1])
