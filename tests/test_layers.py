@@ -469,7 +469,7 @@ def test_every_registered_mechanism_runs_in_the_layer(case):
     """Forward + backward with padding, causal where allowed; learned ones own a submodule."""
     name, params = case
     spec = registry.get(name)
-    for causal in ([True] if spec.extra.get("causal_only") else [False, True] if spec.causal else [False]):
+    for causal in ([True] if spec.causal_only else [False, True] if spec.causal else [False]):
         mha = MultiHeadAttention(32, 4, name, causal=causal, **params)
         x = torch.randn(2, N, 32, requires_grad=True)
         kpm = torch.ones(2, N, dtype=torch.bool)

@@ -52,14 +52,14 @@ def _caller(name: str, H: int, D: int, N: int, **over):
         return None
     params.update(over)
     if spec.module is None:
-        def call(q, k, v, causal=bool(spec.extra.get("causal_only")), key_padding_mask=None, segment_ids=None):
+        def call(q, k, v, causal=spec.causal_only, key_padding_mask=None, segment_ids=None):
             return longattn.attention(q, k, v, name, causal=causal, key_padding_mask=key_padding_mask,
                                       segment_ids=segment_ids, **params)
         return call
     torch.manual_seed(0)
     mod = registry.build(name, heads=H, head_dim=D, **params).to(D64).eval()
 
-    def call(q, k, v, causal=bool(spec.extra.get("causal_only")), key_padding_mask=None, segment_ids=None):
+    def call(q, k, v, causal=spec.causal_only, key_padding_mask=None, segment_ids=None):
         return registry.run(spec, lambda q, k, v, kpm: mod(q, k, v, causal=causal, key_padding_mask=kpm),
                             q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids)
     return call
@@ -245,7 +245,7 @@ def _packed_names():
 @pytest.mark.parametrize("name", _packed_names())
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_documents_equal_each_document_alone(name, causal):
-    if not causal and registry.get(name).extra.get("causal_only"):
+    if not causal and registry.get(name).causal_only:
         pytest.skip("a causal-only mechanism (recurrent family)")
     over = {"indices": (0, 40)} if name == "global" else {}
     call = _caller(name, 4, 8, N, **over)

@@ -8,7 +8,8 @@ custom op, and whether it owns learned tensors.
 Most columns are the registry's spec fields (:class:`longattn.registry.Mechanism`).
 Two are not spec fields and are read from the modules that implement them:
 ``seq-parallel`` is :func:`longattn.distributed.supported` and ``compile op`` is
-:func:`longattn.ops.custom.supported` with the mechanism's default parameters.
+:func:`longattn.ops.custom.supported` with the mechanism's default parameters; ``decode``
+also counts a model decoding state of :mod:`longattn.decoding` (the recurrent family).
 ``sinks`` and ``softcap`` are shown where the spec has those fields (False otherwise).
 """
 
@@ -25,7 +26,8 @@ CAPABILITY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("exact", "equals softmax attention over its pattern to rounding error"),
     ("causal", "accepts causal=True"),
     ("gqa", "grouped KV heads computed without repeating K/V (others: K/V repeated for it)"),
-    ("decode", "causal with Nq < Nk, bottom-right aligned (a decode step over a KV cache)"),
+    ("decode", "decode steps: causal with Nq < Nk, bottom-right aligned, or a model decoding state "
+               "(the recurrent family's O(state) step)"),
     ("packed", "segment_ids: documents packed in one row, each attending alone"),
     ("cross", "accepts Nq != Nk (cross-attention)"),
     ("seq-parallel", "longattn.distributed.attention runs it over a process group"),
@@ -43,14 +45,15 @@ def capabilities(spec: Mechanism) -> dict[str, bool]:
     Cost: one registry lookup per column; importing :mod:`longattn.distributed` and
     :mod:`longattn.ops.custom` on first use.
     """
-    from longattn import distributed
+    from longattn import decoding, distributed
     from longattn.ops import custom
 
     return {
         "exact": spec.exact,
         "causal": spec.causal,
         "gqa": spec.gqa,
-        "decode": spec.bottom_right,
+        "decode": spec.bottom_right or spec.name in decoding.DECODE_STATES
+        or spec.family in decoding.FAMILY_STATES,
         "packed": spec.packed,
         "cross": spec.cross,
         "seq-parallel": spec.name in distributed.supported(),

@@ -350,8 +350,8 @@ def _resolve_pattern(mechanism: str, params: dict[str, Any]):
     spec = registry.get(mechanism)
     spec.check_params(params)
     full = {k: v for k, v in {**spec.defaults(), **params}.items() if k != "backend"}
-    name = spec.extra.get("pattern", mechanism)
-    gparam = spec.extra.get("global_param", "global_idx")
+    name = spec.pattern or mechanism
+    gparam = spec.global_param or "global_idx"
     gidx = full.pop(gparam, ())
     return with_globals(name, gidx, **full)
 

@@ -18,7 +18,7 @@ Their functional form takes the learned tensors (or the module) as parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from torch import Tensor, nn
@@ -70,6 +70,17 @@ class Mechanism:
             denominator only, gpt-oss's ``s_aux``; docs/design.md section 9).
         softcap: accepts ``softcap=`` (scores s -> c tanh(s / c) before the softmax,
             Gemma-2).
+        causal_only: runs only with ``causal=True`` (a recurrence reads the past only).
+        all_keys: every query weighs every key (projected keys, kernel features):
+            tokens a layer prepends as global are global without being named.
+        global_param: the parameter holding global positions (``"global_idx"``), which
+            a layer extends with the tokens it prepends; None: none.
+        pattern: the pattern name behind a fixed-pattern mechanism (for the
+            sequence-parallel halo); None: not a named pattern.
+        length_quantum: ``(params, causal) -> int``: packed documents are padded to a
+            multiple of it (a pattern whose blocks must line up); None: 1.
+        why_not_bottom_right: for mechanisms without ``bottom_right``, the reason given
+            when a decode step is asked of them.
         paper: the reference, e.g. ``"Beltagy et al. 2020, Longformer"``.
         summary: one line for tables.
         module: builder of an ``nn.Module`` for learned mechanisms.
@@ -90,10 +101,15 @@ class Mechanism:
     packed: bool = False
     sinks: bool = False
     softcap: bool = False
+    causal_only: bool = False
+    all_keys: bool = False
+    global_param: str | None = None
+    pattern: str | None = None
+    length_quantum: Callable[[dict[str, Any], bool], int] | None = None
+    why_not_bottom_right: str = "it has no bottom-right causal path"
     paper: str = ""
     summary: str = ""
     module: Callable[..., nn.Module] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -145,6 +161,7 @@ class Mechanism:
             "packed": self.packed,
             "sinks": self.sinks,
             "softcap": self.softcap,
+            "causal_only": self.causal_only,
             "params": {
                 p.name: (None if p.required else _jsonable(p.default)) for p in self.params
             },
@@ -358,10 +375,9 @@ def run(
         if Hkv != H and not spec.gqa and Hkv >= 1 and H % Hkv == 0 and v.shape[1] == Hkv:
             k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         if causal and q.shape[2] != k.shape[2] and not spec.bottom_right:
-            why = spec.extra.get("no_bottom_right", "it has no bottom-right causal path")
             raise ValueError(
                 f"mechanism {spec.name!r} cannot run causal with Nq ({q.shape[2]}) != Nk ({k.shape[2]}) "
-                f"(a decode step over a cache): {why}"
+                f"(a decode step over a cache): {spec.why_not_bottom_right}"
             )
     if segment_ids is None:
         return call(q, k, v, key_padding_mask)
@@ -371,7 +387,7 @@ def run(
                          f"mechanisms that accept it: {able}")
     from longattn.ops.packing import packed_attention
 
-    quantum = spec.extra.get("length_quantum")
-    q_len = quantum(params or {}, causal) if callable(quantum) else 1
+    quantum = spec.length_quantum
+    q_len = quantum(params or {}, causal) if quantum is not None else 1
     return packed_attention(call, q, k, v, segment_ids, causal=causal, key_padding_mask=key_padding_mask,
                             quantum=q_len)

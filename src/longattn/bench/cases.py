@@ -148,10 +148,10 @@ SETTINGS: dict[str, Setting] = {
 
 def causal_only(name: str) -> bool:
     """Whether registered mechanism ``name`` runs only causally (a recurrence: the
-    registry marks it ``extra["causal_only"]``)."""
+    registry marks it ````causal_only````)."""
     from longattn.registry import get
 
-    return bool(get(name).extra.get("causal_only", False))
+    return get(name).causal_only
 
 
 def settings(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def pattern_of(name: str, params: dict[str, Any]) -> Any | None:
     spec = get(name)
     if "pattern" in params and isinstance(params["pattern"], P.Pattern):
         return params["pattern"]
-    pname = spec.extra.get("pattern") if spec.extra else None
+    pname = spec.pattern
     if pname is None:
         return None
     from longattn.ops.sparse import with_globals

@@ -28,10 +28,10 @@ Features (each refused with a clear ValueError where the mechanism cannot do it)
   also mark the first ``n_global`` positions of its input as global (``forward(...,
   n_global=)``). How a mechanism makes positions global, see :func:`global_support`:
   a mechanism whose registration names a global-index parameter
-  (``extra={"global_param": "<name>"}``, or a parameter called ``global_idx``) gets
+  (its registry field ``global_param``, or a parameter called ``global_idx``) gets
   the indices (a tuple of ints, merged with any the user gave); a mechanism where
-  every query attends to every key (family ``"dense"``, or ``extra={"all_keys":
-  True}``) needs nothing; any other mechanism refuses global tokens with a
+  every query attends to every key (family ``"dense"``, or the registry field
+  ``all_keys``) needs nothing; any other mechanism refuses global tokens with a
   ValueError (an exact union of its pattern with global rows/columns would need its
   log-sum-exp, which the functional API does not expose).
 
@@ -59,12 +59,12 @@ _LAYER_PARAMS = ("bias",)  # parameters the layer manages itself (alibi=True)
 
 def global_support(spec: Mechanism) -> tuple[str, str | None] | None:
     """How ``spec`` can make positions global: ``("param", name)``, ``("all", None)`` or None."""
-    name = spec.extra.get("global_param")
+    name = spec.global_param
     if name is None and "global_idx" in spec.param_names:
         name = "global_idx"
     if name is not None:
         return ("param", name)
-    if spec.family == "dense" or spec.extra.get("all_keys", False):
+    if spec.family == "dense" or spec.all_keys:
         return ("all", None)
     return None
 

@@ -731,7 +731,7 @@ def _causal_chunked(
         Param("chunk_size", 64, "chunk length of the causal prefix sums"),
     ),
     family="kernel",
-    extra={"all_keys": True},  # every query weighs every key: prepended global tokens are global
+    all_keys=True,  # every query weighs every key: prepended global tokens are global
     gqa=True,
     bottom_right=True,
     packed=True,
@@ -1001,7 +1001,7 @@ register(
         Param("redraw_interval", None, "module form: redraw the features every n training forwards"),
     ),
     family="kernel",
-    extra={"all_keys": True},  # every query weighs every key: prepended global tokens are global
+    all_keys=True,  # every query weighs every key: prepended global tokens are global
     gqa=True,
     bottom_right=True,
     packed=True,

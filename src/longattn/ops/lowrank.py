@@ -235,7 +235,7 @@ register(
         Param("seed", 0, "seed of the fixed random projections (functional form)"),
     ),
     family="lowrank",
-    extra={"all_keys": True},  # every query weighs every (projected) key
+    all_keys=True,  # every query weighs every (projected) key
     exact=False,
     causal=False,
     learned=True,
@@ -445,7 +445,7 @@ register(
         Param("conv_v", None, "conv weight for values, like conv_k"),
     ),
     family="lowrank",
-    extra={"all_keys": True},  # every query weighs every (projected) key
+    all_keys=True,  # every query weighs every (projected) key
     exact=False,
     causal=True,
     learned=True,
@@ -511,7 +511,7 @@ def _segment_means(x: Tensor, real: Tensor, m: int) -> tuple[Tensor, Tensor]:
                                   "an int: that many iterations of the paper's iterative pinv"),
     ),
     family="lowrank",
-    extra={"all_keys": True},  # every query weighs every (projected) key
+    all_keys=True,  # every query weighs every (projected) key
     exact=False,
     causal=False,
     cross=True,

@@ -113,7 +113,7 @@ def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary
     register(
         name, params=(*params, GLOBAL_IDX, BACKEND), family="pattern", exact=True, causal=True,
         cross=False, subquadratic=True, paper=paper, summary=summary, **_REAL_MODELS,
-        extra={"pattern": name, "global_param": "global_idx", "length_quantum": _quantum(name)},
+        pattern=name, global_param="global_idx", length_quantum=_quantum(name),
     )(fn)
     return fn
 
@@ -189,7 +189,7 @@ st_fixed_attention = _pattern_mechanism(
     "pattern",
     params=(Param("pattern", REQUIRED, "a longattn.patterns.Pattern (unions, per-head lists...)"), BACKEND),
     family="pattern", exact=True, causal=True, cross=False, subquadratic=True, **_REAL_MODELS,
-    extra={"length_quantum": lambda params, causal: params["pattern"].length_quantum(causal)},
+    length_quantum=lambda params, causal: params["pattern"].length_quantum(causal),
     paper="any composition of docs/design.md section 4",
     summary="exact attention over any Pattern object",
 )

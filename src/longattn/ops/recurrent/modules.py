@@ -176,7 +176,7 @@ def retention_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
 
 
 _COMMON = dict(family="recurrent", exact=False, causal=True, cross=False, subquadratic=True, packed=True,
-               extra={"causal_only": True, "no_bottom_right": "a recurrence needs every position's keys"})
+               causal_only=True, why_not_bottom_right="a recurrence needs every position's keys")
 _GATES = (Param("g", None, "log decays [B, H, N] (per channel: [B, H, N, D]); None: no decay; "
                            "the module form learns them"),
           Param("beta", None, "delta-rule strengths [B, H, N] (delta members); None: 1"),
