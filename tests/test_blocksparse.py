@@ -72,7 +72,7 @@ def test_float64_equals_oracle_at_1000(name, causal):
 def test_unfilled_output_buffers_are_fully_written(name, causal, monkeypatch):
     """Plans that claim their first writes cover every query leave the output buffers
     uninitialised; filled with NaN instead, any row they miss would show."""
-    import longattn.ops.blocksparse as bs
+    import longattn.ops.pattern.engine as bs
 
     monkeypatch.setattr(bs, "UNINIT_FILL", float("nan"))
     _compare(PATTERNS[name], 259, causal, padded=False, B=1, H=4)
@@ -285,7 +285,7 @@ def test_global_columns_run_as_one_call_and_equal_oracle(indices, causal, monkey
     """Query tiles that all see the same unmasked keys (global columns) run as one kernel
     call over all their rows, forward and backward; still equal to the oracle, and in
     float32 and GQA too."""
-    import longattn.ops.blocksparse as bs
+    import longattn.ops.pattern.engine as bs
 
     calls = []
     real = bs._rows_as_one
@@ -312,7 +312,7 @@ def test_global_columns_run_as_one_call_and_equal_oracle(indices, causal, monkey
 @pytest.mark.parametrize("name", ["local", "dilated", "strided", "bigbird", "st_fixed_heads", "per_head", "longformer"])
 def test_plain_matmul_tile_kernel_equals_oracle(name, monkeypatch):
     # the path other devices take (no CPU flash kernel), run here on the CPU
-    import longattn.ops.blocksparse as bs
+    import longattn.ops._softmax as bs
 
     monkeypatch.setattr(bs, "FORCE_MATH", True)
     _compare(PATTERNS[name], 300, causal=True, padded=True)

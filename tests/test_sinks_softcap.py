@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import longattn
-import longattn.ops.blocksparse as bs
+import longattn.ops._softmax as bs
 from longattn.ops.local2d import neighborhood
 from longattn.ops.reference import dense_attention
 from longattn.ops.sparse import with_globals
@@ -156,8 +156,8 @@ def test_fast_path_runs_no_math_kernel(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("math kernel used on the fast path")
 
-    monkeypatch.setattr(bs, "_math_fwd", boom)
-    monkeypatch.setattr(bs, "_math_bwd", boom)
+    monkeypatch.setattr(bs, "tile_forward", boom)
+    monkeypatch.setattr(bs, "tile_backward", boom)
     q, k, v = _inputs()
     out = longattn.attention(q, k, v, "local", causal=True, **MECHS["local"])
     out.sum().backward()

@@ -13,7 +13,7 @@ Two pieces:
   the rounds are merged by their log-sum-exp. Cost O(R N c D) time, O(R N c)
   memory: never an N x N tensor. On CPU (float32/float64) every chunk of every
   round goes through one call of PyTorch's fused flash kernel
-  (``aten._scaled_dot_product_flash_attention_for_cpu``, look-back keys as a
+  (:data:`longattn.ops._softmax.flash_fwd`, look-back keys as a
   zero-copy strided view); its backward, given the merged output and lse, is the
   exact gradient of the merged softmax. Elsewhere :func:`chunk_attention` runs it
   (a test holds the two engines equal). The masks (padding, causal windows, self,
@@ -36,23 +36,13 @@ import math
 import torch
 from torch import Tensor
 
+from longattn.ops._softmax import exp_ as _exp_
+from longattn.ops._softmax import merge_by_lse, work_dtype
+from longattn.ops._softmax import flash_bwd as _flash_bwd
+from longattn.ops._softmax import flash_fwd as _flash
+from longattn.ops._softmax import flash_ok as _flash_ok
 
 _SLICE_ELEMS = 1 << 22  # score entries per slice: caps the transient score/prob tensors
-
-
-def exp_floor(dtype: torch.dtype) -> float:
-    """Log-weights below this are flushed to 0: -30 for float32 (e^-30 ~ 1e-13, far
-    below its resolution next to the row's largest weight, 1), -80 for float64."""
-    return -80.0 if dtype == torch.float64 else -30.0
-
-
-def _exp_(x: Tensor) -> Tensor:
-    """In-place exp that flushes weights below e^exp_floor to 0.
-
-    Left alone, such weights and the gradients they scale become denormal numbers,
-    which slow the CPU matmuls ~20x.
-    """
-    return torch.nn.functional.threshold_(x, exp_floor(x.dtype), float("-inf")).exp_()
 
 
 def _padded_front(x: Tensor) -> Tensor:
@@ -196,14 +186,6 @@ def chunk_attention(
         bias.expand(*lead, c, w).reshape(-1, c, w), scale, look_back,
     )
     return out.reshape(*lead, c, Dv), lse.reshape(*lead, c)
-
-
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _flash_ok(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 #: score entries per flash call of the sorted-chunk engine: small enough that the
@@ -443,21 +425,28 @@ class _SortedRounds(torch.autograd.Function):
         return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None, None, None
 
 
-def merge_by_lse(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Merge softmax parts: sum_r softmax_r(lse_r) * out_r along ``dim``.
+@torch.no_grad()
+def _sort_tokens(group: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Order the tokens of each round by (group, position).
 
-    outs [..., R, ..., Dv] and lses (outs without the last dim). Parts with
-    lse = -inf get no weight; if every part is -inf the result is 0 and the
-    merged lse -inf. Differentiable (through lse too) and NaN-free.
-    """
-    m = lses.amax(dim, keepdim=True).detach()
-    m = m.masked_fill(torch.isinf(m), 0.0)
-    w = torch.exp(lses - m)
-    z = w.sum(dim, keepdim=True)
-    w = w / z.clamp_min(torch.finfo(z.dtype).tiny)
-    out = (outs * w.unsqueeze(-1)).sum(dim)
-    lse = (m + torch.log(z)).squeeze(dim)
-    return out, lse
+    group: int64 [B, H, R, Np]; valid: bool [B, Np]. Invalid (padded) tokens go into one
+    last group, sorted after every real token. Returns (that group, perm: the token at
+    each slot, slot: each token's slot, both [B, H, R, Np], rows: flat rows of a
+    [B * H * Np] token layout in sorted order [B * H * R * Np], unsort: rows of the
+    sorted [B * H * R * Np] layout back in token order). Cost O(R N log N)."""
+    B, H, R, Np = group.shape
+    dev = group.device
+    n_groups = int(group.max().item()) + 1 if group.numel() else 1
+    group = torch.where(valid[:, None, None, :], group, n_groups)
+    pos = torch.arange(Np, device=dev)
+    perm = torch.argsort(group * Np + pos, dim=-1)  # [B, H, R, Np] token at slot
+    slot = torch.empty_like(perm)
+    slot.scatter_(-1, perm, pos.expand_as(perm))  # slot of token
+    base = (torch.arange(B * H, device=dev) * Np).reshape(B, H, 1, 1)
+    rows = (perm + base).reshape(-1)
+    base_r = (torch.arange(B * H * R, device=dev) * Np).reshape(B, H, R, 1)
+    unsort = (slot + base_r).reshape(-1)
+    return group, perm, slot, rows, unsort
 
 
 def sorted_chunk_attention(
@@ -513,19 +502,7 @@ def sorted_chunk_attention(
         valid = torch.nn.functional.pad(valid, (0, pad), value=False)
         group = torch.nn.functional.pad(group, (0, pad))
     with torch.no_grad():
-        # invalid (padded) tokens go into one last group: sorted after every real token
-        n_groups = int(group.max().item()) + 1 if group.numel() else 1
-        group = torch.where(valid[:, None, None, :], group, n_groups)
-        pos = torch.arange(Np, device=dev)
-        perm = torch.argsort(group * Np + pos, dim=-1)  # [B, H, R, Np] token at slot
-        slot = torch.empty_like(perm)
-        slot.scatter_(-1, perm, pos.expand_as(perm))  # slot of token
-
-        # rows of the flat [B * H * Np] token layout, in sorted order, and back
-        base = (torch.arange(B * H, device=dev) * Np).reshape(B, H, 1, 1)
-        rows = (perm + base).reshape(-1)
-        base_r = (torch.arange(B * H * R, device=dev) * Np).reshape(B, H, R, 1)
-        unsort = (slot + base_r).reshape(-1)
+        group, perm, slot, rows, unsort = _sort_tokens(group, valid)
 
     qs = q.reshape(-1, D).index_select(0, rows).reshape(B, H, R, C, chunk, D)
     ks = k.reshape(-1, D).index_select(0, rows).reshape(B, H, R, C, chunk, D)
@@ -549,11 +526,6 @@ def sorted_chunk_attention(
     lse = lse.reshape(-1).index_select(0, unsort).reshape(B, H, R, Np)
     out, lse = merge_by_lse(out, lse, dim=2)
     return out[:, :, :N], lse[:, :, :N]
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types (accumulate in fp32), else the dtype itself."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class _Unit(torch.autograd.Function):

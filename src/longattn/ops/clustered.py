@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._chunked import sorted_chunk_attention, unit, work_dtype
-from longattn.ops.lsh import common_head_size
+from longattn.ops._chunked import sorted_chunk_attention, unit
+from longattn.ops._softmax import pad_head_dim, work_dtype
 from longattn.registry import Param, register
 
 
@@ -194,7 +194,7 @@ def clustered_attention(
     work = work_dtype(q.dtype)
     qw, kw, vw = q.to(work), k.to(work), v.to(work)
     clusters = assign_clusters(routing_vectors(qw.detach(), kw.detach()), centroids)
-    qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (docs/design.md section 3)
+    qp, kp, vp = pad_head_dim(qw, kw, vw)  # Dv != D: zero columns (docs/design.md section 3)
     out, _ = sorted_chunk_attention(
         qp, kp, vp, clusters[:, :, None], chunk=chunk_size, scale=s,
         key_valid=key_padding_mask, causal=causal, look_back=look_back, exclude_self=False,

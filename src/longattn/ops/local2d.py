@@ -31,7 +31,11 @@ from torch import Tensor
 
 from longattn import patterns as P
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops.blocksparse import _additive, pattern_attention
+from longattn.ops._softmax import acc_dtype
+from longattn.ops._softmax import additive_mask as _additive
+from longattn.ops._softmax import flash_bwd as _flash_bwd
+from longattn.ops._softmax import flash_fwd as _flash_fwd
+from longattn.ops.blocksparse import pattern_attention
 from longattn.registry import REQUIRED, Param, register
 
 _CACHE: dict[tuple[int, int, int, int], P.Neighborhood2D] = {}
@@ -116,8 +120,6 @@ def _strips_apply(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, n: int) -
 # ----------------------------------------------------------------------------------------
 # Haloed strips: the 2-D tiles as strided views (no per-tile gathers)
 # ----------------------------------------------------------------------------------------
-_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 #: query tile (rows, columns) of the forward: 4 x 8 over (4 + 2 rh) x (8 + 2 rw) keys (at
 #: radius 7 x 7, 57% of the keys a tile reads are visible). The backward writes a key
@@ -326,7 +328,7 @@ class _StripAttention(torch.autograd.Function):
         g = H // Hk
         masks = plan.masks(q.dtype, q.device)
         out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, H, N, 1, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        lse = torch.empty(B, H, N, 1, device=q.device, dtype=acc_dtype(q.dtype))
         ot = q.new_empty(plan.S, plan.Tr, plan.L, Dv)
         lt = lse.new_empty(plan.S, plan.Tr, plan.L)
         halo_k, halo_v = HaloBuffers(plan, D, k.dtype, k.device), HaloBuffers(plan, Dv, v.dtype, v.device)
@@ -355,7 +357,7 @@ class _StripAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         Hk = k.shape[1]
         g = H // Hk
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q.dtype)
         masks = plan.masks(q.dtype, q.device)
         dout = dout.contiguous()
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -35,7 +35,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._chunked import ceil_div, sorted_chunk_attention, unit, work_dtype
+from longattn.ops._chunked import ceil_div, sorted_chunk_attention, unit
+from longattn.ops._softmax import pad_head_dim, work_dtype
 from longattn.registry import Param, register
 
 
@@ -66,17 +67,8 @@ def by_head_groups(fn, B: int, H: int, N: int, width: int) -> Tensor:
     return torch.cat(outs, dim=1)
 
 
-def common_head_size(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v zero-padded along the last dim to one head size max(D, Dv): the fused
-    flash kernel needs D == Dv. Zero columns of q and k change no score; zero columns
-    of v give zero output columns (sliced off by the caller)."""
-    D, Dv = q.shape[-1], v.shape[-1]
-    if Dv < D:
-        v = torch.nn.functional.pad(v, (0, D - Dv))
-    elif Dv > D:
-        q = torch.nn.functional.pad(q, (0, Dv - D))
-        k = torch.nn.functional.pad(k, (0, Dv - D))
-    return q, k, v
+#: kept for callers of the old name: see :func:`longattn.ops._softmax.pad_head_dim`
+common_head_size = pad_head_dim
 
 
 def resolve_n_buckets(N: int, bucket_size: int, n_buckets: int | None) -> int:
@@ -257,7 +249,7 @@ def lsh_attention(
         qw, vw = q[:, h0:h1].to(work), v[:, h0:h1].to(work)
         buckets = lsh_buckets(qw, rotations, nb)  # [B, h, R, N]
         kw = unit(qw)
-        qp, kp, vp = common_head_size(qw, kw, vw)  # Dv != D: zero columns (docs/design.md section 3)
+        qp, kp, vp = pad_head_dim(qw, kw, vw)  # Dv != D: zero columns (docs/design.md section 3)
         out, lse = sorted_chunk_attention(
             qp, kp, vp, buckets, chunk=bucket_size, scale=s, key_valid=key_padding_mask,
             causal=causal, look_back=True, exclude_self=True, dedup=dedup,

@@ -39,7 +39,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._chunked import ceil_div, chunk_attention, exp_floor, work_dtype
+from longattn.ops._chunked import ceil_div, chunk_attention
+from longattn.ops._softmax import exp_floor, work_dtype
 from longattn.ops.lsh import by_head_groups
 from longattn.registry import Param, register
 
@@ -225,6 +226,43 @@ def _check_hyper(block_size: int, iters: int, temperature: float, gumbel: float)
     summary="blocks + learned SortNet, log-space Sinkhorn soft permutation; own + sorted block",
     module=SinkhornAttention,
 )
+def _block_permutation(qb: Tensor, kb: Tensor, validb: Tensor, qvalid: Tensor, causal: bool, *, iters: int,
+                       temperature: float, gumbel: float, sort_dim: int, sort_net: tuple[Tensor, Tensor] | None,
+                       permutation: Tensor | None, seed: int | None) -> Tensor:
+    """The soft block permutation P [B, H, n_b, n_b] of :func:`sinkhorn_attention`: the
+    caller's ``permutation`` (checked, broadcast, strictly lower-triangular if causal), or
+    the Sinkhorn-normalised block scores of the sort net (Gumbel noise drawn once).
+    qb, kb [B, H, n_b, b, D]; validb bool [B, n_b, b]; qvalid bool [n_b, b]."""
+    B, H, nb = qb.shape[:3]
+    D = qb.shape[-1]
+    dev, work = qb.device, qb.dtype
+    if permutation is None:
+        if sort_net is None:
+            sort_net = random_sort_net(H, D, sort_dim, seed)
+        wq, wk = _check_sort_net(sort_net, H, D)
+        scores = block_scores(qb, kb, validb, qvalid, wq.to(dev), wk.to(dev), causal)
+        gen = None if seed is None or gumbel == 0 else torch.Generator().manual_seed(int(seed) + 1)
+        x = _with_gumbel(scores, float(gumbel), gen)  # drawn once, outside the checkpoint
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the 2 * iters normalisations keep ~10 [B, H, n_b, n_b] tensors each for the
+            # backward (N = 16384, b = 64, H = 8: ~170 MiB): recompute them instead
+            P = torch.utils.checkpoint.checkpoint(_normalise, x, float(temperature), iters, causal,
+                                                  use_reentrant=False)
+        else:
+            P = _normalise(x, float(temperature), iters, causal)
+    else:
+        if not isinstance(permutation, Tensor):
+            raise TypeError(f"permutation must be a Tensor [B|1, H|1, {nb}, {nb}], got "
+                            f"{type(permutation).__name__}")
+        if permutation.dim() != 4 or tuple(permutation.shape[-2:]) != (nb, nb):
+            raise ValueError(f"permutation must have shape [B|1, H|1, {nb}, {nb}] "
+                             f"(n_b = ceil(N / block_size)), got {tuple(permutation.shape)}")
+        P = permutation.to(device=dev, dtype=work).expand(B, H, nb, nb)
+        if causal:
+            P = P * torch.ones(nb, nb, dtype=work, device=dev).tril(-1)
+    return P
+
+
 def sinkhorn_attention(
     q: Tensor,
     k: Tensor,
@@ -267,30 +305,8 @@ def sinkhorn_attention(
     validb = valid.reshape(B, nb, b)
     qvalid = (torch.arange(Np, device=dev) < N).reshape(nb, b)
 
-    if permutation is None:
-        if sort_net is None:
-            sort_net = random_sort_net(H, D, sort_dim, seed)
-        wq, wk = _check_sort_net(sort_net, H, D)
-        scores = block_scores(qb, kb, validb, qvalid, wq.to(dev), wk.to(dev), causal)
-        gen = None if seed is None or gumbel == 0 else torch.Generator().manual_seed(int(seed) + 1)
-        x = _with_gumbel(scores, float(gumbel), gen)  # drawn once, outside the checkpoint
-        if torch.is_grad_enabled() and x.requires_grad:
-            # the 2 * iters normalisations keep ~10 [B, H, n_b, n_b] tensors each for the
-            # backward (N = 16384, b = 64, H = 8: ~170 MiB): recompute them instead
-            P = torch.utils.checkpoint.checkpoint(_normalise, x, float(temperature), iters, causal,
-                                                  use_reentrant=False)
-        else:
-            P = _normalise(x, float(temperature), iters, causal)
-    else:
-        if not isinstance(permutation, Tensor):
-            raise TypeError(f"permutation must be a Tensor [B|1, H|1, {nb}, {nb}], got "
-                            f"{type(permutation).__name__}")
-        if permutation.dim() != 4 or tuple(permutation.shape[-2:]) != (nb, nb):
-            raise ValueError(f"permutation must have shape [B|1, H|1, {nb}, {nb}] "
-                             f"(n_b = ceil(N / block_size)), got {tuple(permutation.shape)}")
-        P = permutation.to(device=dev, dtype=work).expand(B, H, nb, nb)
-        if causal:
-            P = P * torch.ones(nb, nb, dtype=work, device=dev).tril(-1)
+    P = _block_permutation(qb, kb, validb, qvalid, causal, iters=iters, temperature=temperature, gumbel=gumbel,
+                           sort_dim=sort_dim, sort_net=sort_net, permutation=permutation, seed=seed)
 
     def heads(h0: int, h1: int) -> Tensor:
         # soft-permuted (sorted) blocks; padded keys/values are zeroed before mixing
