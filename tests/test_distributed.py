@@ -164,7 +164,7 @@ def _keys(world, slow=False):
 
 
 _RESULTS: dict[tuple, list[dict]] = {}
-_EXTRAS = {2: ("errors", "mismatch", "model", "math", "recurrent"), 4: ("bytes",)}
+_EXTRAS = {2: ("errors", "mismatch", "model", "math", "recurrent", "two_models"), 4: ("bytes",)}
 
 
 def _results(world, slow=False):
@@ -280,18 +280,83 @@ def _model_probe(rank, world):
 
 def _math_probe(rank, world):
     """The ring with the plain-tensor block kernels (what devices without the CPU flash kernel run)."""
-    import longattn.distributed as ld
+    from longattn.distributed import ring
 
-    ld.FORCE_MATH, saved = True, ld._MATH_ROWS
-    ld._MATH_ROWS = 4 * B * H * SHARD[world]  # several query chunks per block
+    ring.FORCE_MATH, saved = True, ring._MATH_ROWS
+    ring._MATH_ROWS = 4 * B * H * SHARD[world]  # several query chunks per block
     try:
         return {f"math-{c}-{p}": "; ".join(_one_case("full", {}, c, p, rank, world, SHARD[world], 7)) or "ok"
                 for c in (False, True) for p in (False, True)}
     finally:
-        ld.FORCE_MATH, ld._MATH_ROWS = False, saved
+        ring.FORCE_MATH, ring._MATH_ROWS = False, saved
 
 
-_PROBES = {"bytes": _bytes_probe, "errors": _error_probe, "model": _model_probe, "math": _math_probe}
+def _two_models_probe(rank, world):
+    """Two models of one config in one process, one inside sequence_parallel: the other
+    (in this thread, and the parallel one in another thread) runs as one process, and
+    nothing is assigned to longattn.registry or to the model (issue 30 step 4)."""
+    import threading
+
+    import longattn.distributed as ld
+    from longattn import registry
+    from longattn.model import ModelConfig, Transformer
+
+    def build(seed):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(vocab_size=11, max_len=64, dim=16, depth=1, heads=2, mechanism="local",
+                          mechanism_params=dict(before=5, after=2), head="tokens", num_classes=3, pos="learned")
+        return Transformer(cfg).double().eval()
+
+    par, plain = build(0), build(1)
+    n = 13
+    x = torch.randint(0, 11, (2, n * world), generator=torch.Generator().manual_seed(2))
+    sl = slice(rank * n, (rank + 1) * n)
+    with torch.no_grad():
+        want_par, want_plain, want_plain_shard = par(x), plain(x), plain(x[:, sl])
+        run, box = registry.run, {}
+        with ld.sequence_parallel(par) as sp:
+            untouched = registry.run is run and "embed" not in vars(par)
+            got_plain, got_plain_shard = plain(x), plain(x[:, sl])
+            other = threading.Thread(target=lambda: box.update(out=par(x)))
+            other.start()
+            other.join()
+            got_par = par(x[:, sl])
+        untouched = untouched and registry.run is run and "embed" not in vars(par)
+    checks = {
+        "two-models-parallel": torch.allclose(got_par, want_par[:, sl], rtol=1e-10, atol=1e-12),
+        "two-models-plain": torch.equal(got_plain, want_plain),
+        "two-models-plain-shard-not-offset": torch.equal(got_plain_shard, want_plain_shard),
+        "two-models-other-thread": "out" in box and torch.equal(box["out"], want_par),
+        "two-models-registry-untouched": untouched and sp.calls == 1,
+    }
+    return {k: "ok" if v else "failed" for k, v in checks.items()}
+
+
+_PROBES = {"bytes": _bytes_probe, "errors": _error_probe, "model": _model_probe, "math": _math_probe,
+           "two_models": _two_models_probe}
+
+
+@pytest.mark.parametrize("name", ["two-models-parallel", "two-models-plain", "two-models-plain-shard-not-offset",
+                                  "two-models-other-thread", "two-models-registry-untouched"])
+def test_two_models_one_sequence_parallel_one_not(name):
+    for r, res in enumerate(_results(2)):
+        assert res.get(name) == "ok", f"rank {r}: {res.get(name, res.get('two_models'))}"
+
+
+def test_sequence_parallel_assigns_no_attribute_of_another_module():
+    """The routing is scoped (contextvars), not a monkeypatch: no module of
+    longattn.distributed assigns to registry.run, a model's embed, or uses setattr."""
+    import pathlib
+    import re
+
+    import longattn.distributed as ld
+
+    root = pathlib.Path(ld.__file__).parent
+    assert root.name == "distributed", root
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*[\w.]*\b(registry\.\w+|embed)\s*=", text, re.M), path
+        assert "setattr(" not in text, path
 
 
 def test_bytes_received_do_not_grow_with_n_for_local_and_linear():
@@ -561,3 +626,34 @@ def test_recurrent_state_passes_along_the_ranks(name):
 def test_recurrent_sequence_parallel_is_causal_only():
     for res in _results(2):
         assert "causal" in res["recurrent-bidir"], res["recurrent-bidir"]
+
+
+def test_routed_calls_reach_only_their_owners_layers_and_end_with_the_block():
+    """registry.routed (what sequence_parallel uses) in one process: a layer of the routed
+    model goes to the runner, the same layer type of another model does not, nothing
+    after the block; model.sequence_shard checks its index."""
+    from longattn import registry
+    from longattn.layers.attention import MultiHeadAttention
+    from longattn.model import ModelConfig, Transformer, sequence_shard
+
+    torch.manual_seed(0)
+    a, b = MultiHeadAttention(8, 2, "local", before=2, after=1), MultiHeadAttention(8, 2, "local", before=2, after=1)
+    x = torch.randn(1, 7, 8)
+    seen = []
+
+    def runner(spec, call, q, k, v, *, causal, key_padding_mask, segment_ids, params=None):
+        seen.append(spec.name)
+        return torch.zeros_like(q)
+
+    want_b = b(x)
+    with registry.routed(list(a.groups), runner):
+        assert torch.equal(a(x), a.out_proj(torch.zeros_like(x)))
+        assert torch.equal(b(x), want_b)
+    assert seen == ["local"] and not torch.equal(a(x), a.out_proj(torch.zeros_like(x)))
+    with pytest.raises(TypeError, match="runner"):
+        with registry.routed(list(a.groups), None):
+            pass
+    model = Transformer(ModelConfig(vocab_size=5, max_len=16, dim=8, depth=1, heads=2, head="tokens", num_classes=2))
+    with pytest.raises(ValueError, match="index"):
+        with sequence_shard(model, -1):
+            pass

@@ -40,8 +40,11 @@ learned tokens that are global in every layer and stripped before the head.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +58,37 @@ from longattn.layers.positional import (
 )
 from longattn.layers.norms import NORMS
 from longattn import registry
+
+_SHARDS: ContextVar[Mapping[nn.Module, int]] = ContextVar("longattn_sequence_shards",
+                                                         default=MappingProxyType({}))
+# blocks open in any thread: while 0 the forward reads no ContextVar (which torch.compile
+# cannot trace); a compiled model inside a shard block takes a graph break, never a wrong offset
+_OPEN_SHARDS = 0
+
+
+def _shard_of(model: nn.Module) -> int | None:
+    return _SHARDS.get().get(model) if _OPEN_SHARDS else None
+
+
+@contextmanager
+def sequence_shard(model: nn.Module, index: int) -> Iterator[None]:
+    """Within the block, an input of N positions given to ``model`` is shard ``index``
+    of a longer sequence cut into equal shards: its absolute positions (sinusoidal or
+    learned encodings) start at ``index * N``, passed to :meth:`Transformer.embed` as
+    its ``offset``. Scoped by a :class:`contextvars.ContextVar` (this thread or asyncio
+    task, until the block ends); other models are unchanged. Used by
+    :class:`longattn.distributed.sequence_parallel`."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"index must be an int >= 0, got {index!r}")
+    global _OPEN_SHARDS
+    token = _SHARDS.set(MappingProxyType({**_SHARDS.get(), model: index}))
+    _OPEN_SHARDS += 1
+    try:
+        yield
+    finally:
+        _OPEN_SHARDS -= 1
+        _SHARDS.reset(token)
+
 
 _HEADS = ("lm", "classify", "tokens")
 _POOLS = ("cls", "mean")
@@ -246,7 +280,11 @@ class Transformer(nn.Module):
 
             positions = document_positions(check_segment_ids(segment_ids, x.shape[0], x.shape[1]))
             call_params["segment_ids"] = segment_ids
-        h = self.embed(x, positions=positions)
+        shard = _shard_of(self)
+        if shard is not None and positions is not None:
+            raise ValueError("a sequence shard (sequence parallelism) does not support explicit positions "
+                             "(segment_ids)")
+        h = self.embed(x, 0 if shard is None else shard * x.shape[1], positions=positions)
         B = h.shape[0]
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != tuple(h.shape[:2]):
             raise ValueError(f"key_padding_mask must be [B, N] = {list(h.shape[:2])}, "

@@ -18,8 +18,11 @@ Their functional form takes the learned tensors (or the module) as parameters.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from torch import Tensor, nn
 
@@ -351,6 +354,41 @@ def attention(
                segment_ids=segment_ids, params=full)
 
 
+#: Runner: replaces :func:`run` for the calls of some owners (same signature as run, no owner)
+Runner = Callable[..., Tensor]
+_ROUTES: ContextVar[Mapping[object, Runner]] = ContextVar("longattn_routes", default=MappingProxyType({}))
+# route blocks open in any thread: while 0, run() reads no ContextVar (torch.compile cannot
+# trace one); a compiled call inside a block takes a graph break, never the wrong route
+_OPEN_ROUTES = 0
+
+
+@contextmanager
+def routed(owners: Iterable[object], runner: Runner) -> Iterator[None]:
+    """Within the block, ``run(..., owner=o)`` for every ``o`` in ``owners`` returns
+    ``runner(spec, call, q, k, v, causal=, key_padding_mask=, segment_ids=, params=)``
+    instead of running ``call``; every other call of :func:`run` is unchanged.
+
+    Scoped by a :class:`contextvars.ContextVar`: it holds in this thread (or asyncio
+    task) only, until the block ends (also on error), and nests (an inner block adds
+    owners or overrides theirs). Nothing is assigned to any module or object: this is
+    how :class:`longattn.distributed.sequence_parallel` routes one model's attention
+    layers (the owners: their :class:`longattn.layers.attention.HeadGroup` modules) to
+    the sharded call while other models in the process run as usual. Cost: one dict
+    copy per block, one lookup per routed call."""
+    if not callable(runner):
+        raise TypeError(f"runner must be callable, got {type(runner).__name__}")
+    global _OPEN_ROUTES
+    routes = dict(_ROUTES.get())
+    routes.update(dict.fromkeys(owners, runner))
+    token = _ROUTES.set(MappingProxyType(routes))
+    _OPEN_ROUTES += 1
+    try:
+        yield
+    finally:
+        _OPEN_ROUTES -= 1
+        _ROUTES.reset(token)
+
+
 def run(
     spec: Mechanism,
     call: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor],
@@ -362,6 +400,7 @@ def run(
     key_padding_mask: Tensor | None,
     segment_ids: Tensor | None,
     params: dict[str, Any] | None = None,
+    owner: object | None = None,
 ) -> Tensor:
     """``call(q, k, v, key_padding_mask)`` under the conventions of real models:
     grouped KV heads (repeated here for mechanisms without ``gqa``), causal with
@@ -369,7 +408,13 @@ def run(
     documents (``segment_ids``, mechanisms with ``packed``). A packed call checks its
     inputs with the same :func:`longattn.ops._checks.check_qkv` as the mechanisms
     (in :func:`longattn.ops.packing.packed_attention`, before the rows are cut into
-    documents): the same errors and messages with and without ``segment_ids``."""
+    documents): the same errors and messages with and without ``segment_ids``.
+    ``owner``: the calling layer; a :func:`routed` block may route its calls elsewhere."""
+    if owner is not None and _OPEN_ROUTES:
+        runner = _ROUTES.get().get(owner)
+        if runner is not None:
+            return runner(spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                          segment_ids=segment_ids, params=params)
     if all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
         H, Hkv = q.shape[1], k.shape[1]
         if Hkv != H and not spec.gqa and Hkv >= 1 and H % Hkv == 0 and v.shape[1] == Hkv:

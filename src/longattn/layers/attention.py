@@ -183,7 +183,7 @@ class HeadGroup(nn.Module):
             return registry.run(
                 self.spec, lambda q, k, v, kpm: impl(q, k, v, causal=causal, key_padding_mask=kpm, scale=None),
                 q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
-                params=self.params)
+                params=self.params, owner=self)
         params = {**self.spec.defaults(), **self.params, **call_params}
         unknown = sorted(set(call_params) - set(self.spec.param_names))
         if unknown:
@@ -213,7 +213,7 @@ class HeadGroup(nn.Module):
                 lambda: fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **{**params, "bias": bias}))
 
         return registry.run(self.spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                            segment_ids=segment_ids, params=params)
+                            segment_ids=segment_ids, params=params, owner=self)
 
     def extra_repr(self) -> str:
         return f"{self.name}, heads=[{self.start}, {self.stop}), params={self.params}"
