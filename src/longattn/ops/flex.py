@@ -40,6 +40,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from longattn import patterns as P
+from longattn.ops._softmax import merge_by_lse
 from longattn.patterns import Band, Gather, Pattern
 
 try:  # torch >= 2.5
@@ -1164,20 +1165,10 @@ def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
 
 
 def _merge(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Softmax attentions over disjoint key sets, each out [..., Dv] with its lse [...],
-    as one: (sum_k e^(lse_k) out_k / sum_k e^(lse_k), log sum_k e^(lse_k)); -inf lses
-    weigh nothing, all -inf gives zeros and -inf (no NaN, values or gradients)."""
+    """Softmax attentions over disjoint key sets as one (:func:`longattn.ops._softmax.merge_by_lse`)."""
     if len(outs) == 1:
         return outs[0], lses[0]
-    o, ll = torch.stack(outs), torch.stack(lses)
-    m = ll.detach().amax(0)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(ll - m)
-    tot = w.sum(0)
-    seen = tot > 0
-    tot1 = torch.where(seen, tot, torch.ones_like(tot))
-    out = (w[..., None] * o).sum(0) / tot1[..., None]
-    return out, torch.where(seen, m + torch.log(tot1), torch.full_like(tot, float("-inf")))
+    return merge_by_lse(torch.stack(outs), torch.stack(lses), 0)
 
 
 def _masked_chunk(q: Tensor, k: Tensor, v: Tensor, *, mask_mod: Callable, rows: Tensor, keys: Tensor,

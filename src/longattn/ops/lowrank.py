@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops._softmax import flash_fwd
 from longattn.registry import Param, register
 
 __all__ = [
@@ -52,9 +53,6 @@ def _masked_softmax(scores: Tensor, visible: Tensor | None) -> Tensor:
     return torch.softmax(scores, -1) * any_vis
 
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
 def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor | None) -> Tensor:
     """softmax(q k^T * scale) v, keys masked by ``visible`` (bool, broadcastable to
     [B, H, 1, Nk]; None = all); a row with no visible key gives 0.
@@ -72,7 +70,7 @@ def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: T
         # the kernel reads rows through strides but needs unit stride along D
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         k, v = k.expand(B, H, -1, -1), v.expand(B, H, -1, -1)
-        return _flash(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[0]
+        return flash_fwd(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[0]
     p = _masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, visible)
     return torch.matmul(p, v)
 

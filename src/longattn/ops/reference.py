@@ -45,7 +45,8 @@ def dense_attention(
         [B, H, Nq, Dv] in q's dtype (computed in at least float32). Differentiable in
         q, k, v, a float bias and sinks.
     """
-    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=True)
+    d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gqa=True, bottom_right=causal,
+                  cross=True)
     s = default_scale(scale, d.D)
     work = torch.promote_types(q.dtype, torch.float32)
     if d.Hkv != d.H:
