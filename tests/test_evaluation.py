@@ -186,3 +186,20 @@ def test_smollm2_full_perplexity_equals_sdpa_at_2048():
     assert not doc["errors"]
     assert abs(ppl["full"] / ppl["sdpa"] - 1) < 1e-4
     assert 2 < ppl["sdpa"] < 100  # a trained model on English prose
+
+
+def test_cache_mib_counts_a_cache_defined_outside_transformers():
+    """A transformers Cache subclass from another package (SinkWindowCache) is walked too:
+    2 layers x (k, v) x (2 sinks + 8 window keys) x 2 kv heads x 8 dims x 4 bytes."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+
+    from longattn.evaluation.timing import cache_mib
+    from longattn.integrations.transformers import SinkWindowCache
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cache = SinkWindowCache(cfg, 2, 8)
+    for layer in range(2):
+        cache.update(torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8), layer)
+    assert cache_mib(cache) * 2**20 == 2 * 2 * (2 + 8) * 2 * 8 * 4

@@ -50,6 +50,12 @@ def measure(step: Callable[[], T], device: torch.device | str = "cpu") -> tuple[
     return result, seconds, peak
 
 
+def _cache_like(obj: Any) -> bool:
+    """A transformers object, or a subclass of one (a cache or cache layer defined
+    elsewhere, e.g. :class:`longattn.integrations.transformers.SinkWindowCache`)."""
+    return any(c.__module__.startswith("transformers") for c in type(obj).__mro__)
+
+
 def _tensors(obj: Any, seen: set[int]) -> list[Tensor]:
     """Every tensor reachable through tuples, lists, dicts and the attributes of a cache
     object (HF's ``DynamicCache.layers[i].keys/values`` or the legacy tuples)."""
@@ -62,7 +68,7 @@ def _tensors(obj: Any, seen: set[int]) -> list[Tensor]:
         items = list(obj.values())
     elif isinstance(obj, (list, tuple)):
         items = list(obj)
-    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("transformers"):
+    elif hasattr(obj, "__dict__") and _cache_like(obj):
         items = list(vars(obj).values())
     else:
         return []
