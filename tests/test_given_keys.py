@@ -81,6 +81,26 @@ def test_outputs_and_gradients_equal_the_dense_oracle(case, monkeypatch):
     _check(out, ref, (q, k, v) + ((sinks,) if with_sinks else ()))
 
 
+@pytest.mark.parametrize("H,Hkv", [(3, 3), (4, 2)])
+def test_shared_lists_gather_each_key_once_for_every_head(H, Hkv, monkeypatch):
+    # one list per query for every head: the token-major path (rows of Hkv * D numbers, one
+    # gather and one index_add_ per chunk), never the per-head gather; several chunks
+    monkeypatch.setattr(GK, "SHARED_ELEMENTS", 3000)
+
+    def per_head_gather(*args, **kwargs):
+        raise AssertionError("shared lists took the per-head gather")
+
+    monkeypatch.setattr(GK, "_gather", per_head_gather)
+    B, Nq, Nk, T = 2, 19, 41, 7
+    q, k, v = _inputs(B, H, Hkv, Nq, Nk)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(-1, Nk, (B, Nq, T), generator=g)
+    kpm = torch.rand(B, Nk, generator=g) > 0.2
+    sinks = torch.randn(H, generator=g, dtype=D64).requires_grad_()
+    out = given_keys_attention(q, k, v, idx, causal=True, key_padding_mask=kpm, sinks=sinks)
+    _check(out, _oracle(q, k, v, idx, causal=True, kpm=kpm, sinks=sinks), (q, k, v, sinks))
+
+
 def test_duplicates_count_once_and_empty_slots_are_ignored():
     q, k, v = _inputs(1, 2, 2, 5, 11)
     a = torch.tensor([[[3, 3, 7, 7, 7], [0, -1, 0, 10, -1], [4, 2, 4, 2, -1], [9, 9, 9, 9, 9], [1, 5, 6, 8, 2]]])

@@ -75,7 +75,8 @@ def index_scores(qi: Tensor, ki: Tensor, wi: Tensor) -> Tensor:
     """I(t, s) = sum_j w[t, j] ReLU(q^I[t, j] . k^I[s]): qi [B, C, Hi, Di], ki [B, Nk, Di],
     wi [B, C, Hi] -> [B, C, Nk]. Memory C * Hi * Nk."""
     B, C, Hi, Di = qi.shape
-    r = torch.relu(torch.matmul(qi.reshape(B, C * Hi, Di), ki.transpose(-1, -2)))  # one matmul per row
+    r = torch.matmul(qi.reshape(B, C * Hi, Di), ki.transpose(-1, -2))  # one matmul per chunk
+    r = torch.relu(r) if r.requires_grad else r.relu_()  # in place (no new C * Hi * Nk buffer) when no grad
     return torch.matmul(wi.unsqueeze(-2), r.view(B, C, Hi, -1)).squeeze(-2)
 
 

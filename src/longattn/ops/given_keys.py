@@ -35,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,10 @@ from longattn.ops._checks import check_key_padding_mask, check_qkv, default_scal
 
 #: elements of gathered keys + values (and scores) one chunk may hold (~64 MiB in fp32)
 CHUNK_ELEMENTS = 1 << 24
+
+#: elements one chunk of the shared-list path may gather (keys + values of every kv head,
+#: ~4 MiB in fp32: the gathered rows stay in cache, and few Python steps per query)
+SHARED_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,21 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan) -> _Geom:
     return _Geom(B, Hkv, Rg, R // Rg, Nq, Nk, D, Dv, plan.granule)
 
 
-def _chunk_rows(g: _Geom, width: int, chunk: int | None) -> int:
+def _chunk_rows(g: _Geom, width: int, chunk: int | None, budget: int | None = None) -> int:
     if chunk is not None:
         return max(1, int(chunk))
     width = width * g.G
     per_row = g.B * g.Hkv * g.Rg * width * (g.D + g.Dv) + 3 * g.B * g.H * width
-    return max(1, min(g.Nq, CHUNK_ELEMENTS // max(per_row, 1)))
+    return max(1, min(g.Nq, (CHUNK_ELEMENTS if budget is None else budget) // max(per_row, 1)))
+
+
+def _shared_lists(plan: SlotPlan, Nq: int) -> bool:
+    """Whether ``plan`` gives one key list per query for every head (Gi = Rg = 1): then
+    the token-major path gathers each key once for all kv heads (rows of Hkv * D numbers)."""
+    if plan.per_query_head or Nq == 0:
+        return False
+    idx, _ = plan.fn(0, 1)
+    return idx.shape[1] == 1
 
 
 def _granules(x: Tensor, g: _Geom) -> Tensor:
@@ -135,6 +150,124 @@ def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float) -> Tensor:
     return s.masked_fill(~valid.unsqueeze(-2), float("-inf"))
 
 
+def _token_major(x: Tensor, g: _Geom) -> Tensor:
+    """[B, Hkv, Nk, d] -> [B * ng, G * Hkv * d]: one row per granule holding every kv head
+    (keys padded with zeros to ng * G). One copy of K (or V), O(Nk * Hkv * d)."""
+    pad = g.ng * g.G - g.Nk
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.transpose(1, 2).reshape(g.B * g.ng, g.G * g.Hkv * x.shape[-1])
+
+
+def _gather_tm(flat: Tensor, idx: Tensor, g: _Geom, work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Granules of ``flat`` [B * ng, G * Hkv * d] at idx [B, 1, 1, C, T] -> keys
+    [B, C, T * G, Hkv, d] in ``work`` and the flat row numbers [B * C * T] (for the scatter)."""
+    rows = (torch.arange(g.B, device=idx.device).view(g.B, 1, 1) * g.ng + idx[:, 0, 0]).reshape(-1)
+    d = flat.shape[1] // (g.G * g.Hkv)
+    return flat.index_select(0, rows).view(g.B, idx.shape[3], -1, g.Hkv, d).to(work), rows
+
+
+def _rows_tm(x: Tensor, c0: int, c1: int, g: _Geom, work: torch.dtype) -> Tensor:
+    """Query-side rows c0..c1 of x [B, H, Nq, d] as [B, C, Hkv, R, d] in ``work``."""
+    return x.reshape(g.B, g.Hkv, g.Rg * g.R2, g.Nq, x.shape[-1])[:, :, :, c0:c1].permute(0, 3, 1, 2, 4).to(work)
+
+
+def _prod(buf: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """a * b (broadcast) written into the front of the flat workspace ``buf``: the chunk's
+    [C, T, Hkv, R, d] products reuse one buffer instead of a fresh allocation each."""
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    return torch.mul(a, b, out=buf[: math.prod(shape)].view(shape))
+
+
+def _workspace(g: _Geom, C: int, width: int, work: torch.dtype, device: torch.device) -> Tensor:
+    """Flat buffer for one chunk's products (see :func:`_prod`): B * C * width * G * H * max(D, Dv)."""
+    return torch.empty(g.B * C * width * g.G * g.H * max(g.D, g.Dv), dtype=work, device=device)
+
+
+def _tm_scores(buf: Tensor, qs: Tensor, kg: Tensor, valid: Tensor) -> Tensor:
+    """qs [B, C, Hkv, R, D] (scaled), kg [B, C, T, Hkv, D], valid [B, C, T] -> masked scores
+    [B, C, T, Hkv, R] (elementwise products summed over D: the gathered block is read once)."""
+    s = _prod(buf, kg.unsqueeze(-2), qs.unsqueeze(2)).sum(-1)
+    return s.masked_fill_(~valid[..., None, None], float("-inf"))
+
+
+def _outer_tm(buf: Tensor, w: Tensor, x: Tensor) -> Tensor:
+    """w [B, C, T, Hkv, R], x [B, C, Hkv, R, d] -> sum_r w x: [B, C, T, Hkv, d] (what each listed
+    key receives; R = 1 is a plain broadcast product, no reduction pass)."""
+    if w.shape[-1] == 1:
+        return _prod(buf, w, x.squeeze(-2).unsqueeze(2))
+    return _prod(buf, w.unsqueeze(-1), x.unsqueeze(2)).sum(-2)
+
+
+def _fwd_shared(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan, g: _Geom, *, scale: float,
+                sinks: Tensor | None, chunk: int | None) -> tuple[Tensor, Tensor]:
+    """:func:`given_keys_fwd` for one key list per query shared by every head (Gi = Rg = 1):
+    token-major K/V, one gather of Hkv * D numbers per listed key, chunks sized for the
+    cache (``SHARED_ELEMENTS``). Same outputs and ``lse`` layout as the general path."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    C = _chunk_rows(g, plan.width, chunk, min(CHUNK_ELEMENTS, SHARED_ELEMENTS))
+    kf, vf = _token_major(k, g), _token_major(v, g)
+    out = q.new_empty(g.B, g.Hkv, g.R2, g.Nq, g.Dv)
+    lse = torch.empty(g.B, g.Hkv, 1, g.Nq, g.R2, dtype=work, device=q.device)
+    sink = None if sinks is None else sinks.to(work).view(g.Hkv, g.R2)
+    buf = _workspace(g, C, plan.width, work, q.device)
+    for c0 in range(0, g.Nq, C):
+        c1 = min(g.Nq, c0 + C)
+        idx, valid = plan.fn(c0, c1)
+        kg, _ = _gather_tm(kf, idx, g, work)
+        s = _tm_scores(buf, _rows_tm(q, c0, c1, g, work) * scale, kg, valid[:, 0, 0])  # [B, C, T, Hkv, R]
+        m = s.amax(2)
+        if sink is not None:
+            m = torch.maximum(m, sink)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m.unsqueeze(2))
+        den = p.sum(2)
+        if sink is not None:
+            den = den + torch.exp(sink - m)
+        vg, _ = _gather_tm(vf, idx, g, work)
+        o = _prod(buf, p.unsqueeze(-1), vg.unsqueeze(-2)).sum(2) / den.clamp_min(torch.finfo(work).tiny).unsqueeze(-1)
+        out[:, :, :, c0:c1] = o.permute(0, 2, 3, 1, 4).to(out.dtype)
+        lse[:, :, 0, c0:c1] = torch.where(den > 0, m + torch.log(den), torch.full_like(m, float("inf"))).transpose(1, 2)
+    return out.view(g.B, g.H, g.Nq, g.Dv), lse
+
+
+def _bwd_shared(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, plan: SlotPlan,
+                g: _Geom, *, scale: float, sinks: Tensor | None, chunk: int | None,
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`given_keys_bwd` for shared key lists (see :func:`_fwd_shared`): per chunk one
+    gather of K and of V, dK and dV scattered with one ``index_add_`` each into token-major
+    fp32 accumulators (rows of G * Hkv * d numbers)."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    C = _chunk_rows(g, plan.width, chunk, min(CHUNK_ELEMENTS, SHARED_ELEMENTS))
+    kf, vf = _token_major(k, g), _token_major(v, g)
+    dq = torch.empty(g.B, g.Hkv, g.R2, g.Nq, g.D, dtype=q.dtype, device=q.device)
+    dkf = torch.zeros(kf.shape, dtype=work, device=k.device)
+    dvf = torch.zeros(vf.shape, dtype=work, device=v.device)
+    sink = None if sinks is None else sinks.to(work).view(g.Hkv, g.R2)
+    dsink = None if sink is None else torch.zeros_like(sink)
+    buf = _workspace(g, C, plan.width, work, q.device)
+    for c0 in range(0, g.Nq, C):
+        c1 = min(g.Nq, c0 + C)
+        idx, valid = plan.fn(c0, c1)
+        kg, rows = _gather_tm(kf, idx, g, work)
+        vg, _ = _gather_tm(vf, idx, g, work)
+        qs = _rows_tm(q, c0, c1, g, work) * scale
+        doc = _rows_tm(dout, c0, c1, g, work)
+        delta = (doc * _rows_tm(out, c0, c1, g, work)).sum(-1)  # [B, C, Hkv, R]
+        lc = lse[:, :, 0, c0:c1].transpose(1, 2)
+        p = torch.exp(_tm_scores(buf, qs, kg, valid[:, 0, 0]).sub_(lc.unsqueeze(2)))  # [B, C, T, Hkv, R]
+        ds = p * (_prod(buf, vg.unsqueeze(-2), doc.unsqueeze(2)).sum(-1).sub_(delta.unsqueeze(2)))
+        dq[:, :, :, c0:c1] = (_prod(buf, ds.unsqueeze(-1), kg.unsqueeze(-2)).sum(2) * scale).permute(0, 2, 3, 1, 4).to(dq.dtype)
+        dvf.index_add_(0, rows, _outer_tm(buf, p, doc).reshape(rows.shape[0], -1))
+        dkf.index_add_(0, rows, _outer_tm(buf, ds, qs).reshape(rows.shape[0], -1))
+        if dsink is not None:
+            dsink -= (torch.exp(sink - lc) * delta).sum((0, 1))
+    dsinks = None if dsink is None else dsink.reshape(-1).to(sinks.dtype)
+    dk = dkf.view(g.B, g.ng * g.G, g.Hkv, g.D)[:, : g.Nk].transpose(1, 2)
+    dv = dvf.view(g.B, g.ng * g.G, g.Hkv, g.Dv)[:, : g.Nk].transpose(1, 2)
+    return dq.view(g.B, g.H, g.Nq, g.D), dk.to(k.dtype), dv.to(v.dtype), dsinks
+
+
 def given_keys_fwd(
     q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan, *, scale: float,
     sinks: Tensor | None = None, chunk: int | None = None,
@@ -146,6 +279,8 @@ def given_keys_fwd(
     nothing: no key, no sink). Work O(Nq * width * D) per head, memory one chunk.
     """
     g = _geometry(q, k, v, plan)
+    if _shared_lists(plan, g.Nq):
+        return _fwd_shared(q, k, v, plan, g, scale=scale, sinks=sinks, chunk=chunk)
     work = torch.promote_types(q.dtype, torch.float32)
     C = _chunk_rows(g, plan.width, chunk)
     kf, vf = _granules(k, g), _granules(v, g)
@@ -185,6 +320,8 @@ def given_keys_bwd(
     gradient is -sum_i p_sink,i (dO_i . o_i). Memory: fp32 dK, dV accumulators + one chunk.
     """
     g = _geometry(q, k, v, plan)
+    if _shared_lists(plan, g.Nq):
+        return _bwd_shared(q, k, v, out, lse, dout, plan, g, scale=scale, sinks=sinks, chunk=chunk)
     work = torch.promote_types(q.dtype, torch.float32)
     C = _chunk_rows(g, plan.width, chunk)
     kf, vf = _granules(k, g), _granules(v, g)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
 from longattn.ops.sparse import local_attention
-from longattn.ops.topk_blocks import _TopkBlocks, make_tiles, top_blocks
+from longattn.ops.topk_blocks import TopkBlocksFunction, make_tiles, top_blocks
 from longattn.registry import Param, register
 
 #: compressed scores (and probabilities) one chunk of queries may hold (elements)
@@ -301,7 +301,7 @@ def nsa_attention(
                _block_valid(key_padding_mask, block, stride, nc), _block_valid(key_padding_mask, block, block, nb))
     o_cmp, blocks = _Compressed.apply(q.contiguous(), kc.contiguous(), vc.contiguous(), sel)
     tiles = make_tiles(blocks, H=d.H, Nq=d.Nq, Nk=d.Nk, block=block, sink_tokens=block, window=0, causal=causal)
-    o_slc = _TopkBlocks.apply(q.contiguous(), k.contiguous(), v.contiguous(), None, tiles, s, key_padding_mask)
+    o_slc = TopkBlocksFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), None, tiles, s, key_padding_mask)
     g = torch.sigmoid(torch.einsum("bhnd,hdg->bhng", q, w["gate_w"].to(q.dtype))
                       + w["gate_b"].to(q.dtype)[None, :, None, :])
     out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc

@@ -395,7 +395,7 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     return dq.view(B, H, Nq, D).to(q.dtype), dk, dv, dsinks
 
 
-class _TopkBlocks(torch.autograd.Function):
+class TopkBlocksFunction(torch.autograd.Function):
     """Thin autograd wrapper of :func:`tiles_fwd` / :func:`tiles_bwd` (tiles not differentiated)."""
 
     @staticmethod
@@ -411,6 +411,10 @@ class _TopkBlocks(torch.autograd.Function):
         dq, dk, dv, ds = tiles_bwd(q, k, v, out, lse, dout, ctx.tiles, scale=ctx.scale, sinks=sinks,
                                    key_padding_mask=ctx.kpm)
         return dq, dk, dv, ds, None, None, None
+
+
+#: the old private name (kept for callers that imported it)
+_TopkBlocks = TopkBlocksFunction
 
 
 def _check_params(block: object, topk: object, gate: object, sink_tokens: object, window: object,
@@ -461,4 +465,4 @@ def topk_blocks_attention(
                         causal=causal, key_padding_mask=key_padding_mask)
     tiles = make_tiles(sel, H=d.H, Nq=d.Nq, Nk=d.Nk, block=block, sink_tokens=sink_tokens, window=window,
                        causal=causal)
-    return _TopkBlocks.apply(q.contiguous(), k.contiguous(), v.contiguous(), sink, tiles, s, key_padding_mask)
+    return TopkBlocksFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sink, tiles, s, key_padding_mask)
