@@ -358,7 +358,7 @@ def test_selection_pair_count_by_hand_and_by_the_mechanism():
     # rows 4-7 own (10) + block 0 (4 each: 16); rows 8-9 own (1+2) + one block of 4 (8): 47
     assert flops._block_pairs_selected(10, 4, 1, causal=True) == 10 + 26 + 11
     # the mechanism itself: with v = identity each output row is its attention weights
-    from longattn.registry import attention
+    from longattn.api import attention
 
     n = 10
     g = torch.Generator().manual_seed(0)

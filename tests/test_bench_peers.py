@@ -17,7 +17,7 @@ from torch import nn
 
 from longattn import patterns as P
 from longattn.bench import cases, harness, report
-from longattn.registry import build
+from longattn.api import build
 
 
 def _neighborhood(n: int) -> P.Neighborhood2D:

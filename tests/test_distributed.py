@@ -298,7 +298,7 @@ def _two_models_probe(rank, world):
     import threading
 
     import longattn.distributed as ld
-    from longattn import registry
+    from longattn import api
     from longattn.model import ModelConfig, Transformer
 
     def build(seed):
@@ -313,15 +313,15 @@ def _two_models_probe(rank, world):
     sl = slice(rank * n, (rank + 1) * n)
     with torch.no_grad():
         want_par, want_plain, want_plain_shard = par(x), plain(x), plain(x[:, sl])
-        run, box = registry.run, {}
+        run, box = api.run, {}
         with ld.sequence_parallel(par) as sp:
-            untouched = registry.run is run and "embed" not in vars(par)
+            untouched = api.run is run and "embed" not in vars(par)
             got_plain, got_plain_shard = plain(x), plain(x[:, sl])
             other = threading.Thread(target=lambda: box.update(out=par(x)))
             other.start()
             other.join()
             got_par = par(x[:, sl])
-        untouched = untouched and registry.run is run and "embed" not in vars(par)
+        untouched = untouched and api.run is run and "embed" not in vars(par)
     checks = {
         "two-models-parallel": torch.allclose(got_par, want_par[:, sl], rtol=1e-10, atol=1e-12),
         "two-models-plain": torch.equal(got_plain, want_plain),
@@ -345,7 +345,8 @@ def test_two_models_one_sequence_parallel_one_not(name):
 
 def test_sequence_parallel_assigns_no_attribute_of_another_module():
     """The routing is scoped (contextvars), not a monkeypatch: no module of
-    longattn.distributed assigns to registry.run, a model's embed, or uses setattr."""
+    longattn.distributed assigns to registry/api attributes (api.run...), a model's embed,
+    or uses setattr."""
     import pathlib
     import re
 
@@ -355,7 +356,7 @@ def test_sequence_parallel_assigns_no_attribute_of_another_module():
     assert root.name == "distributed", root
     for path in root.glob("*.py"):
         text = path.read_text()
-        assert not re.search(r"^\s*[\w.]*\b(registry\.\w+|embed)\s*=", text, re.M), path
+        assert not re.search(r"^\s*[\w.]*\b((registry|api)\.\w+|embed)\s*=", text, re.M), path
         assert "setattr(" not in text, path
 
 
@@ -629,10 +630,10 @@ def test_recurrent_sequence_parallel_is_causal_only():
 
 
 def test_routed_calls_reach_only_their_owners_layers_and_end_with_the_block():
-    """registry.routed (what sequence_parallel uses) in one process: a layer of the routed
+    """api.routed (what sequence_parallel uses) in one process: a layer of the routed
     model goes to the runner, the same layer type of another model does not, nothing
     after the block; model.sequence_shard checks its index."""
-    from longattn import registry
+    from longattn import api
     from longattn.layers.attention import MultiHeadAttention
     from longattn.model import ModelConfig, Transformer, sequence_shard
 
@@ -646,12 +647,12 @@ def test_routed_calls_reach_only_their_owners_layers_and_end_with_the_block():
         return torch.zeros_like(q)
 
     want_b = b(x)
-    with registry.routed(list(a.groups), runner):
+    with api.routed(list(a.groups), runner):
         assert torch.equal(a(x), a.out_proj(torch.zeros_like(x)))
         assert torch.equal(b(x), want_b)
     assert seen == ["local"] and not torch.equal(a(x), a.out_proj(torch.zeros_like(x)))
     with pytest.raises(TypeError, match="runner"):
-        with registry.routed(list(a.groups), None):
+        with api.routed(list(a.groups), None):
             pass
     model = Transformer(ModelConfig(vocab_size=5, max_len=16, dim=8, depth=1, heads=2, head="tokens", num_classes=2))
     with pytest.raises(ValueError, match="index"):

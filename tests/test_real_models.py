@@ -10,7 +10,7 @@ import torch
 
 import longattn
 from longattn import patterns as P
-from longattn import registry
+from longattn import api, registry
 from longattn.ops.blocksparse import needed_keys, pattern_attention
 from longattn.ops.reference import dense_attention
 from longattn.testing import assert_no_causal_leak, peak_memory_mb
@@ -45,7 +45,7 @@ def _example_params(name: str, N: int) -> dict | None:
 def _caller(name: str, H: int, D: int, N: int, **over):
     """call(q, k, v, causal=..., key_padding_mask=..., segment_ids=...) for any mechanism:
     the functional form with example parameters, or (learned mechanisms) their module
-    through :func:`registry.run`, as the multi-head layer calls them."""
+    through :func:`longattn.api.run`, as the multi-head layer calls them."""
     spec = registry.get(name)
     params = _example_params(name, N)
     if params is None:
@@ -57,10 +57,10 @@ def _caller(name: str, H: int, D: int, N: int, **over):
                                       segment_ids=segment_ids, **params)
         return call
     torch.manual_seed(0)
-    mod = registry.build(name, heads=H, head_dim=D, **params).to(D64).eval()
+    mod = api.build(name, heads=H, head_dim=D, **params).to(D64).eval()
 
     def call(q, k, v, causal=spec.causal_only, key_padding_mask=None, segment_ids=None):
-        return registry.run(spec, lambda q, k, v, kpm: mod(q, k, v, causal=causal, key_padding_mask=kpm),
+        return api.run(spec, lambda q, k, v, kpm: mod(q, k, v, causal=causal, key_padding_mask=kpm),
                             q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids)
     return call
 

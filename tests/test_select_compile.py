@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import longattn
-from longattn import registry
+from longattn import api, registry
 
 B, H, HKV, N, D = 1, 4, 2, 45, 8  # N no multiple of the blocks (8, 16); grouped KV heads
 
@@ -55,7 +55,7 @@ MODULES = {"nsa": dict(block=8, stride=4, topk=2, window=6), "dsa": dict(topk=7,
 def test_compiled_select_module_forward_equals_eager(name):
     if name not in registry.names():
         pytest.skip(f"{name} is not registered")
-    module = registry.build(name, heads=H, head_dim=D, **MODULES[name]).eval()
+    module = api.build(name, heads=H, head_dim=D, **MODULES[name]).eval()
     q, k, v = (t.detach().float() for t in _qkv(seed=1))
     with torch.no_grad():
         ref = module(q, k, v, causal=True)

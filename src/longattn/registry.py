@@ -1,9 +1,19 @@
 """The registry: mechanism name -> spec (callable, parameters, capabilities).
 
 Every mechanism enters the library here, once. The functional API
-(:func:`longattn.attention`), the multi-head module, the benchmark, the pictures
-and the trainer all find mechanisms through this table, so adding one is one file
-plus its :func:`register` call, never an edit of a switch statement.
+(:mod:`longattn.api`: :func:`longattn.attention`, ``build``, ``run``, ``routed``), the
+multi-head module, the benchmark, the pictures and the trainer all find mechanisms
+through this table, so adding one is one file plus its :func:`register` call, never
+an edit of a switch statement: code outside this module reads a spec's typed fields
+(``sequence_parallel``, ``tile_engine``, ``window_params``...), never its name.
+
+This module is a pure table: it imports no other longattn module. The table is
+filled when :mod:`longattn.ops` is imported (its family modules call :func:`register`),
+which :mod:`longattn.api` does. ``import longattn`` stays light (it loads neither), so
+the package hands this module a loader (:func:`fill_with`) that :func:`get`,
+:func:`names` and :func:`specs` run on first use: they are complete after a plain
+``import longattn``. The old names ``registry.attention/run/build/routed/...`` are
+forwarded to :mod:`longattn.api` on attribute access (:func:`__getattr__`).
 
 A mechanism's callable has the signature::
 
@@ -18,13 +28,18 @@ Their functional form takes the learned tensors (or the module) as parameters.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
+import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterator, TypeVar
 
 from torch import Tensor, nn
+
+T = TypeVar("T")
+
+#: names that moved to :mod:`longattn.api`, still reachable as ``registry.<name>``
+MOVED_TO_API = frozenset({"attention", "build", "run", "routed", "FunctionalAttention", "Runner"})
+
 
 class _Required:
     def __repr__(self) -> str:
@@ -84,6 +99,24 @@ class Mechanism:
             multiple of it (a pattern whose blocks must line up); None: 1.
         why_not_bottom_right: for mechanisms without ``bottom_right``, the reason given
             when a decode step is asked of them.
+        pattern_param: the parameter holding a ready ``longattn.patterns.Pattern``
+            (mechanism ``"pattern"``: ``"pattern"``); None: the pattern is built from
+            ``pattern`` and the parameters.
+        tile_engine: runs on the exact tile engine of :mod:`longattn.ops.blocksparse`
+            (its custom op saves the log-sum-exp and reuses the engine's backward).
+        compile_recompute: the forward is a deterministic function of q, k, v and the
+            parameters, so :mod:`longattn.ops.custom` may recompute it for the backward.
+        random_params: parameters that, when set (not None, False or 0), make the
+            forward draw random numbers (dropout, feature redraws): no recomputation.
+        dynamo_traced: when Dynamo traces the eager code without a graph break:
+            ``""`` never, ``"causal"`` causal calls only, ``"aligned"`` all but causal
+            with Nq != Nk (:func:`longattn.ops.custom.traced_natively`).
+        sequence_parallel: how :func:`longattn.distributed.attention` shards it:
+            ``"halo"`` (fetch the key rows a shard sees), ``"ring"`` (K/V blocks round
+            a ring), ``"kernel_state"`` (O(F Dv) state sums), ``"recurrent_state"``
+            (affine state maps per rank); ``""``: not sharded.
+        window_params: the (before, after) parameters of a sliding window, which a
+            model's ``sliding_window`` fills in when not given; None: no window.
         paper: the reference, e.g. ``"Beltagy et al. 2020, Longformer"``.
         summary: one line for tables.
         module: builder of an ``nn.Module`` for learned mechanisms.
@@ -110,6 +143,13 @@ class Mechanism:
     pattern: str | None = None
     length_quantum: Callable[[dict[str, Any], bool], int] | None = None
     why_not_bottom_right: str = "it has no bottom-right causal path"
+    pattern_param: str | None = None
+    tile_engine: bool = False
+    compile_recompute: bool = False
+    random_params: tuple[str, ...] = ()
+    dynamo_traced: str = ""
+    sequence_parallel: str = ""
+    window_params: tuple[str, str] | None = None
     paper: str = ""
     summary: str = ""
     module: Callable[..., nn.Module] | None = None
@@ -121,8 +161,11 @@ class Mechanism:
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params if not p.required}
 
-    def check_params(self, params: dict[str, Any]) -> None:
-        """Raise TypeError naming unknown or missing parameters."""
+    def check_params(self, params: Mapping[str, Any], *, complete: bool = True) -> None:
+        """Raise TypeError naming unknown parameters, and (``complete``) missing required
+        ones. The one parameter check of the library: the functional API, the layers,
+        the custom ops, the distributed calls and the HF integration all call it.
+        ``complete=False``: the required ones may still come later (per call)."""
         unknown = sorted(set(params) - set(self.param_names))
         if unknown:
             raise TypeError(
@@ -130,8 +173,21 @@ class Mechanism:
                 f"it accepts {list(self.param_names) or 'no parameters'}"
             )
         missing = [p.name for p in self.params if p.required and p.name not in params]
-        if missing:
+        if complete and missing:
             raise TypeError(f"mechanism {self.name!r} needs parameter(s) {missing}")
+
+    def resolve(self, params: Mapping[str, Any], *, causal: bool = False) -> dict[str, Any]:
+        """The full parameters of a call: ``params`` checked (:meth:`check_params`),
+        ``causal=True`` refused (ValueError) where the mechanism cannot be causal, then
+        laid over the defaults."""
+        self.check_params(params)
+        if causal and not self.causal:
+            raise ValueError(f"mechanism {self.name!r} cannot be causal (causal=True was given)")
+        return {**self.defaults(), **params}
+
+    def random(self, params: Mapping[str, Any]) -> bool:
+        """Does a call with ``params`` draw random numbers (a ``random_params`` set)?"""
+        return any(_is_set(params.get(n)) for n in self.random_params)
 
     def score_terms(self, *, sinks: Any = None, softcap: Any = None) -> dict[str, Any]:
         """``sinks`` / ``softcap`` as keyword arguments for ``fn`` (only those given, so a
@@ -171,6 +227,11 @@ class Mechanism:
             "paper": self.paper,
             "summary": self.summary,
         }
+
+
+def _is_set(x: Any) -> bool:
+    """A parameter value that switches something on: not None, False or a zero number."""
+    return x is not None and x is not False and not (isinstance(x, (int, float)) and x == 0)
 
 
 def _jsonable(x: Any) -> Any:
@@ -217,26 +278,49 @@ def add(spec: Mechanism) -> Mechanism:
     return spec
 
 
+def lookup(table: Mapping[str, T], name: object, what: str) -> T:
+    """``table[name]``; a TypeError when ``name`` is not a str, a ValueError naming it
+    and listing the registered names when absent (the registries' one lookup)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {type(name).__name__}")
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; registered: {sorted(table)}") from None
+
+
+_FILLERS: list[Callable[[], object]] = []
+
+
+def fill_with(loader: Callable[[], object]) -> None:
+    """Run ``loader`` (it registers mechanisms, e.g. by importing :mod:`longattn.ops`)
+    before the first :func:`get` / :func:`names` / :func:`specs`. The package sets it;
+    this keeps the table free of imports of the modules that fill it."""
+    if not callable(loader):
+        raise TypeError(f"loader must be callable, got {type(loader).__name__}")
+    _FILLERS.append(loader)
+
+
+def _filled() -> None:
+    while _FILLERS:
+        _FILLERS.pop()()  # popped first: a lookup made while it runs sees the table so far
+
+
 def get(name: str) -> Mechanism:
     """The spec of ``name``; a ValueError listing the known names otherwise."""
-    _load()
-    if not isinstance(name, str):
-        raise TypeError(f"mechanism must be a str, got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown mechanism {name!r}; registered: {sorted(_REGISTRY)}"
-        ) from None
+    _filled()
+    return lookup(_REGISTRY, name, "mechanism")
 
 
 def names() -> list[str]:
-    _load()
+    """The registered names, sorted."""
+    _filled()
     return sorted(_REGISTRY)
 
 
 def specs() -> Iterator[Mechanism]:
-    _load()
+    """Every registered spec, by name."""
+    _filled()
     for n in sorted(_REGISTRY):
         yield _REGISTRY[n]
 
@@ -246,193 +330,11 @@ def mechanisms() -> list[dict[str, Any]]:
     return [s.describe() for s in specs()]
 
 
-def _load() -> None:
-    # importing the ops package imports every family module, which registers itself
-    import longattn.ops  # noqa: F401
-
-
-class FunctionalAttention(nn.Module):
-    """nn.Module wrapper of a parameter-free mechanism (what ``build`` returns for it)."""
-
-    def __init__(self, name: str, **params: Any) -> None:
-        super().__init__()
-        spec = get(name)
-        spec.check_params(params)
-        self.spec = spec
-        self.params = {**spec.defaults(), **params}
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        scale: float | None = None,
-        segment_ids: Tensor | None = None,
-        sinks: Tensor | None = None,
-        softcap: float | None = None,
-        **extra: Any,
-    ) -> Tensor:
-        terms = self.spec.score_terms(sinks=sinks, softcap=softcap)
-
-        def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
-            return self.spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale,
-                                **self.params, **extra, **terms)
-
-        return run(self.spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                   segment_ids=segment_ids, params={**self.params, **extra})
-
-    def extra_repr(self) -> str:
-        return f"{self.spec.name}, " + ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-
-
-def build(name: str, *, heads: int, head_dim: int, **params: Any) -> nn.Module:
-    """An ``nn.Module`` computing mechanism ``name`` on [B, H, N, D] tensors.
-
-    Learned mechanisms get their own module (owning parameters/buffers); others are
-    wrapped in :class:`FunctionalAttention`.
-    """
-    spec = get(name)
-    if spec.module is not None:
-        return spec.module(heads=heads, head_dim=head_dim, **params)
-    return FunctionalAttention(name, **params)
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mechanism: str = "local",
-    *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    scale: float | None = None,
-    segment_ids: Tensor | None = None,
-    sinks: Tensor | None = None,
-    softcap: float | None = None,
-    **params: Any,
-) -> Tensor:
-    """Attention of ``q`` over ``k``/``v`` with the registered ``mechanism``.
-
-    Args:
-        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]. Grouped KV heads:
-            H % Hkv == 0 and query head h reads kv head h // (H // Hkv) (SDPA's
-            ``enable_gqa``, HF's ``repeat_kv``); mechanisms with ``gqa`` never repeat
-            K/V in memory, the others get them repeated here.
-        mechanism: a name from :func:`mechanisms`.
-        causal: query i sees key j only if j <= i. With Nq < Nk (mechanisms with
-            ``bottom_right``) the queries are the last Nq positions, so
-            ``attention(q[:, :, -m:], k, v, causal=True)`` is the last m rows of the
-            full call (a decode step over a KV cache).
-        key_padding_mask: bool [B, Nk], True = a real token.
-        scale: score scale, default 1/sqrt(D).
-        segment_ids: integer [B, N]: documents packed in each row as runs of equal
-            ids; each attends as if run alone (mechanisms with ``packed``).
-        sinks: float [H], one learned logit per query head that joins the softmax
-            denominator only: out = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sinks[h]})
-            (gpt-oss's ``s_aux``; differentiable). Mechanisms with ``sinks``.
-        softcap: float c > 0: scores s -> c tanh(s / c) before the softmax (Gemma-2).
-            Mechanisms with ``softcap``. Others raise a ValueError for either.
-        **params: the mechanism's parameters; unknown ones raise TypeError.
-
-    Returns:
-        [B, H, Nq, Dv], in the dtype of ``q``.
-    """
-    spec = get(mechanism)
-    spec.check_params(params)
-    if causal and not spec.causal:
-        raise ValueError(f"mechanism {mechanism!r} cannot be causal (causal=True was given)")
-    full = {**spec.defaults(), **params}
-    terms = spec.score_terms(sinks=sinks, softcap=softcap)
-
-    def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
-        return spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, **full, **terms)
-
-    return run(spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-               segment_ids=segment_ids, params=full)
-
-
-#: Runner: replaces :func:`run` for the calls of some owners (same signature as run, no owner)
-Runner = Callable[..., Tensor]
-_ROUTES: ContextVar[Mapping[object, Runner]] = ContextVar("longattn_routes", default=MappingProxyType({}))
-# route blocks open in any thread: while 0, run() reads no ContextVar (torch.compile cannot
-# trace one); a compiled call inside a block takes a graph break, never the wrong route
-_OPEN_ROUTES = 0
-
-
-@contextmanager
-def routed(owners: Iterable[object], runner: Runner) -> Iterator[None]:
-    """Within the block, ``run(..., owner=o)`` for every ``o`` in ``owners`` returns
-    ``runner(spec, call, q, k, v, causal=, key_padding_mask=, segment_ids=, params=)``
-    instead of running ``call``; every other call of :func:`run` is unchanged.
-
-    Scoped by a :class:`contextvars.ContextVar`: it holds in this thread (or asyncio
-    task) only, until the block ends (also on error), and nests (an inner block adds
-    owners or overrides theirs). Nothing is assigned to any module or object: this is
-    how :class:`longattn.distributed.sequence_parallel` routes one model's attention
-    layers (the owners: their :class:`longattn.layers.attention.HeadGroup` modules) to
-    the sharded call while other models in the process run as usual. Cost: one dict
-    copy per block, one lookup per routed call."""
-    if not callable(runner):
-        raise TypeError(f"runner must be callable, got {type(runner).__name__}")
-    global _OPEN_ROUTES
-    routes = dict(_ROUTES.get())
-    routes.update(dict.fromkeys(owners, runner))
-    token = _ROUTES.set(MappingProxyType(routes))
-    _OPEN_ROUTES += 1
-    try:
-        yield
-    finally:
-        _OPEN_ROUTES -= 1
-        _ROUTES.reset(token)
-
-
-def run(
-    spec: Mechanism,
-    call: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool,
-    key_padding_mask: Tensor | None,
-    segment_ids: Tensor | None,
-    params: dict[str, Any] | None = None,
-    owner: object | None = None,
-) -> Tensor:
-    """``call(q, k, v, key_padding_mask)`` under the conventions of real models:
-    grouped KV heads (repeated here for mechanisms without ``gqa``), causal with
-    Nq < Nk (refused where the mechanism has no ``bottom_right``), and packed
-    documents (``segment_ids``, mechanisms with ``packed``). A packed call checks its
-    inputs with the same :func:`longattn.ops._checks.check_qkv` as the mechanisms
-    (in :func:`longattn.ops.packing.packed_attention`, before the rows are cut into
-    documents): the same errors and messages with and without ``segment_ids``.
-    ``owner``: the calling layer; a :func:`routed` block may route its calls elsewhere."""
-    if owner is not None and _OPEN_ROUTES:
-        runner = _ROUTES.get().get(owner)
-        if runner is not None:
-            return runner(spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                          segment_ids=segment_ids, params=params)
-    if all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
-        H, Hkv = q.shape[1], k.shape[1]
-        if Hkv != H and not spec.gqa and Hkv >= 1 and H % Hkv == 0 and v.shape[1] == Hkv:
-            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-        if causal and q.shape[2] != k.shape[2] and not spec.bottom_right:
-            raise ValueError(
-                f"mechanism {spec.name!r} cannot run causal with Nq ({q.shape[2]}) != Nk ({k.shape[2]}) "
-                f"(a decode step over a cache): {spec.why_not_bottom_right}"
-            )
-    if segment_ids is None:
-        return call(q, k, v, key_padding_mask)
-    if not spec.packed:
-        able = [s.name for s in specs() if s.packed]
-        raise ValueError(f"segment_ids (packed documents) is not supported by mechanism {spec.name!r}; "
-                         f"mechanisms that accept it: {able}")
-    from longattn.ops.packing import packed_attention
-
-    quantum = spec.length_quantum
-    q_len = quantum(params or {}, causal) if quantum is not None else 1
-    return packed_attention(call, q, k, v, segment_ids, causal=causal, key_padding_mask=key_padding_mask,
-                            quantum=q_len)
+def __getattr__(name: str) -> Any:
+    """PEP 562: the names that moved to :mod:`longattn.api` (``attention``, ``run``,
+    ``build``, ``routed``, ``FunctionalAttention``, ``Runner``), for old callers.
+    The import happens here, at attribute-access time only: this module has no import
+    of any longattn module at import time (it stays a pure table below the API)."""
+    if name in MOVED_TO_API:
+        return getattr(importlib.import_module("longattn.api"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -81,6 +81,12 @@ class Setting:
     note: str = ""
     #: for patterns constant on block x block tiles: the parameter holding the block
     block_param: str | None = None
+    #: the working-memory model of :func:`estimate_bytes`: "" (by ``subquadratic``),
+    #: "flash" (SDPA's flash kernel: O(N D)), "wide_scores" (Nq x Nk x D scores,
+    #: 64 queries at a time forward: additive attention)
+    memory: str = ""
+    #: its cost grows as N^2 although it never builds Nq x Nk (strided: N/stride keys)
+    quadratic: bool = False
 
 
 def _edge_index(n: int, heads: int, dim: int) -> Tensor:
@@ -107,10 +113,10 @@ def _composed_pattern(n: int, heads: int, dim: int) -> Any:
 
 
 SETTINGS: dict[str, Setting] = {
-    "full": Setting({}, "PyTorch SDPA (the dense peer)"),
+    "full": Setting({}, "PyTorch SDPA (the dense peer)", memory="flash"),
     "local": Setting({"before": 256, "after": 256}, "513 keys per query"),
     "dilated": Setting({"radius": 128, "dilation": 2}, "span 256 each side, every 2nd key"),
-    "strided": Setting({"stride": 256}, "N/256 keys per query (O(N^2/256))"),
+    "strided": Setting({"stride": 256}, "N/256 keys per query (O(N^2/256))", quadratic=True),
     "block_diagonal": Setting({"block": 512}, "512-key blocks", "block"),
     "global": Setting({"indices": tuple(range(16))}, "16 global tokens"),
     "random": Setting({"blocks_per_row": 8, "block": 64, "seed": 0}, "8 random blocks of 64", "block"),
@@ -123,7 +129,7 @@ SETTINGS: dict[str, Setting] = {
     "graph": Setting({"edge_index": _edge_index}, "32 in-edges per node"),
     "local2d": Setting({"height": lambda n, h, d: _grid(n)[0], "width": lambda n, h, d: _grid(n)[1],
                         "radius_h": 7, "radius_w": 7}, "128-wide grid, 15 x 15 window"),
-    "additive": Setting({"block": 64}, "O(N^2 A) scores, 64 queries at a time"),
+    "additive": Setting({"block": 64}, "O(N^2 A) scores, 64 queries at a time", memory="wide_scores"),
     "linear": Setting({"feature_map": "elu", "chunk_size": 64}, "elu + 1 features"),
     "performer": Setting({"num_features": 256, "seed": 0}, "256 orthogonal random features"),
     "linformer": Setting({"proj_dim": 256, "max_len": lambda n, h, d: n, "seed": 0}, "k = 256"),
@@ -216,7 +222,7 @@ def make_inputs(batch: int, heads: int, n: int, dim: int, dtype: torch.dtype, tr
 
 def build_ours(name: str, n: int, heads: int, dim: int, causal: bool) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """``f(q, k, v) -> out`` running registered mechanism ``name`` at its bench settings."""
-    from longattn.registry import build
+    from longattn.api import build
 
     params = settings(name, n, heads, dim)
     module = build(name, heads=heads, head_dim=dim, **params)
@@ -277,45 +283,59 @@ def _flex_available() -> bool:
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
-# mask_mods written from the predicates of docs/design.md section 4 (for FlexAttention)
+# mask_mods written from the predicates of docs/design.md section 4 (for FlexAttention):
+# one builder per mechanism, (bench settings, n, heads) -> mask_mod(b, h, i, j)
+MaskModBuilder = Callable[[dict[str, Any], int, int], Callable]
+
+
+def _flex_local(s: dict[str, Any], n: int, heads: int) -> Callable:
+    a, b = s["before"], s["after"]
+    return lambda bb, h, i, j: (j >= i - a) & (j <= i + b)
+
+
+def _flex_dilated(s: dict[str, Any], n: int, heads: int) -> Callable:
+    r, d = s["radius"], s["dilation"]
+    return lambda bb, h, i, j: ((j - i) % d == 0) & ((j - i).abs() <= r * d)
+
+
+def _flex_strided(s: dict[str, Any], n: int, heads: int) -> Callable:
+    st = s["stride"]
+    return lambda bb, h, i, j: (j - i) % st == 0
+
+
+def _flex_longformer(s: dict[str, Any], n: int, heads: int) -> Callable:
+    w = s["window"]
+    g = max(s["global_indices"])
+    assert tuple(s["global_indices"]) == tuple(range(g + 1))
+    return lambda bb, h, i, j: ((j - i).abs() <= w) | (i <= g) | (j <= g)
+
+
+def _flex_bigbird(s: dict[str, Any], n: int, heads: int) -> Callable:
+    """BigBird's mask_mod: a dense [H, T, T] block table of its random blocks (tiny:
+    block level), the very draw our mechanism runs, plus window and global blocks."""
+    from longattn import patterns as P
+
+    blk, gb = s["block"], s["global_blocks"]
+    pat = pattern_of("bigbird", settings("bigbird", n, heads, 64))
+    rnd = [c for c in pat.children() if isinstance(c, P.RandomBlocks)]
+    tab = rnd[0].table(n, heads) if rnd else torch.zeros(heads, -(-n // blk), 0, dtype=torch.long)
+    T = -(-n // blk)
+    hit = torch.zeros(heads, T, T, dtype=torch.bool)
+    hit.scatter_(2, tab.long(), torch.ones_like(tab, dtype=torch.bool))
+    g = gb * blk
+
+    def mm(bb, h, i, j):
+        qb, kb = i // blk, j // blk
+        return ((qb - kb).abs() <= 1) | (i < g) | (j < g) | hit[h, qb, kb]
+
+    return mm
+
+
 def _flex_mask_mod(name: str, n: int, heads: int) -> Callable:
-    s = SETTINGS[name].params
-    if name == "local":
-        a, b = s["before"], s["after"]
-        return lambda bb, h, i, j: (j >= i - a) & (j <= i + b)
-    if name == "dilated":
-        r, d = s["radius"], s["dilation"]
-        return lambda bb, h, i, j: ((j - i) % d == 0) & ((j - i).abs() <= r * d)
-    if name == "strided":
-        st = s["stride"]
-        return lambda bb, h, i, j: (j - i) % st == 0
-    if name == "longformer":
-        w = s["window"]
-        g = max(s["global_indices"])
-        assert tuple(s["global_indices"]) == tuple(range(g + 1))
-        return lambda bb, h, i, j: ((j - i).abs() <= w) | (i <= g) | (j <= g)
-    if name == "bigbird":
-        from longattn import patterns as P
-
-        blk, gb = s["block"], s["global_blocks"]
-        # the random part of the very pattern our mechanism runs (same draw)
-        pat = pattern_of("bigbird", settings("bigbird", n, heads, 64))
-        rnd = [c for c in pat.children() if isinstance(c, P.RandomBlocks)]
-        tab = rnd[0].table(n, heads) if rnd else torch.zeros(heads, -(-n // blk), 0, dtype=torch.long)
-        T = -(-n // blk)
-        # a dense [H, T, T] block table: tiny (block level), indexable inside mask_mod
-        hit = torch.zeros(heads, T, T, dtype=torch.bool)
-        hit.scatter_(2, tab.long(), torch.ones_like(tab, dtype=torch.bool))
-        g = gb * blk
-
-        def mm(bb, h, i, j):
-            qb, kb = i // blk, j // blk
-            return ((qb - kb).abs() <= 1) | (i < g) | (j < g) | hit[h, qb, kb]
-
-        return mm
-    if name == "local2d":
-        return _local2d_mask_mod(n, heads)
-    raise KeyError(name)
+    """The FlexAttention ``mask_mod`` of mechanism ``name`` at its bench settings
+    (:data:`FLEX_MASKS`); KeyError for a mechanism without one."""
+    build, _ = FLEX_MASKS[name]
+    return build(SETTINGS[name].params, n, heads)
 
 
 def _local2d_mask_mod(n: int, heads: int) -> Callable:
@@ -330,9 +350,15 @@ def _local2d_mask_mod(n: int, heads: int) -> Callable:
     return lambda bb, h, i, j: ((i // W - j // W).abs() <= rh) & ((i % W - j % W).abs() <= rw)
 
 
+#: mechanism -> (mask_mod builder, the mask differs per head): the FlexAttention peers
+FLEX_MASKS: dict[str, tuple[MaskModBuilder, bool]] = {
+    "local": (_flex_local, False), "dilated": (_flex_dilated, False), "strided": (_flex_strided, False),
+    "longformer": (_flex_longformer, False), "bigbird": (_flex_bigbird, True),
+    "local2d": (lambda s, n, heads: _local2d_mask_mod(n, heads), False),
+}
+# the FlexAttention peers: the 1-D patterns (pattern_of gives their masks) and local2d
 FLEX_PATTERNS = ("local", "dilated", "strided", "longformer", "bigbird")
-# the FlexAttention peers: the 1-D patterns above (pattern_of gives their masks) and local2d
-FLEX_PEERS = FLEX_PATTERNS + ("local2d",)
+FLEX_PEERS = tuple(FLEX_MASKS)
 
 
 def _build_flex(name: str) -> Callable[[int, int, int, bool], Callable]:
@@ -343,7 +369,7 @@ def _build_flex(name: str) -> Callable[[int, int, int, bool], Callable]:
         if causal:
             base = mm
             mm = lambda bb, h, i, j: base(bb, h, i, j) & (j <= i)  # noqa: E731
-        head_dep = name == "bigbird"
+        head_dep = FLEX_MASKS[name][1]
         # eager create_block_mask evaluates the predicate on all N x N positions
         # (~2.6 GB at N=16384); compiled, it works block by block
         make = torch.compile(create_block_mask) if n > 4096 else create_block_mask
@@ -418,6 +444,19 @@ def _build_linformer_pkg(n: int, heads: int, dim: int, causal: bool) -> Callable
     return run
 
 
+def _fused_qkv_runner(mod: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``f(q, k, v)`` for a peer module whose q/k/v projections are identities, so it
+    takes [B, N, 3 H D] (q, k, v side by side) and returns [B, N, H D]; ``f.module``."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, N, D = q.shape
+        x = torch.cat([t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v)], dim=-1)
+        return mod(x).reshape(B, N, H, D).transpose(1, 2)
+
+    run.module = mod  # type: ignore[attr-defined]
+    return run
+
+
 def _with_defaults(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
     """The bench settings of ``name`` over its registry defaults (what ours runs with)."""
     from longattn.registry import get
@@ -451,13 +490,7 @@ def _build_nystrom_pkg(n: int, heads: int, dim: int, causal: bool,
     mod.to_qkv = nn.Identity()
     mod.to_out = nn.Identity()
 
-    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        B, H, N, D = q.shape
-        x = torch.cat([t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v)], dim=-1)
-        return mod(x).reshape(B, N, H, D).transpose(1, 2)
-
-    run.module = mod  # type: ignore[attr-defined]
-    return run
+    return _fused_qkv_runner(mod)
 
 
 def _build_routing(n: int, heads: int, dim: int, causal: bool) -> Callable:
@@ -583,13 +616,7 @@ def _build_nsa_pkg(n: int, heads: int, dim: int, causal: bool) -> Callable:
     mod.combine_heads = nn.Identity()
     mod.to_strategy_combine[0] = _FirstFeatures(mod.to_strategy_combine[0], heads * dim)
 
-    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        B, H, N, D = q.shape
-        x = torch.cat([t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v)], dim=-1)
-        return mod(x).reshape(B, N, H, D).transpose(1, 2)
-
-    run.module = mod  # type: ignore[attr-defined]
-    return run
+    return _fused_qkv_runner(mod)
 
 
 def _nsa_pkg_bytes(case: dict[str, Any]) -> float:
@@ -745,13 +772,14 @@ def estimate_bytes(case: dict[str, Any], flops_fwd: float | None = None) -> floa
     keys = 1024.0
     if flops_fwd:
         keys = max(1.0, flops_fwd / (4 * B * H * N * D))
-    if not spec.subquadratic and name != "full" and not case.get("peer"):
-        width = D if name == "additive" else 1
+    model = SETTINGS.get(name, Setting()).memory
+    if not spec.subquadratic and model != "flash" and not case.get("peer"):
+        width = D if model == "wide_scores" else 1
         mats = 6 if train else 3
-        if name == "additive" and not train:
+        if model == "wide_scores" and not train:
             return inputs + 4 * B * H * 64 * N * width * 4
         return inputs + mats * B * H * N * N * width * 4 + H * N * N * 4 * (3 if train else 1)
-    if name == "full":  # SDPA's flash kernel: O(N D) working memory
+    if model == "flash":  # SDPA's flash kernel: O(N D) working memory
         return inputs + 16 * B * H * N * D * 4 + 64 * 2**20
     per = (8 if train else 4) * B * H * N * min(keys, N) * 4
     return inputs + per + 64 * 2**20
@@ -761,7 +789,8 @@ def is_quadratic(case: dict[str, Any]) -> bool:
     """Whether the case's cost grows as N^2 (for extrapolating time/memory)."""
     from longattn.registry import get
 
-    return not get(case["mechanism"]).subquadratic or case["mechanism"] in ("strided",)
+    name = case["mechanism"]
+    return not get(name).subquadratic or SETTINGS.get(name, Setting()).quadratic
 
 
 def param_count(fn: Callable) -> int:

@@ -128,21 +128,65 @@ def approx_reference(name: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -
     return dense_attention(q, k, v, causal=causal)
 
 
+def _distinct_edges(n: int) -> dict[str, Any]:
+    """graph: distinct random edges (5% + self loops; the bench graph repeats border edges)."""
+    g = torch.Generator().manual_seed(0)
+    m = (torch.rand(n, n, generator=g) < 0.05) | torch.eye(n, dtype=torch.bool)
+    i, j = m.nonzero(as_tuple=True)
+    return {"edge_index": torch.stack([j, i])}
+
+
+def _edge_mask(params: dict[str, Any], n: int) -> Tensor:
+    ei = params["edge_index"]  # row 0 key j, row 1 query i
+    m = torch.zeros(n, n, dtype=torch.bool)
+    m[ei[1], ei[0]] = True
+    return m
+
+
+def _grid_mask(params: dict[str, Any], n: int) -> Tensor:
+    W, rh, rw = params["width"], params["radius_h"], params["radius_w"]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return ((i // W - j // W).abs() <= rh) & ((i % W - j % W).abs() <= rw)
+
+
+@dataclass(frozen=True)
+class ExactCheck:
+    """How the meter checks an exact mechanism at small N, beside its bench settings:
+    ``params(n)`` laid over them (so that the pattern is not all-visible), and
+    ``mask(params, n)`` its dense [N, N] visibility where no Pattern gives it."""
+
+    params: Callable[[int], dict[str, Any]] = lambda n: {}
+    mask: Callable[[dict[str, Any], int], Tensor] | None = None
+
+
+def _fixed(**params: Any) -> Callable[[int], dict[str, Any]]:
+    return lambda n: dict(params)
+
+
+EXACT_CHECKS: dict[str, ExactCheck] = {
+    "full": ExactCheck(mask=lambda params, n: torch.ones(n, n, dtype=torch.bool)),
+    "graph": ExactCheck(_distinct_edges, _edge_mask),
+    "local2d": ExactCheck(lambda n: {"height": n // 16, "width": 16, "radius_h": 2, "radius_w": 3}, _grid_mask),
+    "local": ExactCheck(_fixed(before=16, after=8)),
+    "dilated": ExactCheck(_fixed(radius=8, dilation=3)),
+    "strided": ExactCheck(_fixed(stride=16)),
+    "block_diagonal": ExactCheck(_fixed(block=32)),
+    "random": ExactCheck(_fixed(blocks_per_row=2, block=16, seed=0)),
+    "longformer": ExactCheck(_fixed(window=16, global_indices=(0, 5))),
+    "bigbird": ExactCheck(_fixed(block=16, random_blocks=2, global_blocks=1, seed=0)),
+    "sparse_transformer_strided": ExactCheck(_fixed(l=16)),
+    "sparse_transformer_fixed": ExactCheck(_fixed(l=16, c=4)),
+}
+"""Small-N settings and dense masks of the exact mechanisms (others: bench settings, pattern mask)."""
+
+
 def exact_mask(name: str, params: dict[str, Any], n: int, heads: int) -> Tensor | None:
     """The dense visibility mask [H, N, N] of an exact mechanism, or None if unknown."""
     from longattn.bench.cases import pattern_of
 
-    if name == "full":
-        return torch.ones(1, n, n, dtype=torch.bool)
-    if name == "graph":
-        ei = params["edge_index"]  # row 0 key j, row 1 query i
-        m = torch.zeros(n, n, dtype=torch.bool)
-        m[ei[1], ei[0]] = True
-        return m[None]
-    if name == "local2d":
-        W, rh, rw = params["width"], params["radius_h"], params["radius_w"]
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        return (((i // W - j // W).abs() <= rh) & ((i % W - j % W).abs() <= rw))[None]
+    check = EXACT_CHECKS.get(name)
+    if check is not None and check.mask is not None:
+        return check.mask(params, n)[None]
     pat = pattern_of(name, params)
     if pat is not None:
         return pat.mask(n, heads)
@@ -150,25 +194,10 @@ def exact_mask(name: str, params: dict[str, Any], n: int, heads: int) -> Tensor 
 
 
 def _exact_params(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
+    """The bench settings of ``name`` at length ``n``, with its small-N ones laid over."""
     from longattn.bench import cases as C
 
-    p = C.settings(name, n, heads, dim)
-    # small-N versions of the bench settings so that the patterns are not all-visible
-    shrink = {"local": {"before": 16, "after": 8}, "dilated": {"radius": 8, "dilation": 3},
-              "strided": {"stride": 16}, "block_diagonal": {"block": 32},
-              "random": {"blocks_per_row": 2, "block": 16, "seed": 0},
-              "longformer": {"window": 16, "global_indices": (0, 5)},
-              "bigbird": {"block": 16, "random_blocks": 2, "global_blocks": 1, "seed": 0},
-              "sparse_transformer_strided": {"l": 16}, "sparse_transformer_fixed": {"l": 16, "c": 4}}
-    p.update(shrink.get(name, {}))
-    if name == "graph":  # distinct random edges (the bench graph repeats border edges)
-        g = torch.Generator().manual_seed(0)
-        m = (torch.rand(n, n, generator=g) < 0.05) | torch.eye(n, dtype=torch.bool)
-        i, j = m.nonzero(as_tuple=True)
-        p["edge_index"] = torch.stack([j, i])
-    if name == "local2d":
-        p.update(height=n // 16, width=16, radius_h=2, radius_w=3)
-    return p
+    return {**C.settings(name, n, heads, dim), **EXACT_CHECKS.get(name, ExactCheck()).params(n)}
 
 
 # ----------------------------------------------------------------------- the meter
@@ -176,11 +205,13 @@ def _exact_params(name: str, n: int, heads: int, dim: int) -> dict[str, Any]:
 
 @dataclass
 class ErrorConfig:
-    n: int = 1024
+    """What the meter runs: inputs [batch, heads, n, dim] (float64) drawn from ``seed``."""
+
+    n: int = 1024  # length of the approximation curves
     batch: int = 1
     heads: int = 4
-    dim: int = 32
-    seed: int = 0
+    dim: int = 32  # head dimension D
+    seed: int = 0  # inputs and the mechanisms' random draws
     causal: bool = False
     inputs: tuple[str, ...] = INPUT_KINDS
     mechanisms: list[str] | None = None  # None: every registered mechanism
@@ -193,9 +224,76 @@ def _budget_params(name: str, b: Budget, value: Any, n: int) -> dict[str, Any]:
     return {**fixed, b.param: value}
 
 
+def _exact_case(cfg: ErrorConfig, name: str, kind: str, exact: list[dict[str, Any]],
+                skipped: list[dict[str, str]]) -> None:
+    """An exact mechanism at n = min(cfg.n, cfg.exact_n) against the dense masked reference."""
+    from longattn.api import attention
+    from longattn.ops.reference import dense_attention
+
+    n = min(cfg.n, cfg.exact_n)
+    try:
+        params = _exact_params(name, n, cfg.heads, cfg.dim)
+        mask = exact_mask(name, params, n, cfg.heads)
+    except Exception as e:  # noqa: BLE001
+        mask, params = None, {}
+        why = f"no exact reference: {e}"
+    else:
+        why = "no dense mask for this exact mechanism (learned scores or no pattern)"
+    if mask is None:
+        _skip(skipped, name, kind, why)
+        return
+    q, k, v = make_inputs(kind, cfg.batch, cfg.heads, n, cfg.dim, cfg.seed)
+    try:
+        out = attention(q, k, v, name, causal=cfg.causal, **params)
+        ref = dense_attention(q, k, v, mask=mask, causal=cfg.causal)
+        exact.append({"mechanism": name, "input": kind, "n": n, "rel_error": relative_error(out, ref)})
+    except Exception as e:  # noqa: BLE001
+        _skip(skipped, name, kind, f"{type(e).__name__}: {e}"[:300])
+
+
+def _approx_case(cfg: ErrorConfig, name: str, kind: str, approx: list[dict[str, Any]],
+                 log: Callable[[str], None] | None) -> None:
+    """An approximation's error curve along its budget axis (:data:`BUDGETS`)."""
+    from longattn.api import attention
+    from longattn.registry import get
+
+    b = BUDGETS[name]
+    seeded = {"seed": cfg.seed} if "seed" in get(name).param_names else {}
+    q, k, v = make_inputs(kind, cfg.batch, cfg.heads, cfg.n, cfg.dim, cfg.seed)
+    ref = approx_reference(name, q, k, v, cfg.causal)
+    row = {"mechanism": name, "input": kind, "n": cfg.n, "budget_param": b.param}
+    for val in [x for x in b.values if not b.capped or x <= cfg.n]:
+        params = _budget_params(name, b, val, cfg.n)
+        try:
+            out = attention(q, k, v, name, causal=cfg.causal, **seeded, **params)
+            approx.append({**row, "budget": val, "rel_error": relative_error(out, ref), "fixed": b.fixed or {}})
+        except Exception as e:  # noqa: BLE001
+            approx.append({**row, "budget": val, "rel_error": None, "error": f"{type(e).__name__}: {e}"[:300]})
+            if log:
+                log(f"error meter: {name} {b.param}={val}: {type(e).__name__}: {e}")
+
+
+def _why_not(cfg: ErrorConfig, name: str) -> str | None:
+    """Why the meter skips ``name`` (None: it measures it)."""
+    from longattn.registry import get
+
+    spec = get(name)
+    if cfg.causal and not spec.causal:
+        return "cannot be causal"
+    if spec.exact and spec.learned:
+        return "learned scores: exact for its own weights, no fixed reference"
+    if spec.exact:
+        return None
+    if name in NOT_AN_APPROXIMATION:
+        return NOT_AN_APPROXIMATION[name]
+    return None if name in BUDGETS else "no budget axis in bench.error.BUDGETS"
+
+
 def measure(cfg: ErrorConfig, *, progress: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the meter; return the result document (schema ``longattn.error``)."""
-    from longattn.registry import attention, get, names
+    from dataclasses import asdict
+
+    from longattn.registry import get, names
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -211,63 +309,19 @@ def measure(cfg: ErrorConfig, *, progress: bool = False, log: Callable[[str], No
 
         bar = tqdm(total=len(jobs), desc="error", unit="case", dynamic_ncols=True)
     for name, kind in jobs:
-        spec = get(name)
         if bar is not None:
             bar.set_postfix_str(f"{name} {kind}")
-        if cfg.causal and not spec.causal:
-            _skip(skipped, name, kind, "cannot be causal")
-        elif spec.exact and spec.learned:
-            _skip(skipped, name, kind, "learned scores: exact for its own weights, no fixed reference")
-        elif spec.exact:
-            n = min(cfg.n, cfg.exact_n)
-            try:
-                params = _exact_params(name, n, cfg.heads, cfg.dim)
-                mask = exact_mask(name, params, n, cfg.heads)
-            except Exception as e:  # noqa: BLE001
-                mask, params = None, {}
-                why = f"no exact reference: {e}"
-            else:
-                why = "no dense mask for this exact mechanism (learned scores or no pattern)"
-            if mask is None:
-                _skip(skipped, name, kind, why)
-            else:
-                from longattn.ops.reference import dense_attention
-
-                q, k, v = make_inputs(kind, cfg.batch, cfg.heads, n, cfg.dim, cfg.seed)
-                try:
-                    out = attention(q, k, v, name, causal=cfg.causal, **params)
-                    ref = dense_attention(q, k, v, mask=mask, causal=cfg.causal)
-                    exact.append({"mechanism": name, "input": kind, "n": n, "rel_error": relative_error(out, ref)})
-                except Exception as e:  # noqa: BLE001
-                    _skip(skipped, name, kind, f"{type(e).__name__}: {e}"[:300])
-        elif name in NOT_AN_APPROXIMATION:
-            _skip(skipped, name, kind, NOT_AN_APPROXIMATION[name])
-        elif name not in BUDGETS:
-            _skip(skipped, name, kind, "no budget axis in bench.error.BUDGETS")
+        why = _why_not(cfg, name)
+        if why is not None:
+            _skip(skipped, name, kind, why)
+        elif get(name).exact:
+            _exact_case(cfg, name, kind, exact, skipped)
         else:
-            b = BUDGETS[name]
-            q, k, v = make_inputs(kind, cfg.batch, cfg.heads, cfg.n, cfg.dim, cfg.seed)
-            ref = approx_reference(name, q, k, v, cfg.causal)
-            values = [x for x in b.values if not b.capped or x <= cfg.n]
-            for val in values:
-                params = _budget_params(name, b, val, cfg.n)
-                try:
-                    out = attention(q, k, v, name, causal=cfg.causal, seed=cfg.seed, **params) \
-                        if "seed" in spec.param_names else attention(q, k, v, name, causal=cfg.causal, **params)
-                    err = relative_error(out, ref)
-                    approx.append({"mechanism": name, "input": kind, "n": cfg.n, "budget_param": b.param,
-                                   "budget": val, "rel_error": err, "fixed": b.fixed or {}})
-                except Exception as e:  # noqa: BLE001
-                    approx.append({"mechanism": name, "input": kind, "n": cfg.n, "budget_param": b.param,
-                                   "budget": val, "rel_error": None, "error": f"{type(e).__name__}: {e}"[:300]})
-                    if log:
-                        log(f"error meter: {name} {b.param}={val}: {type(e).__name__}: {e}")
+            _approx_case(cfg, name, kind, approx, log)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    from dataclasses import asdict
-
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,

@@ -61,21 +61,23 @@ Modules (each a part of the above; the public names are re-exported here):
 - :mod:`.recurrent_state`: the recurrent family by composing per-rank state maps.
 - :mod:`.api`: :func:`attention`.
 - :mod:`.training`: :class:`sequence_parallel`, :func:`sequence_parallel_loss`,
-  :func:`check_model` (routing by :func:`longattn.registry.routed` and
+  :func:`check_model` (routing by :func:`longattn.api.routed` and
   :func:`longattn.model.sequence_shard`, no monkeypatch).
 """
 
 from longattn.distributed.api import attention
 from longattn.distributed.comms import comm_stats, reset_comm_stats, shard, unshard
-from longattn.distributed.mechanisms import (
-    KERNEL_MECHANISMS,
-    PATTERN_MECHANISMS,
-    RECURRENT_MECHANISMS,
-    RING_MECHANISMS,
-    supported,
-)
+from longattn.distributed.mechanisms import supported
 from longattn.distributed.training import check_model, sequence_parallel, sequence_parallel_loss
 
 __all__ = ["attention", "supported", "comm_stats", "reset_comm_stats", "shard", "unshard",
            "sequence_parallel", "sequence_parallel_loss", "check_model", "PATTERN_MECHANISMS",
            "KERNEL_MECHANISMS", "RING_MECHANISMS", "RECURRENT_MECHANISMS"]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """PEP 562: ``PATTERN_MECHANISMS``, ``RING_MECHANISMS``, ``KERNEL_MECHANISMS`` and
+    ``RECURRENT_MECHANISMS``, read from the registry's ``sequence_parallel`` field on access."""
+    from longattn.distributed import mechanisms
+
+    return getattr(mechanisms, name)

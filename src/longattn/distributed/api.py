@@ -10,10 +10,11 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
+from longattn import registry
 from longattn.distributed.fingerprint import _check_shards, _fingerprint
 from longattn.distributed.halo import _pattern_sharded, _resolve_pattern
 from longattn.distributed.kernel_state import _feature_map, _kernel_sharded
-from longattn.distributed.mechanisms import KERNEL_MECHANISMS, RECURRENT_MECHANISMS, _check_mechanism
+from longattn.distributed.mechanisms import _check_mechanism
 from longattn.distributed.recurrent_state import _recurrent_sharded
 from longattn.distributed.ring import _ring_sharded
 from longattn.ops._checks import check_qkv, default_scale
@@ -62,23 +63,21 @@ def attention(
     # the ranks agree from here on: a check that fails, fails on every rank
     _check_mechanism(mechanism)
     check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, cross=False)
-    from longattn import registry
-
     spec = registry.get(mechanism)
     if causal and not spec.causal:
         raise ValueError(f"mechanism {mechanism!r} cannot be causal (causal=True was given)")
-    if mechanism in RECURRENT_MECHANISMS:
+    if spec.sequence_parallel == "recurrent_state":
         if not causal:
             raise ValueError(f"mechanism {mechanism!r} is causal only (a recurrence over the past): "
                              f"call it with causal=True, got causal={causal!r}")
         return _recurrent_sharded(q, k, v, mechanism, params, key_padding_mask, scale, r, P, group)
-    if mechanism in KERNEL_MECHANISMS:
+    if spec.sequence_parallel == "kernel_state":
         if scale is not None:
             default_scale(scale, q.shape[-1])
         fmap, chunk = _feature_map(mechanism, params, q.shape[-1])
         return _kernel_sharded(q, k, v, fmap, chunk, causal, key_padding_mask, scale, r, P, group)
     s = default_scale(scale, q.shape[-1])
-    if mechanism == "full":
+    if spec.sequence_parallel == "ring":
         spec.check_params(params)
         return _ring_sharded(q, k, v, params, bool(causal), key_padding_mask, s, r, P, group)
     pattern = _resolve_pattern(mechanism, params)

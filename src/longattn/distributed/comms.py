@@ -63,27 +63,28 @@ def unshard(x: Tensor, group=None, dim: int = 2) -> Tensor:
     return torch.cat(parts, dim)
 
 
+def _summed(x: Tensor, group) -> Tensor:
+    """The sum over the ranks of ``group`` of ``x`` (a fresh tensor, by ``all_reduce``),
+    counted in :func:`comm_stats` as a ring all-reduce moves it: 2 (P - 1) / P bytes of x."""
+    y = x.contiguous().clone()
+    dist.all_reduce(y, group=group)
+    _, P = _rank_size(group)
+    b = 2 * (P - 1) * _nbytes(y) // max(P, 1)
+    _count(b, b)
+    return y
+
+
 class _AllReduceSum(torch.autograd.Function):
     """y = sum over ranks of x. Backward: the gradient of x is the sum over ranks of dy."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        _, P = _rank_size(group)
-        b = 2 * (P - 1) * _nbytes(y) // max(P, 1)
-        _count(b, b)
-        return y
+        return _summed(x, group)
 
     @staticmethod
     def backward(ctx, dy):
-        g = dy.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        _, P = _rank_size(ctx.group)
-        b = 2 * (P - 1) * _nbytes(g) // max(P, 1)
-        _count(b, b)
-        return g, None
+        return _summed(dy, ctx.group), None
 
 
 class _AllGather(torch.autograd.Function):
@@ -102,12 +103,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        g = dy.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        _, P = _rank_size(ctx.group)
-        b = 2 * (P - 1) * _nbytes(g) // max(P, 1)
-        _count(b, b)
-        return g[ctx.rank], None
+        return _summed(dy, ctx.group)[ctx.rank], None
 
 
 def _all_to_all_rows(x: Tensor, send_counts: list[int], recv_counts: list[int], rank: int, group) -> Tensor:

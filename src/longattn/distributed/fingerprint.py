@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from longattn.distributed.comms import _rank_size
-from longattn.distributed.mechanisms import _SHARDED_PARAMS, RECURRENT_MECHANISMS
+from longattn.distributed.mechanisms import _SHARDED_PARAMS, way_of
 
 _DIGEST_MAX = 1 << 20  # tensor parameters up to this many bytes are compared by content
 
@@ -49,7 +49,7 @@ def _fingerprint(mechanism: Any, causal: Any, scale: Any, params: dict[str, Any]
     fp = {"mechanism": repr(mechanism), "causal": repr(causal), "scale": repr(scale),
           "q, k, v dtypes": ", ".join(kind(t) for t in (q, k, v)),
           "key_padding_mask": "None" if kpm is None else f"{kind(kpm)} {tuple(getattr(kpm, 'shape', ()))}"}
-    sharded = _SHARDED_PARAMS if mechanism in RECURRENT_MECHANISMS else ()
+    sharded = _SHARDED_PARAMS if way_of(mechanism) == "recurrent_state" else ()
     fp.update((f"parameter {name}", kind(params[name]) + f" {tuple(params[name].shape)}"
                if name in sharded and isinstance(params[name], Tensor) else _describe(params[name]))
               for name in sorted(params))

@@ -28,18 +28,18 @@ def _resolve_pattern(mechanism: str, params: dict[str, Any]):
     if backend not in ("auto", "engine"):
         raise ValueError(f"distributed pattern attention runs the exact engine: backend must be 'auto' or "
                          f"'engine', got {backend!r}")
-    if mechanism == "pattern":
+    spec = registry.get(mechanism)
+    given = spec.pattern_param  # a ready Pattern object (mechanism 'pattern')
+    if given is not None:
         from longattn.patterns import Pattern
 
-        if set(params) != {"pattern"}:
-            raise TypeError(f"mechanism 'pattern' takes exactly pattern=..., got {sorted(params)}")
-        pat = params["pattern"]
+        if set(params) != {given}:
+            raise TypeError(f"mechanism {mechanism!r} takes exactly {given}=..., got {sorted(params)}")
+        pat = params[given]
         if not isinstance(pat, Pattern):
-            raise TypeError(f"pattern must be a longattn.patterns.Pattern, got {type(pat).__name__}")
+            raise TypeError(f"{given} must be a longattn.patterns.Pattern, got {type(pat).__name__}")
         return pat
-    spec = registry.get(mechanism)
-    spec.check_params(params)
-    full = {k: v for k, v in {**spec.defaults(), **params}.items() if k != "backend"}
+    full = {k: v for k, v in spec.resolve(params).items() if k != "backend"}
     name = spec.pattern or mechanism
     gparam = spec.global_param or "global_idx"
     gidx = full.pop(gparam, ())

@@ -30,12 +30,11 @@ def _feature_map(mechanism: str, params: dict[str, Any], D: int) -> tuple[K.Feat
     from longattn import registry
 
     spec = registry.get(mechanism)
-    spec.check_params(params)
-    full = {**spec.defaults(), **params}
+    full = spec.resolve(params)
     chunk = full["chunk_size"]
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk!r}")
-    if mechanism == "linear":
+    if "feature_map" in spec.param_names:  # it names its map (linear); else FAVOR+ (performer)
         return K.resolve_feature_map(full["feature_map"], D), chunk
     if full["redraw_interval"] is not None:
         raise ValueError(f"redraw_interval={full['redraw_interval']!r} needs the module form; "

@@ -26,9 +26,7 @@ def _recurrent_gates(mechanism: str, params: dict[str, Any], q: Tensor,
     from longattn import registry
     from longattn.ops.recurrent.api import KINDS, _retention_g
 
-    spec = registry.get(mechanism)
-    spec.check_params(params)
-    full = {**spec.defaults(), **params}
+    full = registry.get(mechanism).resolve(params)
     kind = KINDS[mechanism]
     B, H, n, D = q.shape
     if "gamma" in full:

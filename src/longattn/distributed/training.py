@@ -40,7 +40,7 @@ def check_model(model: nn.Module) -> None:
         raise ValueError("sequence parallelism does not support CLS or global-token prefixes")
     for m in model.modules():
         if isinstance(m, HeadGroup):
-            if m.spec.name not in supported() or m.impl is not None:
+            if not m.spec.sequence_parallel or m.impl is not None:
                 raise ValueError(f"mechanism {m.spec.name!r} cannot run sequence parallel; supported "
                                  f"(parameter-free forms): {', '.join(supported())}")
             if getattr(m, "attn_dropout", 0.0):
@@ -53,8 +53,8 @@ class sequence_parallel:  # noqa: N801 - used as a context manager
     at rank * n (n: the length of the input the model is given).
 
     Nothing is replaced or assigned: the model's :class:`~longattn.layers.attention.HeadGroup`
-    layers pass themselves as ``owner`` to :func:`longattn.registry.run`, and the block
-    routes those owners' calls to the sharded call (:func:`longattn.registry.routed`);
+    layers pass themselves as ``owner`` to :func:`longattn.api.run`, and the block
+    routes those owners' calls to the sharded call (:func:`longattn.api.routed`);
     the rank's shard index reaches the model's embedding as its position offset
     (:func:`longattn.model.sequence_shard`). Both are :mod:`contextvars` scoped to this
     thread (or asyncio task) and this model: another model in the process, or this one
@@ -70,7 +70,7 @@ class sequence_parallel:  # noqa: N801 - used as a context manager
     def _run(self, spec: Any, call: Any, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
              key_padding_mask: Tensor | None, segment_ids: Tensor | None,
              params: dict[str, Any] | None = None) -> Tensor:
-        """The routed form of :func:`longattn.registry.run` for this model's layers:
+        """The routed form of :func:`longattn.api.run` for this model's layers:
         grouped KV heads repeated (the exchanges then move H heads), the mechanism's
         call replaced by :func:`longattn.distributed.attention` on the rank's shard."""
         self.calls += 1
@@ -79,14 +79,13 @@ class sequence_parallel:  # noqa: N801 - used as a context manager
         H, Hkv = q.shape[1], k.shape[1]
         if Hkv != H:
             k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-        p = dict(params or {})
-        if spec.name == "full" and not p.get("dropout"):
-            p.pop("dropout", None)
+        # random parameters left off (dropout 0...) are not passed: the sharded call draws nothing
+        p = {n: x for n, x in (params or {}).items() if n not in spec.random_params or spec.random({n: x})}
         return attention(q, k, v, spec.name, causal=causal, group=self.group, key_padding_mask=key_padding_mask,
                          **p)
 
     def __enter__(self) -> "sequence_parallel":
-        from longattn import registry
+        from longattn import api
         from longattn.layers.attention import HeadGroup
         from longattn.model import sequence_shard
 
@@ -95,7 +94,7 @@ class sequence_parallel:  # noqa: N801 - used as a context manager
         rank = dist.get_rank(self.group)
         layers = [m for m in self.model.modules() if isinstance(m, HeadGroup)]
         with ExitStack() as stack:
-            stack.enter_context(registry.routed(layers, self._run))
+            stack.enter_context(api.routed(layers, self._run))
             stack.enter_context(sequence_shard(self.model, rank))
             self._stack = stack.pop_all()
         self.calls = 0
@@ -136,6 +135,6 @@ def sequence_parallel_loss(model: nn.Module, x: Tensor, mask: Tensor | None, y: 
     with sequence_parallel(model, group) as sp:
         logits = model(x[:, sl], key_padding_mask=None if mask is None else mask[:, sl])
     if sp.calls == 0:
-        raise RuntimeError("the model's attention layers did not go through longattn.registry.run "
+        raise RuntimeError("the model's attention layers did not go through longattn.api.run "
                            "(owner=their HeadGroup): sequence parallelism cannot reach them")
     return loss_fn(logits, y[:, sl])

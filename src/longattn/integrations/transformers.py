@@ -70,7 +70,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from longattn import registry
+from longattn import api, registry
 from longattn.ops import custom
 
 try:  # only when used: longattn itself never needs transformers
@@ -163,13 +163,7 @@ def _choice(layer_type: str, entry: Any) -> _Choice:
                          "model's indexer selected (DeepSeek-V3.2, GLM-5); another mechanism would drop them. "
                          "Use 'model'")
     spec = registry.get(name)
-    unknown = sorted(set(params) - set(spec.param_names))
-    if unknown:
-        raise TypeError(f"mechanism {name!r} got unknown parameter(s) {unknown}; "
-                        f"it accepts {list(spec.param_names) or 'no parameters'}")
-    needed = [p.name for p in spec.params if p.required and p.name not in params]
-    if needed:
-        raise TypeError(f"mechanism {name!r} needs parameter(s) {needed} to be registered")
+    spec.check_params(params)
     if layer_type == "cross_attention" and not spec.cross:
         able = [s.name for s in registry.specs() if s.cross]
         raise ValueError(f"layers['cross_attention'] = {name!r}: it cannot attend over encoder states of another "
@@ -444,10 +438,12 @@ def _layer(module: Any, sliding_window: int | None, causal: bool, nq: int, nk: i
     return "full_attention", None
 
 
-def _window_params(window: int, causal: bool) -> dict[str, int]:
-    """``local``'s before/after for HF's window ``w``: causal ``q - w < k <= q``,
+def _window_params(window: int, causal: bool, names: tuple[str, str] = ("before", "after")) -> dict[str, int]:
+    """A window mechanism's (before, after) parameters ``names`` (``spec.window_params``;
+    ``local``'s by default) for HF's window ``w``: causal ``q - w < k <= q``,
     bidirectional ``|q - k| <= w``."""
-    return {"before": window - 1, "after": 0} if causal else {"before": window, "after": window}
+    before, after = names
+    return {before: window - 1, after: 0} if causal else {before: window, after: window}
 
 
 def _resolve(choice: _Choice, kind: str, window: int | None, causal: bool, nk: int, needs: list[str],
@@ -461,11 +457,12 @@ def _resolve(choice: _Choice, kind: str, window: int | None, causal: bool, nk: i
             return "full", {}
         return "local", {"before": nk, "after": nk}  # every key, with the score terms 'full' lacks
     params = dict(choice.params)
-    if choice.name == "local" and "before" not in params:
+    names = registry.get(choice.name).window_params
+    if names is not None and names[0] not in params:
         if window is None:
-            raise ValueError(f"mechanism 'local' was registered without before= and this {kind} layer of {family} "
-                             "has no sliding_window: register('local', before=...)")
-        params = {**_window_params(window, causal), **params}
+            raise ValueError(f"mechanism {choice.name!r} was registered without {names[0]}= and this {kind} layer "
+                             f"of {family} has no sliding_window: register({choice.name!r}, {names[0]}=...)")
+        params = {**_window_params(window, causal, names), **params}
     return choice.name, params
 
 
@@ -611,7 +608,7 @@ def _attention_function(choices: dict[str, _Choice]) -> Callable:
                                  "set the model config's attention_dropout to 0")
             call["dropout"] = dropout
         # under torch.compile: one custom op per layer, no graph break (longattn.ops.custom)
-        run = custom.attention if torch.compiler.is_compiling() and not scores else registry.attention
+        run = custom.attention if torch.compiler.is_compiling() and not scores else api.attention
         if groups is not None:
             if kind != "full_attention" or groups.shape[1] != nq or nq != nk:
                 raise ValueError(f"prefix-LM / image blocks reached a {kind} layer of {family} with Nq={nq}, "

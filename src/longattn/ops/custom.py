@@ -24,21 +24,22 @@ The ops (namespace ``longattn``)::
         bool[] param_grad) -> (Tensor, Tensor, Tensor, Tensor[])
 
 - The exact pattern mechanisms (``local``, ``bigbird``, ``pattern``... on the tile
-  engine of :mod:`longattn.ops.blocksparse`) use ``engine_attention``: the forward
+  engine of :mod:`longattn.ops.blocksparse`: ``spec.tile_engine``) use ``engine_attention``: the forward
   returns the output and its log-sum-exp [B, H, Nq, 1] (fp32, fp64 for fp64
   inputs); the backward is the engine's own backward on the saved q, k, v, out,
   lse (no recomputation; the tile plans come from the engine's per-pattern cache).
-- Every other supported mechanism (``full``, ``linear``, ``performer``, ``graph``,
-  ``nystrom``, and pattern mechanisms with ``segment_ids``, ``Dv != D`` or the flex
+- Every other supported mechanism (``spec.compile_recompute``: ``full``, ``linear``,
+  ``performer``, ``graph``, ``nystrom``; and pattern mechanisms with ``segment_ids``, ``Dv != D`` or the flex
   backend) uses ``attention``, whose backward recomputes the forward under autograd
   and returns the gradients of q, k, v (and of floating tensor parameters that
   require grad): exact, at the cost of one more forward.
-- Where Dynamo traces a mechanism's eager code without a graph break (``full`` on
-  SDPA, causal ``linear``/``performer``: see :data:`NATIVE`, :func:`traced_natively`),
+- Where Dynamo traces a mechanism's eager code without a graph break
+  (``spec.dynamo_traced``: ``full`` on SDPA, causal ``linear``/``performer``; see
+  :data:`NATIVE`, :func:`traced_natively`),
   :func:`attention` under ``torch.compile`` leaves it to Dynamo and inductor, which
   is faster than the op's recomputing backward (and handles dropout).
 - Mechanisms with state or randomness that a recomputation would not reproduce
-  (dropout > 0, learned modules other than Performer/linear, LSH, clustering,
+  (``spec.random_params`` set: dropout > 0, Performer redraws; learned modules other than Performer/linear, LSH, clustering,
   Sinkhorn...) are not routed through the ops: :func:`attention` calls
   :func:`longattn.attention` directly (under ``torch.compile`` Dynamo traces it, and
   may break the graph there).
@@ -61,13 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from longattn import registry
+from longattn import api, registry
 
-__all__ = ["attention", "module_attention", "supported", "config_key", "OP_MECHANISMS"]
-
-#: mechanisms (besides the exact patterns) whose forward is a deterministic function
-#: of q, k, v and the parameters, so the recomputing backward is exact
-OP_MECHANISMS = frozenset({"full", "linear", "performer", "graph", "nystrom"})
+__all__ = ["attention", "module_attention", "supported", "config_key"]
 
 #: mechanisms whose eager code Dynamo traces without a graph break in some settings
 #: (see :func:`traced_natively`): there, under ``torch.compile``, :func:`attention`
@@ -80,15 +77,17 @@ NATIVE: set[str] = {"full", "linear", "performer"}
 
 def traced_natively(mechanism: str, causal: bool, nq: int, nk: int) -> bool:
     """Under ``torch.compile``, does :func:`attention` let Dynamo trace ``mechanism``?
-    ``full``: SDPA, except causal with Nq != Nk (the engine); ``linear``/``performer``:
-    causal only (their non-causal paths break Dynamo's graph: ``out=`` into views).
-    Packed documents (``segment_ids``) always take the op: their length classes are
-    data-dependent."""
+    By its ``spec.dynamo_traced``: ``"aligned"`` (``full``: SDPA) except causal with
+    Nq != Nk (the engine); ``"causal"`` (``linear``/``performer``) causal only (their
+    non-causal paths break Dynamo's graph: ``out=`` into views); never where it is not
+    in :data:`NATIVE`. Packed documents (``segment_ids``) always take the op: their
+    length classes are data-dependent."""
     if mechanism not in NATIVE:
         return False
-    if mechanism == "full":
+    traced = registry.get(mechanism).dynamo_traced
+    if traced == "aligned":
         return not (causal and nq != nk)
-    return bool(causal)
+    return traced == "causal" and bool(causal)
 
 _PLAIN = (int, float, str, bool, type(None))
 
@@ -125,7 +124,7 @@ def _token(x: Any, objects: list[Any]) -> str:
 
 def _engine_eligible(spec: registry.Mechanism, params: dict[str, Any], device_type: str) -> bool:
     """Does this call run on the exact tile engine (pattern_attention's engine path)?"""
-    if spec.family != "pattern" or spec.name == "local2d":
+    if not spec.tile_engine:
         return False
     backend = params.get("backend", "auto")
     return backend == "engine" or (backend == "auto" and device_type != "cuda")
@@ -142,9 +141,7 @@ def config_key(mechanism: str, causal: bool, scale: float | None, device_type: s
     spec = registry.get(mechanism)
     static = dict(zip(static_names, static_values))
     given = {**static, **{n: None for n in tensor_names}}
-    spec.check_params(given)
-    if causal and not spec.causal:
-        raise ValueError(f"mechanism {mechanism!r} cannot be causal (causal=True was given)")
+    spec.resolve(given, causal=causal)
     if isinstance(scale, bool) or not isinstance(scale, (int, float, type(None))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     full = {**spec.defaults(), **static}
@@ -160,15 +157,15 @@ def config_key(mechanism: str, causal: bool, scale: float | None, device_type: s
     if key not in _CONFIGS:
         pattern, check = None, None
         if engine:
-            if mechanism == "pattern":
-                pattern = full["pattern"]
+            if spec.pattern_param is not None:
+                pattern = full[spec.pattern_param]
             else:
                 from longattn.ops.sparse import with_globals
 
                 gidx = full.get("global_idx", ())
                 kw = {n: v for n, v in full.items() if n not in ("global_idx", "backend")}
-                pattern = with_globals(mechanism, gidx, **kw)
-                check = (mechanism, gidx, kw)
+                pattern = with_globals(spec.pattern, gidx, **kw)
+                check = (spec.pattern, gidx, kw)
         _CONFIGS[key] = _Config(mechanism, bool(causal), None if scale is None else float(scale), full,
                                 tuple(tensor_names), engine, pattern, check, objects)
     return key
@@ -266,15 +263,11 @@ _engine_attention.register_autograd(_engine_backward, setup_context=_engine_setu
 
 def _run(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, seg: Tensor | None, params: list[Tensor],
          cfg: _Config) -> Tensor:
-    """The call of :func:`longattn.attention` (registry.run around the mechanism)."""
+    """The call of :func:`longattn.attention` (:func:`longattn.api.run` around the mechanism)."""
     spec = registry.get(cfg.mechanism)
     full = {**cfg.static, **dict(zip(cfg.tensor_names, params))}
-
-    def call(q: Tensor, k: Tensor, v: Tensor, m: Tensor | None) -> Tensor:
-        return spec.fn(q, k, v, causal=cfg.causal, key_padding_mask=m, scale=cfg.scale, **full)
-
-    return registry.run(spec, call, q, k, v, causal=cfg.causal, key_padding_mask=kpm, segment_ids=seg,
-                        params=full)
+    call = api.bind(spec, full, causal=cfg.causal, scale=cfg.scale)
+    return api.run(spec, call, q, k, v, causal=cfg.causal, key_padding_mask=kpm, segment_ids=seg, params=full)
 
 
 @torch.library.custom_op("longattn::attention", mutates_args=())
@@ -358,16 +351,10 @@ def supported(mechanism: str, params: dict[str, Any] | None = None) -> bool:
     """Does :func:`attention` run ``mechanism`` (with ``params``) inside a custom op?
     (False: it calls :func:`longattn.attention` directly.)"""
     spec = registry.get(mechanism)
-    params = params or {}
     if spec.family == "pattern":
         return True
-    if mechanism not in OP_MECHANISMS:
-        return False
-    if params.get("dropout"):
-        return False  # a recomputed forward would draw another dropout mask
-    if mechanism == "performer" and params.get("redraw_interval") is not None:
-        return False
-    return True
+    # a recomputed forward would draw another dropout mask / other features
+    return spec.compile_recompute and not spec.random(params or {})
 
 
 def _same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
@@ -395,9 +382,7 @@ def attention(
     if not supported(mechanism, params) or (
             torch.compiler.is_compiling() and segment_ids is None
             and traced_natively(mechanism, causal, q.shape[-2], k.shape[-2])):
-        from longattn.registry import attention as eager
-
-        return eager(q, k, v, mechanism, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+        return api.attention(q, k, v, mechanism, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                      segment_ids=segment_ids, **params)
     tnames = tuple(sorted(n for n, x in params.items() if isinstance(x, Tensor)))
     snames = tuple(sorted(n for n in params if n not in tnames))
@@ -414,11 +399,11 @@ def attention(
 def module_attention(name: str, impl: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                      key_padding_mask: Tensor | None, segment_ids: Tensor | None = None,
                      params: dict[str, Any] | None = None) -> Tensor:
-    """A learned mechanism's module ``impl`` (built by :func:`longattn.registry.build`)
+    """A learned mechanism's module ``impl`` (built by :func:`longattn.api.build`)
     on q, k, v as :class:`~longattn.layers.attention.HeadGroup` runs it: through the
     custom ops where the module is a pure function of its buffers (Performer without
     redraws: its ``projection``; linear attention: its feature map), else the module
-    itself under :func:`longattn.registry.run`."""
+    itself under :func:`longattn.api.run`."""
     from longattn.ops.kernel import LinearAttention, PerformerAttention
 
     if torch.compiler.is_compiling() and segment_ids is None and traced_natively(name, causal, q.shape[-2],
@@ -432,6 +417,6 @@ def module_attention(name: str, impl: torch.nn.Module, q: Tensor, k: Tensor, v: 
         return attention(q, k, v, "linear", causal=causal, key_padding_mask=key_padding_mask,
                          segment_ids=segment_ids, feature_map=impl.feature_map, chunk_size=impl.chunk_size)
     spec = registry.get(name)
-    return registry.run(
+    return api.run(
         spec, lambda q, k, v, kpm: impl(q, k, v, causal=causal, key_padding_mask=kpm, scale=None),
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids, params=params)

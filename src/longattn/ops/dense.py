@@ -35,6 +35,7 @@ def padding_bias(key_padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
     params=(Param("bias", None, "score bias [B|1, H|1, Nq|1, Nk|1]: float added, bool = keep (SDPA)"),
             Param("dropout", 0.0, "attention dropout probability")),
     family="dense",
+    compile_recompute=True, random_params=("dropout",), dynamo_traced="aligned", sequence_parallel="ring",
     exact=True,
     causal=True,
     cross=True,

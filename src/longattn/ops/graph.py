@@ -256,7 +256,7 @@ class _GraphAttn(torch.autograd.Function):
 @register(
     "graph",
     params=(Param("edge_index", REQUIRED, "LongTensor [2, E]: row 0 key j, row 1 query i"),),
-    family="graph", exact=True, causal=True, cross=True, subquadratic=True,
+    family="graph", exact=True, causal=True, cross=True, subquadratic=True, compile_recompute=True,
     paper="Velickovic et al. 2018, Graph Attention Networks (dot-product scores)",
     summary="softmax over the in-edges of each node (CSR segment softmax, O(E))",
 )

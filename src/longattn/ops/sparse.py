@@ -98,7 +98,8 @@ def _quantum(name: str) -> Callable[[dict[str, Any], bool], int]:
     return quantum
 
 
-def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary: str) -> Callable[..., Tensor]:
+def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary: str,
+                       **caps: Any) -> Callable[..., Tensor]:
     def fn(q, k, v, *, causal=False, key_padding_mask=None, scale=None, global_idx=(), backend="auto",
            sinks=None, softcap=None, **kw):
         _check_positions(name, global_idx, kw)
@@ -114,6 +115,7 @@ def _pattern_mechanism(name: str, params: tuple[Param, ...], paper: str, summary
         name, params=(*params, GLOBAL_IDX, BACKEND), family="pattern", exact=True, causal=True,
         cross=False, subquadratic=True, paper=paper, summary=summary, **_REAL_MODELS,
         pattern=name, global_param="global_idx", length_quantum=_quantum(name),
+        tile_engine=True, sequence_parallel="halo", **caps,
     )(fn)
     return fn
 
@@ -124,6 +126,7 @@ local_attention = _pattern_mechanism(
      Param("after", 64, "keys after the query (j <= i + after)")),
     "Liu et al. 2018; Child et al. 2019 (truncated/sliding window)",
     "sliding window: i - before <= j <= i + after",
+    window_params=("before", "after"),
 )
 dilated_attention = _pattern_mechanism(
     "dilated",
@@ -190,6 +193,7 @@ st_fixed_attention = _pattern_mechanism(
     params=(Param("pattern", REQUIRED, "a longattn.patterns.Pattern (unions, per-head lists...)"), BACKEND),
     family="pattern", exact=True, causal=True, cross=False, subquadratic=True, **_REAL_MODELS,
     length_quantum=lambda params, causal: params["pattern"].length_quantum(causal),
+    pattern_param="pattern", tile_engine=True, sequence_parallel="halo",
     paper="any composition of docs/design.md section 4",
     summary="exact attention over any Pattern object",
 )

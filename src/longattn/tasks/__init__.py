@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -123,13 +122,11 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 
 
 def get(name: str) -> TaskSpec:
+    """The spec of task ``name``; TypeError / ValueError (listing the tasks) otherwise."""
+    from longattn.registry import lookup
+
     _load()
-    if not isinstance(name, str):
-        raise TypeError(f"task must be a str, got {type(name).__name__}")
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; registered: {sorted(_TASKS)}") from None
+    return lookup(_TASKS, name, "task")
 
 
 def names() -> list[str]:
@@ -200,19 +197,11 @@ def load(
 
 
 def _atomic_save(path: Path, data: TaskData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            extra = {} if data.aux is None else {"aux": data.aux}
-            np.savez(f, x=data.x, mask=data.mask, y=data.y, **extra)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` as an .npz cache file atomically (:func:`longattn._atomic.atomic_write`)."""
+    from longattn._atomic import atomic_write
+
+    extra = {} if data.aux is None else {"aux": data.aux}
+    atomic_write(path, lambda f: np.savez(f, x=data.x, mask=data.mask, y=data.y, **extra))
 
 
 def pad_sequences(seqs: list[list[int]] | list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
