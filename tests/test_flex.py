@@ -24,6 +24,7 @@ if not flex.flex_available():  # pragma: no cover
     pytest.skip("this torch has no FlexAttention", allow_module_level=True)
 
 from longattn.ops.flex import block_mask_for, expand_block_mask, flex_pattern_attention  # noqa: E402
+from longattn.ops.pattern import flex_attention as flex_impl  # noqa: E402 (where _light etc. are looked up)
 from longattn.ops.reference import dense_attention  # noqa: E402
 
 PATTERNS = {
@@ -388,7 +389,7 @@ def _dense_light(q, k, v, bm, scale, enable_gqa, lse):
 def test_split_forward_equals_reference(name, monkeypatch):
     """Flex (eager) on the light lists + heavy rows and columns merged by lse == the
     float64 dense oracle: causal and not, padding, documents, GQA, bottom-right."""
-    monkeypatch.setattr(flex, "_light", _eager_light)
+    monkeypatch.setattr(flex_impl, "_light", _eager_light)
     p = SPLIT_PATTERNS[name]()
     n = 999
     for causal, kp, sg, q_len in _split_cases(n):
@@ -407,7 +408,7 @@ def test_split_forward_equals_reference(name, monkeypatch):
 def test_split_gradients_equal_reference(name, monkeypatch):
     """Outputs and q/k/v gradients of the split path (Flex's part dense here) equal
     the float64 dense oracle; a query with no visible key gives zeros and no NaN."""
-    monkeypatch.setattr(flex, "_light", _dense_light)
+    monkeypatch.setattr(flex_impl, "_light", _dense_light)
     p = SPLIT_PATTERNS[name]()
     n = 701
     kpm = torch.ones(2, n, dtype=torch.bool)
@@ -442,11 +443,11 @@ def test_engine_flex_backend_reaches_the_split(monkeypatch):
     block 128) and equals the engine."""
     import longattn
 
-    monkeypatch.setattr(flex, "_light", _eager_light)
-    monkeypatch.setattr(flex, "_split_default", lambda device: True)
+    monkeypatch.setattr(flex_impl, "_light", _eager_light)
+    monkeypatch.setattr(flex_impl, "_split_default", lambda device: True)
     calls = []
     real = flex._heavy_rows_attention
-    monkeypatch.setattr(flex, "_heavy_rows_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(flex_impl, "_heavy_rows_attention", lambda *a: calls.append(1) or real(*a))
     n = 2999
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))

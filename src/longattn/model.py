@@ -92,7 +92,7 @@ def sequence_shard(model: nn.Module, index: int) -> Iterator[None]:
 
 _HEADS = ("lm", "classify", "tokens")
 _POOLS = ("cls", "mean")
-_POS = ("sinusoidal", "learned", "rope", "alibi", "none")
+_POS = ("sinusoidal", "learned", "rope", "rope2d", "alibi", "none")
 _INPUTS = ("tokens", "continuous")
 
 
@@ -114,7 +114,8 @@ class ModelConfig:
     pool: str = "mean"             # "cls" | "mean" (classify head)
     norm: str = "layer"            # "layer" | "rms" | "batch"
     prenorm: bool = True           # pre-norm (True) or post-norm blocks
-    pos: str = "sinusoidal"        # "sinusoidal" | "learned" | "rope" | "alibi" | "none"
+    pos: str = "sinusoidal"        # "sinusoidal" | "learned" | "rope" | "rope2d" | "alibi" | "none"
+    grid_width: int | None = None  # image width W of raster-ordered pixel inputs (pos="rope2d" needs it)
     dropout: float = 0.0           # residual / embedding / feed-forward dropout
     attn_dropout: float = 0.0      # attention dropout (mechanisms with a "dropout" param)
     mlp_ratio: int = 4             # feed-forward hidden = mlp_ratio * dim
@@ -158,6 +159,9 @@ class ModelConfig:
             raise ValueError("a causal model cannot pool a leading CLS token; use pool='mean'")
         if self.pos == "rope" and (self.dim // self.heads) % 2:
             raise ValueError(f"pos='rope' needs an even head_dim, got {self.dim // self.heads}")
+        if self.pos == "rope2d" and (self.grid_width is None or (self.dim // self.heads) % 4):
+            raise ValueError(f"pos='rope2d' needs grid_width (the image width, got {self.grid_width!r}) "
+                             f"and head_dim % 4 == 0 (got {self.dim // self.heads})")
         if self.pos == "sinusoidal" and self.dim % 2:
             raise ValueError(f"pos='sinusoidal' needs an even dim, got {self.dim}")
 
@@ -167,6 +171,24 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _positional_encoding(cfg: ModelConfig) -> nn.Module | None:
+    """The additive positional encoding of ``cfg.pos`` ("sinusoidal", "learned"), else
+    None ("rope" and "alibi" act inside attention, "none" is none)."""
+    if cfg.pos == "sinusoidal":
+        return SinusoidalPositionalEncoding(cfg.dim)
+    if cfg.pos == "learned":
+        return LearnedPositionalEncoding(cfg.dim, cfg.max_len)
+    return None
+
+
+def _block_options(cfg: ModelConfig) -> dict[str, Any]:
+    """The keywords every Encoder/Decoder block takes from the config (norm, dropout,
+    feed-forward width, rope/alibi)."""
+    return dict(norm=cfg.norm, prenorm=cfg.prenorm, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+                mlp_ratio=cfg.mlp_ratio, rope=cfg.pos in ("rope", "rope2d"), alibi=cfg.pos == "alibi",
+                rope_grid=cfg.grid_width if cfg.pos == "rope2d" else None)
 
 
 def _init_token_embedding(emb: nn.Embedding) -> None:
@@ -207,11 +229,7 @@ class Transformer(nn.Module):
         else:
             self.freq = FrequencyEncoding(cfg.freq_bands)
             self.tok_emb = nn.Linear(self.freq.out_features(cfg.in_dim), cfg.dim)
-        self.pos_enc: nn.Module | None = None
-        if cfg.pos == "sinusoidal":
-            self.pos_enc = SinusoidalPositionalEncoding(cfg.dim)
-        elif cfg.pos == "learned":
-            self.pos_enc = LearnedPositionalEncoding(cfg.dim, cfg.max_len)
+        self.pos_enc = _positional_encoding(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         # prefix tokens: [CLS] then global tokens; global in every layer when possible
         self.use_cls = cfg.head == "classify" and cfg.pool == "cls"
@@ -225,10 +243,8 @@ class Transformer(nn.Module):
         self.prefix = nn.Parameter(torch.randn(self.n_prefix, cfg.dim) * 0.02) if self.n_prefix else None
         self.encoder = Encoder(
             cfg.dim, cfg.depth, cfg.heads, mechanism=cfg.mechanism,
-            mechanism_params=cfg.mechanism_params, causal=cfg.is_causal, norm=cfg.norm,
-            prenorm=cfg.prenorm, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
-            mlp_ratio=cfg.mlp_ratio, rope=cfg.pos == "rope", alibi=cfg.pos == "alibi",
-            kv_heads=cfg.kv_heads,
+            mechanism_params=cfg.mechanism_params, causal=cfg.is_causal, kv_heads=cfg.kv_heads,
+            **_block_options(cfg),
         )
         out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
         self.head = nn.Linear(cfg.dim, out, bias=cfg.head != "lm")
@@ -347,15 +363,9 @@ class EncoderDecoder(nn.Module):
         self.cfg = cfg
         self.src_emb = nn.Embedding(src_vocab_size or cfg.vocab_size, cfg.dim)
         self.tgt_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_enc: nn.Module | None = None
-        if cfg.pos == "sinusoidal":
-            self.pos_enc = SinusoidalPositionalEncoding(cfg.dim)
-        elif cfg.pos == "learned":
-            self.pos_enc = LearnedPositionalEncoding(cfg.dim, cfg.max_len)
+        self.pos_enc = _positional_encoding(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        common = dict(norm=cfg.norm, prenorm=cfg.prenorm, dropout=cfg.dropout,
-                      attn_dropout=cfg.attn_dropout, mlp_ratio=cfg.mlp_ratio,
-                      rope=cfg.pos == "rope", alibi=cfg.pos == "alibi")
+        common = _block_options(cfg)
         self.encoder = Encoder(cfg.dim, cfg.depth, cfg.heads, mechanism=cfg.mechanism,
                                mechanism_params=cfg.mechanism_params, causal=False, **common)
         self.decoder = Decoder(cfg.dim, decoder_depth or cfg.depth, cfg.heads, mechanism=cfg.mechanism,

@@ -15,27 +15,36 @@ without any N x N object:
 A pattern's components may overlap; the engine counts every key once (a later
 component is masked by the earlier ones) and merges them into one softmax.
 
+For FlexAttention a pattern gives its predicate point by point too
+(:meth:`Pattern.mask_mod`: elementwise code and table lookups, its integers in 0-d
+tensors; helpers in :mod:`longattn._points`), so a new pattern runs on Flex without
+an edit of :mod:`longattn.ops.flex`.
+
 Small masks (N=8, before=1, after=2), ``#`` visible::
 
     local(1, 2)        dilated(1, 2)      strided(3)         global_tokens([0])
     ###.....           #.#.....           #..#..#.           ########
-    ####....           .#.#....           .#..#..#           ##......
-    .####...           #.#.#...           ..#..#..           #.#.....
-    ..####..           .#.#.#..           #..#..#.           #..#....
-    ...####.           ..#.#.#.           .#..#..#           #...#...
-    ....####           ...#.#.#           ..#..#..           #....#..
-    .....###           ....#.#.           #..#..#.           #.....#.
-    ......##           .....#.#           .#..#..#           #......#
+    ####....           .#.#....           .#..#..#           #.......
+    .####...           #.#.#...           ..#..#..           #.......
+    ..####..           .#.#.#..           #..#..#.           #.......
+    ...####.           ..#.#.#.           .#..#..#           #.......
+    ....####           ...#.#.#           ..#..#..           #.......
+    .....###           ....#.#.           #..#..#.           #.......
+    ......##           .....#.#           .#..#..#           #.......
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from longattn._points import PointContext, PointFn, per_head_mask, point_clip, point_int  # noqa: F401 (re-exported)
+from longattn._random_draws import _draw_blocks, _in_table
 
 Predicate = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``pred(i, j, h) -> bool``: i, j, h are broadcastable int64 tensors."""
@@ -176,6 +185,18 @@ class Pattern:
         """For per-head lists: [(first head, number of heads, pattern)], else None."""
         return None
 
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        """The predicate point by point, for FlexAttention's mask_mod: a
+        :data:`PointFn` and its structural kind (the compile-cache key: instances of
+        one kind share a compiled kernel, their integers held in 0-d tensors, see
+        :func:`point_int`). A pattern overrides it to run on Flex; this default
+        splits per-head lists (:meth:`heads_split`) and else calls :meth:`visible`
+        itself (a kind per instance; it must be pointwise for Flex to lower it)."""
+        split = self.heads_split(ctx.heads)
+        if split is not None:
+            return per_head_mask(split, ctx)
+        return (lambda i, j, h, b, gi: self.visible(i, j, h)), f"custom:{type(self).__qualname__}:{id(self)}"
+
     def mask(self, n: int, heads: int = 1, causal: bool = False) -> Tensor:
         """The dense bool mask [heads, n, n] (True = visible), for tests and pictures."""
         _check_int("n", n, 1)
@@ -222,6 +243,9 @@ class Full(Pattern):
     def visible(self, i, j, h):
         return torch.ones((), dtype=torch.bool)
 
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        return (lambda i, j, h, b, gi: j >= 0), "full"
+
     def components(self, n, heads, rows=None):
         return [Band(INF, INF)]
 
@@ -231,6 +255,9 @@ class Causal(Pattern):
 
     def visible(self, i, j, h):
         return j <= i
+
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        return (lambda i, j, h, b, gi: j <= i), "causal"
 
     def components(self, n, heads, rows=None):
         return [Band(INF, 0)]
@@ -246,6 +273,10 @@ class Local(Pattern):
     def visible(self, i, j, h):
         return (j >= i - self.before) & (j <= i + self.after)
 
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        a, e = point_int(self.before), point_int(self.after)
+        return (lambda i, j, h, b, gi: (j >= i - a) & (j <= i + e)), "local"
+
     def components(self, n, heads, rows=None):
         return [Band(self.before, self.after)]
 
@@ -260,6 +291,10 @@ class Dilated(Pattern):
     def visible(self, i, j, h):
         return ((j - i) % self.dilation == 0) & ((j - i).abs() <= self.radius * self.dilation)
 
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        r, d = point_int(self.radius * self.dilation), point_int(self.dilation)
+        return (lambda i, j, h, b, gi: ((j - i) % d == 0) & ((j - i).abs() <= r)), "dilated"
+
     def components(self, n, heads, rows=None):
         return [Band(self.radius, self.radius, Grouping("residue", self.dilation))]
 
@@ -273,6 +308,10 @@ class Strided(Pattern):
     def visible(self, i, j, h):
         return (j - i) % self.stride == 0
 
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        d = point_int(self.stride)
+        return (lambda i, j, h, b, gi: (j - i) % d == 0), "strided"
+
     def components(self, n, heads, rows=None):
         return [Band(INF, INF, Grouping("residue", self.stride))]
 
@@ -285,6 +324,10 @@ class BlockDiagonal(Pattern):
 
     def visible(self, i, j, h):
         return i // self.block == j // self.block
+
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        d = point_int(self.block)
+        return (lambda i, j, h, b, gi: (i // d) == (j // d)), "block_diagonal"
 
     def components(self, n, heads, rows=None):
         return [Band(INF, INF, Grouping("chunk", self.block))]
@@ -325,6 +368,13 @@ class GlobalTokens(Pattern):
 
     def visible(self, i, j, h):
         return _member(i, self.indices) | _member(j, self.indices)
+
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        """A [n] bool table looked up at i and j (``isin`` does not lower)."""
+        tab = torch.zeros(ctx.n, dtype=torch.bool)
+        tab[self.indices[self.indices < ctx.n]] = True
+        top = point_int(ctx.n - 1)
+        return (lambda i, j, h, b, gi: tab[point_clip(i, top)] | tab[point_clip(j, top)]), "global"
 
     def components(self, n, heads, rows=None):
         idx = self.indices[self.indices < n]
@@ -410,6 +460,29 @@ class RandomBlocks(Pattern):
             raise RuntimeError("RandomBlocks.prepare(n, heads) must be called before visible()")
         return _in_table(tab, self.block, i, j, h)
 
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        """Drawn-block membership unrolled over the r draws (``any`` does not lower);
+        with packed documents one table per distinct document length, stacked (each
+        position's row base looked up by its document)."""
+        tabs = [self.table(L, ctx.heads, ctx.causal) for L in ctx.lengths]
+        r, kind = tabs[0].shape[-1], f"random{self.blocks_per_row}"
+        if r == 0:
+            return (lambda i, j, h, b, gi: j < 0), kind
+        base = torch.tensor([0] + [t.shape[1] for t in tabs[:-1]], dtype=torch.long).cumsum(0)
+        tab = torch.cat(tabs, 1).contiguous()
+        blk, lidx = point_int(self.block), ctx.lidx if len(ctx.lengths) > 1 else None
+        hmax, rmax = point_int(max(tab.shape[0] - 1, 0)), point_int(max(tab.shape[1] - 1, 0))
+
+        def member(i, j, h, b, gi):
+            row = i // blk if lidx is None else i // blk + base[lidx[b, gi]]
+            row, hh, kb = point_clip(row, rmax), point_clip(h, hmax), j // blk
+            out = tab[hh, row, 0] == kb
+            for s in range(1, r):
+                out = out | (tab[hh, row, s] == kb)
+            return out
+
+        return member, kind
+
     def components(self, n, heads, rows=None):
         b = self.block
         nb = -(-n // b)
@@ -425,64 +498,6 @@ class RandomBlocks(Pattern):
         full_tab = self._active if getattr(self, "_active", None) is not None else self.table(n, heads)
         pred = lambda i, j, h: _in_table(full_tab, b, i, j, h)  # noqa: E731
         return [Gather(qpos, kpos, pred)]
-
-
-_MASK62 = (1 << 62) - 1
-
-
-def _mix(x: Tensor) -> Tensor:
-    """A 62-bit integer hash (xor-shift-multiply rounds) of int64 tensors."""
-    x = x & _MASK62
-    x = ((x ^ (x >> 31)) * 0x5851F42D4C957F2D) & _MASK62
-    x = ((x ^ (x >> 29)) * 0x14057B7EF767814F) & _MASK62
-    return x ^ (x >> 32)
-
-
-def _draw_blocks(seed: int, heads: int, t: Tensor, nb: int, r: int, avoid_window: int,
-                 avoid_first: int, causal: bool) -> Tensor:
-    """For each head and query block in ``t``: up to ``r`` distinct key blocks, drawn by
-    Floyd's algorithm from a counter-based hash of (seed, head, block, step).
-
-    Allowed key blocks of query block t: ``j >= avoid_first``, ``|j - t| > avoid_window``,
-    and ``j <= t`` (causal) or ``j < nb``. They form at most two ranges, so a draw in
-    [0, m) maps to a block in O(1). Returns [heads, len(t), r], sorted, -1 padded."""
-    w = avoid_window
-    h = torch.arange(heads)[:, None]
-    tt = t[None, :]
-    # range A: [avoid_first, t - w - 1] (or [avoid_first, t] causal with w < 0)
-    a_hi = tt - w - 1 if w >= 0 else (tt if causal else torch.full_like(tt, nb - 1))
-    a_hi = torch.minimum(a_hi, torch.full_like(tt, nb - 1))
-    len_a = (a_hi - avoid_first + 1).clamp(min=0)
-    # range B: [max(t + w + 1, avoid_first), nb - 1], non-causal with w >= 0 only
-    b_lo = torch.maximum(tt + w + 1, torch.full_like(tt, avoid_first))
-    len_b = (nb - b_lo).clamp(min=0) if (w >= 0 and not causal) else torch.zeros_like(tt)
-    m = (len_a + len_b).expand(heads, -1)  # [H, T] blocks to choose from
-    k = m.clamp(max=r)  # draws per row
-    out = torch.full((heads, t.numel(), r), -1, dtype=torch.long)
-    base = _mix((seed * 0x2545F4914F6CDD1D & _MASK62) + h * 0x9E3779B97F4A7C1 + tt * 0x3C6EF372FE94F82B)
-    for s in range(r):
-        jj = m - k + s  # Floyd: for jj in m-k .. m-1, pick x in [0, jj]; if taken, take jj
-        act = s < k
-        x = _mix(base + (s * 0x632BE59BD9B4E019 & _MASK62)) % (jj + 1).clamp(min=1)
-        taken = (out[..., :s] == x[..., None]).any(-1) if s else torch.zeros_like(act)
-        x = torch.where(taken, jj, x)
-        out[..., s] = torch.where(act, x, torch.full_like(x, -1))
-    idx = out
-    in_a = idx < len_a[..., None]
-    blocks = torch.where(in_a, avoid_first + idx, b_lo[..., None] + (idx - len_a[..., None]))
-    blocks = torch.where(idx >= 0, blocks, torch.full_like(blocks, -1))
-    # sorted, -1 last
-    key = torch.where(blocks >= 0, blocks, torch.full_like(blocks, 1 << 40))
-    order = key.argsort(-1)
-    return torch.gather(blocks, -1, order)
-
-
-def _in_table(tab: Tensor, block: int, i: Tensor, j: Tensor, h: Tensor) -> Tensor:
-    """Is key block j // block among the drawn blocks tab[h, i // block, :]?"""
-    hh = h.clamp(0, tab.shape[0] - 1)
-    qb = (i // block).clamp(0, tab.shape[1] - 1)
-    drawn = tab[hh, qb]  # [..., r]
-    return ((drawn == (j // block)[..., None]) & (drawn >= 0)).any(-1)
 
 
 class _TwoKindHeads(Pattern):
@@ -501,6 +516,10 @@ class _TwoKindHeads(Pattern):
 
     def visible(self, i, j, h):
         return self._inner.visible(i, j, h) & (j <= i)
+
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        f, kind = self._inner.mask_mod(ctx)
+        return (lambda i, j, h, b, gi: f(i, j, h, b, gi) & (j <= i)), f"causal({kind})"
 
     def components(self, n, heads, rows=None):
         return self._inner.components(n, heads, rows)
@@ -543,6 +562,10 @@ class _SummaryColumns(Pattern):
 
     def visible(self, i, j, h):
         return (j % self.l >= self.l - self.c) & (j <= i)
+
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        ll, cc = point_int(self.l), point_int(self.l - self.c)
+        return (lambda i, j, h, b, gi: (j % ll >= cc) & (j <= i)), "summary_columns"
 
     def components(self, n, heads, rows=None):
         keys = torch.arange(n)
@@ -589,18 +612,23 @@ def prefix_gather(keys: Tensor, n: int, pred: Predicate, bq: int = QUERY_BLOCK, 
     return comps
 
 
-class Union(Pattern):
-    """Visible in any operand. Overlaps are counted once by the engine."""
+class _Combination(Pattern):
+    """Union and Intersection: checked operands (no per-head lists), folded with
+    ``_op`` point by point."""
+
+    _op: Callable[[Tensor, Tensor], Tensor]
+    _kind: str
 
     def __init__(self, parts: Sequence[Pattern]) -> None:
         parts = list(parts)
+        name = type(self).__name__
         if not parts:
-            raise ValueError("Union needs at least one pattern")
+            raise ValueError(f"{name} needs at least one pattern")
         for p in parts:
             if not isinstance(p, Pattern):
-                raise TypeError(f"Union operands must be Patterns, got {type(p).__name__}")
+                raise TypeError(f"{name} operands must be Patterns, got {type(p).__name__}")
             if p.heads_split(1) is not None:
-                raise ValueError("a per-head pattern list cannot be an operand of a union")
+                raise ValueError(f"a per-head pattern list cannot be an operand of a {name.lower()}")
         self.parts = parts
         self.head_dependent = any(p.head_dependent for p in parts)
 
@@ -610,34 +638,35 @@ class Union(Pattern):
     def visible(self, i, j, h):
         out = self.parts[0].visible(i, j, h)
         for p in self.parts[1:]:
-            out = out | p.visible(i, j, h)
+            out = type(self)._op(out, p.visible(i, j, h))
         return out
+
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        subs = [p.mask_mod(ctx) for p in self.parts]
+        fns, op = [f for f, _ in subs], type(self)._op
+
+        def combine(i, j, h, b, gi):
+            out = fns[0](i, j, h, b, gi)
+            for f in fns[1:]:
+                out = op(out, f(i, j, h, b, gi))
+            return out
+
+        return combine, f"{self._kind}(" + ",".join(nm for _, nm in subs) + ")"
+
+
+class Union(_Combination):
+    """Visible in any operand. Overlaps are counted once by the engine."""
+
+    _op, _kind = staticmethod(operator.or_), "or"
 
     def components(self, n, heads, rows=None):
         return [c for p in self.parts for c in p.components(n, heads, rows)]
 
 
-class Intersection(Pattern):
+class Intersection(_Combination):
     """Visible in every operand: the first operand's components, masked by the rest."""
 
-    def __init__(self, parts: Sequence[Pattern]) -> None:
-        parts = list(parts)
-        if len(parts) < 1:
-            raise ValueError("Intersection needs at least one pattern")
-        for p in parts:
-            if p.heads_split(1) is not None:
-                raise ValueError("a per-head pattern list cannot be an operand of an intersection")
-        self.parts = parts
-        self.head_dependent = any(p.head_dependent for p in parts)
-
-    def children(self):
-        return self.parts
-
-    def visible(self, i, j, h):
-        out = self.parts[0].visible(i, j, h)
-        for p in self.parts[1:]:
-            out = out & p.visible(i, j, h)
-        return out
+    _op, _kind = staticmethod(operator.and_), "and"
 
     def components(self, n, heads, rows=None):
         first, rest = self.parts[0], self.parts[1:]
@@ -816,6 +845,10 @@ class _BlockWindow(Pattern):
 
     def visible(self, i, j, h):
         return ((j // self.block) - (i // self.block)).abs() <= self.radius
+
+    def mask_mod(self, ctx: PointContext) -> tuple[PointFn, str]:
+        blk, r = point_int(self.block), point_int(self.radius)
+        return (lambda i, j, h, b, gi: ((j // blk) - (i // blk)).abs() <= r), "block_window"
 
     def components(self, n, heads, rows=None):
         b, r = self.block, self.radius

@@ -40,7 +40,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longattn import tasks
+from longattn._atomic import atomic_write
 from longattn.tasks import IGNORE
 
 # CPU-sized defaults per task (used where a TrainConfig field is None). Tuned so the
@@ -241,6 +241,7 @@ def build_model(cfg: TrainConfig, task_cfg: Any, kind: str) -> nn.Module:
         causal=kind == "lm" if cfg.causal is None else cfg.causal, head=_HEAD_OF_KIND[kind],
         num_classes=task_cfg.num_classes,
         pool=cfg.pool or "mean", pos=cfg.pos, dropout=cfg.dropout,
+        grid_width=getattr(task_cfg, "side", None) if cfg.pos == "rope2d" else None,
         aux_classes=tasks.get(cfg.task).aux_classes if cfg.aux_weight else 0,
     )
     return Transformer(mcfg)
@@ -263,19 +264,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     payload = buf.getvalue()
     header = json.dumps({"version": CKPT_VERSION, "size": len(payload),
                          "sha256": hashlib.sha256(payload).hexdigest()}).encode() + b"\n"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(CKPT_MAGIC + header + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(CKPT_MAGIC + header + payload))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -551,10 +540,48 @@ def _test(model: nn.Module, prog: _Progress, test_data: Batches, cfg: TrainConfi
     return test, final_test
 
 
+@dataclass
+class _Job:
+    """One training job's parts, as :func:`train` sets them up."""
+
+    d: Dist
+    out: Path | None
+    task_cfg: Any
+    splits: dict[str, tasks.TaskData]
+    data: tuple[Batches, Batches, Batches]  # train, val, test
+    model: nn.Module
+    opt: Any
+    sched: Any
+    prog: _Progress
+    ckpt_path: Path | None
+    log: _Log
+    rss0: float | None
+
+
 def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.Module] | None = None
           ) -> dict[str, Any]:
     """Run one training job; returns the result dict (also written to ``out/result.json``)."""
     cfg = cfg.resolved()
+    job = _setup(cfg, model_factory)
+    bar = None
+    if cfg.progress and job.d.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=job.prog.step, desc=f"{cfg.task}/{_mech_name(cfg.mechanism)}",
+                   dynamic_ncols=True, file=sys.stderr)
+    try:
+        stopped = _loop(job, cfg, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if stopped is not None:
+        job.log.close()
+        return {"stopped_at": stopped}
+    return _finish(job, cfg)
+
+
+def _setup(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.Module] | None) -> _Job:
+    """Checks, processes, data, the seeded model, optimizer, a resumed checkpoint, the log."""
     d = setup_distributed(cfg.device)
     if cfg.batch % d.world and not cfg.sequence_parallel:
         raise ValueError(f"batch ({cfg.batch}) must be divisible by the number of processes ({d.world})")
@@ -565,7 +592,7 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     _check_aux(cfg, spec)
     task_cfg = spec.make_config(**cfg.task_options)
     splits = _load_splits(cfg, task_cfg, d)
-    train_data, val_data, test_data = (Batches(splits[s], d.device) for s in tasks.SPLITS)
+    data = tuple(Batches(splits[s], d.device) for s in tasks.SPLITS)
 
     seed_everything(cfg.seed)
     rss0 = _status_mb("VmRSS")
@@ -590,19 +617,20 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
     log = _Log(out, d.main, resume_step)
     if out is not None and d.main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    return _Job(d, out, task_cfg, splits, data, model, opt, sched, prog, ckpt_path, log, rss0)  # type: ignore[arg-type]
 
-    bar = None
-    if cfg.progress and d.main:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=prog.step, desc=f"{cfg.task}/{_mech_name(cfg.mechanism)}",
-                   dynamic_ncols=True, file=sys.stderr)
+def _loop(job: _Job, cfg: TrainConfig, bar: Any) -> int | None:
+    """Train from ``job.prog.step`` to ``cfg.steps``: log a window every ``log_every``
+    steps, validate every ``eval_every`` (keeping the best weights), checkpoint every
+    ``ckpt_every``. Returns the step it stopped at (``stop_after``), else None."""
+    prog, model = job.prog, job.model
     model.train()
-    win = torch.zeros(5, dtype=torch.float64, device=d.device)  # loss, correct, count, aux loss, aux count
+    win = torch.zeros(5, dtype=torch.float64, device=job.d.device)  # loss, correct, count, aux loss, aux count
     win_tokens, win_t0 = 0, time.perf_counter()
     while prog.step < cfg.steps:
         t0 = time.perf_counter()
-        stats, ntok = _train_step(model, opt, sched, train_data, prog.step, cfg, d)
+        stats, ntok = _train_step(model, job.opt, job.sched, job.data[0], prog.step, cfg, job.d)
         prog.step += 1
         step = prog.step
         win += stats
@@ -610,41 +638,51 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
         prog.tokens_seen += ntok
         prog.elapsed += time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = max(time.perf_counter() - win_t0, 1e-9)
-            rec = {"step": step, "loss": win[0].item() / win[2].item(), "acc": win[1].item() / win[2].item(),
-                   "lr": sched.get_last_lr()[0], "tokens_per_s": win_tokens / dt, "time": prog.elapsed}
-            if cfg.aux_weight:
-                rec["aux_loss"] = win[3].item() / win[4].item()
-            log.write(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
-                                tok_s=f"{rec['tokens_per_s']:.0f}")
+            _log_window(job, cfg, win, win_tokens / max(time.perf_counter() - win_t0, 1e-9), bar)
             win.zero_()
             win_tokens, win_t0 = 0, time.perf_counter()
         if bar is not None:
             bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate(model, val_data, d, cfg.eval_batch, cfg.max_eval)
-            prog.history.append({"step": step, **ev})
-            log.write({"step": step, "split": "val", **ev, "time": prog.elapsed})
-            if ev["acc"] > prog.best:
-                prog.best = ev["acc"]
-                prog.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            _validate(job, cfg)
         if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps:
-            if bar is not None:
-                bar.close()
-            log.close()
-            return {"stopped_at": step}
+            return step
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            _save(ckpt_path, cfg, model, opt, sched, prog, d)
-    if bar is not None:
-        bar.close()
+            _save(job.ckpt_path, cfg, model, job.opt, job.sched, prog, job.d)
+    return None
 
+
+def _log_window(job: _Job, cfg: TrainConfig, win: Tensor, tokens_per_s: float, bar: Any) -> None:
+    """One log record of the steps since the last: mean loss, accuracy (and aux loss)."""
+    rec = {"step": job.prog.step, "loss": win[0].item() / win[2].item(), "acc": win[1].item() / win[2].item(),
+           "lr": job.sched.get_last_lr()[0], "tokens_per_s": tokens_per_s, "time": job.prog.elapsed}
+    if cfg.aux_weight:
+        rec["aux_loss"] = win[3].item() / win[4].item()
+    job.log.write(rec)
+    if bar is not None:
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+
+def _validate(job: _Job, cfg: TrainConfig) -> None:
+    """Evaluate on the validation split; keep the weights of the best accuracy."""
+    prog = job.prog
+    ev = evaluate(job.model, job.data[1], job.d, cfg.eval_batch, cfg.max_eval)
+    prog.history.append({"step": prog.step, **ev})
+    job.log.write({"step": prog.step, "split": "val", **ev, "time": prog.elapsed})
+    if ev["acc"] > prog.best:
+        prog.best = ev["acc"]
+        prog.best_state = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
+
+
+def _finish(job: _Job, cfg: TrainConfig) -> dict[str, Any]:
+    """Peak memory, the test metrics (best validation weights and final ones), the
+    result dict, written to ``out/result.json`` by the main process."""
+    d, prog, model, test_data = job.d, job.prog, job.model, job.data[2]
     if d.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(d.device) / 2**20
     else:
         hwm = _status_mb("VmHWM")
-        peak = (hwm - rss0) if (hwm is not None and rss0 is not None) else float("nan")
+        peak = (hwm - job.rss0) if (hwm is not None and job.rss0 is not None) else float("nan")
     test, final_test = _test(model, prog, test_data, cfg, d)
     result = {
         "task": cfg.task, "mechanism": cfg.mechanism, "mechanism_params": cfg.mechanism_params,
@@ -652,14 +690,14 @@ def train(cfg: TrainConfig, model_factory: Callable[[TrainConfig, Any, str], nn.
         "best_val_acc": prog.best, "val_history": prog.history, "train_time_s": prog.elapsed,
         "tokens_per_s": prog.tokens_seen / max(prog.elapsed, 1e-9), "peak_mem_mb": peak,
         "params": sum(p.numel() for p in model.parameters()),
-        "majority_baseline": tasks.majority_baseline(splits["test"]),
+        "majority_baseline": tasks.majority_baseline(job.splits["test"]),
         "test_items": test_data.count(np.arange(len(test_data))), "world_size": d.world,
-        "seq_len": task_cfg.seq_len, "config": dataclasses.asdict(cfg),
+        "seq_len": job.task_cfg.seq_len, "config": dataclasses.asdict(cfg),
     }
-    if out is not None and d.main:
-        log.write({"step": prog.step, "split": "test", **test, "time": prog.elapsed})
-        _atomic_write_text(out / "result.json", json.dumps(result, indent=2, default=str))
-    log.close()
+    if job.out is not None and d.main:
+        job.log.write({"step": prog.step, "split": "test", **test, "time": prog.elapsed})
+        _atomic_write_text(job.out / "result.json", json.dumps(result, indent=2, default=str))
+    job.log.close()
     result["model"] = model
     return result
 
@@ -682,10 +720,7 @@ def _mech_name(m: Any) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 # ---------------------------------------------------------------- CLI

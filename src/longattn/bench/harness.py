@@ -397,122 +397,165 @@ def peers_left_out(cfg: BenchConfig) -> list[dict[str, str]]:
 CAUSAL_ONLY_REASON = "causal only (a recurrence over the past): run the sweep with --causal"
 
 
-def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark; return the result document (see :mod:`longattn.bench.report`)."""
-    from longattn.bench import cases as C
-    from longattn.bench import flops as Fl
+@dataclass
+class _SweepState:
+    """What :func:`sweep` carries from one case to the next."""
 
+    cfg: BenchConfig
+    threads: int
+    budget_mb: float
+    matmul: float | None
+    t_start: float
+    log: Callable[[str], None] | None
+    last_ok: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (label, mode) -> its last ok
+    dead: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, mode) -> why larger N are skipped
+
+
+def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; return the result document (see :mod:`longattn.bench.report`).
+
+    Cases run by N, then dense SDPA first (every ratio needs it), then each mechanism
+    with its modes side by side: a run cut short by its deadline loses whole
+    mechanisms at the largest N, never the reference or a whole mode. A case is
+    skipped when the previous N's time or memory, scaled by useful FLOPs, predicts
+    it would not fit (see :func:`_skip_reason`)."""
     t_start = time.perf_counter()
     threads = cfg.resolved_threads()
-    budget_mb = cfg.resolved_budget_mb()
-    plan = plan_cases(cfg)
-    ns = sorted(set(cfg.ns))
-    matmul = measure_matmul_gflops(threads, cfg.matmul_n)
-    # by N, then dense SDPA first (every ratio needs it), then each mechanism with its
-    # modes side by side: a run cut short by its deadline loses whole mechanisms at
-    # the largest N, never the reference or a whole mode
-    plan = sorted(plan, key=lambda c: c.kind != "dense")
-    jobs = [(n, mode, c) for n in ns for c in plan for mode in cfg.modes if mode in c.modes]
+    st = _SweepState(cfg, threads, cfg.resolved_budget_mb(), measure_matmul_gflops(threads, cfg.matmul_n),
+                     t_start, log)
+    plan = sorted(plan_cases(cfg), key=lambda c: c.kind != "dense")
+    jobs = [(n, mode, c) for n in sorted(set(cfg.ns)) for c in plan for mode in cfg.modes if mode in c.modes]
     results: list[dict[str, Any]] = []
-    last_ok: dict[tuple[str, str], dict[str, Any]] = {}
-    dead: dict[tuple[str, str], str] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="bench", unit="case", dynamic_ncols=True)
     for n, mode, c in jobs:
-        rec: dict[str, Any] = {
-            "mechanism": c.label, "equals": c.mechanism, "kind": c.kind, "peer": c.peer,
-            "n": n, "mode": mode, "batch": cfg.batch, "heads": cfg.heads, "dim": cfg.dim,
-            "dtype": cfg.dtype, "causal": cfg.causal,
-        }
         if bar is not None:
             bar.set_postfix_str(f"{c.label} N={n} {mode}")
-        case = {**rec, "peer": c.peer, "mechanism": c.mechanism, "threads": threads,
-                "warmup": cfg.warmup, "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats,
-                "min_time_s": cfg.min_time_s, "adaptive_repeats": cfg.adaptive_repeats,
-                "allocator": cfg.allocator}
-        if c.peer is None and not cfg.causal and C.causal_only(c.mechanism):
-            rec.update(status="skipped", reason=CAUSAL_ONLY_REASON)
-        try:
-            params = C.settings(c.mechanism, n, cfg.heads, cfg.dim)
-            fwd = Fl.forward_flops(c.mechanism, params, n=n, batch=cfg.batch, heads=cfg.heads,
-                                   dim=cfg.dim, causal=cfg.causal)
-        except Exception as e:  # noqa: BLE001
-            params, fwd = None, None
-            rec.setdefault("status", "skipped")
-            rec.setdefault("reason", f"no benchmark setting: {e}")
-        flops = Fl.case_flops(mode, fwd)
-        rec["flops"] = flops
-        est_mb = C.estimate_bytes(case, fwd) / 2**20 if params is not None else None
-        rec["est_mb"] = est_mb
-        key = (c.label, mode)
-        remaining = (cfg.deadline_s - (time.perf_counter() - t_start)) if cfg.deadline_s else math.inf
-        timeout = min(cfg.timeout_s, remaining)
-        reason = None
-        if "status" in rec:
-            pass
-        elif key in dead:
-            reason = dead[key]
-        elif remaining <= 1.0:
-            reason = "time budget of the run spent"
-        else:
-            prev = last_ok.get(key)
-            if prev is not None and prev.get("flops") and flops:
-                pred_t = prev["time_s"]["median"] * flops / prev["flops"]
-                if cfg.adaptive_repeats and pred_t > 5.0:  # a multi-second call needs no warm-up
-                    case["warmup"] = 0
-                # warm-up, the peak call and one timed call, x EXTRAPOLATION_MARGIN (the previous
-                # size's few calls move by 20-30% on a shared machine)
-                pred_t_total = pred_t * EXTRAPOLATION_MARGIN * (case["warmup"] + 2) + prev.get("setup_s", 0.0)
-                if pred_t_total > timeout:
-                    reason = (f"predicted {pred_t_total:.0f} s (from N={prev['n']} scaled by useful FLOPs) "
-                              f"exceeds the {timeout:.0f} s timeout")
-                if prev.get("peak_mb") and prev.get("est_mb") and est_mb:
-                    pred_mb = prev["peak_mb"] * est_mb / prev["est_mb"]
-                    if pred_mb > budget_mb:
-                        reason = f"predicted {pred_mb:.0f} MiB exceeds the memory budget {budget_mb:.0f} MiB"
-            elif flops and matmul:
-                ideal = flops / (matmul * 1e9) * (cfg.warmup + 2)
-                if ideal > timeout:
-                    reason = f"needs {ideal:.0f} s even at the full matmul rate; timeout {timeout:.0f} s"
-            if reason is None and est_mb is not None and est_mb > budget_mb and (prev is None or not prev.get("peak_mb")):
-                reason = f"estimated {est_mb:.0f} MiB exceeds the memory budget {budget_mb:.0f} MiB"
-        if "status" not in rec and reason is not None:
-            rec.update(status="skipped", reason=reason)
-        if "status" not in rec:
-            case["soft_timeout_s"] = max(1.0, 0.8 * timeout)
-            res = run_isolated(_child, (case,), timeout, budget_mb)
-            rec["status"] = res["status"]
-            if res["status"] == "ok":
-                rec["time_s"] = _quantiles(res["times"])
-                rec["peak_mb"] = res["peak_mb"]
-                rec["rss_peak_mb"] = res["rss_peak_mb"]
-                rec["params"] = res["params"]
-                rec["setup_s"] = max(0.0, res["wall_s"] - sum(res["times"]) - res["warmup_s"] - res.get("peak_call_s", 0.0))
-                med = rec["time_s"]["median"]
-                if flops:
-                    rec["gflops"] = flops / med / 1e9
-                    rec["frac_of_matmul"] = rec["gflops"] / matmul if matmul else None
-                last_ok[key] = rec
-            else:
-                rec["reason"] = res.get("reason", "")
-                if res["status"] in ("timeout", "killed", "oom"):
-                    dead[key] = f"N={n} was {res['status']}: {res.get('reason', '')}"
-                if log:
-                    log(f"{c.label} N={n} {mode}: {res['status']}: {res.get('reason', '')}")
-        results.append(rec)
+        results.append(_sweep_case(st, n, mode, c))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     _add_ratios(results)
+    return _document(st, plan, results)
+
+
+def _sweep_case(st: _SweepState, n: int, mode: str, c: Case) -> dict[str, Any]:
+    """One case's record: skipped (causal-only, no setting, predicted too slow or too
+    large, its mechanism dead at a smaller N, the deadline), or run in a child."""
+    from longattn.bench import cases as C
+    from longattn.bench import flops as Fl
+
+    cfg = st.cfg
+    rec: dict[str, Any] = {
+        "mechanism": c.label, "equals": c.mechanism, "kind": c.kind, "peer": c.peer,
+        "n": n, "mode": mode, "batch": cfg.batch, "heads": cfg.heads, "dim": cfg.dim,
+        "dtype": cfg.dtype, "causal": cfg.causal,
+    }
+    case = {**rec, "peer": c.peer, "mechanism": c.mechanism, "threads": st.threads,
+            "warmup": cfg.warmup, "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats,
+            "min_time_s": cfg.min_time_s, "adaptive_repeats": cfg.adaptive_repeats,
+            "allocator": cfg.allocator}
+    if c.peer is None and not cfg.causal and C.causal_only(c.mechanism):
+        rec.update(status="skipped", reason=CAUSAL_ONLY_REASON)
+    try:
+        params = C.settings(c.mechanism, n, cfg.heads, cfg.dim)
+        fwd = Fl.forward_flops(c.mechanism, params, n=n, batch=cfg.batch, heads=cfg.heads,
+                               dim=cfg.dim, causal=cfg.causal)
+    except Exception as e:  # noqa: BLE001
+        params, fwd = None, None
+        rec.setdefault("status", "skipped")
+        rec.setdefault("reason", f"no benchmark setting: {e}")
+    rec["flops"] = Fl.case_flops(mode, fwd)
+    rec["est_mb"] = C.estimate_bytes(case, fwd) / 2**20 if params is not None else None
+    if "status" in rec:
+        return rec
+    remaining = (cfg.deadline_s - (time.perf_counter() - st.t_start)) if cfg.deadline_s else math.inf
+    timeout = min(cfg.timeout_s, remaining)
+    reason = _skip_reason(st, (c.label, mode), rec, case, remaining, timeout)
+    if reason is not None:
+        rec.update(status="skipped", reason=reason)
+    else:
+        _run_case(st, (c.label, mode), rec, case, timeout)
+    return rec
+
+
+def _skip_reason(st: _SweepState, key: tuple[str, str], rec: dict[str, Any], case: dict[str, Any],
+                 remaining: float, timeout: float) -> str | None:
+    """Why the case should not run, or None. From the last N that ran: its time
+    scaled by useful FLOPs (x EXTRAPOLATION_MARGIN: the few calls of the previous
+    size move by 20-30% on a shared machine) against the timeout, its peak memory
+    scaled by the estimate against the budget; else the FLOPs at the full matmul
+    rate, and the estimate alone. Drops the warm-up of a predicted multi-second call
+    (``case["warmup"] = 0``) with adaptive repeats."""
+    cfg, flops, est_mb = st.cfg, rec["flops"], rec["est_mb"]
+    if key in st.dead:
+        return st.dead[key]
+    if remaining <= 1.0:
+        return "time budget of the run spent"
+    reason = None
+    prev = st.last_ok.get(key)
+    if prev is not None and prev.get("flops") and flops:
+        pred_t = prev["time_s"]["median"] * flops / prev["flops"]
+        if cfg.adaptive_repeats and pred_t > 5.0:  # a multi-second call needs no warm-up
+            case["warmup"] = 0
+        # warm-up, the peak call and one timed call
+        pred_t_total = pred_t * EXTRAPOLATION_MARGIN * (case["warmup"] + 2) + prev.get("setup_s", 0.0)
+        if pred_t_total > timeout:
+            reason = (f"predicted {pred_t_total:.0f} s (from N={prev['n']} scaled by useful FLOPs) "
+                      f"exceeds the {timeout:.0f} s timeout")
+        if prev.get("peak_mb") and prev.get("est_mb") and est_mb:
+            pred_mb = prev["peak_mb"] * est_mb / prev["est_mb"]
+            if pred_mb > st.budget_mb:
+                reason = f"predicted {pred_mb:.0f} MiB exceeds the memory budget {st.budget_mb:.0f} MiB"
+    elif flops and st.matmul:
+        ideal = flops / (st.matmul * 1e9) * (cfg.warmup + 2)
+        if ideal > timeout:
+            reason = f"needs {ideal:.0f} s even at the full matmul rate; timeout {timeout:.0f} s"
+    if reason is None and est_mb is not None and est_mb > st.budget_mb and (prev is None or not prev.get("peak_mb")):
+        reason = f"estimated {est_mb:.0f} MiB exceeds the memory budget {st.budget_mb:.0f} MiB"
+    return reason
+
+
+def _run_case(st: _SweepState, key: tuple[str, str], rec: dict[str, Any], case: dict[str, Any],
+              timeout: float) -> None:
+    """Run the case in an isolated child and fill ``rec`` (times, memory, rates); a
+    timeout, kill or OOM marks (mechanism, mode) dead for the larger N."""
+    case["soft_timeout_s"] = max(1.0, 0.8 * timeout)
+    res = run_isolated(_child, (case,), timeout, st.budget_mb)
+    rec["status"] = res["status"]
+    if res["status"] != "ok":
+        rec["reason"] = res.get("reason", "")
+        if res["status"] in ("timeout", "killed", "oom"):
+            st.dead[key] = f"N={rec['n']} was {res['status']}: {res.get('reason', '')}"
+        if st.log:
+            st.log(f"{key[0]} N={rec['n']} {key[1]}: {res['status']}: {res.get('reason', '')}")
+        return
+    rec["time_s"] = _quantiles(res["times"])
+    rec["peak_mb"] = res["peak_mb"]
+    rec["rss_peak_mb"] = res["rss_peak_mb"]
+    rec["params"] = res["params"]
+    rec["setup_s"] = max(0.0, res["wall_s"] - sum(res["times"]) - res["warmup_s"] - res.get("peak_call_s", 0.0))
+    if rec["flops"]:
+        rec["gflops"] = rec["flops"] / rec["time_s"]["median"] / 1e9
+        rec["frac_of_matmul"] = rec["gflops"] / st.matmul if st.matmul else None
+    st.last_ok[key] = rec
+
+
+def _document(st: _SweepState, plan: list[Case], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result document of a sweep: schema, machine, config, conventions, records."""
+    from longattn.bench import cases as C
+    from longattn.bench import flops as Fl
+
+    cfg = st.cfg
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(threads, matmul),
+        "machine": machine_info(st.threads, st.matmul),
         "config": asdict(cfg),
         "flops_convention": (
             "forward = 4 * visible pairs * D for softmax attention (2 FLOPs per multiply-add); "
@@ -520,7 +563,7 @@ def sweep(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None]
         ),
         "settings": {c.label: (C.describe_settings(c.mechanism) if c.peer is None else C.PEERS[c.peer].note)
                      for c in plan},
-        "elapsed_s": time.perf_counter() - t_start,
+        "elapsed_s": time.perf_counter() - st.t_start,
         "results": results,
         # peers that would have run beside their mechanism but are not installed:
         # listed in the report, never silently dropped

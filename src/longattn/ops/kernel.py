@@ -29,20 +29,41 @@ Scale: if ``scale`` is given, q and k are multiplied by sqrt(scale) before the m
 With ``scale=None`` FAVOR+ uses 1/sqrt(D) (it approximates softmax(q k^T / sqrt(D)))
 and the deterministic maps use the raw q, k (as in Katharopoulos et al.).
 All sums accumulate in float32 at least (fp16/bf16 inputs are promoted inside).
+
+Modules: the feature maps and shared helpers are :mod:`longattn.ops.kernel_features`,
+the chunked causal engine :mod:`longattn.ops.kernel_chunked`; their names are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as Fn
 import torch.utils.checkpoint
-from torch import Tensor, nn
+from torch import Tensor
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops._module import FunctionalAttention
+from longattn.ops.kernel_chunked import _causal_chunked
+from longattn.ops.kernel_features import (  # noqa: F401 (re-exported: longattn.ops.kernel's names)
+    _NEG,
+    CallableFeatureMap,
+    EluFeatureMap,
+    FavorFeatureMap,
+    FeatureMap,
+    FeatureMapLike,
+    ReluFeatureMap,
+    _favor_cached,
+    _features,
+    _mask_keys,
+    _ratio,
+    _work_dtype,
+    orthogonal_random_features,
+    resolve_feature_map,
+)
 from longattn.registry import Param, register
 
 __all__ = [
@@ -63,273 +84,8 @@ __all__ = [
     "PerformerAttention",
 ]
 
-_NEG = -1e30  # finite "minus infinity" for running maxima (exp(_NEG - x) == 0, no NaN)
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-
-
-# --------------------------------------------------------------------------- feature maps
-
-
-class FeatureMap(nn.Module):
-    """phi: [B, H, N, D] -> features ``(f [B, H, N, F], s [B, H, N] | None)``, phi = f * exp(s).
-
-    Subclasses implement :meth:`forward` and :meth:`num_features`.
-    ``default_scale(D)`` is the score scale used when the caller gives ``scale=None``
-    (``None`` = use q and k unscaled).
-    """
-
-    def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:  # noqa: D102
-        raise NotImplementedError
-
-    def num_features(self, head_dim: int) -> int:  # noqa: D102
-        raise NotImplementedError
-
-    def default_scale(self, head_dim: int) -> float | None:  # noqa: D102
-        return None
-
-    def scaled(self, x: Tensor, r: float | None, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
-        """Features of ``x * r`` (maps may fold r into their parameters)."""
-        return self(x * r if r is not None else x, is_query=is_query)
-
-
-class EluFeatureMap(FeatureMap):
-    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020). F = D."""
-
-    def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
-        return Fn.elu(x) + 1.0, None
-
-    def num_features(self, head_dim: int) -> int:
-        return head_dim
-
-
-class ReluFeatureMap(FeatureMap):
-    """phi(x) = relu(x). F = D. A query whose features are all zero returns zeros."""
-
-    def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
-        return torch.relu(x), None
-
-    def num_features(self, head_dim: int) -> int:
-        return head_dim
-
-
-class CallableFeatureMap(FeatureMap):
-    """Wraps a user function ``phi(x: [B, H, N, D]) -> [B, H, N, F]``.
-
-    phi should be non-negative (so the normaliser is a sum of non-negative weights);
-    a query whose normaliser is exactly 0 returns zeros.
-    """
-
-    def __init__(self, phi: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.phi = phi
-        self._f: int | None = None
-
-    def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
-        f = self.phi(x)
-        if not isinstance(f, Tensor) or f.dim() != x.dim() or f.shape[:-1] != x.shape[:-1]:
-            raise ValueError(
-                f"feature_map callable must map [.., N, D] to [.., N, F]; got "
-                f"{tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__} "
-                f"from input {tuple(x.shape)}"
-            )
-        self._f = f.shape[-1]
-        return f, None
-
-    def num_features(self, head_dim: int) -> int:
-        if self._f is None:
-            with torch.no_grad():
-                self.forward(torch.zeros(1, 1, 1, head_dim), is_query=True)
-        assert self._f is not None
-        return self._f
-
-
-def orthogonal_random_features(
-    num_features: int,
-    head_dim: int,
-    *,
-    orthogonal: bool = True,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """A [num_features, head_dim] matrix of Gaussian random features.
-
-    ``orthogonal=True`` (FAVOR+): rows come in blocks of ``head_dim`` exactly
-    orthogonal directions (QR of a Gaussian matrix), each row rescaled by the norm
-    of an independent Gaussian vector, so every row is marginally N(0, I) but rows
-    within a block are orthogonal (lower variance, Choromanski et al. 2021, sec. 2.4).
-    """
-    check_int("num_features", num_features, minimum=1)
-    check_int("head_dim", head_dim, minimum=1)
-    if not orthogonal:
-        return torch.randn(num_features, head_dim, generator=generator, dtype=torch.float64).to(dtype)
-    nb = math.ceil(num_features / head_dim)
-    g = torch.randn(nb, head_dim, head_dim, generator=generator, dtype=torch.float64)
-    qm, r = torch.linalg.qr(g)  # batched
-    qm = qm * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar-distributed
-    w = qm.transpose(-1, -2).reshape(nb * head_dim, head_dim)[:num_features]
-    norms = torch.randn(num_features, head_dim, generator=generator, dtype=torch.float64).norm(dim=1)
-    return (w * norms[:, None]).to(dtype)
-
-
-class FavorFeatureMap(FeatureMap):
-    """Performer FAVOR+ positive random features (Choromanski et al. 2021).
-
-    phi(x) = exp(W x - |x|^2 / 2) / sqrt(F), W [F, D] (orthogonal) random, so that
-    E[phi(q)^T phi(k)] = exp(q^T k). Returned stabilised: ``f = exp(a - max_f a)`` and
-    ``s = max_f a`` (detached) per row, a = W x - |x|^2/2 (the constant 1/sqrt(F)
-    cancels in the ratio and is dropped). Cost O(N D F).
-
-    Args:
-        head_dim: D.
-        num_features: F.
-        orthogonal: orthogonal blocks (FAVOR+) or i.i.d. Gaussian rows.
-        seed: seed of the draw (None: torch's global RNG).
-        projection: use this [F, D] matrix instead of drawing one.
-
-    :meth:`redraw` draws a fresh W (on demand, e.g. every k training steps).
-    """
-
-    def __init__(
-        self,
-        head_dim: int,
-        num_features: int = 256,
-        *,
-        orthogonal: bool = True,
-        seed: int | None = None,
-        projection: Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.head_dim = check_int("head_dim", head_dim, minimum=1)
-        self.orthogonal = bool(orthogonal)
-        if projection is not None:
-            if not isinstance(projection, Tensor) or projection.dim() != 2 or projection.shape[1] != head_dim:
-                raise ValueError(
-                    f"projection must be a [F, D={head_dim}] tensor, got "
-                    f"{tuple(projection.shape) if isinstance(projection, Tensor) else projection!r}"
-                )
-            self.register_buffer("projection", projection.detach().clone())
-        else:
-            check_int("num_features", num_features, minimum=1)
-            self.register_buffer("projection", torch.empty(num_features, head_dim))
-            self.redraw(seed)
-
-    @torch.no_grad()
-    def redraw(self, seed: int | None = None) -> None:
-        """Draw a new projection (seeded when ``seed`` is an int)."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator().manual_seed(check_int("seed", seed))
-        w = orthogonal_random_features(
-            self.projection.shape[0], self.head_dim, orthogonal=self.orthogonal, generator=gen
-        )
-        self.projection.copy_(w.to(self.projection))
-
-    def num_features(self, head_dim: int) -> int:
-        return self.projection.shape[0]
-
-    def default_scale(self, head_dim: int) -> float | None:
-        return head_dim ** -0.5
-
-    def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
-        return self.scaled(x, None, is_query=is_query)
-
-    def scaled(self, x: Tensor, r: float | None, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
-        """Features of x * r, with r folded into W (no pass over x)."""
-        if x.shape[-1] != self.head_dim:
-            raise ValueError(f"FAVOR+ features were drawn for D={self.head_dim}, got D={x.shape[-1]}")
-        w = self.projection.to(device=x.device, dtype=x.dtype)
-        if r is not None:
-            w = w * r
-        # phi = exp(W x - |x|^2/2): the |x|^2/2 term only shifts the row's log-scale
-        a = torch.matmul(x, w.T)  # [.., N, F]
-        m = a.detach().amax(-1, keepdim=True)
-        f = a.sub_(m).exp_()  # in place: the matmul saved its inputs, not its output
-        if is_query:
-            return f, None  # a per-query scale cancels in the ratio
-        half = 0.5 if r is None else 0.5 * r * r
-        s = m.squeeze(-1) - half * (x * x).sum(-1)  # carries the gradient of -|x r|^2/2
-        return f, s
-
-
-_FMAP_CACHE: dict[tuple, FeatureMap] = {}
-
-
-def _favor_cached(head_dim: int, num_features: int, seed: int, orthogonal: bool) -> FavorFeatureMap:
-    key = ("favor", head_dim, num_features, seed, orthogonal)
-    fm = _FMAP_CACHE.get(key)
-    if fm is None:
-        if len(_FMAP_CACHE) > 64:
-            _FMAP_CACHE.clear()
-        fm = FavorFeatureMap(head_dim, num_features, orthogonal=orthogonal, seed=seed)
-        _FMAP_CACHE[key] = fm
-    return fm  # type: ignore[return-value]
-
-
-FeatureMapLike = Union[str, Callable[[Tensor], Tensor], FeatureMap]
-
-
-def resolve_feature_map(feature_map: FeatureMapLike, head_dim: int) -> FeatureMap:
-    """``"elu"``, ``"relu"``, ``"favor"`` (256 features, seed 0), a callable or a FeatureMap."""
-    if isinstance(feature_map, FeatureMap):
-        return feature_map
-    if isinstance(feature_map, str):
-        if feature_map == "elu":
-            return EluFeatureMap()
-        if feature_map == "relu":
-            return ReluFeatureMap()
-        if feature_map in ("favor", "performer"):
-            return _favor_cached(head_dim, 256, 0, True)
-        raise ValueError(
-            f"feature_map must be 'elu', 'relu', 'favor', a callable or a FeatureMap; got {feature_map!r}"
-        )
-    if callable(feature_map):
-        return CallableFeatureMap(feature_map)
-    raise TypeError(f"feature_map must be a str, a callable or a FeatureMap, got {type(feature_map).__name__}")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _features(
-    fmap: FeatureMap, q: Tensor, k: Tensor, scale: float | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(f_q, f_k, s_k) in the working dtype; q, k scaled by sqrt(scale) first."""
-    s = scale if scale is not None else fmap.default_scale(q.shape[-1])
-    if s is not None and s != 1.0:
-        r = math.sqrt(s)
-        q, k = q * r, k * r
-    fq, _ = fmap(q, is_query=True)
-    fk, sk = fmap(k, is_query=False)
-    return fq, fk, sk
-
-
-def _ratio(o: Tensor, out: Tensor | None = None) -> Tensor:
-    """[.., Dv + 1] (numerator, normaliser) -> numerator / normaliser; 0 where it is 0.
-    ``out``: write the result there (no autograd)."""
-    num, den = o[..., :-1], o[..., -1:]
-    zero = den == 0
-    if out is None:
-        return (num / den.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
-    return torch.div(num, den.masked_fill(zero, 1.0), out=out).masked_fill_(zero, 0.0)
-
-
-def _mask_keys(
-    fk: Tensor, sk: Tensor | None, v: Tensor, key_padding_mask: Tensor | None
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Zero padded keys' features, send their log-scale to _NEG, append the ones column to v."""
-    va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, None, :]
-        fk = fk.masked_fill(~real[..., None], 0.0)
-        va = va.masked_fill(~real[..., None], 0.0)
-        if sk is not None:
-            sk = sk.masked_fill(~real, _NEG)
-    return fk, sk, va
 
 
 # --------------------------------------------------------------------------- naive reference
@@ -648,80 +404,13 @@ class LinearAttentionState:
         return torch.cat([self.S, self.z[..., None]], -1)
 
 
-def _causal_chunked(
-    fq: Tensor,
-    fk: Tensor,
-    sk: Tensor | None,
-    va: Tensor,
-    chunk: int,
-    state: Tensor | None = None,
-    m0: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Causal linear attention by chunks. Returns (out [*, N, E], final state [*k, F, E], final m).
-
-    fq: [*q, N, F]; fk, va, sk: [*k, N, .] with leading dims that broadcast against
-    fq's (grouped KV heads: fq [B, Hkv, g, N, F], keys [B, Hkv, 1, N, .]: the keys'
-    state is computed once per kv head). Inside a chunk of C positions: the masked
-    C x C product (phi(q) phi(k)^T) V; across chunks: a state of phi(k)^T V per chunk,
-    prefix-summed over chunks only (a [N/C, F, E] tensor, never [N, F, E]).
-    O(N (C (F + E) + F E)) time. With log-scales ``sk``, every term of query i is
-    referenced to M_i, the max of the log-scales of the keys j <= i (and of the
-    state's m0), so nothing overflows and nothing from the future, not even a
-    rounding, reaches query i.
-    """
-    *lq, N, Fd = fq.shape
-    lk = list(fk.shape[:-2])
-    E = va.shape[-1]
-    C = max(1, min(chunk, N))
-    nc = -(-N // C)
-    pad = nc * C - N
-    if pad:
-        fq = Fn.pad(fq, (0, 0, 0, pad))
-        fk = Fn.pad(fk, (0, 0, 0, pad))
-        va = Fn.pad(va, (0, 0, 0, pad))
-        if sk is not None:
-            sk = Fn.pad(sk, (0, pad), value=_NEG)
-    fq_c = fq.view(*lq, nc, C, Fd)
-    fk_c = fk.view(*lk, nc, C, Fd)
-    va_c = va.view(*lk, nc, C, E)
-    if state is None:
-        state = fq.new_zeros(*lk, Fd, E)
-    tril = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
-    p = torch.matmul(fq_c, fk_c.transpose(-1, -2))  # [*q, nc, C, C]
-
-    if sk is None:
-        p = p.masked_fill(~tril, 0.0)
-        u = torch.matmul(fk_c.transpose(-1, -2), va_c)  # [*k, nc, F, E]
-        before = torch.cat([state[..., None, :, :], state[..., None, :, :] + torch.cumsum(u[..., :-1, :, :], -3)], -3)
-        out = torch.matmul(p, va_c) + torch.matmul(fq_c, before)
-        final = before[..., -1, :, :] + u[..., -1, :, :]
-        return out.reshape(*lq, nc * C, E)[..., :N, :], final, None
-
-    if m0 is None:
-        m0 = fq.new_full(lk, _NEG)
-    sk_c = sk.view(*lk, nc, C)
-    anchor = sk.detach()  # anchors cancel in the ratio: no gradient through them
-    m_i = torch.maximum(torch.cummax(anchor, -1).values, m0[..., None]).view(*lk, nc, C)
-    # intra-chunk: weight exp(s_j - M_i) (<= 1) for j <= i, 0 above the diagonal
-    arg = (sk_c[..., None, :] - m_i[..., None]).masked_fill(~tril, float("-inf"))
-    out = torch.matmul(p * torch.exp(arg), va_c)
-    # inter-chunk: chunk c's state is referenced to m_after[c], the max over chunks <= c
-    m_loc = anchor.view(*lk, nc, C).amax(-1)  # [*k, nc]
-    m_after = torch.maximum(torch.cummax(m_loc, -1).values, m0[..., None])
-    m_before = torch.cat([m0[..., None], m_after[..., :-1]], -1)
-    alpha = torch.exp(m_before - m_after)[..., None, None]  # rescale of the running state
-    u = torch.matmul(fk_c.transpose(-1, -2), va_c * torch.exp(sk_c - m_after[..., None])[..., None])
-    befores = []
-    s_run = state
-    # O(nc) cheap [F, E] updates; the heavy work is batched above. unbind (not u[..., c]):
-    # one backward node for all chunks instead of a full-size zero gradient per chunk
-    for u_c, a_c in zip(u.unbind(-3), alpha.unbind(-3)):
-        befores.append(s_run)
-        s_run = torch.addcmul(u_c, s_run, a_c)
-    before = torch.stack(befores, -3)  # [*k, nc, F, E]
-    inter = torch.matmul(fq_c, before) * torch.exp(m_before[..., None] - m_i)[..., None]
-    out = out + inter
-    return out.reshape(*lq, nc * C, E)[..., :N, :], s_run, m_after[..., -1]
+# what the registry knows of both kernel mechanisms (linear, performer)
+_KERNEL_CAPABILITIES: dict[str, Any] = dict(
+    family="kernel",
+    all_keys=True,  # every query weighs every key: prepended global tokens are global
+    compile_recompute=True, dynamo_traced="causal", sequence_parallel="kernel_state",
+    gqa=True, bottom_right=True, packed=True, exact=False, causal=True, cross=True, subquadratic=True,
+)
 
 
 @register(
@@ -730,15 +419,7 @@ def _causal_chunked(
         Param("feature_map", "elu", "'elu' | 'relu' | 'favor' | callable phi(x)->[..,F] | FeatureMap"),
         Param("chunk_size", 64, "chunk length of the causal prefix sums"),
     ),
-    family="kernel",
-    all_keys=True,  # every query weighs every key: prepended global tokens are global
-    gqa=True,
-    bottom_right=True,
-    packed=True,
-    exact=False,
-    causal=True,
-    cross=True,
-    subquadratic=True,
+    **_KERNEL_CAPABILITIES,
     paper="Katharopoulos et al. 2020, Transformers are RNNs",
     summary="phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1, O(N); causal by chunked prefix sums; "
             "scale=None: phi of the raw q, k (elu/relu), not 1/sqrt(D)",
@@ -892,7 +573,7 @@ def linear_attention_step(
 # --------------------------------------------------------------------------- modules
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(FunctionalAttention):
     """Linear attention as a module owning its feature map (buffers included).
 
     forward(q, k, v, *, causal=False, key_padding_mask=None, scale=None) on
@@ -912,20 +593,8 @@ class LinearAttention(nn.Module):
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         self.feature_map = resolve_feature_map(feature_map, head_dim)
 
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor:
-        return linear_attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            feature_map=self.feature_map, chunk_size=self.chunk_size,
-        )
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, **call: Any) -> Tensor:
+        return linear_attention(q, k, v, **call, feature_map=self.feature_map, chunk_size=self.chunk_size)
 
     def init_state(self, batch: int, value_dim: int | None = None, *, device=None) -> LinearAttentionState:
         """Empty decoding state for ``batch`` sequences (value_dim defaults to head_dim)."""
@@ -1000,16 +669,9 @@ register(
         Param("chunk_size", 64, "chunk length of the causal prefix sums"),
         Param("redraw_interval", None, "module form: redraw the features every n training forwards"),
     ),
-    family="kernel",
-    all_keys=True,  # every query weighs every key: prepended global tokens are global
-    gqa=True,
-    bottom_right=True,
-    packed=True,
-    exact=False,
-    causal=True,
+    **_KERNEL_CAPABILITIES,
+    random_params=("redraw_interval",),
     learned=True,
-    cross=True,
-    subquadratic=True,
     paper="Choromanski et al. 2021, Rethinking Attention with Performers",
     summary="FAVOR+: positive orthogonal random features approximating softmax, O(N F)",
     module=PerformerAttention,

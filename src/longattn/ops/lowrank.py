@@ -17,6 +17,7 @@ degenerate setting (identity projections with k = N; c = 1; m = N) and tests sho
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as Fn
@@ -24,6 +25,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops._module import FunctionalAttention
 from longattn.ops._softmax import flash_fwd
 from longattn.registry import Param, register
 
@@ -35,6 +37,14 @@ __all__ = [
     "nystrom_attention",
     "iterative_pinv",
 ]
+
+
+# what the registry knows of every low-rank mechanism (linformer, compressed, nystrom)
+_LOWRANK_CAPABILITIES: dict[str, Any] = dict(
+    family="lowrank",
+    all_keys=True,  # every query weighs every (projected) key
+    exact=False, cross=True, subquadratic=True,
+)
 
 
 def _work(dtype: torch.dtype) -> torch.dtype:
@@ -173,7 +183,7 @@ def linformer_attention(
     return _softmax_attention(q.to(work), kp, vp, s, reach[:, :, None, :]).to(q.dtype)
 
 
-class LinformerAttention(nn.Module):
+class LinformerAttention(FunctionalAttention):
     """Linformer module owning E (and F unless ``share_kv``): [H, k, max_len] if
     ``headwise`` else [k, max_len] shared by the heads (k = ``proj_dim``).
     Xavier-normal init."""
@@ -206,20 +216,8 @@ class LinformerAttention(nn.Module):
         self.E = init(E)
         self.F = None if self.share_kv else init(F)
 
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor:
-        return linformer_attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            E=self.E, F=self.E if self.F is None else self.F,
-        )
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, **call: Any) -> Tensor:
+        return linformer_attention(q, k, v, **call, E=self.E, F=self.E if self.F is None else self.F)
 
 
 register(
@@ -232,13 +230,9 @@ register(
         Param("F", None, "value projection like E; None: E if share_kv else fixed random"),
         Param("seed", 0, "seed of the fixed random projections (functional form)"),
     ),
-    family="lowrank",
-    all_keys=True,  # every query weighs every (projected) key
-    exact=False,
+    **_LOWRANK_CAPABILITIES,
     causal=False,
     learned=True,
-    cross=True,
-    subquadratic=True,
     paper="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity",
     summary="softmax(Q (EK)^T)(FV): keys/values projected to k rows along the sequence",
     module=LinformerAttention,
@@ -303,81 +297,100 @@ def compressed_attention(
     """
     d = check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     s = default_scale(scale, d.D)
+    c = _compression_stride(d.Nk, stride, slots, conv_k, conv_v)
+    work = _work(q.dtype)
+    kz, vz, real = _zeroed_windows(k.to(work), v.to(work), key_padding_mask, c)
+    kc = _compress(kz, real, c, conv_k, d.H, "conv_k")  # [B, H, S, D]
+    vc = _compress(vz, real, c, conv_v, d.H, "conv_v")  # [B, H, S, Dv]
+    slot_ok = real.view(d.B, -1, c).any(-1)[:, None, None, :]  # [B, 1, 1, S]
+    if not causal:
+        return _softmax_attention(q.to(work), kc, vc, s, slot_ok).to(q.dtype)
+    return _causal_compressed(q.to(work), kz, vz, kc, vc, real, slot_ok, c, s).to(q.dtype)
+
+
+def _compression_stride(Nk: int, stride: int | None, slots: int, conv_k: Tensor | None,
+                        conv_v: Tensor | None) -> int:
+    """The window c of :func:`compressed_attention`: ``stride``, else the conv weights'
+    kernel size, else ceil(Nk / slots); the conv weights' kernel size must equal it."""
     if stride is None:
         for w in (conv_k, conv_v):
             if w is not None:
                 stride = int(w.shape[-1])
         if stride is None:
             check_int("slots", slots, minimum=1)
-            stride = -(-d.Nk // slots)
+            stride = -(-Nk // slots)
     c = check_int("stride", stride, minimum=1)
     for name, w in (("conv_k", conv_k), ("conv_v", conv_v)):
         if w is not None and (not isinstance(w, Tensor) or w.shape[-1] != c):
             raise ValueError(f"{name} must be a conv weight with kernel size = stride = {c}, got "
                              f"{tuple(w.shape) if isinstance(w, Tensor) else w!r}")
-    work = _work(q.dtype)
-    S = -(-d.Nk // c)
-    pad = S * c - d.Nk
-    real = torch.ones(d.B, d.Nk, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        real = key_padding_mask
-    real = Fn.pad(real, (0, pad), value=False)  # [B, S*c]
-    if pad or key_padding_mask is not None:
-        kz = Fn.pad(k.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
-        vz = Fn.pad(v.to(work), (0, 0, 0, pad)).masked_fill(~real[:, None, :, None], 0.0)
-    else:  # nothing to zero: no copies of k and v (64 MiB at N = 16384, H = 8, D = 64)
-        kz, vz = k.to(work), v.to(work)
-    kc = _compress(kz, real, c, conv_k, d.H, "conv_k")  # [B, H, S, D]
-    vc = _compress(vz, real, c, conv_v, d.H, "conv_v")  # [B, H, S, Dv]
-    slot_ok = real.view(d.B, S, c).any(-1)[:, None, None, :]  # [B, 1, 1, S]
-    qw = q.to(work)
-    if not causal:
-        return _softmax_attention(qw, kc, vc, s, slot_ok).to(q.dtype)
-    N = d.Nq
-    Np = S * c
-    i = torch.arange(Np, device=q.device)
-    past_slot = torch.arange(S, device=q.device)[None, :] < (i // c)[:, None]  # [Np, S]: O(N S)
-    vis_c = past_slot[None, None] & slot_ok  # [B, 1, Np, S]
-    tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    vis_b = tril & real.view(d.B, 1, S, 1, c)  # [B, 1, S, c, c]
-    qp = Fn.pad(qw, (0, 0, 0, pad)) if pad else qw
+    return c
 
-    def part(h0: int, h1: int, b0: int, b1: int) -> Tensor:
-        """Heads h0:h1, query blocks b0:b1: slots strictly before the own block, plus
-        the own block uncompressed, one softmax over both."""
-        Hg, nbk = h1 - h0, b1 - b0
-        r0, r1 = b0 * c, b1 * c
-        qg = qp[:, h0:h1, r0:r1]
-        sc = torch.matmul(qg, kc[:, h0:h1].transpose(-1, -2)) * s  # [B, Hg, rows, S]
-        kb = kz[:, h0:h1, r0:r1].reshape(d.B, Hg, nbk, c, d.D)
-        sb = torch.matmul(qg.reshape(d.B, Hg, nbk, c, d.D), kb.transpose(-1, -2)) * s  # [B,Hg,nbk,c,c]
-        vb = vis_b[:, :, b0:b1].expand(d.B, Hg, nbk, c, c).reshape(d.B, Hg, r1 - r0, c)
-        vis = torch.cat([vis_c[:, :, r0:r1].expand(d.B, Hg, r1 - r0, S), vb], -1)
-        p = _masked_softmax(torch.cat([sc, sb.reshape(d.B, Hg, r1 - r0, c)], -1), vis)
-        out = torch.matmul(p[..., :S], vc[:, h0:h1])
-        pb = p[..., S:].reshape(d.B, Hg, nbk, c, c)
-        own = torch.matmul(pb, vz[:, h0:h1, r0:r1].reshape(d.B, Hg, nbk, c, d.Dv))
-        return out + own.reshape(d.B, Hg, r1 - r0, d.Dv)
 
-    # (head, query-chunk) parts under checkpointing: the [B, H, N, S + c] scores and
-    # weights of all heads at once were ~800 MiB at N = 16384, H = 8 (S = 256, c = 64)
-    blocks = max(1, CAUSAL_PART_ELEMENTS // max(1, d.B * c * (S + c)))
+def _zeroed_windows(k: Tensor, v: Tensor, key_padding_mask: Tensor | None, c: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """k [B, H, Nk, D], v [B, H, Nk, Dv] zero-padded to S * c rows (S = ceil(Nk / c)),
+    padded keys zeroed; and ``real`` [B, S * c] (True = a real key). No copy when
+    there is nothing to zero (64 MiB of k and v at N = 16384, H = 8, D = 64)."""
+    B, _, Nk, _ = k.shape
+    pad = -(-Nk // c) * c - Nk
+    real = torch.ones(B, Nk, dtype=torch.bool, device=k.device) if key_padding_mask is None else key_padding_mask
+    real = Fn.pad(real, (0, pad), value=False)
+    if not pad and key_padding_mask is None:
+        return k, v, real
+    hide = ~real[:, None, :, None]
+    return Fn.pad(k, (0, 0, 0, pad)).masked_fill(hide, 0.0), Fn.pad(v, (0, 0, 0, pad)).masked_fill(hide, 0.0), real
+
+
+def _causal_part(qp: Tensor, kz: Tensor, vz: Tensor, kc: Tensor, vc: Tensor, vis_c: Tensor, vis_b: Tensor,
+                 s: float, h: tuple[int, int], blocks: tuple[int, int]) -> Tensor:
+    """Heads h = (h0, h1), query blocks (b0, b1) of causal compressed attention: the
+    slots strictly before the own block, plus the own block of c keys uncompressed,
+    one softmax over both. qp, kz, vz [B, H, S c, .]; kc, vc [B, H, S, .]; vis_c
+    [B, 1, S c, S], vis_b [B, 1, S, c, c]. Returns [B, h1 - h0, (b1 - b0) c, Dv]."""
+    (h0, h1), (b0, b1) = h, blocks
+    B, Hg, nbk, S, c = qp.shape[0], h1 - h0, b1 - b0, kc.shape[2], vis_b.shape[-1]
+    r0, r1 = b0 * c, b1 * c
+    qg = qp[:, h0:h1, r0:r1]
+    sc = torch.matmul(qg, kc[:, h0:h1].transpose(-1, -2)) * s  # [B, Hg, rows, S]
+    kb = kz[:, h0:h1, r0:r1].reshape(B, Hg, nbk, c, -1)
+    sb = torch.matmul(qg.reshape(B, Hg, nbk, c, -1), kb.transpose(-1, -2)) * s  # [B, Hg, nbk, c, c]
+    vb = vis_b[:, :, b0:b1].expand(B, Hg, nbk, c, c).reshape(B, Hg, r1 - r0, c)
+    vis = torch.cat([vis_c[:, :, r0:r1].expand(B, Hg, r1 - r0, S), vb], -1)
+    p = _masked_softmax(torch.cat([sc, sb.reshape(B, Hg, r1 - r0, c)], -1), vis)
+    out = torch.matmul(p[..., :S], vc[:, h0:h1])
+    own = torch.matmul(p[..., S:].reshape(B, Hg, nbk, c, c), vz[:, h0:h1, r0:r1].reshape(B, Hg, nbk, c, -1))
+    return out + own.reshape(B, Hg, r1 - r0, -1)
+
+
+def _causal_compressed(qw: Tensor, kz: Tensor, vz: Tensor, kc: Tensor, vc: Tensor, real: Tensor,
+                       slot_ok: Tensor, c: int, s: float) -> Tensor:
+    """Causal compressed attention in (head, query-chunk) parts of ~CAUSAL_PART_ELEMENTS
+    scores, checkpointed under autograd (all heads' [B, H, N, S + c] scores at once
+    were ~800 MiB at N = 16384, H = 8, S = 256, c = 64). Returns [B, H, Nq, Dv]."""
+    B, H, N = qw.shape[:3]
+    S = kc.shape[2]
+    i = torch.arange(S * c, device=qw.device)
+    past_slot = torch.arange(S, device=qw.device)[None, :] < (i // c)[:, None]  # [S c, S]: O(N S)
+    vis_c = past_slot[None, None] & slot_ok  # [B, 1, S c, S]
+    vis_b = torch.ones(c, c, dtype=torch.bool, device=qw.device).tril() & real.view(B, 1, S, 1, c)
+    qp = Fn.pad(qw, (0, 0, 0, S * c - N)) if S * c > N else qw
+    blocks = max(1, CAUSAL_PART_ELEMENTS // max(1, B * c * (S + c)))
     ckpt = torch.is_grad_enabled() and (qw.requires_grad or kc.requires_grad or vc.requires_grad)
-    single = blocks >= S and d.B * d.H * Np * (S + c) <= CAUSAL_PART_ELEMENTS
-    heads = [(0, d.H)] if single else [(h, h + 1) for h in range(d.H)]
+    single = blocks >= S and B * H * S * c * (S + c) <= CAUSAL_PART_ELEMENTS
     rows = []
-    for h0, h1 in heads:
+    for h in [(0, H)] if single else [(h, h + 1) for h in range(H)]:
         parts = []
         for b0 in range(0, S, blocks):
-            args = (h0, h1, b0, min(S, b0 + blocks))
-            parts.append(torch.utils.checkpoint.checkpoint(part, *args, use_reentrant=False)
-                         if ckpt and not single else part(*args))
+            args = (qp, kz, vz, kc, vc, vis_c, vis_b, s, h, (b0, min(S, b0 + blocks)))
+            parts.append(torch.utils.checkpoint.checkpoint(_causal_part, *args, use_reentrant=False)
+                         if ckpt and not single else _causal_part(*args))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
-    return out[:, :, :N].to(q.dtype)
+    return out[:, :, :N]
 
 
-class CompressedAttention(nn.Module):
+class CompressedAttention(FunctionalAttention):
     """Memory-compressed attention owning its strided convolutions.
 
     With ``stride=c`` the module learns conv weights [D, D, c] for keys and values
@@ -418,20 +431,9 @@ class CompressedAttention(nn.Module):
 
         self.conv_k, self.conv_v = init(conv_k), init(conv_v)
 
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor:
-        return compressed_attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            stride=self.stride, slots=self.slots, conv_k=self.conv_k, conv_v=self.conv_v,
-        )
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, **call: Any) -> Tensor:
+        return compressed_attention(q, k, v, **call, stride=self.stride, slots=self.slots, conv_k=self.conv_k,
+                                    conv_v=self.conv_v)
 
 
 register(
@@ -442,13 +444,9 @@ register(
         Param("conv_k", None, "conv weight [D, D, c] or [H, D, D, c] for keys; None: mean of the window"),
         Param("conv_v", None, "conv weight for values, like conv_k"),
     ),
-    family="lowrank",
-    all_keys=True,  # every query weighs every (projected) key
-    exact=False,
+    **_LOWRANK_CAPABILITIES,
     causal=True,
     learned=True,
-    cross=True,
-    subquadratic=True,
     paper="Liu et al. 2018, Generating Wikipedia by Summarizing Long Sequences",
     summary="memory-compressed attention: strided conv (kernel = stride = c) over keys/values",
     module=CompressedAttention,
@@ -508,12 +506,9 @@ def _segment_means(x: Tensor, real: Tensor, m: int) -> tuple[Tensor, Tensor]:
         Param("pinv_iters", None, "None: exact Moore-Penrose pseudo-inverse (float64 SVD, m^3); "
                                   "an int: that many iterations of the paper's iterative pinv"),
     ),
-    family="lowrank",
-    all_keys=True,  # every query weighs every (projected) key
-    exact=False,
+    **_LOWRANK_CAPABILITIES,
+    compile_recompute=True,
     causal=False,
-    cross=True,
-    subquadratic=True,
     paper="Xiong et al. 2021, Nystromformer",
     summary="softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V, m landmarks",
 )

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops._module import FunctionalAttention
 from longattn.registry import Param, register
 
 __all__ = ["synthesizer_attention", "SynthesizerAttention", "synthesizer_weights", "KINDS"]
@@ -233,7 +234,7 @@ def _mask_bias(B: int, Nq: int, Nk: int, causal: bool, key_padding_mask: Tensor 
     return bias, alive
 
 
-class SynthesizerAttention(nn.Module):
+class SynthesizerAttention(FunctionalAttention):
     """Synthesizer owning its weights (per head). ``trainable=False`` keeps random
     scores fixed (a buffer); ``mix`` (a float) starts a learned mixture weight
     sigmoid(logit) with dot-product scores at that value."""
@@ -272,22 +273,10 @@ class SynthesizerAttention(nn.Module):
                 raise ValueError(f"mix must be in (0, 1) for the learned mixture, got {mix!r}")
             self.mix_logit = nn.Parameter(torch.tensor(math.log(mix / (1 - mix))))
 
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, **call: Any) -> Tensor:
         w = {n: getattr(self, n) for n in self.names}
         mix = None if self.mix_logit is None else torch.sigmoid(self.mix_logit)
-        return synthesizer_attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            kind=self.kind, weights=w, mix=mix,
-        )
+        return synthesizer_attention(q, k, v, **call, kind=self.kind, weights=w, mix=mix)
 
 
 # registered here, after the module class it builds

@@ -5,7 +5,10 @@ Modules: :mod:`.plan` (components -> tile batches, :func:`plan`, :func:`needed_k
 the plan cache), :mod:`.engine` (tile batches -> the merged softmax:
 ``engine_forward`` / ``engine_backward`` and the autograd wrapper), :mod:`.api`
 (:func:`pattern_attention`: checks, backend choice). The softmax numerics (tile
-kernels, merges, sinks) are :mod:`longattn.ops._softmax`.
+kernels, merges, sinks) are :mod:`longattn.ops._softmax`. The FlexAttention backend:
+:mod:`.flex_records` (a pattern's visible blocks), :mod:`.flex_mask` (the BlockMask,
+its mask_mod from :meth:`longattn.patterns.Pattern.mask_mod`), :mod:`.flex_attention`
+(the compiled call, the heavy-row split); :mod:`longattn.ops.flex` names them all.
 
 How it works
 ------------

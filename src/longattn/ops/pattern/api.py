@@ -78,7 +78,7 @@ def pattern_attention(
     check_sinks(sinks, d.H)
     check_softcap(softcap)
     if _use_flex(backend, q, k_positions, sinks is not None or softcap is not None):
-        from longattn.ops.flex import flex_pattern_attention
+        from longattn.ops.pattern.flex_attention import flex_pattern_attention
 
         return flex_pattern_attention(q, k, v, pattern, causal=causal, key_padding_mask=key_padding_mask,
                                       scale=s, enable_gqa=d.Hkv != d.H)
@@ -148,7 +148,7 @@ def _use_flex(backend: str, q: Tensor, k_positions: Tensor | None, terms: bool =
         raise ValueError("backend='flex' does not take sinks or softcap here: use backend='engine' or 'auto'")
     if backend == "engine" or terms or (backend == "auto" and q.device.type != "cuda"):
         return False
-    from longattn.ops.flex import flex_available
+    from longattn.ops.pattern.flex_attention import flex_available
 
     if not flex_available():
         if backend == "flex":
