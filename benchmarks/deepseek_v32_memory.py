@@ -3,8 +3,8 @@ against the model's own sdpa (and eager) path (issue 31's DeepSeek-V3.2 target).
 
 B=1, float32, S tokens (default 4096), ``index_topk`` keys per query (default 256), a
 small hidden size. Each implementation runs in its own process (peak RSS is per
-process: :func:`longattn.testing.peak_memory_mb`, VmHWM after clear_refs); the model
-and the tokens are built before the measured forward.
+process: :func:`longattn.bench.subprocess_case.run_case`, the harness's peak call, VmHWM
+after clear_refs); the model and the tokens are built before the measured forward.
 
 What differs: sdpa/eager fold the indexer's top-k into a [B, 1, S, S] mask and run
 dense attention over it; longattn attends over exactly the ``[B, S, topk]`` indices
@@ -20,29 +20,41 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Callable
 
-from longattn.testing import peak_memory_mb
+import torch
 
-SETUP = """
-import transformers as T
-from longattn.integrations.transformers import register
-import longattn.ops.given_keys  # imported before the measured forward, as sdpa is
-torch.manual_seed(0)
-cfg = T.DeepseekV32Config(vocab_size=128, hidden_size={hidden}, intermediate_size=128, moe_intermediate_size=32,
-                          num_hidden_layers={layers}, num_attention_heads={heads}, num_key_value_heads={heads},
-                          n_shared_experts=1, n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2,
-                          kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=16, qk_nope_head_dim=16,
-                          head_dim=16, index_topk={topk}, index_head_dim=32, index_n_heads={index_heads},
-                          first_k_dense_replace={layers}, max_position_embeddings={n}, pad_token_id=0)
-model = T.DeepseekV32ForCausalLM(cfg).eval()
-model.set_attn_implementation({impl})
-x = torch.randint(1, 128, (1, {n}))
-"""
-RUN = """
-with torch.no_grad():
-    model.model(x)
-"""
-IMPLS = {"sdpa": "'sdpa'", "eager": "'eager'", "longattn": "register('full')"}
+from longattn.bench.subprocess_case import case_ref, run_case
+
+IMPLS = ("sdpa", "eager", "longattn")
+
+
+def case(impl: str, n: int, topk: int, layers: int, heads: int, index_heads: int, hidden: int,
+         ) -> Callable[[], None]:
+    """The no-grad forward of a tiny random-init DeepSeek-V3.2 on S = ``n`` tokens under
+    ``impl`` (one of :data:`IMPLS`); the model and tokens are built here, not measured."""
+    import transformers as T
+
+    from longattn.integrations.transformers import register
+    import longattn.ops.given_keys  # noqa: F401 - imported before the measured forward, as sdpa is
+
+    torch.manual_seed(0)
+    cfg = T.DeepseekV32Config(
+        vocab_size=128, hidden_size=hidden, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, n_shared_experts=1,
+        n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=48,
+        qk_rope_head_dim=16, v_head_dim=16, qk_nope_head_dim=16, head_dim=16, index_topk=topk,
+        index_head_dim=32, index_n_heads=index_heads, first_k_dense_replace=layers, max_position_embeddings=n,
+        pad_token_id=0)
+    model = T.DeepseekV32ForCausalLM(cfg).eval()
+    model.set_attn_implementation(register("full") if impl == "longattn" else impl)
+    x = torch.randint(1, 128, (1, n))
+
+    def forward() -> None:
+        with torch.no_grad():
+            model.model(x)
+
+    return forward
 
 
 def main() -> None:
@@ -59,9 +71,14 @@ def main() -> None:
     out = {"n": args.n, "topk": args.topk, "layers": args.layers, "heads": args.heads,
            "index_heads": args.index_heads, "peak_mib": {}}
     for impl in args.impls.split(","):
-        setup = SETUP.format(impl=IMPLS[impl], n=args.n, topk=args.topk, layers=args.layers, heads=args.heads,
-                             index_heads=args.index_heads, hidden=args.hidden)
-        out["peak_mib"][impl] = round(peak_memory_mb(setup, RUN, threads=args.threads), 1)
+        if impl not in IMPLS:
+            raise SystemExit(f"--impls: {impl!r} is not one of {sorted(IMPLS)}")
+        res = run_case(case_ref(__file__, "case"), dict(impl=impl, n=args.n, topk=args.topk, layers=args.layers,
+                       heads=args.heads, index_heads=args.index_heads, hidden=args.hidden),
+                       threads=args.threads, warmup=0, repeats=0, timeout_s=600)
+        if res["status"] != "ok":
+            raise RuntimeError(f"{impl} failed:\n{res.get('traceback') or res.get('reason')}")
+        out["peak_mib"][impl] = round(res["peak_mb"], 1)
         print(f"{impl:>9}: {out['peak_mib'][impl]:8.1f} MiB", flush=True)
     print(json.dumps(out))
 

@@ -1,8 +1,9 @@
 """Speed and peak memory of ``graph`` (and ``additive``) attention against their peers.
 
 graph: B=1, H=8, D=64, fp32, N nodes with ``--deg`` random in-edges each (uniform
-random sources). Cases, each in its own process (peak RSS is per process), warm-up
-then the median of ``--repeat`` runs, forward (no_grad) and train (forward + backward):
+random sources). Cases, each in its own process (:mod:`longattn.bench.subprocess_case`;
+peak memory is per process), warm-up, the harness's peak-memory call, then the median of
+``--repeat`` runs, forward (no_grad) and train (forward + backward):
 
 - ``graph``: longattn's CSR implementation;
 - ``scatter``: the peer a user would write, torch_geometric-style scatter softmax the
@@ -26,24 +27,21 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+from typing import Callable
+
+import torch
+
+from longattn.bench.subprocess_case import case_ref, run_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H, D = 8, 64
 
-CASE = r"""
-import json, statistics, sys, time, torch
-torch.set_num_threads({threads})
-torch.manual_seed(0)
-N, H, D, DEG, mode, kind, repeat = {n}, 8, 64, {deg}, {mode!r}, {kind!r}, {repeat}
-q, k, v = (torch.randn(1, H, N, D) for _ in range(3))
-src = torch.randint(0, N, (N * DEG,))  # random sources (a rare duplicate counts twice)
-dst = torch.arange(N).repeat_interleave(DEG)
-ei = torch.stack([src, dst])
 
-def scatter_peer(q, k, v, ei):
+def scatter_peer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ei: torch.Tensor) -> torch.Tensor:
+    """The obvious torch_geometric-style scatter softmax over edges ``ei`` [2, E] (src, dst)."""
     s_, d_ = ei[0], ei[1]
     B, H, N, D = q.shape
-    score = (q[:, :, d_] * k[:, :, s_]).sum(-1) * D ** -0.5          # [B, H, E]
+    score = (q[:, :, d_] * k[:, :, s_]).sum(-1) * D ** -0.5  # [B, H, E]
     idx = d_.expand(B, H, -1)
     mx = torch.full((B, H, N), float("-inf")).scatter_reduce(2, idx, score.detach(), "amax")
     w = torch.exp(score - mx.gather(2, idx))
@@ -51,60 +49,54 @@ def scatter_peer(q, k, v, ei):
     w = w / den.gather(2, idx)
     return torch.zeros(B, H, N, v.shape[-1]).index_add(2, d_, w[..., None] * v[:, :, s_])
 
-if kind == "graph":
+
+def _attention(kind: str, ei: torch.Tensor, before_dir: str) -> Callable[..., torch.Tensor]:
+    """f(q, k, v) of case ``kind`` over the edges ``ei``."""
     import longattn
-    fn = lambda q, k, v: longattn.attention(q, k, v, "graph", edge_index=ei)
-elif kind == "before":
-    sys.path.insert(0, {before_dir!r})
-    import longattn, graph_before
-    fn = lambda q, k, v: graph_before.graph_attention(q, k, v, edge_index=ei)
-elif kind == "scatter":
-    fn = lambda q, k, v: scatter_peer(q, k, v, ei)
-elif kind == "sdpa":
-    fn = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-elif kind == "additive":
-    import longattn
-    m = longattn.build("additive", heads=H, head_dim=D)
-    fn = lambda q, k, v: m(q, k, v)
-if mode == "train":
-    for x in (q, k, v):
-        x.requires_grad_(True)
 
-def step():
-    if mode == "fwd":
-        with torch.no_grad():
-            fn(q, k, v)
-    else:
-        out = fn(q, k, v)
-        out.sum().backward()
+    if kind == "graph":
+        return lambda q, k, v: longattn.attention(q, k, v, "graph", edge_index=ei)
+    if kind == "before":
+        sys.path.insert(0, before_dir)
+        import graph_before
 
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-base = hwm()
-if kind != "additive":  # additive: quadratic, minutes at N = 4096; its first run is the figure
-    step()  # warm-up (builds the CSR cache for graph, as a model reusing its edges would)
-ts = []
-for _ in range(repeat):
-    t0 = time.perf_counter(); step(); ts.append(time.perf_counter() - t0)
-print("__RES__" + json.dumps(dict(kind=kind, mode=mode, n=N, s=statistics.median(ts),
-                                   peak_mb=hwm() - base)))
-"""
+        return lambda q, k, v: graph_before.graph_attention(q, k, v, edge_index=ei)
+    if kind == "scatter":
+        return lambda q, k, v: scatter_peer(q, k, v, ei)
+    if kind == "sdpa":
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    if kind == "additive":
+        return longattn.build("additive", heads=H, head_dim=D)
+    raise ValueError(f"kind must be graph, before, scatter, sdpa or additive, got {kind!r}")
 
 
-def run_case(kind: str, mode: str, n: int, deg: int, repeat: int, threads: int, before_dir: str) -> dict:
-    code = textwrap.dedent(CASE).format(threads=threads, n=n, deg=deg, mode=mode, kind=kind,
-                                        repeat=repeat, before_dir=before_dir)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    for line in res.stdout.splitlines():
-        if line.startswith("__RES__"):
-            return json.loads(line[7:])
-    return dict(kind=kind, mode=mode, n=n, error=res.stderr.strip().splitlines()[-1:] or ["?"])
+def case(kind: str, mode: str, n: int, deg: int, before_dir: str) -> Callable[[], None]:
+    """One forward (``mode="fwd"``, no_grad) or forward + backward (``"train"``) of ``kind``
+    on [1, 8, n, 64] with ``deg`` random in-edges per node (a rare duplicate counts twice)."""
+    q, k, v = (torch.randn(1, H, n, D, requires_grad=mode == "train") for _ in range(3))
+    src = torch.randint(0, n, (n * deg,))
+    dst = torch.arange(n).repeat_interleave(deg)
+    fn = _attention(kind, torch.stack([src, dst]), before_dir)
+
+    def step() -> None:
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(q, k, v)
+        else:
+            fn(q, k, v).sum().backward()
+
+    return step
+
+
+def run_one(kind: str, mode: str, n: int, deg: int, repeat: int, threads: int, before_dir: str) -> dict:
+    # additive: quadratic, minutes at N = 4096: no warm-up, its one (peak) call is the figure;
+    # the others warm up once (builds the CSR cache for graph, as a model reusing its edges would)
+    quad = kind == "additive"
+    res = run_case(case_ref(__file__, "case"), dict(kind=kind, mode=mode, n=n, deg=deg, before_dir=before_dir),
+                   threads=threads, warmup=0 if quad else 1, repeats=0 if quad else repeat)
+    if res["status"] != "ok":
+        return dict(kind=kind, mode=mode, n=n, error=[res.get("reason", res["status"])])
+    return dict(kind=kind, mode=mode, n=n, s=res["time_s"]["median"], peak_mb=res["peak_mb"])
 
 
 def main() -> None:
@@ -136,7 +128,7 @@ def main() -> None:
     if not args.skip_graph:
         for mode in args.modes.split(","):
             for kind in kinds:
-                r = run_case(kind, mode, args.n, args.deg, args.repeat if kind != "sdpa" else 1,
+                r = run_one(kind, mode, args.n, args.deg, args.repeat if kind != "sdpa" else 1,
                              args.threads, before_dir)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -154,7 +146,7 @@ def main() -> None:
                 ratio = f"{r['s'] / mine['s']:.1f}" if mine else "-"
                 print(f"{mode:6} {r['kind']:8} {r['s']:9.3f} {r['peak_mb']:9.0f} {ratio:>18}")
     if args.additive_n:
-        r = run_case("additive", "train", args.additive_n, args.deg, 1, args.threads, before_dir)
+        r = run_one("additive", "train", args.additive_n, args.deg, 1, args.threads, before_dir)
         print(json.dumps(r))
 
 

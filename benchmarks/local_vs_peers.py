@@ -1,6 +1,7 @@
 """Local attention vs dense SDPA, FlexAttention and local-attention.
 
-Each case runs in its own process (peak RSS per process). B=1, H=8, D=64, fp32,
+Each case runs in its own process (:mod:`longattn.bench.subprocess_case`; peak RSS, the
+whole process's, per process). B=1, H=8, D=64, fp32,
 window of 513 keys (before = after = 256). Usage:
 
     python benchmarks/local_vs_peers.py [--n 16384] [--cases local_fwd,...]
@@ -10,71 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import textwrap
+from typing import Any, Callable
 
-PRELUDE = """
-import json, time, torch
-torch.manual_seed(0)
-B, H, N, D = 1, 8, {n}, 64
-def peak_mb():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) / 1024
-def timeit(f, rep):
-    f()
-    ts = []
-    for _ in range(rep):
-        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2], ts[0], ts[-1]
-q, k, v = (torch.randn(B, H, N, D, requires_grad={grad}) for _ in range(3))
-"""
+import torch
 
-CASES = {
-    "sdpa_fwd": ("False", """
-import torch.nn.functional as F
-with torch.no_grad():
-    r = timeit(lambda: F.scaled_dot_product_attention(q, k, v), 2)
-"""),
-    "sdpa_train": ("True", """
-import torch.nn.functional as F
-def f():
-    F.scaled_dot_product_attention(q, k, v).sum().backward()
-r = timeit(f, 1)
-"""),
-    "flex_fwd": ("False", """
-from torch.nn.attention.flex_attention import flex_attention, create_block_mask
-def band(b, h, i, j):
-    return (j >= i - 256) & (j <= i + 256)
-bm = create_block_mask(band, None, None, N, N, device='cpu')
-fa = torch.compile(flex_attention)
-with torch.no_grad():
-    r = timeit(lambda: fa(q, k, v, block_mask=bm), 3)
-"""),
-    "localattn_fwd": ("False", """
-from local_attention import LocalAttention
-la = LocalAttention(window_size=256, causal=False, look_backward=1, look_forward=1, exact_windowsize=True, autopad=True)
-with torch.no_grad():
-    r = timeit(lambda: la(q, k, v), 3)
-"""),
-    "localattn_train": ("True", """
-from local_attention import LocalAttention
-la = LocalAttention(window_size=256, causal=False, look_backward=1, look_forward=1, exact_windowsize=True, autopad=True)
-r = timeit(lambda: la(q, k, v).sum().backward(), 3)
-"""),
-    "local_fwd": ("False", """
-import longattn
-with torch.no_grad():
-    r = timeit(lambda: longattn.attention(q, k, v, 'local', before=256, after=256), 5)
-"""),
-    "local_train": ("True", """
-import longattn
-r = timeit(lambda: longattn.attention(q, k, v, 'local', before=256, after=256).sum().backward(), 3)
-"""),
-}
+from longattn.bench.subprocess_case import case_ref, run_case
 
+B, H, D = 1, 8, 64
 PATTERNS = {
     "dilated": {"radius": 128, "dilation": 2},
     "strided": {"stride": 128},
@@ -83,29 +26,70 @@ PATTERNS = {
     "sparse_transformer_strided": {"l": 128},
     "sparse_transformer_fixed": {"l": 128, "c": 16},
 }
-for _name, _p in PATTERNS.items():
-    _causal = _name.startswith("sparse_transformer")
-    CASES[f"{_name}_fwd"] = ("False", f"""
-import longattn
-from longattn.ops.sparse import cached_pattern
-params = {_p!r}
-with torch.no_grad():
-    r = timeit(lambda: longattn.attention(q, k, v, {_name!r}, causal={_causal}, **params), 3)
-vis = cached_pattern({_name!r}, **params).visible_count(N, H, causal={_causal})
-extra = {{'useful_gflops': 4 * vis * D / 1e9}}
-""")
+#: case name -> timed repeats (the README's figures: median of these after one warm-up)
+CASES = {"sdpa_fwd": 2, "sdpa_train": 1, "flex_fwd": 3, "localattn_fwd": 3, "localattn_train": 3,
+         "local_fwd": 5, "local_train": 3, **{f"{p}_fwd": 3 for p in PATTERNS}}
 
 
-def run_case(name: str, n: int) -> dict:
-    grad, body = CASES[name]
-    code = PRELUDE.format(n=n, grad=grad) + "extra = {}\n" + textwrap.dedent(body) + (
-        "\nprint('__R__' + json.dumps({'median_s': r[0], 'min_s': r[1], 'max_s': r[2], 'peak_mb': peak_mb(), **extra}))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    for line in res.stdout.splitlines():
-        if line.startswith("__R__"):
-            return json.loads(line[5:])
-    return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"rc={res.returncode}"}
+def _peer(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The attention call of case ``name`` (its ``_fwd``/``_train`` suffix removed)."""
+    N = q.shape[-2]
+    if name == "sdpa":
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    if name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def band(b, h, i, j):
+            return (j >= i - 256) & (j <= i + 256)
+
+        bm = create_block_mask(band, None, None, N, N, device="cpu")
+        fa = torch.compile(flex_attention)
+        return lambda: fa(q, k, v, block_mask=bm)
+    if name == "localattn":
+        from local_attention import LocalAttention
+
+        la = LocalAttention(window_size=256, causal=False, look_backward=1, look_forward=1,
+                            exact_windowsize=True, autopad=True)
+        return lambda: la(q, k, v)
+    import longattn
+
+    params = PATTERNS.get(name, {"before": 256, "after": 256})
+    causal = name.startswith("sparse_transformer")
+    return lambda: longattn.attention(q, k, v, name, causal=causal, **params)
+
+
+def case(name: str, n: int) -> tuple[Callable[[], None], dict[str, Any]]:
+    """One call of case ``name`` at length ``n`` (forward under no_grad, or forward +
+    backward for ``*_train``); extra: the pattern's useful GFLOP for the pattern cases."""
+    train = name.endswith("_train")
+    kind = name.rsplit("_", 1)[0]
+    q, k, v = (torch.randn(B, H, n, D, requires_grad=train) for _ in range(3))
+    f = _peer(kind, q, k, v)
+    extra: dict[str, Any] = {}
+    if kind in PATTERNS:
+        from longattn.ops.sparse import cached_pattern
+
+        vis = cached_pattern(kind, **PATTERNS[kind]).visible_count(n, H, causal=kind.startswith("sparse_transformer"))
+        extra["useful_gflops"] = 4 * vis * D / 1e9
+
+    def step() -> None:
+        if train:
+            f().sum().backward()
+        else:
+            with torch.no_grad():
+                f()
+
+    return step, extra
+
+
+def run_one(name: str, n: int) -> dict:
+    res = run_case(case_ref(__file__, "case"), {"name": name, "n": n}, threads=torch.get_num_threads(),
+                   warmup=1, repeats=CASES[name], timeout_s=900)
+    if res["status"] != "ok":
+        return {"error": res.get("reason", res["status"])}
+    t = res["time_s"]
+    return {"median_s": t["median"], "min_s": t["min"], "max_s": t["max"], "peak_mb": res["rss_peak_mb"],
+            **res["extra"]}
 
 
 def main() -> None:
@@ -115,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     out = {}
     for name in args.cases.split(","):
-        out[name] = r = run_case(name, args.n)
+        out[name] = r = run_one(name, args.n)
         print(f"N={args.n:6d} {name:32s} {json.dumps(r)}", flush=True)
     dense_f = out.get("sdpa_fwd", {}).get("median_s")
     if dense_f:

@@ -1,6 +1,7 @@
 """Decode steps, grouped KV heads and packed documents: the shapes of real models.
 
-Three measurements (B=1, H=8, D=64, fp32), each case in its own process for memory:
+Three measurements (B=1, H=8, D=64, fp32), each case in its own process for memory
+(:mod:`longattn.bench.subprocess_case`):
 
 1. decode: one query over a KV cache of t keys, ``local`` causal window of 512
    (before=511), t = 4096 and 262144: the step touches only its window, so the time
@@ -16,64 +17,54 @@ Three measurements (B=1, H=8, D=64, fp32), each case in its own process for memo
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+from typing import Callable
 
-_PRELUDE = r"""
-import json, statistics, sys, time, torch, longattn
-torch.set_num_threads(2)
-torch.manual_seed(0)
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
-def timed(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-"""
+import torch
 
-CASES = {
-    "decode": r"""
-t, reps = {t}, {reps}
-q = torch.randn(1, 8, 1, 64)
-k, v = torch.randn(1, 8, t, 64), torch.randn(1, 8, t, 64)
-def step():
-    with torch.no_grad():
-        longattn.attention(q, k, v, "local", before=511, after=0, causal=True)
-print("__R__" + json.dumps({{"seconds": timed(step, reps * 20)}}))
-""",
-    "gqa": r"""
-N, hkv, reps = 65536, {hkv}, {reps}
-q = torch.randn(1, 8, N, 64, requires_grad=True)
-k = torch.randn(1, hkv, N, 64, requires_grad=True)
-v = torch.randn(1, hkv, N, 64, requires_grad=True)
-def train():
-    longattn.attention(q, k, v, "local", before=256, after=256).sum().backward()
-s = timed(train, reps)
-print("__R__" + json.dumps({{"seconds": s, "peak_mib": hwm()}}))
-""",
-    "packed": r"""
-N, reps, packed = 16384, {reps}, {packed}
-q, k, v = (torch.randn(1, 8, N, 64) for _ in range(3))
-seg = torch.arange(N).div(256, rounding_mode="floor")[None] if packed else None
-def fwd():
-    with torch.no_grad():
-        longattn.attention(q, k, v, "local", before=128, after=128, segment_ids=seg)
-print("__R__" + json.dumps({{"seconds": timed(fwd, reps)}}))
-""",
-}
+from longattn.bench.subprocess_case import case_ref, run_case
 
 
-def run(case: str, reps: int, **kw) -> dict:
-    code = _PRELUDE + CASES[case].format(reps=reps, **kw)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    for line in res.stdout.splitlines():
-        if line.startswith("__R__"):
-            return json.loads(line[5:])
-    raise RuntimeError(f"{case} {kw} failed:\n{res.stderr[-2000:]}")
+def case(kind: str, t: int = 4096, hkv: int = 8, packed: bool = False) -> Callable[[], None]:
+    """The step of measurement ``kind`` (module docstring): ``decode`` over a cache of ``t``
+    keys, ``gqa`` train step with ``hkv`` kv heads, ``packed`` forward with or without
+    64 documents of 256 tokens."""
+    import longattn
+
+    if kind == "decode":
+        q = torch.randn(1, 8, 1, 64)
+        k, v = torch.randn(1, 8, t, 64), torch.randn(1, 8, t, 64)
+
+        def decode() -> None:
+            with torch.no_grad():
+                longattn.attention(q, k, v, "local", before=511, after=0, causal=True)
+
+        return decode
+    if kind == "gqa":
+        N = 65536
+        q = torch.randn(1, 8, N, 64, requires_grad=True)
+        k = torch.randn(1, hkv, N, 64, requires_grad=True)
+        v = torch.randn(1, hkv, N, 64, requires_grad=True)
+        return lambda: longattn.attention(q, k, v, "local", before=256, after=256).sum().backward()
+    if kind == "packed":
+        N = 16384
+        q, k, v = (torch.randn(1, 8, N, 64) for _ in range(3))
+        seg = torch.arange(N).div(256, rounding_mode="floor")[None] if packed else None
+
+        def fwd() -> None:
+            with torch.no_grad():
+                longattn.attention(q, k, v, "local", before=128, after=128, segment_ids=seg)
+
+        return fwd
+    raise ValueError(f"kind must be decode, gqa or packed, got {kind!r}")
+
+
+def run(kind: str, reps: int, **kw) -> dict:
+    """{"seconds": median, "peak_mib": whole-process VmHWM} of one case in a fresh process."""
+    res = run_case(case_ref(__file__, "case"), dict(kind=kind, **kw), threads=2, warmup=1,
+                   repeats=reps * 20 if kind == "decode" else reps)
+    if res["status"] != "ok":
+        raise RuntimeError(f"{kind} {kw} failed:\n{res.get('traceback') or res.get('reason')}")
+    return {"seconds": res["time_s"]["median"], "peak_mib": res["rss_peak_mb"]}
 
 
 def main(argv: list[str] | None = None) -> None:

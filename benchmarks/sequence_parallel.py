@@ -34,6 +34,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from longattn.bench.subprocess_case import reset_peak, resident_mb
+
 MECHS = {
     "local": dict(mechanism="local", causal=False, params=dict(before=256, after=256)),
     "bigbird": dict(mechanism="bigbird", causal=False, params=dict(block=64, random_blocks=3, global_blocks=1)),
@@ -46,21 +48,8 @@ _PAIR_COST_S = 2.5e-8 * 8 / 8
 
 def _rss() -> tuple[int, int]:
     """(VmRSS, VmHWM) in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) * 1024
-    return out["VmRSS"], out["VmHWM"]
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    rss, hwm = resident_mb()
+    return int(rss * 2**20), int(hwm * 2**20)
 
 
 def _check(rank, world, case, N, B, H, D, ref_path):
@@ -126,7 +115,7 @@ def _worker(rank, world, path, case, N, B, H, D, repeat, threads, result_dir, re
     n = n_full
     ld.reset_comm_stats()
     rest, _ = _rss()
-    _reset_peak()
+    reset_peak()
     times = [run()]
     _, hwm = _rss()
     received = ld.comm_stats()["received"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import longattn
-from longattn import registry
+from longattn import api, registry
 from longattn.model import ModelConfig, Transformer
 from longattn.ops.dsa import DSAAttention, dsa_attention, dsa_weights, index_inputs, indexer_loss, select_tokens
 from longattn.ops.reference import dense_attention
@@ -198,7 +198,7 @@ def test_bad_parameters_are_refused_naming_them(params, err, match):
 def test_registered_with_a_module_and_the_model_trains():
     spec = registry.get("dsa")
     assert spec.learned and spec.causal and spec.gqa and spec.bottom_right and spec.family == "select"
-    assert isinstance(registry.build("dsa", heads=2, head_dim=8), DSAAttention)
+    assert isinstance(api.build("dsa", heads=2, head_dim=8), DSAAttention)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=11, max_len=40, dim=16, depth=1, heads=4, kv_heads=2, mechanism="dsa",
                       mechanism_params={"topk": 6, "index_heads": 2, "index_dim": 4}, head="lm")

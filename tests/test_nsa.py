@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import longattn
-from longattn import registry
+from longattn import api, registry
 from longattn.model import ModelConfig, Transformer
 from longattn.ops.nsa import NSAAttention, nsa_attention, nsa_weights
 from longattn.ops.reference import dense_attention
@@ -193,7 +193,7 @@ def test_bad_parameters_are_refused_naming_them(params, err, match):
 def test_registered_with_a_module_and_the_model_trains():
     spec = registry.get("nsa")
     assert spec.learned and spec.causal and spec.gqa and spec.bottom_right and spec.family == "select"
-    assert isinstance(registry.build("nsa", heads=2, head_dim=8), NSAAttention)
+    assert isinstance(api.build("nsa", heads=2, head_dim=8), NSAAttention)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=11, max_len=40, dim=16, depth=1, heads=4, kv_heads=2, mechanism="nsa",
                       mechanism_params={"block": 8, "topk": 1, "window": 4}, head="lm")

@@ -41,6 +41,26 @@ def test_identity_permutation_is_block_local():
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
 
 
+def test_registered_name_runs_sinkhorn_attention():
+    """``longattn.attention(..., "sinkhorn")`` is the block-local oracle under an identity
+    permutation (the registration once decorated a private helper instead)."""
+    q, k, v = (rand(1, 2, 29, 8, seed=s) for s in (5, 6, 7))
+    eye = torch.eye(math.ceil(29 / 8), dtype=F64)[None, None]
+    bi = block_ids(29, 8)
+    out = longattn.attention(q, k, v, "sinkhorn", block_size=8, permutation=eye)
+    ref = dense_attention(q, k, v, bi[:, None] == bi[None, :])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_hyper_parameters_refuse_bools_and_non_numbers():
+    q = rand(1, 2, 16, 4)
+    for bad in (True, "1.0", float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            sinkhorn_attention(q, q, q, temperature=bad)
+    with pytest.raises(ValueError, match="gumbel"):
+        sinkhorn_attention(q, q, q, gumbel=False)
+
+
 def test_causal_shift_permutation_is_own_causal_plus_previous_block():
     B, H, N, D, b = 1, 2, 37, 8, 6
     q, k, v = (rand(B, H, N, D, seed=s) for s in (1, 2, 3))

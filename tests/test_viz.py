@@ -96,3 +96,16 @@ def test_show_selection_writes_a_png(tmp_path):
     out = show_selection(q, k, tmp_path / "sel.png", block=16, topk=3, sink_tokens=4, window=24)
     img = mpimg.imread(out)
     assert img.ndim == 3 and img.shape[0] > 300 and out.stat().st_size > 5000
+
+
+def test_viz_imports_neither_the_trainer_nor_matplotlib():
+    """``import longattn.viz`` stays light: the trainer only inside ``load_trained``
+    (the checkpoint reader), matplotlib only when a picture is drawn."""
+    import subprocess
+    import sys
+
+    code = ("import sys, longattn.viz; "
+            "print(sorted(m for m in ('longattn.train', 'matplotlib') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"

@@ -64,6 +64,28 @@ def distinct_heads(pattern: P.Pattern, n: int, heads: int, causal: bool) -> list
     ]
 
 
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, imported on first use
+    (matplotlib is an optional extra, never imported with the package)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out: str | Path, *, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``out`` (PNG; parent folders created), close it and
+    return the path."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
+
+
 def show_pattern(
     pattern: P.Pattern,
     n: int = 64,
@@ -77,10 +99,7 @@ def show_pattern(
 
     Rows are queries i, columns keys j, black = visible. One panel per distinct head.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     panels = distinct_heads(pattern, n, heads, causal)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
@@ -93,12 +112,7 @@ def show_pattern(
         ax.set_xticks([0, n - 1])
         ax.set_yticks([0, n - 1])
     fig.suptitle(title or repr(pattern)[:90], fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
 
 
 def pattern_gallery(out_dir: str | Path = "report/patterns", n: int = 64, heads: int = 4) -> list[Path]:
@@ -167,10 +181,7 @@ def show_selection(q: torch.Tensor, k: torch.Tensor, out: str | Path = "selectio
     """Draw what ``topk_blocks`` selected for a real input: queries (rows) x key blocks
     (columns), its own block, the gate's selected blocks, and the blocks it reads only for
     sink or window keys shaded apart (:func:`selection_map`); writes a PNG, returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -189,12 +200,7 @@ def show_selection(q: torch.Tensor, k: torch.Tensor, out: str | Path = "selectio
     present = sorted(set(codes.unique().tolist()) - {0})
     handles = [Patch(facecolor=colors[c], edgecolor="#666666", label=SELECTION_CODES[c]) for c in present]
     ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
 
 
 def gallery_markdown(paths: list[Path], relative_to: Path) -> str:
@@ -271,10 +277,7 @@ def load_trained(checkpoint: str | Path) -> tuple[torch.nn.Module, Any, Any]:
 
 def show_checkpoint(checkpoint: str | Path, out: str | Path, example: int = 0) -> Path:
     """Draw each layer's attention maps (per head) of a trained model on a test example."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from longattn import tasks
 
@@ -294,12 +297,7 @@ def show_checkpoint(checkpoint: str | Path, out: str | Path, example: int = 0) -
                 ax.imshow(a[c, :n, :n].float().numpy(), cmap="magma", interpolation="nearest")
                 ax.set_title(f"layer {r} head {c}", fontsize=8)
     fig.suptitle(f"{cfg.task}, mechanism {cfg.mechanism}: attention on test example {example}", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:

@@ -117,3 +117,24 @@ def default_scale(scale: float | None, D: int) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float, got {scale!r}")
     return float(scale)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` as a bool; TypeError naming ``name`` otherwise (0/1 are not bools)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: object, *, above: float | None = None, minimum: float | None = None) -> float:
+    """``value`` as a float, > ``above`` and >= ``minimum`` where given; ValueError naming
+    ``name`` otherwise (a non-number, a bool included, is a bad value here, not a type)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and above is not None and not value > above:
+        ok = False
+    if ok and minimum is not None and not value >= minimum:
+        ok = False
+    if not ok:
+        bound = f" > {above}" if above is not None else f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a number{bound}, got {value!r}")
+    return float(value)

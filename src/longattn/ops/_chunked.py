@@ -150,13 +150,7 @@ def _kv(k: Tensor, v: Tensor, g0: int, g1: int, c: int, look_back: bool) -> tupl
 
 
 def chunk_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Tensor,
-    scale: float,
-    *,
-    look_back: bool = False,
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, *, look_back: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query chunk over its own keys.
 

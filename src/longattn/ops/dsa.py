@@ -34,11 +34,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
 from longattn.ops.dense import full_attention
 from longattn.ops.given_keys import given_keys_attention
-from longattn.ops.nsa import top_indices
-from longattn.registry import Param, register
+from longattn.ops.nsa import register_learned_select, top_indices
+from longattn.registry import Param
 
 #: index scores (per chunk of queries, all index heads) one chunk may hold (elements)
 INDEX_ELEMENTS = 1 << 22
@@ -212,8 +212,7 @@ def _check_params(topk: object, index_heads: object, index_dim: object, warmup: 
     check_int("topk", topk, minimum=1)
     check_int("index_heads", index_heads, minimum=1)
     check_int("index_dim", index_dim, minimum=1)
-    if not isinstance(warmup, bool):
-        raise TypeError(f"warmup must be a bool, got {warmup!r}")
+    check_bool("warmup", warmup)
 
 
 def dsa_forward(
@@ -296,19 +295,11 @@ class DSAAttention(nn.Module):
 
 
 # registered here, after the module class it builds
-register(
-    "dsa",
-    params=(
-        Param("topk", 64, "tokens each query attends to (chosen by the lightning indexer)"),
-        Param("index_heads", 4, "indexer heads Hi"),
-        Param("index_dim", 32, "indexer head width Di"),
-        Param("warmup", False, "warm-up stage: dense main attention (the indexer learns by its KL loss)"),
-        Param("weights", None, "dict of indexer tensors (see dsa_weights); None: initial ones from seed"),
-        Param("seed", 0, "seed of the initial indexer when weights is None"),
-    ),
-    family="select", exact=False, causal=True, learned=True, cross=False, subquadratic=True,
-    gqa=True, bottom_right=True, packed=False,
+register_learned_select(
+    "dsa", dsa_attention, DSAAttention, weights=("dsa_weights", "indexer"),
     paper="DeepSeek-AI 2025, DeepSeek-V3.2-Exp (DeepSeek Sparse Attention)",
     summary="lightning indexer picks top-k tokens per query, exact attention over them",
-    module=DSAAttention,
-)(dsa_attention)
+    params=(Param("topk", 64, "tokens each query attends to (chosen by the lightning indexer)"),
+            Param("index_heads", 4, "indexer heads Hi"), Param("index_dim", 32, "indexer head width Di"),
+            Param("warmup", False, "warm-up stage: dense main attention (the indexer learns by its KL loss)")),
+)

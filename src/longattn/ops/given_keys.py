@@ -358,22 +358,44 @@ def given_keys_bwd(
     return dq.view(g.B, g.H, g.Nq, g.D), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
-class _GivenKeys(torch.autograd.Function):
-    """Thin autograd wrapper of :func:`given_keys_fwd` / :func:`given_keys_bwd`."""
+def lse_autograd_function(
+    name: str,
+    fwd: Callable[..., tuple[Tensor, Tensor]],
+    bwd: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]],
+    option: str,
+) -> type[torch.autograd.Function]:
+    """A thin ``torch.autograd.Function`` over a hand-written forward/backward pair that
+    saves the log-sum-exp (flash-attention style, Dao et al. 2022).
 
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, plan, scale, chunk):  # type: ignore[override]
-        out, lse = given_keys_fwd(q, k, v, plan, scale=scale, sinks=sinks, chunk=chunk)
-        ctx.save_for_backward(q, k, v, sinks, out, lse)
-        ctx.plan, ctx.scale, ctx.chunk = plan, scale, chunk
-        return out
+    ``Fn.apply(q, k, v, sinks, plan, scale, value)`` runs
+    ``fwd(q, k, v, plan, scale=scale, sinks=sinks, <option>=value) -> (out, lse)`` and its
+    backward ``bwd(q, k, v, out, lse, dout, plan, scale=..., sinks=..., <option>=value)
+    -> (dq, dk, dv, dsinks)``; ``plan`` (which keys each query reads) and ``value`` are not
+    differentiated. Shapes: q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] ->
+    out [B, H, Nq, Dv]; memory beyond the kernels': the saved inputs, out and lse.
+    """
 
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, sinks, out, lse = ctx.saved_tensors
-        dq, dk, dv, ds = given_keys_bwd(q, k, v, out, lse, dout, ctx.plan, scale=ctx.scale,
-                                        sinks=sinks, chunk=ctx.chunk)
-        return dq, dk, dv, ds, None, None, None
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, sinks, plan, scale, value):  # type: ignore[override]
+            out, lse = fwd(q, k, v, plan, scale=scale, sinks=sinks, **{option: value})
+            ctx.save_for_backward(q, k, v, sinks, out, lse)
+            ctx.plan, ctx.scale, ctx.value = plan, scale, value
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):  # type: ignore[override]
+            q, k, v, sinks, out, lse = ctx.saved_tensors
+            dq, dk, dv, ds = bwd(q, k, v, out, lse, dout, ctx.plan, scale=ctx.scale, sinks=sinks,
+                                 **{option: ctx.value})
+            return dq, dk, dv, ds, None, None, None
+
+    Fn.__name__ = Fn.__qualname__ = name
+    Fn.__doc__ = f"Thin autograd wrapper of :func:`{fwd.__name__}` / :func:`{bwd.__name__}`."
+    return Fn
+
+
+_GivenKeys = lse_autograd_function("_GivenKeys", given_keys_fwd, given_keys_bwd, "chunk")
 
 
 def given_keys_apply(
@@ -441,15 +463,8 @@ def check_sinks(sinks: object, H: int) -> Tensor | None:
 
 
 def given_keys_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    indices: Tensor,
-    *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    scale: float | None = None,
-    sinks: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, causal: bool = False,
+    key_padding_mask: Tensor | None = None, scale: float | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
     """Exact softmax attention of each query over exactly the keys ``indices`` lists.
 

@@ -216,19 +216,9 @@ class LSHAttention(nn.Module):
     module=LSHAttention,
 )
 def lsh_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    scale: float | None = None,
-    bucket_size: int = 64,
-    n_buckets: int | None = None,
-    n_hashes: int = 2,
-    seed: int | None = 0,
-    rotations: Tensor | None = None,
-    dedup: bool = True,
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None,
+    scale: float | None = None, bucket_size: int = 64, n_buckets: int | None = None, n_hashes: int = 2,
+    seed: int | None = 0, rotations: Tensor | None = None, dedup: bool = True,
 ) -> Tensor:
     """Reformer LSH attention. q [B,H,N,D], v [B,H,N,Dv] -> [B,H,N,Dv]; ``k`` is ignored.
 

@@ -34,12 +34,13 @@ real key is never seen or selected.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
 from longattn.ops.sparse import local_attention
 from longattn.ops.topk_blocks import TopkBlocksFunction, make_tiles, top_blocks
 from longattn.registry import Param, register
@@ -262,6 +263,24 @@ def check_weights(weights: object, H: int, D: int, Dv: int, block: int) -> dict[
     return weights
 
 
+def register_learned_select(
+    name: str, fn: Callable[..., Tensor], module: type[nn.Module], *, weights: tuple[str, str],
+    paper: str, summary: str, params: tuple[Param, ...],
+) -> None:
+    """Register a learned select-then-attend mechanism (nsa, dsa): ``params`` plus the
+    ``weights`` / ``seed`` parameters (``weights`` = (the function that builds the weight
+    dictionary, which tensors they are)) and the capabilities these mechanisms share:
+    trained weights, causal self-attention, grouped kv heads, bottom-right aligned, no
+    packed documents, sub-quadratic."""
+    weights_fn, what = weights
+    params = (*params,
+              Param("weights", None, f"dict of {what} tensors (see {weights_fn}); None: initial ones from seed"),
+              Param("seed", 0, f"seed of the initial {what} tensors when weights is None"))
+    register(name, params=params, family="select", exact=False, causal=True, learned=True, cross=False,
+             subquadratic=True, gqa=True, bottom_right=True, packed=False, paper=paper, summary=summary,
+             module=module)(fn)
+
+
 def _check_params(block: object, stride: object, topk: object, window: object, shared: object) -> int:
     """Validate the hyper-parameters; return the stride (default ``block``)."""
     check_int("block", block, minimum=1)
@@ -272,8 +291,7 @@ def _check_params(block: object, stride: object, topk: object, window: object, s
         raise ValueError(f"stride must be <= block ({block}) so every key is in a compressed block, got {stride}")
     check_int("topk", topk, minimum=0)
     check_int("window", window, minimum=0)
-    if not isinstance(shared, bool):
-        raise TypeError(f"shared must be a bool, got {shared!r}")
+    check_bool("shared", shared)
     return int(stride)  # type: ignore[arg-type]
 
 
@@ -346,20 +364,13 @@ class NSAAttention(nn.Module):
 
 
 # registered here, after the module class it builds
-register(
-    "nsa",
-    params=(
-        Param("block", 32, "compression / selection block length"),
-        Param("stride", None, "distance between compression blocks (<= block; None: block)"),
-        Param("topk", 16, "earlier key blocks selected per query (besides its own and the first block)"),
-        Param("window", 128, "sliding-window branch: the query's last positions (0: no window branch)"),
-        Param("shared", True, "one selection per kv-head group (scores summed over its query heads)"),
-        Param("weights", None, "dict of learned tensors (see nsa_weights); None: initial ones from seed"),
-        Param("seed", 0, "seed of the initial weights when weights is None"),
-    ),
-    family="select", exact=False, causal=True, learned=True, cross=False, subquadratic=True,
-    gqa=True, bottom_right=True, packed=False,
+register_learned_select(
+    "nsa", nsa_attention, NSAAttention, weights=("nsa_weights", "learned"),
     paper="Yuan et al. 2025 (DeepSeek), Native Sparse Attention",
     summary="learned block compression + top-k blocks chosen by it + sliding window, sigmoid-gated",
-    module=NSAAttention,
-)(nsa_attention)
+    params=(Param("block", 32, "compression / selection block length"),
+            Param("stride", None, "distance between compression blocks (<= block; None: block)"),
+            Param("topk", 16, "earlier key blocks selected per query (besides its own and the first block)"),
+            Param("window", 128, "sliding-window branch: the query's last positions (0: no window branch)"),
+            Param("shared", True, "one selection per kv-head group (scores summed over its query heads)")),
+)

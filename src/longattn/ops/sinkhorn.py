@@ -38,7 +38,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from longattn.ops._checks import check_int, check_qkv, default_scale
+from longattn.ops._checks import check_int, check_number, check_qkv, default_scale
 from longattn.ops._chunked import ceil_div, chunk_attention
 from longattn.ops._softmax import exp_floor, work_dtype
 from longattn.ops.lsh import by_head_groups
@@ -198,34 +198,10 @@ class SinkhornAttention(nn.Module):
 def _check_hyper(block_size: int, iters: int, temperature: float, gumbel: float) -> None:
     check_int("block_size", block_size, minimum=1)
     check_int("iters", iters, minimum=0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not isinstance(gumbel, (int, float)) or isinstance(gumbel, bool) or gumbel < 0:
-        raise ValueError(f"gumbel must be a number >= 0, got {gumbel!r}")
+    check_number("temperature", temperature, above=0)
+    check_number("gumbel", gumbel, minimum=0)
 
 
-@register(
-    "sinkhorn",
-    params=(
-        Param("block_size", 64, "block length; each query sees its block and its sorted block"),
-        Param("iters", 8, "Sinkhorn iterations (non-causal)"),
-        Param("temperature", 0.75, "Sinkhorn temperature (lower = harder permutation)"),
-        Param("gumbel", 0.0, "scale of Gumbel noise added to the sort scores (0 = none)"),
-        Param("sort_dim", 32, "width of the random SortNet when sort_net is not given"),
-        Param("sort_net", None, "SortNet weights (W_q, W_k), each [H, D, sort_dim]"),
-        Param("permutation", None, "fixed block permutation [B|1, H|1, n_b, n_b] (skips the SortNet)"),
-        Param("seed", 0, "seed of the random SortNet and of the Gumbel noise"),
-    ),
-    family="sinkhorn",
-    exact=False,
-    causal=True,
-    learned=True,
-    cross=False,
-    subquadratic=True,
-    paper="Tay et al. 2020, Sparse Sinkhorn Attention",
-    summary="blocks + learned SortNet, log-space Sinkhorn soft permutation; own + sorted block",
-    module=SinkhornAttention,
-)
 def _block_permutation(qb: Tensor, kb: Tensor, validb: Tensor, qvalid: Tensor, causal: bool, *, iters: int,
                        temperature: float, gumbel: float, sort_dim: int, sort_net: tuple[Tensor, Tensor] | None,
                        permutation: Tensor | None, seed: int | None) -> Tensor:
@@ -263,6 +239,28 @@ def _block_permutation(qb: Tensor, kb: Tensor, validb: Tensor, qvalid: Tensor, c
     return P
 
 
+@register(
+    "sinkhorn",
+    params=(
+        Param("block_size", 64, "block length; each query sees its block and its sorted block"),
+        Param("iters", 8, "Sinkhorn iterations (non-causal)"),
+        Param("temperature", 0.75, "Sinkhorn temperature (lower = harder permutation)"),
+        Param("gumbel", 0.0, "scale of Gumbel noise added to the sort scores (0 = none)"),
+        Param("sort_dim", 32, "width of the random SortNet when sort_net is not given"),
+        Param("sort_net", None, "SortNet weights (W_q, W_k), each [H, D, sort_dim]"),
+        Param("permutation", None, "fixed block permutation [B|1, H|1, n_b, n_b] (skips the SortNet)"),
+        Param("seed", 0, "seed of the random SortNet and of the Gumbel noise"),
+    ),
+    family="sinkhorn",
+    exact=False,
+    causal=True,
+    learned=True,
+    cross=False,
+    subquadratic=True,
+    paper="Tay et al. 2020, Sparse Sinkhorn Attention",
+    summary="blocks + learned SortNet, log-space Sinkhorn soft permutation; own + sorted block",
+    module=SinkhornAttention,
+)
 def sinkhorn_attention(
     q: Tensor,
     k: Tensor,

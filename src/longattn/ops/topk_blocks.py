@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops.given_keys import SlotPlan, check_sinks, visible_slots
+from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
+from longattn.ops.given_keys import SlotPlan, check_sinks, lse_autograd_function, visible_slots
 from longattn.registry import Mechanism, Param, register
 
 #: gate scores one chunk of queries may hold (elements)
@@ -395,22 +395,9 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     return dq.view(B, H, Nq, D).to(q.dtype), dk, dv, dsinks
 
 
-class TopkBlocksFunction(torch.autograd.Function):
-    """Thin autograd wrapper of :func:`tiles_fwd` / :func:`tiles_bwd` (tiles not differentiated)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, tiles, scale, key_padding_mask):  # type: ignore[override]
-        out, lse = tiles_fwd(q, k, v, tiles, scale=scale, sinks=sinks, key_padding_mask=key_padding_mask)
-        ctx.save_for_backward(q, k, v, sinks, out, lse)
-        ctx.tiles, ctx.scale, ctx.kpm = tiles, scale, key_padding_mask
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, sinks, out, lse = ctx.saved_tensors
-        dq, dk, dv, ds = tiles_bwd(q, k, v, out, lse, dout, ctx.tiles, scale=ctx.scale, sinks=sinks,
-                                   key_padding_mask=ctx.kpm)
-        return dq, dk, dv, ds, None, None, None
+#: the autograd wrapper of :func:`tiles_fwd` / :func:`tiles_bwd` (tiles not differentiated):
+#: ``TopkBlocksFunction.apply(q, k, v, sinks, tiles, scale, key_padding_mask)``
+TopkBlocksFunction = lse_autograd_function("TopkBlocksFunction", tiles_fwd, tiles_bwd, "key_padding_mask")
 
 
 #: the old private name (kept for callers that imported it)
@@ -425,8 +412,7 @@ def _check_params(block: object, topk: object, gate: object, sink_tokens: object
     check_int("window", window, minimum=0)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if not isinstance(shared, bool):
-        raise TypeError(f"shared must be a bool, got {shared!r}")
+    check_bool("shared", shared)
 
 
 @register(

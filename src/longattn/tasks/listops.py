@@ -155,15 +155,9 @@ def detokenize(ids: np.ndarray) -> str:
     return " ".join(VOCAB[int(i)] for i in ids if int(i) != 0)
 
 
-SPEC = register_task(
-    TaskSpec(
-        name="listops",
-        config=ListOpsConfig,
-        generate=generate,
-        kind="classify",
-        summary="nested MAX/MIN/MED/SM expressions over digits; label = value (10 classes)",
-        paper="Nangia & Bowman 2018; Tay et al. 2021 (LRA)",
-        version=2,  # v2: splits carry ``aux`` (closing_values)
-        aux_classes=10,
-    )
-)
+SPEC = register_task(TaskSpec(
+    name="listops", config=ListOpsConfig, generate=generate, kind="classify", aux_classes=10,
+    version=2,  # v2: splits carry ``aux`` (closing_values)
+    summary="nested MAX/MIN/MED/SM expressions over digits; label = value (10 classes)",
+    paper="Nangia & Bowman 2018; Tay et al. 2021 (LRA)",
+))
