@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import longattn
+from conftest import make_qkv
 from longattn import patterns as P
 from longattn.ops.blocksparse import pattern_attention
 from longattn.ops.reference import dense_attention
@@ -36,8 +37,7 @@ PATTERNS = {
 
 
 def _inputs(B, H, N, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, N, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(3)]
+    return list(make_qkv(B, H, H, N, N, D, dtype=dtype, seed=seed, requires_grad=True))
 
 
 def _compare(pattern, N, causal, padded, dtype=torch.float64, B=2, H=4, D=16, tol=1e-10):

@@ -283,3 +283,17 @@ def test_recurrent_prompt_uses_the_chunked_forward_and_grouped_kv(monkeypatch):
     assert len(steps) == 3 * 2, "3 generated tokens fed back, 2 layers; the 9-token prompt never steps"
     monkeypatch.setattr(RecurrentState, "step", orig)
     assert torch.equal(out, generate(m, prompt, 4, temperature=0, use_cache=False))
+
+
+def test_recurrent_state_with_short_conv_equals_parallel():
+    """The short convolution's last K-1 raw tokens travel in the state: a 13-token prefill
+    and 8 steps equal model(x) (prompt shorter than K too: a 2-token prefill)."""
+    need("gated_delta")
+    m = lm("gated_delta", {"chunk_size": 8, "short_conv": 4})
+    x = torch.randint(0, 17, (2, 21))
+    for cut in (13, 2):
+        cache = init_cache(m)
+        with torch.no_grad():
+            head = prefill(m, x[:, :cut], cache)
+            tail = torch.stack([decode_step(m, x[:, t], cache, t) for t in range(cut, 21)], dim=1)
+            torch.testing.assert_close(torch.cat((head, tail), 1), m(x), rtol=1e-9, atol=1e-9)

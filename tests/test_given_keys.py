@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_qkv
 from longattn.ops import given_keys as GK
 from longattn.ops.given_keys import given_keys_attention
 from longattn.testing import assert_no_causal_leak, peak_memory_mb
@@ -15,11 +16,7 @@ D64 = torch.float64
 
 
 def _inputs(B, H, Hkv, Nq, Nk, D=6, Dv=5, seed=0, dtype=D64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Nq, D, generator=g, dtype=D64).to(dtype).requires_grad_()
-    k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=D64).to(dtype).requires_grad_()
-    v = torch.randn(B, Hkv, Nk, Dv, generator=g, dtype=D64).to(dtype).requires_grad_()
-    return q, k, v
+    return make_qkv(B, H, Hkv, Nq, Nk, D, Dv, dtype=dtype, seed=seed, requires_grad=True)
 
 
 def _oracle(q, k, v, indices, *, causal=False, kpm=None, sinks=None):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import longattn
+from conftest import make_qkv
 from longattn.ops.reference import dense_attention
 from longattn.testing import assert_no_causal_leak, assert_padding_no_leak, peak_memory_mb
 
@@ -17,8 +18,7 @@ def _edges(n: int, e: int, seed: int = 0) -> torch.Tensor:
 
 
 def _qkv(B, H, N, D, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, N, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+    return list(make_qkv(B, H, H, N, N, D, dtype=dtype, seed=seed, requires_grad=True))
 
 
 def _uniform_edges(nq: int, nk: int, deg: int, seed: int = 0) -> torch.Tensor:

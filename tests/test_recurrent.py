@@ -283,3 +283,33 @@ def test_registered_members_and_the_model_trains():
     assert losses[-1] < losses[0] - 0.1, losses
     gates = model.blocks[0].attn.groups[0].impl.gates
     assert gates.A_log.grad is not None and gates.w_beta.grad.abs().sum() > 0  # the gates learn
+
+
+# ----------------------------------------------------------------------- short convolution
+def test_short_conv_equals_a_hand_written_causal_convolution():
+    """ShortConv against the definition y_t = silu(sum_{j<K} w_j x_{t-(K-1)+j}), x_{<0} = 0,
+    and with ``history`` continuing a sequence cut in two."""
+    from longattn.ops.recurrent.modules import ShortConv
+
+    conv = ShortConv(2, 3, 4).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+    x = torch.randn(2, 2, 11, 3, dtype=D64)
+    w = conv.weight.detach()
+    ref = torch.zeros_like(x)
+    for t in range(11):
+        for j in range(4):
+            s = t - 3 + j
+            if s >= 0:
+                ref[:, :, t] += w[None, :, :, j] * x[:, :, s]
+    _close(conv(x), torch.nn.functional.silu(ref), what="short conv")
+    _close(conv(x[:, :, 7:], history=x[:, :, 4:7]), torch.nn.functional.silu(ref)[:, :, 7:], what="continued")
+
+
+def test_short_conv_module_is_causal_and_the_functional_form_refuses_it():
+    mod = longattn.build("gated_delta", heads=2, head_dim=8, short_conv=4).double()
+    assert_no_causal_leak(lambda q, k, v: mod(q, k, v, causal=True),
+                          *(torch.randn(1, 2, 45, 8, dtype=D64) for _ in range(3)), t=20)
+    q = torch.randn(1, 2, 9, 8)
+    with pytest.raises(ValueError, match="short_conv"):
+        longattn.attention(q, q, q, "gated_delta", causal=True, short_conv=4)

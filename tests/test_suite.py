@@ -246,7 +246,7 @@ def test_new_families_get_cpu_params_and_sit_out_only_where_they_cannot_run():
             assert params == suite.MECHANISM_PARAMS[name] and why == "", (task, name)
         params, why = suite.mechanism_params("gated_delta", info)
         if task in ("copy", "recall"):  # copy is causal; recall is read left to right
-            assert params == {"chunk_size": 32} and why == "", task
+            assert params == suite.MECHANISM_PARAMS["gated_delta"] and why == "", task
         else:
             assert params is None and "causal only" in why, task
         want = True if task == "recall" else None

@@ -312,11 +312,28 @@ class RecurrentState(DecodeState):
         self.use_qk_l2norm = self.kind.delta if l2 is None else bool(l2)
         self.gates = _recurrent_gates(group)
         self.S: Tensor | None = None
+        self.mix = getattr(impl, "mix", None)  # the module's short convolutions (learned form)
+        self.conv_width = int(getattr(impl, "short_conv", 0) or 0)
+        self.history: tuple[Tensor, Tensor, Tensor] | None = None  # raw q, k, v of the last K-1 tokens
+
+    def _convolve(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v through the module's short convolutions, continuing from the tokens before
+        (their raw q, k, v kept in ``history``: O(K D) per head, whatever the position)."""
+        K = self.conv_width
+        if self.mix is None or not K:
+            return q, k, v
+        raw = (q, k, v)
+        out = self.mix(q, k, v, self.history)
+        seen = raw if self.history is None else tuple(torch.cat([h, x], 2) for h, x in zip(self.history, raw))
+        pad = [torch.nn.functional.pad(x, (0, 0, max(0, K - 1 - x.shape[2]), 0)) for x in seen]
+        self.history = tuple(x[:, :, x.shape[2] - (K - 1):] for x in pad)  # type: ignore[assignment]
+        return out
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: int = 0) -> Tensor:
         from longattn.ops.recurrent.api import _run
 
         k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        q, k, v = self._convolve(q, k, v)
         v, g, beta = self.gates(k, v)
         out, self.S = _run(self.kind, q, k, v, g, beta, scale=None, initial_state=self.S, output_final_state=True,
                            use_qk_l2norm=self.use_qk_l2norm, segment_ids=None, chunk_size=self.chunk_size)
@@ -326,12 +343,14 @@ class RecurrentState(DecodeState):
         from longattn.ops.recurrent.api import _step
 
         k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        q, k, v = self._convolve(q, k, v)
         v, g, beta = self.gates(k, v)
         out, self.S = _step(self.kind, q, k, v, g, beta, self.S, None, self.use_qk_l2norm)
         return out
 
     def nbytes(self) -> int:
-        return 0 if self.S is None else self.S.nbytes
+        hist = 0 if self.history is None else sum(h.nbytes for h in self.history)
+        return hist + (0 if self.S is None else self.S.nbytes)
 
 
 FAMILY_STATES: dict[str, type[DecodeState]] = {"recurrent": RecurrentState}

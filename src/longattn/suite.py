@@ -141,7 +141,7 @@ MECHANISM_PARAMS: dict[str, dict[str, Any]] = {
     # sequences of 64-256 tokens: blocks of 16, so that selection has 4-16 blocks to choose from
     "topk_blocks": {"block": 16, "topk": 3, "sink_tokens": 1, "window": 16},
     "nsa": {"block": 16, "topk": 3, "window": 16},
-    "gated_delta": {"chunk_size": 32},
+    "gated_delta": {"chunk_size": 32, "short_conv": 4},
 }
 
 

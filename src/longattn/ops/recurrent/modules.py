@@ -104,33 +104,79 @@ class RecurrentGates(nn.Module):
 
     def forward(self, k: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         spec = KINDS[self.kind]
+        w = {n: p.to(k.dtype) for n, p in self.named_parameters()}  # a half module gets float keys
         beta = None
         if spec.delta:
-            beta = torch.sigmoid(torch.einsum("bhnd,hd->bhn", k, self.w_beta) + self.b_beta[:, None])
+            beta = torch.sigmoid(torch.einsum("bhnd,hd->bhn", k, w["w_beta"]) + w["b_beta"][:, None])
         if spec.per_channel:
-            a = torch.einsum("bhnd,hde->bhne", k, self.w_g) + self.b_g[:, None, :]
+            a = torch.einsum("bhnd,hde->bhne", k, w["w_g"]) + w["b_g"][:, None, :]
             if self.kind == "gla":
                 return Fn.logsigmoid(a) / 16.0, beta, None
-            return -torch.exp(self.A_log)[:, None, None] * Fn.softplus(a), beta, None
-        dt = Fn.softplus(torch.einsum("bhnd,hd->bhn", k, self.w_dt) + self.dt_bias[:, None])
-        return -torch.exp(self.A_log)[:, None] * dt, beta, (dt if self.kind == "ssd" else None)
+            return -torch.exp(w["A_log"])[:, None, None] * Fn.softplus(a), beta, None
+        dt = Fn.softplus(torch.einsum("bhnd,hd->bhn", k, w["w_dt"]) + w["dt_bias"][:, None])
+        return -torch.exp(w["A_log"])[:, None] * dt, beta, (dt if self.kind == "ssd" else None)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time of each head channel, then SiLU: the short
+    convolution that Mamba-2 and Gated DeltaNet put on q, k and v before the recurrence
+    (it lets a token's key carry its predecessors, which associative recall needs).
+
+    x [B, H, N, D] -> [B, H, N, D], y_t = silu(sum_{i < K} w_i x_{t-i}) per channel (x before
+    position 0 is zero). ``history`` [B, H, K-1, D]: the K-1 tokens before x (decoding).
+    O(N D K). Initialised near the identity (w_0 = 1, the rest small).
+    """
+
+    def __init__(self, heads: int, head_dim: int, size: int) -> None:
+        super().__init__()
+        self.size = check_int("short_conv", size, minimum=1)
+        w = torch.randn(heads, head_dim, size) * 0.02
+        w[..., -1] += 1.0  # the current token (the last tap of the causal window)
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x: Tensor, history: Tensor | None = None) -> Tensor:
+        B, H, N, D = x.shape
+        K = self.size
+        if history is None:
+            history = x.new_zeros(B, H, K - 1, D)
+        xs = torch.cat([history.to(x.dtype), x], dim=2).permute(0, 1, 3, 2).reshape(B, H * D, N + K - 1)
+        y = Fn.conv1d(xs, self.weight.reshape(H * D, 1, K).to(x.dtype), groups=H * D)
+        return Fn.silu(y).reshape(B, H, D, N).permute(0, 1, 3, 2)
 
 
 class RecurrentAttention(nn.Module):
     """A recurrent member with learned gates (:class:`RecurrentGates`), as a mechanism module:
-    forward(q, k, v, *, causal=True, key_padding_mask=None, scale=None) on [B, H, N, D]."""
+    forward(q, k, v, *, causal=True, key_padding_mask=None, scale=None) on [B, H, N, D].
+    ``short_conv`` = K > 0 adds a :class:`ShortConv` of width K on each of q, k and v."""
 
     def __init__(self, heads: int, head_dim: int, kind: str = "gated_delta", chunk_size: int = 64,
-                 use_qk_l2norm: bool | None = None) -> None:
+                 use_qk_l2norm: bool | None = None, short_conv: int = 0) -> None:
         super().__init__()
         self.gates = RecurrentGates(heads, head_dim, kind)
         self.kind = kind
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         self.use_qk_l2norm = KINDS[kind].delta if use_qk_l2norm is None else bool(use_qk_l2norm)
+        self.short_conv = check_int("short_conv", short_conv, minimum=0)
+        self.convs = (nn.ModuleList(ShortConv(heads, head_dim, short_conv) for _ in range(3))
+                      if short_conv else None)
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, history: tuple[Tensor, Tensor, Tensor] | None = None,
+            ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v through the short convolutions (unchanged when ``short_conv`` = 0);
+        ``history``: the raw q, k, v of the K-1 tokens before these (decoding)."""
+        if self.convs is None:
+            return q, k, v
+        h = (None, None, None) if history is None else history
+        return tuple(c(x, hx) for c, x, hx in zip(self.convs, (q, k, v), h))  # type: ignore[return-value]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                 key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
         _need_causal(self.kind, causal)
+        check_qkv(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # before the convolutions
+        if key_padding_mask is not None and self.convs is not None:
+            real = key_padding_mask[:, None, :, None].to(q.dtype)
+            q, k, v = q * real, k * real, v * real  # padded tokens feed nothing into the convolution
+        q, k, v = self.mix(q, k, v)
         g, beta, dt = self.gates(k.float() if k.dtype in (torch.float16, torch.bfloat16) else k)
         if dt is not None:
             v = v * dt[..., None].to(v.dtype)
@@ -140,12 +186,12 @@ class RecurrentAttention(nn.Module):
 
 def _builder(kind: str) -> Callable[..., nn.Module]:
     def build(heads: int, head_dim: int, chunk_size: int = 64, use_qk_l2norm: bool | None = None,
-              **given: Any) -> nn.Module:
+              short_conv: int = 0, **given: Any) -> nn.Module:
         set_ = sorted(n for n, x in given.items() if x is not None)
         if set_:
             raise TypeError(f"mechanism {kind!r}: {set_} are learned by the module form; give them only "
                             "to the functional form")
-        return RecurrentAttention(heads, head_dim, kind, chunk_size, use_qk_l2norm)
+        return RecurrentAttention(heads, head_dim, kind, chunk_size, use_qk_l2norm, short_conv)
 
     return build
 
@@ -153,7 +199,10 @@ def _builder(kind: str) -> Callable[..., nn.Module]:
 def _functional(kind: str) -> Callable[..., Tensor]:
     def fn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, key_padding_mask: Tensor | None = None,
            scale: float | None = None, g: Tensor | None = None, beta: Tensor | None = None,
-           chunk_size: int = 64, use_qk_l2norm: bool | None = None) -> Tensor:
+           chunk_size: int = 64, use_qk_l2norm: bool | None = None, short_conv: int = 0) -> Tensor:
+        if short_conv:
+            raise ValueError(f"mechanism {kind!r}: short_conv={short_conv!r} is a learned convolution; "
+                             "the functional form has no weights for it (use the module form)")
         norm = KINDS[kind].delta if use_qk_l2norm is None else bool(use_qk_l2norm)
         return _call(kind, q, k, v, g, beta, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                      chunk_size=chunk_size, use_qk_l2norm=norm)
@@ -176,12 +225,14 @@ def retention_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
 
 
 _COMMON = dict(family="recurrent", exact=False, causal=True, cross=False, subquadratic=True, packed=True,
-               causal_only=True, why_not_bottom_right="a recurrence needs every position's keys")
+               causal_only=True, why_not_bottom_right="a recurrence needs every position's keys",
+               sequence_parallel="recurrent_state")
 _GATES = (Param("g", None, "log decays [B, H, N] (per channel: [B, H, N, D]); None: no decay; "
                            "the module form learns them"),
           Param("beta", None, "delta-rule strengths [B, H, N] (delta members); None: 1"),
           Param("chunk_size", 64, "chunk length of the chunked engine"),
-          Param("use_qk_l2norm", None, "L2-normalise q and k (None: on for the delta members)"))
+          Param("use_qk_l2norm", None, "L2-normalise q and k (None: on for the delta members)"),
+          Param("short_conv", 0, "width of the learned causal convolution on q, k, v (module form; 0: none)"))
 
 for _kind in ("gated_delta", "kda", "ssd", "gla"):
     _params = _GATES if KINDS[_kind].delta else tuple(p for p in _GATES if p.name != "beta")
