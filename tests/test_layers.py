@@ -505,3 +505,44 @@ x = torch.randn(1, 128 * 128, 64, requires_grad=True)
     peak = peak_memory_mb(setup, "out = mha(x); out.sum().backward()")
     n = 128 * 128
     assert peak < n * n * 4 * 4 / 2 ** 20 / 16, f"peak {peak:.0f} MiB looks quadratic"
+
+
+def test_rope_2d_scores_depend_on_the_2d_offset_only():
+    """Axial 2D RoPE (grid width W): q.k after rotation depends on (row, column) offsets,
+    not on where the pair sits; 1D RoPE does not have this (a row break is +1 there too).
+    Hand-written rotation of the first channel pair (row axis) and of the first pair of the
+    column half."""
+    W, D = 5, 8
+    rope = RotaryEmbedding(D, base=100.0, grid_width=W)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, D, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, D, generator=g,
+                                                                                  dtype=torch.float64)
+
+    def score(pq: int, pk: int, r=rope) -> float:
+        a = r.rotate(q.expand(1, 1, 1, D), positions=torch.tensor([pq]))
+        b = r.rotate(k.expand(1, 1, 1, D), positions=torch.tensor([pk]))
+        return float((a * b).sum())
+
+    # (row, col) offset (1, -1): pixel 6 -> 10 and 13 -> 17 (rows 1->2, 2->3; cols 1->0, 3->2)
+    assert abs(score(10, 6) - score(17, 13)) < 1e-12
+    # same 1D distance 1, different 2D offsets: (0, +1) within a row vs (+1, -4) across a row break
+    assert abs(score(7, 6) - score(10, 9)) > 1e-3
+    one_d = RotaryEmbedding(D, base=100.0)
+    assert abs(score(7, 6, one_d) - score(10, 9, one_d)) < 1e-12
+    # hand-written: position 13 = (row 2, col 3); pair 0 turns by 2 rad, pair 2 (col half) by 3 rad
+    x = torch.zeros(1, 1, 1, D, dtype=torch.float64)
+    x[..., 0] = x[..., 4] = 1.0
+    out = rope.rotate(x, positions=torch.tensor([13]))[0, 0, 0]
+    torch.testing.assert_close(out[[0, 1, 4, 5]], torch.tensor([math.cos(2), math.sin(2), math.cos(3), math.sin(3)],
+                                                               dtype=torch.float64))
+    with pytest.raises(ValueError, match="head_dim % 4"):
+        RotaryEmbedding(6, grid_width=W)
+
+
+def test_rope_2d_model_needs_the_image_width():
+    from longattn.model import ModelConfig
+
+    with pytest.raises(ValueError, match="grid_width"):
+        ModelConfig(vocab_size=8, max_len=64, dim=32, heads=2, pos="rope2d")
+    with pytest.raises(ValueError, match="rope_grid"):
+        MultiHeadAttention(32, 2, rope_grid=8)

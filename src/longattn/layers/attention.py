@@ -11,7 +11,7 @@ Q, K, V and output projections (Vaswani et al. 2017) around a mechanism from
 when a list is given: group g owns heads [g*H/G, (g+1)*H/G) and computes them with
 its own mechanism and parameters -- the lecture form of Longformer (local + strided
 + global heads) and BigBird (random + local + strided + global heads). Learned
-mechanisms are submodules built by :func:`longattn.registry.build`.
+mechanisms are submodules built by :func:`longattn.api.build`.
 
 Features (each refused with a clear ValueError where the mechanism cannot do it):
 
@@ -45,7 +45,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from longattn import registry
+from longattn import api, registry
 from longattn.layers.positional import RotaryEmbedding, alibi_bias, alibi_slopes
 from longattn.ops import custom
 from longattn.ops.packing import with_document_arguments
@@ -106,19 +106,14 @@ class HeadGroup(nn.Module):
     """Heads [start, stop) of a MultiHeadAttention, computed by one mechanism.
 
     Holds the spec, the parameters, and for learned mechanisms the module built by
-    :func:`longattn.registry.build`. ``forward`` takes [B, h, N, D] tensors.
+    :func:`longattn.api.build`. ``forward`` takes [B, h, N, D] tensors.
     """
 
     def __init__(self, name: str, params: dict[str, Any], start: int, stop: int, head_dim: int, *,
                  causal: bool, attn_dropout: float, alibi: bool, global_tokens: int) -> None:
         super().__init__()
         spec = registry.get(name)
-        unknown = sorted(set(params) - set(spec.param_names))
-        if unknown:
-            raise TypeError(
-                f"mechanism {name!r} got unknown parameter(s) {unknown}; "
-                f"it accepts {list(spec.param_names) or 'no parameters'}"
-            )
+        spec.check_params(params, complete=False)  # required ones may come per call
         managed = sorted(set(params) & set(_LAYER_PARAMS))
         if managed:
             raise TypeError(
@@ -153,7 +148,7 @@ class HeadGroup(nn.Module):
                 if global_tokens:
                     raise ValueError(f"learned mechanism {name!r} cannot take global tokens")
             extra = {"dropout": self.attn_dropout} if attn_dropout else {}
-            self.impl = registry.build(name, heads=stop - start, head_dim=head_dim, **params, **extra)
+            self.impl = api.build(name, heads=stop - start, head_dim=head_dim, **params, **extra)
 
     @property
     def heads(self) -> int:
@@ -180,17 +175,11 @@ class HeadGroup(nn.Module):
             if torch.compiler.is_compiling():  # one custom op, no graph break (longattn.ops.custom)
                 return custom.module_attention(self.name, impl, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                                segment_ids=segment_ids, params=self.params)
-            return registry.run(
+            return api.run(
                 self.spec, lambda q, k, v, kpm: impl(q, k, v, causal=causal, key_padding_mask=kpm, scale=None),
                 q, k, v, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
                 params=self.params, owner=self)
-        params = {**self.spec.defaults(), **self.params, **call_params}
-        unknown = sorted(set(call_params) - set(self.spec.param_names))
-        if unknown:
-            raise TypeError(f"mechanism {self.name!r} got unknown parameter(s) {unknown}")
-        missing = [p.name for p in self.spec.params if p.required and p.name not in params]
-        if missing:
-            raise TypeError(f"mechanism {self.name!r} needs parameter(s) {missing}")
+        params = self.spec.resolve({**self.params, **call_params})
         if "dropout" in self.spec.param_names and "dropout" not in self.params:
             params["dropout"] = self.attn_dropout if self.training else 0.0
         if bias is not None:
@@ -212,7 +201,7 @@ class HeadGroup(nn.Module):
             return with_document_arguments(
                 lambda: fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **{**params, "bias": bias}))
 
-        return registry.run(self.spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+        return api.run(self.spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                             segment_ids=segment_ids, params=params, owner=self)
 
     def extra_repr(self) -> str:
@@ -240,6 +229,7 @@ class MultiHeadAttention(nn.Module):
         causal: query i sees keys j <= i (self-attention only).
         global_tokens: number of learned global tokens prepended and stripped.
         rope: rotary position embedding of q and k.
+        rope_grid: image width W for 2D (axial) RoPE over raster-ordered pixels (None: 1D).
         alibi: ALiBi score bias (mechanisms with ``spec.bias`` only).
         attn_dropout: attention-probability dropout (mechanisms with ``dropout``).
         kv_dim: width of the cross-attention context (default ``dim``).
@@ -254,7 +244,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, heads: int, mechanism: MechanismArg = "full", *, causal: bool = False,
                  global_tokens: int = 0, rope: bool = False, alibi: bool = False,
                  attn_dropout: float = 0.0, kv_dim: int | None = None, qkv_bias: bool = True,
-                 rope_base: float = 10000.0, kv_heads: int | None = None, **params: Any) -> None:
+                 rope_base: float = 10000.0, kv_heads: int | None = None, rope_grid: int | None = None,
+                 **params: Any) -> None:
         super().__init__()
         for nm, val in (("dim", dim), ("heads", heads)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -292,7 +283,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(kv_dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
-        self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+        if rope_grid is not None and not rope:
+            raise ValueError(f"rope_grid={rope_grid!r} is the image width of 2D RoPE: it needs rope=True")
+        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_grid) if rope else None
         if alibi:
             self.register_buffer("alibi_slopes", alibi_slopes(heads), persistent=False)
         self.global_emb = nn.Parameter(torch.randn(global_tokens, dim) * 0.02) if global_tokens else None

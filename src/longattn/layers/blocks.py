@@ -61,9 +61,10 @@ class EncoderBlock(nn.Module):
                  mechanism_params: dict[str, Any] | None = None, causal: bool = False,
                  norm: str = "layer", prenorm: bool = True, dropout: float = 0.0,
                  attn_dropout: float = 0.0, mlp_ratio: int = 4, rope: bool = False,
-                 alibi: bool = False, global_tokens: int = 0, kv_heads: int | None = None) -> None:
+                 alibi: bool = False, global_tokens: int = 0, kv_heads: int | None = None,
+                 rope_grid: int | None = None) -> None:
         super().__init__()
-        self.attn = MultiHeadAttention(dim, heads, mechanism, causal=causal, rope=rope, alibi=alibi,
+        self.attn = MultiHeadAttention(dim, heads, mechanism, causal=causal, rope=rope, alibi=alibi, rope_grid=rope_grid,
                                        attn_dropout=attn_dropout, global_tokens=global_tokens,
                                        kv_heads=kv_heads, **(mechanism_params or {}))
         self.ff = FeedForward(dim, mlp_ratio, dropout)
@@ -91,9 +92,9 @@ class DecoderBlock(nn.Module):
                  cross_mechanism: MechanismArg = "full",
                  cross_params: dict[str, Any] | None = None, norm: str = "layer",
                  prenorm: bool = True, dropout: float = 0.0, attn_dropout: float = 0.0,
-                 mlp_ratio: int = 4, rope: bool = False, alibi: bool = False) -> None:
+                 mlp_ratio: int = 4, rope: bool = False, alibi: bool = False, rope_grid: int | None = None) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(dim, heads, mechanism, causal=True, rope=rope, alibi=alibi,
+        self.self_attn = MultiHeadAttention(dim, heads, mechanism, causal=True, rope=rope, alibi=alibi, rope_grid=rope_grid,
                                             attn_dropout=attn_dropout, **(mechanism_params or {}))
         self.cross_attn = MultiHeadAttention(dim, heads, cross_mechanism, attn_dropout=attn_dropout,
                                              **(cross_params or {}))

@@ -127,22 +127,42 @@ class RotaryEmbedding(nn.Module):
     ``rotate(x, offset)`` uses positions offset .. offset+N-1; ``positions`` may be
     given explicitly as a LongTensor [N], or [B, N] (per row: packed documents).
     Computed in at least float32.
+
+    ``grid_width`` = W: 2D (axial) RoPE for raster-ordered images: position p is the pixel
+    (row p // W, column p % W); the first D/2 channels rotate by the row, the last D/2 by
+    the column, each with frequencies base^(-4i/D) (D a multiple of 4). A score then
+    depends on the 2D offset between the pixels: "the pixel above" is one relative rule
+    (Heo et al. 2024, Rotary Position Embedding for Vision Transformer, axial form).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, grid_width: int | None = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-        self.head_dim, self.base = head_dim, base
-        inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        if grid_width is not None:
+            if isinstance(grid_width, bool) or not isinstance(grid_width, int) or grid_width < 1:
+                raise ValueError(f"grid_width must be a positive int or None, got {grid_width!r}")
+            if head_dim % 4:
+                raise ValueError(f"2D RoPE (grid_width={grid_width}) needs head_dim % 4 == 0, got {head_dim}")
+        self.head_dim, self.base, self.grid_width = head_dim, base, grid_width
+        half = head_dim if grid_width is None else head_dim // 2  # channels per axis
+        inv = base ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)
         self.register_buffer("inv_freq", inv.float(), persistent=False)
+
+    def _angles(self, positions: Tensor, work: torch.dtype) -> Tensor:
+        """positions [N] or [B, N] -> rotation angles [..., N, D/2]."""
+        inv = self.inv_freq.to(work)
+        if self.grid_width is None:
+            return positions.to(work)[..., None] * inv
+        row, col = positions // self.grid_width, positions % self.grid_width
+        return torch.cat((row.to(work)[..., None] * inv, col.to(work)[..., None] * inv), dim=-1)
 
     def rotate(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         n = x.shape[-2]
         if positions is None:
             positions = torch.arange(offset, offset + n, device=x.device)
         work = torch.promote_types(x.dtype, torch.float32)
-        ang = positions.to(work)[..., None] * self.inv_freq.to(work)   # [N, D/2] or [B, N, D/2]
+        ang = self._angles(positions, work)                                     # [N, D/2] or [B, N, D/2]
         if ang.dim() == 3:
             ang = ang[:, None]                                                  # [B, 1, N, D/2]
         cos, sin = ang.cos(), ang.sin()
