@@ -54,7 +54,7 @@ PPL_TOPK = (
 )
 PASSKEY = ("topk_blocks:block=32,topk=4,sink_tokens=4", f"local:before=159,{SINKS}")
 PREFILL = ("topk_blocks:block=64,topk=8,sink_tokens=4",)
-EXTRAPOLATE = (f"local:before=511,{SINKS}",)
+EXTRAPOLATE = (f"local:before=511,{SINKS}", f"local:before=511,{SINKS},sink_positions='cache'")
 
 
 def _eval(out: Path, name: str, model: Any, tok: Any, text: str, **config: Any) -> dict[str, Any]:

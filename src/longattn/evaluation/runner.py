@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from longattn.bench.harness import machine_info
-from longattn.evaluation import loading
+import longattn.evaluation.loading as loading
 from longattn.evaluation.passkey import build_prompt, make_key, retrieved
 from longattn.evaluation.perplexity import perplexity, score_window, windows
 from longattn.evaluation.timing import cache_mib, cache_of, greedy_decode, measure

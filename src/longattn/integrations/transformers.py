@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from longattn import api, registry
+from longattn.integrations.sink_positions import SINK_POSITIONS, check_choice, local_with_cache_sinks, rope_shift
 from longattn.ops import custom
 
 try:  # only when used: longattn itself never needs transformers
@@ -193,7 +194,7 @@ def _choices(mechanism: str | Mapping[str, Any], params: dict[str, Any]) -> dict
     return out
 
 
-def register(mechanism: str | Mapping[str, Any], **params: Any) -> str:
+def register(mechanism: str | Mapping[str, Any], *, sink_positions: str = "text", **params: Any) -> str:
     """Register a transformers attention implementation and its mask builder; return the
     name for ``attn_implementation=`` (or ``model.set_attn_implementation``). Idempotent.
 
@@ -202,15 +203,26 @@ def register(mechanism: str | Mapping[str, Any], **params: Any) -> str:
             ``params`` (sliding, cross-attention and indexed layers keep the model's own
             semantics); or a mapping ``{layer_type: name | (name, params) | "model"}``
             over :data:`LAYER_TYPES` (missing types stay ``"model"``).
+        sink_positions: ``"text"`` (default): sink tokens keep their true positions.
+            ``"cache"``: StreamingLLM's positions in the cache (Xiao et al. 2024, sec. 3.2;
+            :mod:`longattn.integrations.sink_positions`): with ``"local"``, ``after=0`` and
+            leading sinks ``global_idx=(0, .., S-1)`` only, query i scores the sinks outside
+            its window as if it stood at ``min(i, before + S)``, so a RoPE model keeps its
+            perplexity past its trained length; Llama-style RoPE models only (checked at
+            the first forward), unpadded rows.
         **params: the mechanism's parameters (with a name only).
 
     Raises ValueError/TypeError for an unknown mechanism, layer type or parameter, a
     missing required parameter, or a mechanism that cannot serve its layer type
     (checked here, not at the first forward)."""
+    if sink_positions not in SINK_POSITIONS:
+        raise ValueError(f"sink_positions must be one of {SINK_POSITIONS}, got {sink_positions!r}")
+    cache_sinks = check_choice(mechanism, params) if sink_positions == "cache" else None
     choices = _choices(mechanism, params)
-    name = implementation_name(mechanism, **params)
+    name = implementation_name(mechanism, **params) + ("_cachepos" if cache_sinks else "")
     if name not in _REGISTERED:
-        AttentionInterface.register(name, _attention_function(choices))
+        fn = _attention_function(choices)
+        AttentionInterface.register(name, fn if cache_sinks is None else _cache_sinks_attention(*cache_sinks, fn))
         AttentionMaskInterface.register(name, padding_mask)
         _REGISTERED[name] = choices
     return name
@@ -620,6 +632,48 @@ def _attention_function(choices: dict[str, _Choice]) -> Callable:
         return out.transpose(1, 2).contiguous(), None
 
     attention.__name__ = "longattn_attention"
+    return attention
+
+
+def _cache_sinks_attention(before: int, sinks: int, base: Callable) -> Callable:
+    """The attention function of ``register("local", ..., sink_positions="cache")``: on
+    full-attention layers :func:`longattn.integrations.sink_positions.local_with_cache_sinks`
+    with the queries re-rotated by ``min(t, before + sinks) - t`` (t: ``position_ids``, or
+    the bottom-right positions); every other layer runs ``base``. ValueError naming
+    ``sink_positions`` for what it cannot honour (padding, packed rows, learned sinks,
+    softcap, non-causal layers, dropout in training, ``output_attentions``)."""
+
+    def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  sliding_window: int | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+        nq, nk = query.shape[2], key.shape[2]
+        causal = bool(getattr(module, "is_causal", True) if kwargs.get("is_causal") is None else kwargs["is_causal"])
+        kind, _ = _layer(module, sliding_window, causal, nq, nk)
+        if kind != "full_attention" or kwargs.get("indices") is not None:
+            return base(module, query, key, value, attention_mask, dropout, scaling, sliding_window, **kwargs)
+        family, terms = _family(module), _read_kwargs(module, kwargs)
+        pos = terms.get("position_ids")
+        why = ("output_attentions=True" if _wants_attentions(module, kwargs) else
+               "a padding mask, packed rows or prefix-LM blocks" if attention_mask is not None else
+               "packed documents (position_ids restart)" if not torch.compiler.is_compiling()
+               and packed_segments(pos, nq) is not None else
+               "learned sinks (s_aux)" if terms.get("s_aux") is not None else
+               "a score softcap" if terms.get("softcap") is not None else
+               "a non-causal layer" if not causal else
+               f"attention dropout {dropout} in training" if module.training and dropout else None)
+        if why is not None:
+            raise ValueError(f"sink_positions='cache' ({family}) cannot honour {why}: use sink_positions='text' "
+                             "or attn_implementation='sdpa'")
+        if pos is None:
+            pos = torch.arange(nk - nq, nk, device=query.device)[None]
+        if pos.dim() != 2 or pos.shape[-1] != nq:
+            raise ValueError(f"sink_positions='cache': position_ids {tuple(pos.shape)} for {nq} queries")
+        delta = pos.clamp(max=before + sinks) - pos
+        q_shifted = rope_shift(module)(query, delta)
+        out = local_with_cache_sinks(query, q_shifted, key, value, before=before, sinks=sinks, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    attention.__name__ = "longattn_cache_sinks_attention"
     return attention
 
 
