@@ -51,19 +51,25 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Kind:
-    """A member of the family: the width of its decay and whether it has the delta rule."""
+    """A member of the family: the width of its decay, whether it has the delta rule, and how
+    its learned module makes the decay (``gate``): "mamba" g = -exp(A) softplus(w.k + dt_bias)
+    (scalar), "kda" g = -exp(A) softplus(W k + b) (per channel), "gla" g = logsigmoid(W k + b)
+    / 16, "fixed" (no learned gate: retention's per-head gamma); ``dt_scales_v``: v is
+    multiplied by the step dt (Mamba-2's SSD)."""
 
     name: str
     per_channel: bool
     delta: bool
+    gate: str = "mamba"
+    dt_scales_v: bool = False
 
 
 KINDS = {
-    "gated_delta": Kind("gated_delta", False, True),
-    "kda": Kind("kda", True, True),
-    "ssd": Kind("ssd", False, False),
-    "gla": Kind("gla", True, False),
-    "retention": Kind("retention", False, False),
+    "gated_delta": Kind("gated_delta", False, True, "mamba"),
+    "kda": Kind("kda", True, True, "kda"),
+    "ssd": Kind("ssd", False, False, "mamba", dt_scales_v=True),
+    "gla": Kind("gla", True, False, "gla"),
+    "retention": Kind("retention", False, False, "fixed"),
 }
 
 

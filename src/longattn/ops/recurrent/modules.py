@@ -64,7 +64,7 @@ def _call(kind: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Te
     d = check_qkv(q, k, v, causal=True, key_padding_mask=key_padding_mask)
     spec = KINDS[kind]
     gshape = (d.B, d.H, d.Nq, d.D) if spec.per_channel else (d.B, d.H, d.Nq)
-    g = _gate_or(g, 0.0, gshape, q) if kind != "retention" else g
+    g = _gate_or(g, 0.0, gshape, q) if spec.gate != "fixed" else g
     beta = _gate_or(beta, 1.0, (d.B, d.H, d.Nq), q) if spec.delta else None
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, :]
@@ -86,8 +86,9 @@ class RecurrentGates(nn.Module):
 
     def __init__(self, heads: int, head_dim: int, kind: str) -> None:
         super().__init__()
-        if kind not in KINDS or kind == "retention":
-            raise ValueError(f"kind must be one of {[n for n in KINDS if n != 'retention']}, got {kind!r}")
+        learned = [n for n, s in KINDS.items() if s.gate != "fixed"]
+        if kind not in learned:
+            raise ValueError(f"kind must be one of {learned}, got {kind!r}")
         H, D = check_int("heads", heads, minimum=1), check_int("head_dim", head_dim, minimum=1)
         self.kind, spec = kind, KINDS[kind]
         self.w_beta = nn.Parameter(torch.randn(H, D) * 0.02) if spec.delta else None
@@ -96,11 +97,11 @@ class RecurrentGates(nn.Module):
         if spec.per_channel:
             self.w_g = nn.Parameter(torch.randn(H, D, D) * D ** -0.5 * 0.1)
             self.b_g = nn.Parameter((dt + torch.log(-torch.expm1(-dt)))[:, None].repeat(1, D)
-                                    if kind == "kda" else torch.full((H, D), 4.0))
+                                    if spec.gate == "kda" else torch.full((H, D), 4.0))
         else:
             self.w_dt = nn.Parameter(torch.randn(H, D) * 0.02)
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0))) if kind != "gla" else None
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0))) if spec.gate != "gla" else None
 
     def forward(self, k: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         spec = KINDS[self.kind]
@@ -110,11 +111,11 @@ class RecurrentGates(nn.Module):
             beta = torch.sigmoid(torch.einsum("bhnd,hd->bhn", k, w["w_beta"]) + w["b_beta"][:, None])
         if spec.per_channel:
             a = torch.einsum("bhnd,hde->bhne", k, w["w_g"]) + w["b_g"][:, None, :]
-            if self.kind == "gla":
+            if spec.gate == "gla":
                 return Fn.logsigmoid(a) / 16.0, beta, None
             return -torch.exp(w["A_log"])[:, None, None] * Fn.softplus(a), beta, None
         dt = Fn.softplus(torch.einsum("bhnd,hd->bhn", k, w["w_dt"]) + w["dt_bias"][:, None])
-        return -torch.exp(w["A_log"])[:, None] * dt, beta, (dt if self.kind == "ssd" else None)
+        return -torch.exp(w["A_log"])[:, None] * dt, beta, (dt if spec.dt_scales_v else None)
 
 
 class ShortConv(nn.Module):
