@@ -313,3 +313,18 @@ def test_short_conv_module_is_causal_and_the_functional_form_refuses_it():
     q = torch.randn(1, 2, 9, 8)
     with pytest.raises(ValueError, match="short_conv"):
         longattn.attention(q, q, q, "gated_delta", causal=True, short_conv=4)
+
+
+def test_output_norm_is_a_per_head_rms_norm_with_a_learned_scale():
+    """output_norm=True: each head's output over Dv divided by its RMS (eps 1e-6), times the
+    head's learned scale; the same weights without it give the plain output."""
+    torch.manual_seed(0)
+    plain = longattn.build("gated_delta", heads=2, head_dim=8, short_conv=3).double()
+    normed = longattn.build("gated_delta", heads=2, head_dim=8, short_conv=3, output_norm=True).double()
+    normed.load_state_dict({**plain.state_dict(), "o_scale": torch.rand(2, 1, 8, dtype=D64) + 0.5})
+    q, k, v = (torch.randn(1, 2, 23, 8, dtype=D64) for _ in range(3))
+    o = plain(q, k, v, causal=True)
+    ref = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * normed.o_scale
+    _close(normed(q, k, v, causal=True), ref, what="output norm")
+    with pytest.raises(ValueError, match="output_norm"):
+        longattn.attention(q, k, v, "gated_delta", causal=True, output_norm=True)

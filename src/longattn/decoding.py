@@ -314,6 +314,7 @@ class RecurrentState(DecodeState):
         self.S: Tensor | None = None
         self.mix = getattr(impl, "mix", None)  # the module's short convolutions (learned form)
         self.conv_width = int(getattr(impl, "short_conv", 0) or 0)
+        self.finish = getattr(impl, "finish", lambda o: o)  # the module's output norm (learned form)
         self.history: tuple[Tensor, Tensor, Tensor] | None = None  # raw q, k, v of the last K-1 tokens
 
     def _convolve(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -337,7 +338,7 @@ class RecurrentState(DecodeState):
         v, g, beta = self.gates(k, v)
         out, self.S = _run(self.kind, q, k, v, g, beta, scale=None, initial_state=self.S, output_final_state=True,
                            use_qk_l2norm=self.use_qk_l2norm, segment_ids=None, chunk_size=self.chunk_size)
-        return out
+        return self.finish(out)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
         from longattn.ops.recurrent.api import _step
@@ -346,7 +347,7 @@ class RecurrentState(DecodeState):
         q, k, v = self._convolve(q, k, v)
         v, g, beta = self.gates(k, v)
         out, self.S = _step(self.kind, q, k, v, g, beta, self.S, None, self.use_qk_l2norm)
-        return out
+        return self.finish(out)
 
     def nbytes(self) -> int:
         hist = 0 if self.history is None else sum(h.nbytes for h in self.history)

@@ -148,10 +148,12 @@ class ShortConv(nn.Module):
 class RecurrentAttention(nn.Module):
     """A recurrent member with learned gates (:class:`RecurrentGates`), as a mechanism module:
     forward(q, k, v, *, causal=True, key_padding_mask=None, scale=None) on [B, H, N, D].
-    ``short_conv`` = K > 0 adds a :class:`ShortConv` of width K on each of q, k and v."""
+    ``short_conv`` = K > 0 adds a :class:`ShortConv` of width K on each of q, k and v;
+    ``output_norm`` an RMS norm of each head's output with a learned scale (Gated DeltaNet's
+    output norm, without its gate: a mechanism does not see the hidden state)."""
 
     def __init__(self, heads: int, head_dim: int, kind: str = "gated_delta", chunk_size: int = 64,
-                 use_qk_l2norm: bool | None = None, short_conv: int = 0) -> None:
+                 use_qk_l2norm: bool | None = None, short_conv: int = 0, output_norm: bool = False) -> None:
         super().__init__()
         self.gates = RecurrentGates(heads, head_dim, kind)
         self.kind = kind
@@ -160,6 +162,18 @@ class RecurrentAttention(nn.Module):
         self.short_conv = check_int("short_conv", short_conv, minimum=0)
         self.convs = (nn.ModuleList(ShortConv(heads, head_dim, short_conv) for _ in range(3))
                       if short_conv else None)
+        if not isinstance(output_norm, bool):
+            raise TypeError(f"output_norm must be a bool, got {output_norm!r}")
+        self.o_scale = nn.Parameter(torch.ones(heads, 1, head_dim)) if output_norm else None
+
+    def finish(self, o: Tensor) -> Tensor:
+        """The output [B, H, N, Dv] through the per-head RMS norm (unchanged without ``output_norm``)."""
+        if self.o_scale is None:
+            return o
+        work = torch.promote_types(o.dtype, torch.float32)
+        of = o.to(work)
+        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (of * self.o_scale.to(work)).to(o.dtype)
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, history: tuple[Tensor, Tensor, Tensor] | None = None,
             ) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,18 +195,18 @@ class RecurrentAttention(nn.Module):
         g, beta, dt = self.gates(k.float() if k.dtype in (torch.float16, torch.bfloat16) else k)
         if dt is not None:
             v = v * dt[..., None].to(v.dtype)
-        return _call(self.kind, q, k, v, g, beta, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                     chunk_size=self.chunk_size, use_qk_l2norm=self.use_qk_l2norm)
+        return self.finish(_call(self.kind, q, k, v, g, beta, causal=causal, key_padding_mask=key_padding_mask,
+                                 scale=scale, chunk_size=self.chunk_size, use_qk_l2norm=self.use_qk_l2norm))
 
 
 def _builder(kind: str) -> Callable[..., nn.Module]:
     def build(heads: int, head_dim: int, chunk_size: int = 64, use_qk_l2norm: bool | None = None,
-              short_conv: int = 0, **given: Any) -> nn.Module:
+              short_conv: int = 0, output_norm: bool = False, **given: Any) -> nn.Module:
         set_ = sorted(n for n, x in given.items() if x is not None)
         if set_:
             raise TypeError(f"mechanism {kind!r}: {set_} are learned by the module form; give them only "
                             "to the functional form")
-        return RecurrentAttention(heads, head_dim, kind, chunk_size, use_qk_l2norm, short_conv)
+        return RecurrentAttention(heads, head_dim, kind, chunk_size, use_qk_l2norm, short_conv, output_norm)
 
     return build
 
@@ -200,10 +214,12 @@ def _builder(kind: str) -> Callable[..., nn.Module]:
 def _functional(kind: str) -> Callable[..., Tensor]:
     def fn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, key_padding_mask: Tensor | None = None,
            scale: float | None = None, g: Tensor | None = None, beta: Tensor | None = None,
-           chunk_size: int = 64, use_qk_l2norm: bool | None = None, short_conv: int = 0) -> Tensor:
-        if short_conv:
-            raise ValueError(f"mechanism {kind!r}: short_conv={short_conv!r} is a learned convolution; "
-                             "the functional form has no weights for it (use the module form)")
+           chunk_size: int = 64, use_qk_l2norm: bool | None = None, short_conv: int = 0,
+           output_norm: bool = False) -> Tensor:
+        for name, val in (("short_conv", short_conv), ("output_norm", output_norm)):
+            if val:
+                raise ValueError(f"mechanism {kind!r}: {name}={val!r} is learned; the functional form has no "
+                                 "weights for it (use the module form)")
         norm = KINDS[kind].delta if use_qk_l2norm is None else bool(use_qk_l2norm)
         return _call(kind, q, k, v, g, beta, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                      chunk_size=chunk_size, use_qk_l2norm=norm)
@@ -233,7 +249,8 @@ _GATES = (Param("g", None, "log decays [B, H, N] (per channel: [B, H, N, D]); No
           Param("beta", None, "delta-rule strengths [B, H, N] (delta members); None: 1"),
           Param("chunk_size", 64, "chunk length of the chunked engine"),
           Param("use_qk_l2norm", None, "L2-normalise q and k (None: on for the delta members)"),
-          Param("short_conv", 0, "width of the learned causal convolution on q, k, v (module form; 0: none)"))
+          Param("short_conv", 0, "width of the learned causal convolution on q, k, v (module form; 0: none)"),
+          Param("output_norm", False, "learned per-head RMS norm of the output (module form)"))
 
 for _kind in ("gated_delta", "kda", "ssd", "gla"):
     _params = _GATES if KINDS[_kind].delta else tuple(p for p in _GATES if p.name != "beta")
