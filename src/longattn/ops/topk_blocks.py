@@ -234,6 +234,7 @@ class Tiles:
     sink_tokens: int
     window: int
     causal: bool
+    elements: int = 0  # work elements one batch of tiles may hold (0: TILE_ELEMENTS)
 
 
 def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int,
@@ -256,9 +257,11 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
 
 
 def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
-               causal: bool, rows_per_tile: int = 64) -> Tiles:
+               causal: bool, rows_per_tile: int = 64, elements: int = 0) -> Tiles:
     """The pairs of :func:`_pairs` sorted by key block, each block's queries cut into
-    tiles of ``rows_per_tile`` rows (no Python loop). O(P log P) for P pairs."""
+    tiles of ``rows_per_tile`` rows (no Python loop). O(P log P) for P pairs.
+    ``elements``: the work one batch of tiles may hold (0: :data:`TILE_ELEMENTS`); a caller
+    that keeps more of its own tensors alive (``nsa``) asks for less."""
     B, Hkv = sel.shape[:2]
     nb, dev = -(-Nk // block), sel.device
     qrow, kb, pos, whole = _pairs(sel, H=H, Nq=Nq, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window)
@@ -276,7 +279,7 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
     return Tiles(qrow=grid(qrow[order], 0), live=grid(torch.ones_like(whole), False),
                  pos=grid(pos[order], 0), whole=grid(whole[order], False), kb=tile_kb,
                  batch=tile_kb // (Hkv * nb), nb=nb, block=block, Nk=Nk, sink_tokens=sink_tokens,
-                 window=window, causal=causal)
+                 window=window, causal=causal, elements=elements)
 
 
 def _tile_scores(tl: Tiles, sl: slice, qf: Tensor, kblk: Tensor, kpm: Tensor | None, scale: float,
@@ -312,7 +315,7 @@ def _key_blocks(x: Tensor, nb: int, block: int) -> Tensor:
 
 def _tile_chunk(tl: Tiles, D: int, Dv: int) -> int:
     M = tl.qrow.shape[1]
-    return max(1, TILE_ELEMENTS // (4 * M * tl.block + (M + 2 * tl.block) * (D + Dv)))
+    return max(1, (tl.elements or TILE_ELEMENTS) // (4 * M * tl.block + (M + 2 * tl.block) * (D + Dv)))
 
 
 def _sink_rows(sinks: Tensor | None, B: int, Nq: int, work: torch.dtype) -> Tensor | None:
