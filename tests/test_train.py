@@ -169,7 +169,7 @@ def test_aux_targets_add_their_weighted_mean_loss(tmp_path):
                         batch=4, lr=1e-2, warmup=1, aux_weight=w, eval_every=1, log_every=1, progress=False,
                         seed=2, out=str(tmp_path)).resolved()
     trained = T.train(cfg)["model"]
-    assert trained.aux_head is not None and cfg.pos == "rope"
+    assert trained.aux_head is not None and cfg.pos == "rope2d"
 
     spec = tasks.get("pathfinder")
     data = tasks.load("pathfinder", "train", config=spec.make_config(**PF_TINY))

@@ -59,11 +59,11 @@ from longattn.tasks import IGNORE
 # whole default suite fits in about an hour on 2 cores (see longattn.suite).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "listops": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100, pool="mean"),
-    # Pathfinder: rotary positions (a pixel's neighbours sit at fixed offsets +-1, +-W in the
-    # raster) and the flood-fill targets as a second loss; without them every recipe tried
-    # stayed at chance (README, "Pathfinder").
+    # Pathfinder: 2D rotary positions (the pixel above is one relative rule, (-1, 0)) and the
+    # flood-fill targets as a second loss; without rotary positions and the aux loss every
+    # recipe tried stayed at chance (docs/suite.md, "Pathfinder").
     "pathfinder": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100, pool="mean",
-                       pos="rope", aux_weight=1.0),
+                       pos="rope2d", aux_weight=1.0),
     "recall": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100),
     "copy": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100),
     "copy_masked": dict(layers=2, dim=64, heads=4, steps=1200, batch=32, lr=2e-3, warmup=100),
