@@ -36,7 +36,7 @@ fill_with(lambda: importlib.import_module(f"{__name__}.api"))
 #: submodules reachable as attributes of the package, imported on first access
 SUBMODULES = frozenset({
     "bench", "cli", "cli_list", "decoding", "distributed", "evaluation", "integrations", "layers", "model",
-    "ops", "patterns", "registry", "api", "suite", "tasks", "testing", "train", "viz",
+    "ops", "patterns", "registry", "api", "compile_ops", "suite", "tasks", "testing", "train", "viz",
 })
 
 

@@ -43,10 +43,10 @@ def capabilities(spec: Mechanism) -> dict[str, bool]:
     """The capability columns of ``spec``, keyed by the titles of :data:`CAPABILITY_COLUMNS`.
 
     Cost: one registry lookup per column; importing :mod:`longattn.distributed` and
-    :mod:`longattn.ops.custom` on first use.
+    :mod:`longattn.compile_ops` on first use.
     """
     from longattn import decoding, distributed
-    from longattn.ops import custom
+    from longattn import compile_ops as custom
 
     return {
         "exact": spec.exact,

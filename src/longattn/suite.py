@@ -55,7 +55,7 @@ DEFAULT_TASKS = ("listops", "pathfinder", "recall", "copy", "digits")
 # mechanism (full attention included), and quick must show full attention above the
 # majority class on every task it runs. ``--tasks pathfinder`` still runs it.
 QUICK_TASKS = ("listops", "recall", "copy", "digits")
-# One or two per family: what the default (<= 90 minutes on 2 cores) and --quick run:
+# One or two per family: what the default (a little over two hours on 2 cores) and --quick run:
 # a window (local), window + random + global blocks (bigbird), fewer keys (linformer,
 # nystrom), kernel features (performer), content routing (lsh, sinkhorn), no Q.K
 # (synthesizer). ``--mechanisms all`` takes every registered mechanism: longformer (it
@@ -75,7 +75,7 @@ CAUSAL_READABLE = {
 }
 
 # Per-task budgets: (task options, trainer options), the same for every mechanism.
-# "default" aims at <= 90 minutes for the whole suite on 2 CPU cores (two runs side by
+# "default" takes a little over two hours for the whole suite on 2 CPU cores (two runs side by
 # side, ``--jobs``); "quick" at <= 10 minutes. Sizes: seq_len listops <= 128 (mean ~58),
 # pathfinder 16x16 = 256, recall 64, copy 64, digits 64.
 BUDGETS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {

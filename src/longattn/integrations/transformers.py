@@ -72,7 +72,7 @@ from torch import Tensor
 
 from longattn import api, registry
 from longattn.integrations.sink_positions import SINK_POSITIONS, check_choice, local_with_cache_sinks, rope_shift
-from longattn.ops import custom
+from longattn import compile_ops as custom
 
 try:  # only when used: longattn itself never needs transformers
     from transformers import AttentionInterface

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from longattn import api, registry
 from longattn.layers.positional import RotaryEmbedding, alibi_bias, alibi_slopes
-from longattn.ops import custom
+from longattn import compile_ops as custom
 from longattn.ops.packing import with_document_arguments
 from longattn.registry import Mechanism
 
