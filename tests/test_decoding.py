@@ -285,12 +285,13 @@ def test_recurrent_prompt_uses_the_chunked_forward_and_grouped_kv(monkeypatch):
     assert torch.equal(out, generate(m, prompt, 4, temperature=0, use_cache=False))
 
 
-def test_recurrent_state_with_short_conv_equals_parallel():
+@pytest.mark.parametrize("name", ["gated_delta", "ssd", "kda"])
+def test_recurrent_state_with_short_conv_equals_parallel(name):
     """The short convolution's last K-1 raw tokens travel in the state, and the output norm
     applies to every step: a 13-token prefill and 8 steps equal model(x) (prompt shorter than
     K too: a 2-token prefill)."""
-    need("gated_delta")
-    m = lm("gated_delta", {"chunk_size": 8, "short_conv": 4, "output_norm": True})
+    need(name)
+    m = lm(name, {"chunk_size": 8, "short_conv": 4, "output_norm": True})
     x = torch.randint(0, 17, (2, 21))
     for cut in (13, 2):
         cache = init_cache(m)

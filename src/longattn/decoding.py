@@ -334,8 +334,9 @@ class RecurrentState(DecodeState):
         from longattn.ops.recurrent.api import _run
 
         k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        raw_k = k  # the gates read the key before the convolution, as the module does
         q, k, v = self._convolve(q, k, v)
-        v, g, beta = self.gates(k, v)
+        v, g, beta = self.gates(raw_k, v)
         out, self.S = _run(self.kind, q, k, v, g, beta, scale=None, initial_state=self.S, output_final_state=True,
                            use_qk_l2norm=self.use_qk_l2norm, segment_ids=None, chunk_size=self.chunk_size)
         return self.finish(out)
@@ -344,8 +345,9 @@ class RecurrentState(DecodeState):
         from longattn.ops.recurrent.api import _step
 
         k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        raw_k = k  # the gates read the key before the convolution, as the module does
         q, k, v = self._convolve(q, k, v)
-        v, g, beta = self.gates(k, v)
+        v, g, beta = self.gates(raw_k, v)
         out, self.S = _step(self.kind, q, k, v, g, beta, self.S, None, self.use_qk_l2norm)
         return self.finish(out)
 

@@ -148,7 +148,8 @@ class ShortConv(nn.Module):
 class RecurrentAttention(nn.Module):
     """A recurrent member with learned gates (:class:`RecurrentGates`), as a mechanism module:
     forward(q, k, v, *, causal=True, key_padding_mask=None, scale=None) on [B, H, N, D].
-    ``short_conv`` = K > 0 adds a :class:`ShortConv` of width K on each of q, k and v;
+    ``short_conv`` = K > 0 adds a :class:`ShortConv` of width K on each of q, k and v (the
+    gates read the key before it, as Gated DeltaNet's read the hidden state);
     ``output_norm`` an RMS norm of each head's output with a learned scale (Gated DeltaNet's
     output norm, without its gate: a mechanism does not see the hidden state)."""
 
@@ -191,8 +192,8 @@ class RecurrentAttention(nn.Module):
         if key_padding_mask is not None and self.convs is not None:
             real = key_padding_mask[:, None, :, None].to(q.dtype)
             q, k, v = q * real, k * real, v * real  # padded tokens feed nothing into the convolution
-        q, k, v = self.mix(q, k, v)
         g, beta, dt = self.gates(k.float() if k.dtype in (torch.float16, torch.bfloat16) else k)
+        q, k, v = self.mix(q, k, v)
         if dt is not None:
             v = v * dt[..., None].to(v.dtype)
         return self.finish(_call(self.kind, q, k, v, g, beta, causal=causal, key_padding_mask=key_padding_mask,
