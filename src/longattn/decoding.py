@@ -330,13 +330,19 @@ class RecurrentState(DecodeState):
         self.history = tuple(x[:, :, x.shape[2] - (K - 1):] for x in pad)  # type: ignore[assignment]
         return out
 
+    def _inputs(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """(q, k, v, g, beta) of new tokens as the module's forward makes them: kv heads
+        repeated, the gates read from the key before the short convolution."""
+        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        raw_k = k
+        q, k, v = self._convolve(q, k, v)
+        v, g, beta = self.gates(raw_k, v)
+        return q, k, v, g, beta
+
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: int = 0) -> Tensor:
         from longattn.ops.recurrent.api import _run
 
-        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-        raw_k = k  # the gates read the key before the convolution, as the module does
-        q, k, v = self._convolve(q, k, v)
-        v, g, beta = self.gates(raw_k, v)
+        q, k, v, g, beta = self._inputs(q, k, v)
         out, self.S = _run(self.kind, q, k, v, g, beta, scale=None, initial_state=self.S, output_final_state=True,
                            use_qk_l2norm=self.use_qk_l2norm, segment_ids=None, chunk_size=self.chunk_size)
         return self.finish(out)
@@ -344,10 +350,7 @@ class RecurrentState(DecodeState):
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
         from longattn.ops.recurrent.api import _step
 
-        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-        raw_k = k  # the gates read the key before the convolution, as the module does
-        q, k, v = self._convolve(q, k, v)
-        v, g, beta = self.gates(raw_k, v)
+        q, k, v, g, beta = self._inputs(q, k, v)
         out, self.S = _step(self.kind, q, k, v, g, beta, self.S, None, self.use_qk_l2norm)
         return self.finish(out)
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["FunctionalAttention"]
+__all__ = ["MechanismModule"]
 
 
-class FunctionalAttention(nn.Module):
+class MechanismModule(nn.Module):
     """An ``nn.Module`` over a functional mechanism: :meth:`forward` takes the
     registry's call (q, k, v, causal, key_padding_mask, scale) and hands it to
     :meth:`attend`, which adds the module's own weights and settings."""

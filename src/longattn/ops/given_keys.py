@@ -63,13 +63,15 @@ class SlotPlan:
     faster than key by key). Gi is 1 (one list for every kv head) or Hkv;
     Rg is 1 (one list per kv head group) or H / Hkv (one list per query head, then Gi
     must be Hkv). Valid slots of one row must name distinct keys (each key counted
-    once): the plan's maker guarantees it.
+    once): the plan's maker guarantees it. ``shared``: Gi = Rg = 1 (one list per query
+    for every head), which the maker knows and states.
     """
 
     fn: Callable[[int, int], tuple[Tensor, Tensor]]
     width: int
     per_query_head: bool = False
     granule: int = 1
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,10 +115,7 @@ def _chunk_rows(g: _Geom, width: int, chunk: int | None, budget: int | None = No
 def _shared_lists(plan: SlotPlan, Nq: int) -> bool:
     """Whether ``plan`` gives one key list per query for every head (Gi = Rg = 1): then
     the token-major path gathers each key once for all kv heads (rows of Hkv * D numbers)."""
-    if plan.per_query_head or Nq == 0:
-        return False
-    idx, _ = plan.fn(0, 1)
-    return idx.shape[1] == 1
+    return plan.shared and not plan.per_query_head and Nq > 0
 
 
 def _granules(x: Tensor, g: _Geom) -> Tensor:
@@ -502,5 +501,5 @@ def given_keys_attention(
     idx, valid = visible_slots(idx, valid, rows, Nk=d.Nk, Nq=d.Nq, causal=causal,
                                key_padding_mask=key_padding_mask)
     plan = SlotPlan(lambda c0, c1: (idx[..., c0:c1, :], valid[..., c0:c1, :]), idx.shape[-1],
-                    per_query_head=idx.shape[2] > 1)
+                    per_query_head=idx.shape[2] > 1, shared=idx.shape[1] == 1 and idx.shape[2] == 1)
     return given_keys_apply(q, k, v, plan, scale=s, sinks=sink)

@@ -46,7 +46,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._module import FunctionalAttention
+from longattn.ops._module import MechanismModule
 from longattn.ops.kernel_chunked import _causal_chunked
 from longattn.ops.kernel_features import (  # noqa: F401 (re-exported: longattn.ops.kernel's names)
     _NEG,
@@ -573,7 +573,7 @@ def linear_attention_step(
 # --------------------------------------------------------------------------- modules
 
 
-class LinearAttention(FunctionalAttention):
+class LinearAttention(MechanismModule):
     """Linear attention as a module owning its feature map (buffers included).
 
     forward(q, k, v, *, causal=False, key_padding_mask=None, scale=None) on

@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._module import FunctionalAttention
+from longattn.ops._module import MechanismModule
 from longattn.ops._softmax import flash_fwd
 from longattn.registry import Param, register
 
@@ -183,7 +183,7 @@ def linformer_attention(
     return _softmax_attention(q.to(work), kp, vp, s, reach[:, :, None, :]).to(q.dtype)
 
 
-class LinformerAttention(FunctionalAttention):
+class LinformerAttention(MechanismModule):
     """Linformer module owning E (and F unless ``share_kv``): [H, k, max_len] if
     ``headwise`` else [k, max_len] shared by the heads (k = ``proj_dim``).
     Xavier-normal init."""
@@ -390,7 +390,7 @@ def _causal_compressed(qw: Tensor, kz: Tensor, vz: Tensor, kc: Tensor, vc: Tenso
     return out[:, :, :N]
 
 
-class CompressedAttention(FunctionalAttention):
+class CompressedAttention(MechanismModule):
     """Memory-compressed attention owning its strided convolutions.
 
     With ``stride=c`` the module learns conv weights [D, D, c] for keys and values

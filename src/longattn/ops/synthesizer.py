@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_int, check_qkv, default_scale
-from longattn.ops._module import FunctionalAttention
+from longattn.ops._module import MechanismModule
 from longattn.registry import Param, register
 
 __all__ = ["synthesizer_attention", "SynthesizerAttention", "synthesizer_weights", "KINDS"]
@@ -234,7 +234,7 @@ def _mask_bias(B: int, Nq: int, Nk: int, causal: bool, key_padding_mask: Tensor 
     return bias, alive
 
 
-class SynthesizerAttention(FunctionalAttention):
+class SynthesizerAttention(MechanismModule):
     """Synthesizer owning its weights (per head). ``trainable=False`` keeps random
     scores fixed (a buffer); ``mix`` (a float) starts a learned mixture weight
     sigmoid(logit) with dot-product scores at that value."""

@@ -210,7 +210,7 @@ def block_plan(
         return blk.clamp(min=0), valid
 
     width = K + 1 + -(-S // block) + -(-max(W - 1, 0) // block)
-    return SlotPlan(fn, width, per_query_head=Rg > 1, granule=block)
+    return SlotPlan(fn, width, per_query_head=Rg > 1, granule=block, shared=sel.shape[1] == 1 and Rg == 1)
 
 
 @dataclass(frozen=True)
