@@ -192,3 +192,33 @@ def test_spec_string_and_refusals():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="sink_positions='cache'.*padding mask"):
         model(torch.zeros(2, 20, dtype=torch.long), attention_mask=mask)
+
+
+def test_op_builds_no_n_by_n_tensor():
+    """Forward + backward of the op at N = 8192 (H = 2, D = 16): one N x N float32 score
+    matrix per head would be 256 MiB; the op holds O(N (W + S) D)."""
+    from longattn.testing import peak_memory_mb
+
+    setup = """
+import torch
+from longattn.integrations.sink_positions import local_with_cache_sinks
+g = torch.Generator().manual_seed(0)
+q, qs, k, v = (torch.randn(1, 2, 8192, 16, generator=g, requires_grad=True) for _ in range(4))
+"""
+    run = "local_with_cache_sinks(q, qs, k, v, before=63, sinks=4).sum().backward()"
+    peak = peak_memory_mb(setup, run)
+    assert peak < 96, f"peak {peak:.0f} MiB: an N x N tensor (256 MiB) or worse was built"
+
+
+def test_op_bad_input_names_the_argument():
+    from longattn.integrations.sink_positions import local_with_cache_sinks
+
+    q = torch.randn(1, 2, 9, 8)
+    with pytest.raises(ValueError, match="q_shifted"):
+        local_with_cache_sinks(q, q[:, :, :5], q, q, before=3, sinks=2)
+    with pytest.raises(ValueError, match="before"):
+        local_with_cache_sinks(q, q, q, q, before=-1, sinks=2)
+    with pytest.raises(ValueError, match="sinks"):
+        local_with_cache_sinks(q, q, q, q, before=3, sinks=0)
+    with pytest.raises(ValueError, match="do not match"):
+        local_with_cache_sinks(q, q, torch.randn(2, 2, 9, 8), q, before=3, sinks=2)
