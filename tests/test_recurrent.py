@@ -83,6 +83,55 @@ def test_chunked_equals_the_float64_recurrence_with_gradients(kind, N, chunk):
         _close(a, b, what=f"d{name}")
 
 
+@pytest.mark.parametrize("kind", ["gated_delta", "kda", "ssd"])
+def test_head_slices_with_l2norm_packing_and_gqa_equal_the_float64_recurrence(kind, monkeypatch):
+    """One q/k head per slice (the engine walks the heads in slices), GQA 3 -> 6, q/k L2 norm
+    and scale (their backward is hand-written), packed documents: outputs, final state and
+    every gradient against the recurrence on inputs normalised by autograd in float64."""
+    from longattn.ops.recurrent import function
+
+    monkeypatch.setattr(function, "SLICE_ELEMENTS", 1)
+    ins, s0 = _inputs(kind, Hk=3, Hv=6, N=45)
+    ins = [x.requires_grad_() for x in ins]
+    s0.requires_grad_()
+    seg = torch.tensor([[0] * 20 + [1] * 25, [0] * 45])
+    o, s = CHUNKED[kind](*ins, initial_state=s0, output_final_state=True, use_qk_l2norm=True, scale=0.7,
+                         segment_ids=seg, chunk_size=16)
+
+    def norm(x):
+        return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+    resets = torch.zeros(2, 45, dtype=torch.bool)
+    resets[0, 20] = True
+    ro, rs = _reference(kind, norm(ins[0]), norm(ins[1]), ins[2], ins[3:], s0, scale=0.7, resets=resets)
+    _close(o, ro)
+    _close(s, rs, what="final state")
+    wo, ws = torch.randn_like(o), torch.randn_like(s)
+    ga = torch.autograd.grad((o * wo).sum() + (s * ws).sum(), ins + [s0])
+    gb = torch.autograd.grad((ro * wo).sum() + (rs * ws).sum(), ins + [s0])
+    for name, a, b in zip(["q", "k", "v", "g", "beta"][: len(ins)] + ["initial_state"], ga, gb):
+        _close(a, b, what=f"d{name}")
+
+
+def test_forward_saves_only_its_inputs_for_the_backward():
+    """The backward recomputes the chunk states and U: what autograd keeps between the
+    forward and the backward is the raw q, k, v, g, beta (no normalised q/k copies, no
+    [N/C, Dk, Dv] states), measured by a saved-tensor hook."""
+    ins, _ = _inputs("gated_delta", B=1, Hk=2, Hv=2, N=256, Dk=16, Dv=16, dtype=torch.float32)
+    ins = [x.requires_grad_() for x in ins]
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, _ = R.gated_delta_rule(*ins, use_qk_l2norm=True, chunk_size=16)
+    inputs = sum(x.numel() * x.element_size() for x in ins) + 2 * 256 * 4  # + the float32 copy of g
+    assert sum(saved.values()) <= inputs, f"saved {sum(saved.values())} bytes for inputs of {inputs}"
+    o.sum().backward()
+
+
 @pytest.mark.parametrize("kind", ["kda", "gla"])
 def test_strong_per_channel_decays_do_not_overflow(kind):
     """log decays down to -40 per step: exp(-G) of a chunk would overflow float32 (and

@@ -23,8 +23,9 @@ by default, q and k L2-normalised first with ``use_qk_l2norm`` (x / sqrt(|x|^2 +
 at each document start after position 0 (``initial_state`` continues the first
 document of each row).
 
-The chunked forms are :mod:`.engine` under one autograd.Function (hand-written
-backward for q, k, v, g, beta, initial_state). Cost O(N C (Dk + Dv) + N Dk Dv),
+The chunked forms are :mod:`.engine` under one autograd.Function
+(:mod:`.function`: a few heads at a time, hand-written backward for q, k, v, g, beta,
+initial_state, nothing saved but the inputs). Cost O(N C (Dk + Dv) + N Dk Dv),
 memory O(N (C + Dk + Dv) + N/C Dk Dv); the ``*_step`` functions are O(Dk Dv).
 """
 
@@ -39,7 +40,7 @@ from torch import Tensor
 from longattn.ops._checks import FLOAT_DTYPES, check_int, default_scale
 from longattn.ops._chunked import work_dtype
 from longattn.ops.packing import check_segment_ids
-from longattn.ops.recurrent.engine import chunk_bwd, chunk_fwd, chunk_inputs, decay_grad, unchunk
+from longattn.ops.recurrent.function import ChunkedRecurrence, QKPrep
 from longattn.ops.recurrent.reference import recurrent_step_core
 
 __all__ = [
@@ -76,29 +77,6 @@ KINDS = {
 def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(|x|^2 + eps) along the last dim (FLA's and HF Qwen3-Next's convention)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
-
-
-class _Chunked(torch.autograd.Function):
-    """The chunked engine with its hand-written backward (heads expanded, working dtype)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, s0, run, chunk):  # type: ignore[override]
-        c = chunk_inputs(q, k, v, g, beta, run, chunk)
-        s = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]) if s0 is None else s0
-        o, sN, states, U = chunk_fwd(c, s)
-        ctx.save_for_backward(q, k, v, g, beta, s, run, states, U)
-        ctx.chunk, ctx.has_s0 = chunk, s0 is not None
-        return o, sN
-
-    @staticmethod
-    def backward(ctx, dO, dSN):  # type: ignore[override]
-        q, k, v, g, beta, s, run, states, U = ctx.saved_tensors
-        c = chunk_inputs(q, k, v, g, beta, run, ctx.chunk)
-        gr = chunk_bwd(c, s, states, U, dO.contiguous(), dSN.contiguous())
-        N = c.N
-        dbeta = None if beta is None else unchunk(gr.dBeta, N)[..., 0]
-        return (unchunk(gr.dQ, N), unchunk(gr.dK, N), unchunk(gr.dV, N), decay_grad(gr.dG, N), dbeta,
-                gr.ds0 if ctx.has_s0 else None, None, None)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -185,14 +163,7 @@ def segment_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int | None = None) ->
 def _prepare_qk(q: Tensor, k: Tensor, Hv: int, scale: float, use_qk_l2norm: bool,
                 work: torch.dtype) -> tuple[Tensor, Tensor]:
     """q, k in the working dtype, normalised if asked, q scaled, heads expanded to Hv."""
-    q, k = q.to(work), k.to(work)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q = q * scale
-    group = Hv // q.shape[1]
-    if group > 1:
-        q, k = q.repeat_interleave(group, 1), k.repeat_interleave(group, 1)
-    return q, k
+    return QKPrep(scale, use_qk_l2norm, Hv // q.shape[1], work).forward(q, k)
 
 
 def _run(kind: Kind, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, *,
@@ -205,12 +176,12 @@ def _run(kind: Kind, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | 
     check_int("chunk_size", chunk_size, minimum=1)
     run = None if segment_ids is None else _runs(check_segment_ids(segment_ids, B, N).to(q.device))
     work = work_dtype(q.dtype)
-    qe, ke = _prepare_qk(q, k, Hv, default_scale(scale, Dk), use_qk_l2norm, work)
+    prep = QKPrep(default_scale(scale, Dk), use_qk_l2norm, Hv // Hk, work)
     gd = g.to(work) if kind.per_channel else g.to(work)[..., None]
     bw = beta.to(work) if kind.delta else None  # type: ignore[union-attr]
     sw = None if s0 is None else s0.to(work)
-    o, sN = _Chunked.apply(qe, ke, v.to(work), gd, bw, sw, run, chunk_size)
-    return o.to(v.dtype), (sN if output_final_state else None)
+    o, sN = ChunkedRecurrence.apply(q, k, v, gd, bw, sw, run, chunk_size, prep)
+    return o, (sN if output_final_state else None)
 
 
 # ----------------------------------------------------------------------------- members

@@ -230,8 +230,9 @@ def _scan(W: Tensor | None, Ut: Tensor, Kb: Tensor, ec: Tensor, s0: Tensor) -> t
 
 
 def chunk_fwd(c: Chunks, s0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Forward over chunks. Returns (o [B, H, N, Dv], final state, states, U); the last
-    two are what :func:`chunk_bwd` needs besides the inputs."""
+    """Forward over chunks. Returns (o [B, H, N, Dv], final state, the states entering
+    each chunk [B, H, nc, Dk, Dv], U [B, H, nc, C, Dv]); :func:`chunk_bwd` recomputes
+    the last two."""
     eq, ek, ec = c.decays()
     W, Ut, _ = _wy(c, eq)
     states, U, sN = _scan(W, Ut, c.K * ek, ec, s0)
@@ -294,16 +295,18 @@ def _wy_bwd(c: Chunks, eq: Tensor, W: Tensor, Ut: Tensor, L: Tensor, dW: Tensor,
     g.dBeta = dbeta + (dx * c.K).sum(-1, keepdim=True)
 
 
-def chunk_bwd(c: Chunks, s0: Tensor, states: Tensor, U: Tensor, dO: Tensor, dSN: Tensor) -> Grads:
+def chunk_bwd(c: Chunks, s0: Tensor, dO: Tensor, dSN: Tensor) -> Grads:
     """Gradients of :func:`chunk_fwd` given dO [B, H, N, Dv] and the final state's dSN.
 
-    Recomputes the chunk-local terms (P, A, the WY factors) and reuses the states and
-    U of the forward; one reverse loop over chunks carries the state's gradient.
+    Recomputes what the forward computed (the WY factors, the states entering each
+    chunk and U: one more forward loop over chunks, so the forward saves nothing but
+    its inputs); one reverse loop over chunks carries the state's gradient.
     """
     Dg = c.G.shape[-1]
     eq, ek, ec = c.decays()
     W, Ut, L = _wy(c, eq)
     Kb, Qh = c.K * ek, c.Q * eq
+    states, U, _ = _scan(W, Ut, Kb, ec, s0)
     B, H, nc, C, _ = c.Q.shape
     pad = nc * C - c.N
     dO = (Fn.pad(dO, (0, 0, 0, pad)) if pad else dO).reshape(B, H, nc, C, -1)
