@@ -291,7 +291,7 @@ def test_recurrent_state_with_short_conv_equals_parallel(name):
     applies to every step: a 13-token prefill and 8 steps equal model(x) (prompt shorter than
     K too: a 2-token prefill)."""
     need(name)
-    m = lm(name, {"chunk_size": 8, "short_conv": 4, "output_norm": True})
+    m = lm(name, {"chunk_size": 8, "short_conv": 4, "output_norm": True, "output_gate": True})
     x = torch.randint(0, 17, (2, 21))
     for cut in (13, 2):
         cache = init_cache(m)

@@ -377,3 +377,22 @@ def test_output_norm_is_a_per_head_rms_norm_with_a_learned_scale():
     _close(normed(q, k, v, causal=True), ref, what="output norm")
     with pytest.raises(ValueError, match="output_norm"):
         longattn.attention(q, k, v, "gated_delta", causal=True, output_norm=True)
+
+
+def test_output_gate_multiplies_by_silu_of_a_projection_of_the_raw_query():
+    """output_gate=True: the (normed) output times silu(q_t W_h + b_h), q_t the head's query
+    before the short convolution, written out per head with a loop."""
+    torch.manual_seed(0)
+    plain = longattn.build("gated_delta", heads=2, head_dim=8, short_conv=3, output_norm=True).double()
+    gated = longattn.build("gated_delta", heads=2, head_dim=8, short_conv=3, output_norm=True,
+                           output_gate=True).double()
+    w, b = torch.randn(2, 8, 8, dtype=D64), torch.randn(2, 1, 8, dtype=D64)
+    gated.load_state_dict({**plain.state_dict(), "w_gate": w, "b_gate": b})
+    q, k, v = (torch.randn(1, 2, 23, 8, dtype=D64) for _ in range(3))
+    o = plain(q, k, v, causal=True)
+    ref = torch.stack([o[:, h] * Fn.silu(q[:, h] @ w[h] + b[h]) for h in range(2)], 1)
+    _close(gated(q, k, v, causal=True), ref, what="output gate")
+    with pytest.raises(ValueError, match="output_gate"):
+        longattn.attention(q, k, v, "gated_delta", causal=True, output_gate=True)
+    with pytest.raises(TypeError, match="output_gate"):
+        longattn.build("gated_delta", heads=2, head_dim=8, output_gate="yes")

@@ -314,7 +314,7 @@ class RecurrentState(DecodeState):
         self.S: Tensor | None = None
         self.mix = getattr(impl, "mix", None)  # the module's short convolutions (learned form)
         self.conv_width = int(getattr(impl, "short_conv", 0) or 0)
-        self.finish = getattr(impl, "finish", lambda o: o)  # the module's output norm (learned form)
+        self.finish = getattr(impl, "finish", lambda o, q: o)  # the module's output norm and gate (learned form)
         self.history: tuple[Tensor, Tensor, Tensor] | None = None  # raw q, k, v of the last K-1 tokens
 
     def _convolve(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -342,17 +342,19 @@ class RecurrentState(DecodeState):
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: int = 0) -> Tensor:
         from longattn.ops.recurrent.api import _run
 
+        raw_q = q
         q, k, v, g, beta = self._inputs(q, k, v)
         out, self.S = _run(self.kind, q, k, v, g, beta, scale=None, initial_state=self.S, output_final_state=True,
                            use_qk_l2norm=self.use_qk_l2norm, segment_ids=None, chunk_size=self.chunk_size)
-        return self.finish(out)
+        return self.finish(out, raw_q)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
         from longattn.ops.recurrent.api import _step
 
+        raw_q = q
         q, k, v, g, beta = self._inputs(q, k, v)
         out, self.S = _step(self.kind, q, k, v, g, beta, self.S, None, self.use_qk_l2norm)
-        return self.finish(out)
+        return self.finish(out, raw_q)
 
     def nbytes(self) -> int:
         hist = 0 if self.history is None else sum(h.nbytes for h in self.history)

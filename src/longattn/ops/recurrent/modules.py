@@ -151,10 +151,15 @@ class RecurrentAttention(nn.Module):
     ``short_conv`` = K > 0 adds a :class:`ShortConv` of width K on each of q, k and v (the
     gates read the key before it, as Gated DeltaNet's read the hidden state);
     ``output_norm`` an RMS norm of each head's output with a learned scale (Gated DeltaNet's
-    output norm, without its gate: a mechanism does not see the hidden state)."""
+    output norm); ``output_gate`` multiplies the output by silu(W q_t + b), a learned
+    [D, Dv] projection per head of the query before the convolution (Gated DeltaNet's
+    output gate reads the hidden state, which a mechanism does not see: the head's query
+    is its projection). Suite: recall 97.1 / 98.3 with it (seeds 0 / 1; 96.95 / 96.5
+    without) but copy 83.5 (99.9 without), so the suite leaves it off."""
 
     def __init__(self, heads: int, head_dim: int, kind: str = "gated_delta", chunk_size: int = 64,
-                 use_qk_l2norm: bool | None = None, short_conv: int = 0, output_norm: bool = False) -> None:
+                 use_qk_l2norm: bool | None = None, short_conv: int = 0, output_norm: bool = False,
+                 output_gate: bool = False) -> None:
         super().__init__()
         self.gates = RecurrentGates(heads, head_dim, kind)
         self.kind = kind
@@ -166,15 +171,24 @@ class RecurrentAttention(nn.Module):
         if not isinstance(output_norm, bool):
             raise TypeError(f"output_norm must be a bool, got {output_norm!r}")
         self.o_scale = nn.Parameter(torch.ones(heads, 1, head_dim)) if output_norm else None
+        if not isinstance(output_gate, bool):
+            raise TypeError(f"output_gate must be a bool, got {output_gate!r}")
+        self.w_gate = nn.Parameter(torch.randn(heads, head_dim, head_dim) * head_dim ** -0.5) if output_gate else None
+        self.b_gate = nn.Parameter(torch.zeros(heads, 1, head_dim)) if output_gate else None
 
-    def finish(self, o: Tensor) -> Tensor:
-        """The output [B, H, N, Dv] through the per-head RMS norm (unchanged without ``output_norm``)."""
-        if self.o_scale is None:
+    def finish(self, o: Tensor, q: Tensor) -> Tensor:
+        """The output [B, H, N, Dv] through the per-head RMS norm and the output gate read
+        from the raw queries q [B, H, N, D] (unchanged without ``output_norm``/``output_gate``)."""
+        if self.o_scale is None and self.w_gate is None:
             return o
         work = torch.promote_types(o.dtype, torch.float32)
         of = o.to(work)
-        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return (of * self.o_scale.to(work)).to(o.dtype)
+        if self.o_scale is not None:
+            of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6) * self.o_scale.to(work)
+        if self.w_gate is not None:
+            gate = torch.einsum("bhnd,hde->bhne", q.to(work), self.w_gate.to(work)) + self.b_gate.to(work)
+            of = of * Fn.silu(gate)
+        return of.to(o.dtype)
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, history: tuple[Tensor, Tensor, Tensor] | None = None,
             ) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,21 +207,24 @@ class RecurrentAttention(nn.Module):
             real = key_padding_mask[:, None, :, None].to(q.dtype)
             q, k, v = q * real, k * real, v * real  # padded tokens feed nothing into the convolution
         g, beta, dt = self.gates(k.float() if k.dtype in (torch.float16, torch.bfloat16) else k)
+        raw_q = q
         q, k, v = self.mix(q, k, v)
         if dt is not None:
             v = v * dt[..., None].to(v.dtype)
         return self.finish(_call(self.kind, q, k, v, g, beta, causal=causal, key_padding_mask=key_padding_mask,
-                                 scale=scale, chunk_size=self.chunk_size, use_qk_l2norm=self.use_qk_l2norm))
+                                 scale=scale, chunk_size=self.chunk_size, use_qk_l2norm=self.use_qk_l2norm), raw_q)
 
 
 def _builder(kind: str) -> Callable[..., nn.Module]:
     def build(heads: int, head_dim: int, chunk_size: int = 64, use_qk_l2norm: bool | None = None,
-              short_conv: int = 0, output_norm: bool = False, **given: Any) -> nn.Module:
+              short_conv: int = 0, output_norm: bool = False, output_gate: bool = False,
+              **given: Any) -> nn.Module:
         set_ = sorted(n for n, x in given.items() if x is not None)
         if set_:
             raise TypeError(f"mechanism {kind!r}: {set_} are learned by the module form; give them only "
                             "to the functional form")
-        return RecurrentAttention(heads, head_dim, kind, chunk_size, use_qk_l2norm, short_conv, output_norm)
+        return RecurrentAttention(heads, head_dim, kind, chunk_size, use_qk_l2norm, short_conv, output_norm,
+                                  output_gate)
 
     return build
 
@@ -216,8 +233,8 @@ def _functional(kind: str) -> Callable[..., Tensor]:
     def fn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, key_padding_mask: Tensor | None = None,
            scale: float | None = None, g: Tensor | None = None, beta: Tensor | None = None,
            chunk_size: int = 64, use_qk_l2norm: bool | None = None, short_conv: int = 0,
-           output_norm: bool = False) -> Tensor:
-        for name, val in (("short_conv", short_conv), ("output_norm", output_norm)):
+           output_norm: bool = False, output_gate: bool = False) -> Tensor:
+        for name, val in (("short_conv", short_conv), ("output_norm", output_norm), ("output_gate", output_gate)):
             if val:
                 raise ValueError(f"mechanism {kind!r}: {name}={val!r} is learned; the functional form has no "
                                  "weights for it (use the module form)")
@@ -251,7 +268,8 @@ _GATES = (Param("g", None, "log decays [B, H, N] (per channel: [B, H, N, D]); No
           Param("chunk_size", 64, "chunk length of the chunked engine"),
           Param("use_qk_l2norm", None, "L2-normalise q and k (None: on for the delta members)"),
           Param("short_conv", 0, "width of the learned causal convolution on q, k, v (module form; 0: none)"),
-          Param("output_norm", False, "learned per-head RMS norm of the output (module form)"))
+          Param("output_norm", False, "learned per-head RMS norm of the output (module form)"),
+          Param("output_gate", False, "learned output gate silu(W q + b) per head (module form)"))
 
 for _kind in ("gated_delta", "kda", "ssd", "gla"):
     _params = _GATES if KINDS[_kind].delta else tuple(p for p in _GATES if p.name != "beta")
