@@ -79,10 +79,10 @@ def test_outputs_and_gradients_equal_the_dense_oracle(case, monkeypatch):
 
 
 @pytest.mark.parametrize("H,Hkv", [(3, 3), (4, 2)])
-def test_shared_lists_gather_each_key_once_for_every_head(H, Hkv, monkeypatch):
-    # one list per query for every head: the token-major path (rows of Hkv * D numbers, one
-    # gather and one index_add_ per chunk), never the per-head gather; several chunks
-    monkeypatch.setattr(GK, "SHARED_ELEMENTS", 3000)
+def test_shared_lists_take_the_csr_path_and_equal_the_oracle(H, Hkv, monkeypatch):
+    # one list per query for every head: the CSR path (one sampled product and bag sums per
+    # head and chunk), never the per-head gather; several chunks
+    monkeypatch.setattr(GK, "CSR_EDGES", 30)
 
     def per_head_gather(*args, **kwargs):
         raise AssertionError("shared lists took the per-head gather")
@@ -96,6 +96,23 @@ def test_shared_lists_gather_each_key_once_for_every_head(H, Hkv, monkeypatch):
     sinks = torch.randn(H, generator=g, dtype=D64).requires_grad_()
     out = given_keys_attention(q, k, v, idx, causal=True, key_padding_mask=kpm, sinks=sinks)
     _check(out, _oracle(q, k, v, idx, causal=True, kpm=kpm, sinks=sinks), (q, k, v, sinks))
+
+
+def test_shared_granule_plan_equals_the_oracle_over_its_keys(monkeypatch):
+    """A shared plan of whole key blocks (granule 4, a block past Nk partly valid): the CSR
+    path expands granules into keys; outputs and gradients equal the oracle on the same keys."""
+    monkeypatch.setattr(GK, "CSR_EDGES", 40)
+    B, H, Hkv, Nq, Nk, G = 2, 4, 2, 13, 22, 4
+    q, k, v = _inputs(B, H, Hkv, Nq, Nk)
+    gen = torch.Generator().manual_seed(5)
+    blocks = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(B * Nq)]).view(B, Nq, 3)
+    tok = (blocks.unsqueeze(-1) * G + torch.arange(G)).flatten(-2)  # [B, Nq, 12], some >= Nk
+    valid = tok < Nk
+    plan = GK.SlotPlan(lambda c0, c1: (blocks[:, None, None, c0:c1], valid[:, None, None, c0:c1]), 3,
+                       granule=G, shared=True)
+    out = GK.given_keys_apply(q, k, v, plan, scale=6 ** -0.5)
+    ref = _oracle(q, k, v, torch.where(valid, tok, torch.full_like(tok, -1)))
+    _check(out, ref, (q, k, v))
 
 
 def test_duplicates_count_once_and_empty_slots_are_ignored():

@@ -35,6 +35,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
+from longattn.ops._csr import bag_sum, sddmm_into
 from longattn.ops.dense import full_attention
 from longattn.ops.given_keys import given_keys_attention
 from longattn.ops.nsa import register_learned_select, top_indices
@@ -42,6 +43,9 @@ from longattn.registry import Param
 
 #: index scores (per chunk of queries, all index heads) one chunk may hold (elements)
 INDEX_ELEMENTS = 1 << 22
+
+#: (query, selected token) pairs one chunk of the sparse indexer loss holds
+CSR_ROWS_EDGES = 1 << 20
 
 WEIGHT_NAMES = ("index_q", "index_k", "index_w")
 
@@ -133,30 +137,95 @@ def _main_probs(s: Tensor, valid: Tensor) -> Tensor:
     return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
-def _loss_chunk(qi: Tensor, wi: Tensor, ki: Tensor, q: Tensor, k: Tensor, vis: Tensor, idx: Tensor | None,
-                scale: float) -> Tensor:
-    """KL summed over one chunk of rows: dense over ``vis`` [B, C, Nk] (idx None) or over the
-    selected tokens idx [B, C, T] (-1 = empty)."""
+def _loss_chunk(qi: Tensor, wi: Tensor, ki: Tensor, q: Tensor, k: Tensor, vis: Tensor, scale: float) -> Tensor:
+    """KL summed over one chunk of rows, dense over ``vis`` [B, C, Nk] (the warm-up)."""
     B, H, C, D = q.shape
     Hkv = k.shape[1]
-    qg = q.view(B, Hkv, H // Hkv, C, D)
-    if idx is None:
-        logits = index_scores(qi, ki, wi)
-        valid = vis
-        with torch.no_grad():
-            s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).view(B, H, C, -1) * scale
-    else:
-        safe = idx.clamp(min=0)
-        valid = (idx >= 0) & vis.gather(2, safe)
-        kis = ki.gather(1, safe.reshape(B, -1, 1).expand(-1, -1, ki.shape[-1])).view(*idx.shape, -1)
-        r = torch.relu(torch.matmul(qi.unsqueeze(2), kis.unsqueeze(3).transpose(-1, -2)))  # [B, C, T, Hi, 1]
-        logits = (r.squeeze(-1) * wi.unsqueeze(2)).sum(-1)
-        with torch.no_grad():
-            ks = k.gather(2, safe.reshape(B, 1, -1, 1).expand(-1, Hkv, -1, D)).view(B, Hkv, 1, C, -1, D)
-            s = torch.matmul(qg.unsqueeze(-2), ks.transpose(-1, -2)).view(B, H, C, -1) * scale
+    logits = index_scores(qi, ki, wi)
     with torch.no_grad():
-        target = _main_probs(s, valid.unsqueeze(1))
-    return _kl_rows(logits, target, valid)
+        s = torch.matmul(q.view(B, Hkv, H // Hkv, C, D), k.unsqueeze(2).transpose(-1, -2)).view(B, H, C, -1) * scale
+        target = _main_probs(s, vis.unsqueeze(1))
+    return _kl_rows(logits, target, vis)
+
+
+def _sparse_rows(idx: Tensor, vis_fn, c0: int, c1: int, b: int) -> tuple[Tensor, Tensor]:
+    """Slots of rows c0..c1 of batch row b as (col [C * T], ok [C, T]): -1 slots and keys
+    the query may not see are not ok (and point at key 0)."""
+    i = idx[b, c0:c1]
+    safe = i.clamp(min=0)
+    vis = vis_fn(c0, c1)
+    ok = (i >= 0) & vis[min(b, vis.shape[0] - 1)].gather(1, safe)
+    return torch.where(ok, safe, torch.zeros_like(safe)).reshape(-1), ok
+
+
+def _row_softmax(x: Tensor, ok: Tensor) -> Tensor:
+    """softmax over the ok slots of each row of x [C, T] (rows with none: zeros)."""
+    x = x.masked_fill(~ok, float("-inf"))
+    m = x.amax(-1, keepdim=True)
+    p = torch.exp(x - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _sparse_kl_rows(q: Tensor, k: Tensor, qi: Tensor, ki: Tensor, wi: Tensor, col: Tensor, ok: Tensor,
+                    b: int, c0: int, c1: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """KL summed over rows c0..c1 of batch row b and its gradients wrt (qi rows, ki, wi rows):
+    sampled products over the rows' slots (no gathered copy), written by hand:
+    dKL/dI = softmax(I) - p; I = sum_j w_j relu(r_j), r_j = qi_j . ki."""
+    C, T = ok.shape
+    H, Hkv, Hi = q.shape[1], k.shape[1], qi.shape[2]
+    offs = torch.arange(0, C * T + 1, T, device=q.device)
+    buf = q.new_empty(C * T)
+    target = q.new_zeros(C, T)
+    for h in range(H):
+        s = sddmm_into(buf, offs, col, q[b, h, c0:c1], k[b, h // (H // Hkv)], scale).view(C, T)
+        target += _row_softmax(s, ok)
+    target /= target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
+    qj = qi[b, c0:c1].transpose(0, 1).contiguous()  # [Hi, C, Di]
+    r = torch.stack([sddmm_into(q.new_empty(C * T), offs, col, qj[j], ki[b], 1.0).view(C, T)
+                     for j in range(Hi)])  # [Hi, C, T]
+    logits = (torch.relu(r) * wi[b, c0:c1].T.unsqueeze(-1)).sum(0)
+    logq = torch.log_softmax(logits.masked_fill(~ok, float("-inf")), -1)
+    has = target > 0
+    kl = torch.where(has, target * (torch.log(target.clamp_min(torch.finfo(target.dtype).tiny)) - logq), 0).sum()
+    dI = torch.where(ok, torch.exp(logq) - target, 0)
+    dI = torch.where(ok.any(-1, keepdim=True), dI, 0)
+    dwi = (dI.unsqueeze(0) * torch.relu(r)).sum(-1).T  # [C, Hi]
+    dr = dI.unsqueeze(0) * wi[b, c0:c1].T.unsqueeze(-1) * (r > 0)  # [Hi, C, T]
+    perm = torch.argsort(col, stable=True)
+    trow = torch.zeros(ki.shape[1] + 1, dtype=torch.long, device=q.device)
+    torch.cumsum(torch.bincount(col, minlength=ki.shape[1]), 0, out=trow[1:])
+    dqi = torch.stack([bag_sum(ki[b], col, offs, dr[j].reshape(-1)) for j in range(Hi)], 1)  # [C, Hi, Di]
+    dki = sum(bag_sum(qj[j], perm // T, trow, dr[j].reshape(-1).index_select(0, perm)) for j in range(Hi))
+    return kl, dqi, dki, dwi
+
+
+class _SparseIndexerKL(torch.autograd.Function):
+    """sum over rows of KL(p_t || softmax(I_t)) over each row's slots, with its gradient to
+    qi, ki, wi computed in the forward (the loss is a leaf of the training loss; the backward
+    scales it). q, k: the main attention's (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, qi, ki, wi, q, k, idx, vis_fn, scale):  # type: ignore[override]
+        B, Nq = idx.shape[:2]
+        C = max(1, min(Nq, CSR_ROWS_EDGES // max(1, idx.shape[-1])))
+        total = qi.new_zeros(())
+        dqi, dki, dwi = torch.zeros_like(qi), torch.zeros_like(ki), torch.zeros_like(wi)
+        for c0 in range(0, Nq, C):
+            c1 = min(Nq, c0 + C)
+            for b in range(B):
+                col, ok = _sparse_rows(idx, vis_fn, c0, c1, b)
+                kl, gq, gk, gw = _sparse_kl_rows(q, k, qi, ki, wi, col, ok, b, c0, c1, scale)
+                total += kl
+                dqi[b, c0:c1] = gq
+                dki[b] += gk
+                dwi[b, c0:c1] = gw
+        ctx.save_for_backward(dqi, dki, dwi)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        dqi, dki, dwi = ctx.saved_tensors
+        return dqi * g, dki * g, dwi * g, None, None, None, None, None
 
 
 def indexer_loss(
@@ -168,22 +237,29 @@ def indexer_loss(
     q [B, H, Nq, D], k [B, Hkv, Nk, D] (the main attention's; no gradient reaches them);
     qi, ki, wi from :func:`index_inputs` (the gradient flows to the indexer weights).
     ``indices`` [B, Nq, T] (-1 = empty): the sparse stage, KL over each row's selected
-    tokens; None: the warm-up, KL over every visible token (causal, key padding). Chunks
-    of rows under activation checkpointing: memory one chunk ([chunk, Nk] scores), never
-    Nq x Nk; time O(Nq * Nk * (H * D + Hi * Di)) dense, O(Nq * T * ...) sparse.
+    tokens; None: the warm-up, KL over every visible token (causal, key padding).
+    Sparse: sampled products over the selected slots only (no gathered copy), the gradient
+    to qi, ki, wi written by hand, O(Nq * T * (H * D + Hi * Di)). Warm-up: chunks of rows
+    under activation checkpointing, memory one chunk ([chunk, Nk] scores), never Nq x Nk,
+    O(Nq * Nk * (H * D + Hi * Di)).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     s = default_scale(scale, D)
     qd, kd = q.detach(), k.detach()
     work = qi.dtype
-    C = max(1, _chunk(B, max(qi.shape[2], H), Nq, Nk if indices is None else indices.shape[-1] * D))
+    if indices is not None:
+        def vis_fn(c0: int, c1: int) -> Tensor:
+            return _visible(c0, c1, Nq, Nk, causal, key_padding_mask, q.device)
+
+        total = _SparseIndexerKL.apply(qi, ki, wi, qd.to(work), kd.to(work), indices, vis_fn, s)
+        return total / (B * Nq)
+    C = max(1, _chunk(B, max(qi.shape[2], H), Nq, Nk))
     total = qi.new_zeros(())
     for c0 in range(0, Nq, C):
         c1 = min(Nq, c0 + C)
         vis = _visible(c0, c1, Nq, Nk, causal, key_padding_mask, q.device).expand(B, -1, -1)
-        idx = None if indices is None else indices[:, c0:c1]
-        args = (qi[:, c0:c1], wi[:, c0:c1], ki, qd[:, :, c0:c1].to(work), kd.to(work), vis, idx, s)
+        args = (qi[:, c0:c1], wi[:, c0:c1], ki, qd[:, :, c0:c1].to(work), kd.to(work), vis, s)
         if torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad or wi.requires_grad):
             total = total + torch.utils.checkpoint.checkpoint(_loss_chunk, *args, use_reentrant=False)
         else:

@@ -35,19 +35,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import math
 
 import torch
 from torch import Tensor
 
 from longattn.ops._checks import check_key_padding_mask, check_qkv, default_scale
+from longattn.ops._csr import bag_sum, sddmm_into
 
 #: elements of gathered keys + values (and scores) one chunk may hold (~64 MiB in fp32)
 CHUNK_ELEMENTS = 1 << 24
 
-#: elements one chunk of the shared-list path may gather (keys + values of every kv head,
-#: ~4 MiB in fp32: the gathered rows stay in cache, and few Python steps per query)
-SHARED_ELEMENTS = 1 << 20
+#: edges (query, key slot) one chunk of the shared-list path holds (its CSR pattern and
+#: per-head scores: ~16 MiB of int64 indices and 8 MiB per float buffer)
+CSR_EDGES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -149,122 +149,117 @@ def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float) -> Tensor:
     return s.masked_fill(~valid.unsqueeze(-2), float("-inf"))
 
 
-def _token_major(x: Tensor, g: _Geom) -> Tensor:
-    """[B, Hkv, Nk, d] -> [B * ng, G * Hkv * d]: one row per granule holding every kv head
-    (keys padded with zeros to ng * G). One copy of K (or V), O(Nk * Hkv * d)."""
-    pad = g.ng * g.G - g.Nk
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.transpose(1, 2).reshape(g.B * g.ng, g.G * g.Hkv * x.shape[-1])
+def _csr_rows(g: _Geom, width: int, chunk: int | None) -> int:
+    """Query rows per chunk of the shared-list path: about ``CSR_EDGES`` edges."""
+    if chunk is not None:
+        return max(1, int(chunk))
+    return max(1, min(g.Nq, CSR_EDGES // max(1, width * g.G)))
 
 
-def _gather_tm(flat: Tensor, idx: Tensor, g: _Geom, work: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Granules of ``flat`` [B * ng, G * Hkv * d] at idx [B, 1, 1, C, T] -> keys
-    [B, C, T * G, Hkv, d] in ``work`` and the flat row numbers [B * C * T] (for the scatter)."""
-    rows = (torch.arange(g.B, device=idx.device).view(g.B, 1, 1) * g.ng + idx[:, 0, 0]).reshape(-1)
-    d = flat.shape[1] // (g.G * g.Hkv)
-    return flat.index_select(0, rows).view(g.B, idx.shape[3], -1, g.Hkv, d).to(work), rows
+def _slot_keys(idx: Tensor, valid: Tensor, b: int, g: _Geom) -> tuple[Tensor, Tensor]:
+    """Row b of a shared plan's chunk (idx [B, 1, 1, C, T] granules, valid [B, 1, 1, C, T G])
+    as key positions col [C * T * G] (0 where the slot is not valid) and ok [C, T * G]."""
+    i = idx[b, 0, 0]
+    if g.G > 1:
+        i = (i.unsqueeze(-1) * g.G + torch.arange(g.G, device=i.device)).flatten(-2)
+    ok = valid[b, 0, 0]
+    return torch.where(ok, i, torch.zeros_like(i)).reshape(-1), ok
 
 
-def _rows_tm(x: Tensor, c0: int, c1: int, g: _Geom, work: torch.dtype) -> Tensor:
-    """Query-side rows c0..c1 of x [B, H, Nq, d] as [B, C, Hkv, R, d] in ``work``."""
-    return x.reshape(g.B, g.Hkv, g.Rg * g.R2, g.Nq, x.shape[-1])[:, :, :, c0:c1].permute(0, 3, 1, 2, 4).to(work)
-
-
-def _prod(buf: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """a * b (broadcast) written into the front of the flat workspace ``buf``: the chunk's
-    [C, T, Hkv, R, d] products reuse one buffer instead of a fresh allocation each."""
-    shape = torch.broadcast_shapes(a.shape, b.shape)
-    return torch.mul(a, b, out=buf[: math.prod(shape)].view(shape))
-
-
-def _workspace(g: _Geom, C: int, width: int, work: torch.dtype, device: torch.device) -> Tensor:
-    """Flat buffer for one chunk's products (see :func:`_prod`): B * C * width * G * H * max(D, Dv)."""
-    return torch.empty(g.B * C * width * g.G * g.H * max(g.D, g.Dv), dtype=work, device=device)
-
-
-def _tm_scores(buf: Tensor, qs: Tensor, kg: Tensor, valid: Tensor) -> Tensor:
-    """qs [B, C, Hkv, R, D] (scaled), kg [B, C, T, Hkv, D], valid [B, C, T] -> masked scores
-    [B, C, T, Hkv, R] (elementwise products summed over D: the gathered block is read once)."""
-    s = _prod(buf, kg.unsqueeze(-2), qs.unsqueeze(2)).sum(-1)
-    return s.masked_fill_(~valid[..., None, None], float("-inf"))
-
-
-def _outer_tm(buf: Tensor, w: Tensor, x: Tensor) -> Tensor:
-    """w [B, C, T, Hkv, R], x [B, C, Hkv, R, d] -> sum_r w x: [B, C, T, Hkv, d] (what each listed
-    key receives; R = 1 is a plain broadcast product, no reduction pass)."""
-    if w.shape[-1] == 1:
-        return _prod(buf, w, x.squeeze(-2).unsqueeze(2))
-    return _prod(buf, w.unsqueeze(-1), x.unsqueeze(2)).sum(-2)
+def _transposed_csr(col: Tensor, nk: int, W: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunk's edges in key-major order: (perm [E] edge ids, their query rows [E],
+    rowptr over keys [nk + 1])."""
+    perm = torch.argsort(col, stable=True)
+    trow = torch.zeros(nk + 1, dtype=torch.long, device=col.device)
+    torch.cumsum(torch.bincount(col, minlength=nk), 0, out=trow[1:])
+    return perm, perm // W, trow
 
 
 def _fwd_shared(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan, g: _Geom, *, scale: float,
                 sinks: Tensor | None, chunk: int | None) -> tuple[Tensor, Tensor]:
-    """:func:`given_keys_fwd` for one key list per query shared by every head (Gi = Rg = 1):
-    token-major K/V, one gather of Hkv * D numbers per listed key, chunks sized for the
-    cache (``SHARED_ELEMENTS``). Same outputs and ``lse`` layout as the general path."""
+    """:func:`given_keys_fwd` for one key list per query shared by every head (Gi = Rg = 1).
+
+    Each chunk's slots become one CSR pattern with W = width * G slots in every row (a slot
+    that is not valid points at key 0 and gets weight 0); per head, the scores are one
+    sampled product (:func:`~longattn.ops._csr.sddmm_into`) against the head's key table,
+    the softmax runs over [C, W], and the output is one weighted bag sum of value rows
+    (:func:`~longattn.ops._csr.bag_sum`). No gathered [C, W, D] copy is made and one
+    head's key table stays in the cache. Same outputs and ``lse`` layout as the general path.
+    """
     work = torch.promote_types(q.dtype, torch.float32)
-    C = _chunk_rows(g, plan.width, chunk, min(CHUNK_ELEMENTS, SHARED_ELEMENTS))
-    kf, vf = _token_major(k, g), _token_major(v, g)
-    out = q.new_empty(g.B, g.Hkv, g.R2, g.Nq, g.Dv)
+    W = plan.width * g.G
+    C = _csr_rows(g, plan.width, chunk)
+    out = q.new_empty(g.B, g.H, g.Nq, g.Dv)
     lse = torch.empty(g.B, g.Hkv, 1, g.Nq, g.R2, dtype=work, device=q.device)
-    sink = None if sinks is None else sinks.to(work).view(g.Hkv, g.R2)
-    buf = _workspace(g, C, plan.width, work, q.device)
+    sink = None if sinks is None else sinks.to(work)
+    offs = torch.arange(0, C * W + 1, W, device=q.device)
+    s = torch.empty(C * W, dtype=work, device=q.device)
     for c0 in range(0, g.Nq, C):
         c1 = min(g.Nq, c0 + C)
+        n = c1 - c0
         idx, valid = plan.fn(c0, c1)
-        kg, _ = _gather_tm(kf, idx, g, work)
-        s = _tm_scores(buf, _rows_tm(q, c0, c1, g, work) * scale, kg, valid[:, 0, 0])  # [B, C, T, Hkv, R]
-        m = s.amax(2)
-        if sink is not None:
-            m = torch.maximum(m, sink)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m.unsqueeze(2))
-        den = p.sum(2)
-        if sink is not None:
-            den = den + torch.exp(sink - m)
-        vg, _ = _gather_tm(vf, idx, g, work)
-        o = _prod(buf, p.unsqueeze(-1), vg.unsqueeze(-2)).sum(2) / den.clamp_min(torch.finfo(work).tiny).unsqueeze(-1)
-        out[:, :, :, c0:c1] = o.permute(0, 2, 3, 1, 4).to(out.dtype)
-        lse[:, :, 0, c0:c1] = torch.where(den > 0, m + torch.log(den), torch.full_like(m, float("inf"))).transpose(1, 2)
-    return out.view(g.B, g.H, g.Nq, g.Dv), lse
+        for b in range(g.B):
+            col, ok = _slot_keys(idx, valid, b, g)
+            for h in range(g.H):
+                kvh = h // g.R2
+                sh = sddmm_into(s[: n * W], offs[: n + 1], col, q[b, h, c0:c1].to(work), k[b, kvh].to(work), scale)
+                sh = sh.view(n, W).masked_fill_(~ok, float("-inf"))
+                m = sh.amax(-1)
+                if sink is not None:
+                    m = torch.maximum(m, sink[h])
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                p = torch.exp(sh.sub_(m[:, None]))
+                den = p.sum(-1)
+                if sink is not None:
+                    den = den + torch.exp(sink[h] - m)
+                p.div_(den.clamp_min(torch.finfo(work).tiny)[:, None])
+                out[b, h, c0:c1] = bag_sum(v[b, kvh].to(work), col, offs[: n + 1], p.view(-1))
+                lse[b, kvh, 0, c0:c1, h % g.R2] = torch.where(den > 0, m + torch.log(den), torch.full_like(m, float("inf")))
+    return out, lse
 
 
 def _bwd_shared(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, plan: SlotPlan,
                 g: _Geom, *, scale: float, sinks: Tensor | None, chunk: int | None,
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`given_keys_bwd` for shared key lists (see :func:`_fwd_shared`): per chunk one
-    gather of K and of V, dK and dV scattered with one ``index_add_`` each into token-major
-    fp32 accumulators (rows of G * Hkv * d numbers)."""
+    """:func:`given_keys_bwd` for shared key lists (see :func:`_fwd_shared`): per chunk and
+    head, p = exp(s - lse) from the sampled product again, dP = dO . v_j another, dQ a bag
+    sum of key rows; dK and dV bag sums of query and dO rows over the chunk's edges in
+    key-major order (one argsort per chunk and batch row, shared by every head)."""
     work = torch.promote_types(q.dtype, torch.float32)
-    C = _chunk_rows(g, plan.width, chunk, min(CHUNK_ELEMENTS, SHARED_ELEMENTS))
-    kf, vf = _token_major(k, g), _token_major(v, g)
-    dq = torch.empty(g.B, g.Hkv, g.R2, g.Nq, g.D, dtype=q.dtype, device=q.device)
-    dkf = torch.zeros(kf.shape, dtype=work, device=k.device)
-    dvf = torch.zeros(vf.shape, dtype=work, device=v.device)
-    sink = None if sinks is None else sinks.to(work).view(g.Hkv, g.R2)
+    W = plan.width * g.G
+    C = _csr_rows(g, plan.width, chunk)
+    dq = torch.empty(g.B, g.H, g.Nq, g.D, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(g.B, g.Hkv, g.Nk, g.D, dtype=work, device=k.device)
+    dv = torch.zeros(g.B, g.Hkv, g.Nk, g.Dv, dtype=work, device=v.device)
+    sink = None if sinks is None else sinks.to(work)
     dsink = None if sink is None else torch.zeros_like(sink)
-    buf = _workspace(g, C, plan.width, work, q.device)
+    offs = torch.arange(0, C * W + 1, W, device=q.device)
+    s = torch.empty(C * W, dtype=work, device=q.device)
+    dp = torch.empty(C * W, dtype=work, device=q.device)
     for c0 in range(0, g.Nq, C):
         c1 = min(g.Nq, c0 + C)
+        n = c1 - c0
         idx, valid = plan.fn(c0, c1)
-        kg, rows = _gather_tm(kf, idx, g, work)
-        vg, _ = _gather_tm(vf, idx, g, work)
-        qs = _rows_tm(q, c0, c1, g, work) * scale
-        doc = _rows_tm(dout, c0, c1, g, work)
-        delta = (doc * _rows_tm(out, c0, c1, g, work)).sum(-1)  # [B, C, Hkv, R]
-        lc = lse[:, :, 0, c0:c1].transpose(1, 2)
-        p = torch.exp(_tm_scores(buf, qs, kg, valid[:, 0, 0]).sub_(lc.unsqueeze(2)))  # [B, C, T, Hkv, R]
-        ds = p * (_prod(buf, vg.unsqueeze(-2), doc.unsqueeze(2)).sum(-1).sub_(delta.unsqueeze(2)))
-        dq[:, :, :, c0:c1] = (_prod(buf, ds.unsqueeze(-1), kg.unsqueeze(-2)).sum(2) * scale).permute(0, 2, 3, 1, 4).to(dq.dtype)
-        dvf.index_add_(0, rows, _outer_tm(buf, p, doc).reshape(rows.shape[0], -1))
-        dkf.index_add_(0, rows, _outer_tm(buf, ds, qs).reshape(rows.shape[0], -1))
-        if dsink is not None:
-            dsink -= (torch.exp(sink - lc) * delta).sum((0, 1))
-    dsinks = None if dsink is None else dsink.reshape(-1).to(sinks.dtype)
-    dk = dkf.view(g.B, g.ng * g.G, g.Hkv, g.D)[:, : g.Nk].transpose(1, 2)
-    dv = dvf.view(g.B, g.ng * g.G, g.Hkv, g.Dv)[:, : g.Nk].transpose(1, 2)
-    return dq.view(g.B, g.H, g.Nq, g.D), dk.to(k.dtype), dv.to(v.dtype), dsinks
+        for b in range(g.B):
+            col, ok = _slot_keys(idx, valid, b, g)
+            perm, trows, trow = _transposed_csr(col, g.Nk, W)
+            for h in range(g.H):
+                kvh = h // g.R2
+                qh, kt, vt = q[b, h, c0:c1].to(work), k[b, kvh].to(work), v[b, kvh].to(work)
+                doh = dout[b, h, c0:c1].to(work).contiguous()  # (an expanded dO would take the slow bag path)
+                delta = (doh * out[b, h, c0:c1].to(work)).sum(-1)
+                lc = lse[b, kvh, 0, c0:c1, h % g.R2]
+                sh = sddmm_into(s[: n * W], offs[: n + 1], col, qh, kt, scale).view(n, W)
+                p = torch.exp(sh.masked_fill_(~ok, float("-inf")).sub_(lc[:, None]))
+                dph = sddmm_into(dp[: n * W], offs[: n + 1], col, doh, vt, 1.0).view(n, W)
+                ds = dph.sub_(delta[:, None]).mul_(p).view(-1)
+                dq[b, h, c0:c1] = (bag_sum(kt, col, offs[: n + 1], ds) * scale).to(dq.dtype)
+                dv[b, kvh] += bag_sum(doh, trows, trow, p.view(-1).index_select(0, perm))
+                dk[b, kvh] += bag_sum(qh, trows, trow, ds.index_select(0, perm)).mul_(scale)
+                if dsink is not None:
+                    dsink[h] -= (torch.exp(sink[h] - lc) * delta).sum()
+    dsinks = None if dsink is None else dsink.to(sinks.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
 def given_keys_fwd(

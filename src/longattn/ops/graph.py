@@ -35,7 +35,6 @@ Cost O(E * D) time per head.
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from longattn.ops._checks import check_qkv, default_scale
+from longattn.ops._csr import bag_sum, csr_matrix, sddmm_into
 from longattn.registry import REQUIRED, Param, register
 
 #: CSR structures kept (least recently used dropped first)
@@ -93,9 +93,7 @@ class CSR:
 
     def with_values(self, values: Tensor) -> Tensor:
         """The [Nq, Nk] CSR matrix of these edges holding ``values`` [E] (shared, not copied)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self.rowptr, self.col, values, (self.nq, self.nk), check_invariants=False)
+        return csr_matrix(self.rowptr, self.col, values, self.nq, self.nk)
 
 
 def build_csr(ei: Tensor, nq: int, nk: int, causal: bool) -> CSR:
@@ -145,31 +143,17 @@ def csr_of(edge_index: Tensor, nq: int, nk: int, causal: bool, device: torch.dev
 
 
 def _sddmm_into(out: Tensor, csr: CSR, a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """out[e] = alpha * a_i . b_j for every edge e = (j -> i): a [Nq, D], b [Nk, D], out [E].
-
-    ``sampled_addmm`` writes in place when its output is its input matrix (else it first
-    copies the whole pattern, indices included); beta = 0 still reads the old values
-    (0 * NaN = NaN), so they are zeroed first."""
-    m = csr.with_values(out.zero_())
-    torch.sparse.sampled_addmm(m, a, b.t(), beta=0.0, alpha=alpha, out=m)
-    return out
-
-
-_bag_sum_into = torch.ops.aten._embedding_bag_forward_only.out
+    """out[e] = alpha * a_i . b_j for every edge e = (j -> i): a [Nq, D], b [Nk, D], out [E]."""
+    return sddmm_into(out, csr.rowptr, csr.col, a, b, alpha)
 
 
 def _gather_sum(idx: Tensor, rowptr: Tensor, table: Tensor, w: Tensor) -> Tensor:
-    """out[h, r] = sum_{e in row r} w[h, e] table[h, idx[e]]: table [BH, M, D], w [BH, E] -> [BH, R, D].
-
-    One ``embedding_bag`` (mode sum, per-sample weights) per head, written straight into
-    the result (a fresh output per head would be mapped, faulted in and copied)."""
+    """out[h, r] = sum_{e in row r} w[h, e] table[h, idx[e]]: table [BH, M, D], w [BH, E] -> [BH, R, D]
+    (one ``embedding_bag`` per head, written straight into the result)."""
     BH, _, D = table.shape
-    R = rowptr.numel() - 1
-    out = table.new_empty(BH, R, D)
-    aux = [torch.empty(0, dtype=torch.long, device=table.device) for _ in range(3)]
+    out = table.new_empty(BH, rowptr.numel() - 1, D)
     for h in range(BH):
-        _bag_sum_into(table[h], idx, rowptr, False, 0, False, w[h], True, -1,
-                      out0=out[h], out1=aux[0], out2=aux[1], out3=aux[2])
+        bag_sum(table[h], idx, rowptr, w[h], out=out[h])
     return out
 
 

@@ -135,8 +135,8 @@ def top_indices(scores: Tensor, visible: Tensor, topk: int) -> Tensor:
         return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
     visible = visible.expand_as(scores)
     s = scores.masked_fill(~visible, float("-inf"))
-    vals, idx = s.topk(K, -1)
-    thr = vals[..., -1:]
+    vals, idx = s.topk(K, -1, sorted=False)  # (unsorted: ~30 % faster at K = 512 of 16384)
+    thr = vals.amin(-1, keepdim=True)
     tied = torch.isfinite(thr[..., 0]) & ((s == thr).sum(-1) > (vals == thr).sum(-1))
     idx = torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1))
     if bool(tied.any()):
