@@ -392,6 +392,10 @@ def test_output_gate_multiplies_by_silu_of_a_projection_of_the_raw_query():
     o = plain(q, k, v, causal=True)
     ref = torch.stack([o[:, h] * Fn.silu(q[:, h] @ w[h] + b[h]) for h in range(2)], 1)
     _close(gated(q, k, v, causal=True), ref, what="output gate")
+    fresh = longattn.build("gated_delta", heads=2, head_dim=8, short_conv=3, output_norm=True,
+                           output_gate=True).double()
+    fresh.load_state_dict({**plain.state_dict(), "w_gate": fresh.w_gate, "b_gate": fresh.b_gate})
+    _close(fresh(q, k, v, causal=True), o, tol=1e-4 * o.abs().max().item(), what="the gate at its start")
     with pytest.raises(ValueError, match="output_gate"):
         longattn.attention(q, k, v, "gated_delta", causal=True, output_gate=True)
     with pytest.raises(TypeError, match="output_gate"):
