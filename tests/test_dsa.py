@@ -219,3 +219,24 @@ def test_registered_with_a_module_and_the_model_trains():
         index_losses.append(aux.item())
     assert losses[-1] < losses[0] and all(0 <= x < float("inf") for x in index_losses)
     assert dsa and all(m.index_q.grad.abs().sum() > 0 for m in dsa)
+
+
+@pytest.mark.parametrize("case", ["causal_gqa", "bidirectional_pad"])
+def test_module_loss_from_the_recorded_attention_weights_equals_the_oracle(case):
+    """In training the module's sparse-stage loss takes the main attention's weights as its
+    forward recorded them (SlotPlan.weights): the loss and the indexer gradients equal the
+    float64 oracle's, and the output is still the oracle's."""
+    c = CASES[case]
+    q, k, v, kpm, w = _case(c)
+    mod = DSAAttention(c["H"], 6, topk=c["topk"], index_heads=3, index_dim=4, weights=w).double().train()
+    out = mod(q, k, v, causal=c["causal"], key_padding_mask=kpm)
+    I = _oracle_scores(q, k, {n: getattr(mod, n) for n in w})
+    sel = _oracle_selection(I, _visible(2, c["N"], c["N"], c["causal"], kpm), c["topk"])
+    R = c["H"] // c["Hkv"]
+    ref = dense_attention(q, k.repeat_interleave(R, 1), v.repeat_interleave(R, 1), sel[:, None])
+    torch.testing.assert_close(out, ref, atol=1e-11, rtol=1e-9)
+    ref_loss = _oracle_loss(q, k, I, sel)
+    torch.testing.assert_close(mod.last_indexer_loss, ref_loss, atol=1e-12, rtol=1e-9)
+    params = [getattr(mod, n) for n in w]
+    for a, b in zip(torch.autograd.grad(mod.last_indexer_loss, params), torch.autograd.grad(ref_loss, params)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)

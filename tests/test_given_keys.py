@@ -63,7 +63,7 @@ CASES = {  # name: (H, Hkv, index heads (0: [B, Nq, T]), causal, padded, sinks)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_and_gradients_equal_the_dense_oracle(case, monkeypatch):
-    monkeypatch.setattr(GK, "CHUNK_ELEMENTS", 2000)  # several chunks of queries
+    monkeypatch.setattr(GK, "CSR_EDGES", 60)  # several chunks of queries
     H, Hkv, Hi, causal, padded, with_sinks = CASES[case]
     B, Nq, Nk, T = 2, 23, 37, 9  # bottom-right: Nq < Nk
     q, k, v = _inputs(B, H, Hkv, Nq, Nk)
@@ -79,15 +79,9 @@ def test_outputs_and_gradients_equal_the_dense_oracle(case, monkeypatch):
 
 
 @pytest.mark.parametrize("H,Hkv", [(3, 3), (4, 2)])
-def test_shared_lists_take_the_csr_path_and_equal_the_oracle(H, Hkv, monkeypatch):
-    # one list per query for every head: the CSR path (one sampled product and bag sums per
-    # head and chunk), never the per-head gather; several chunks
+def test_shared_lists_equal_the_oracle(H, Hkv, monkeypatch):
+    # one list per query for every head, read by every head's sampled product; several chunks
     monkeypatch.setattr(GK, "CSR_EDGES", 30)
-
-    def per_head_gather(*args, **kwargs):
-        raise AssertionError("shared lists took the per-head gather")
-
-    monkeypatch.setattr(GK, "_gather", per_head_gather)
     B, Nq, Nk, T = 2, 19, 41, 7
     q, k, v = _inputs(B, H, Hkv, Nq, Nk)
     g = torch.Generator().manual_seed(3)
@@ -204,3 +198,22 @@ idx = torch.randint(0, N, (1, N, 16))
     run = "out = given_keys_attention(q, k, v, idx, causal=True)\nout.sum().backward()"
     peak = peak_memory_mb(setup, run)
     assert peak < 600, f"peak {peak:.0f} MiB: something quadratic was built"
+
+
+def test_recorded_weights_are_the_head_summed_attention_and_need_shared_lists():
+    """SlotPlan.weights: the forward adds every slot's weight summed over heads (the dense
+    softmax of each head, summed); a per-kv-head plan that asks for them is refused."""
+    B, H, Hkv, Nq, Nk, T = 1, 4, 2, 7, 12, 5
+    q, k, v = _inputs(B, H, Hkv, Nq, Nk)
+    idx = torch.stack([torch.randperm(Nk, generator=torch.Generator().manual_seed(r))[:T] for r in range(Nq)])[None]
+    ok = torch.ones_like(idx, dtype=torch.bool)
+    w = torch.zeros(B, Nq, T, dtype=D64)
+    plan = GK.SlotPlan(lambda c0, c1: (idx[:, None, None, c0:c1], ok[:, None, None, c0:c1]), T, shared=True, weights=w)
+    GK.given_keys_apply(q, k, v, plan, scale=0.5)
+    kr = k.repeat_interleave(H // Hkv, 1)[0]  # [H, Nk, D]
+    s = torch.einsum("hnd,hntd->hnt", q[0], kr[:, idx[0]]) * 0.5
+    torch.testing.assert_close(w[0], torch.softmax(s, -1).sum(0).detach(), rtol=0, atol=1e-12)
+    per_kv = GK.SlotPlan(lambda c0, c1: (idx[:, None, None, c0:c1].expand(B, Hkv, 1, -1, -1),
+                                         ok[:, None, None, c0:c1].expand(B, Hkv, 1, -1, -1)), T, weights=w)
+    with pytest.raises(ValueError, match="weights"):
+        GK.given_keys_apply(q, k, v, per_kv, scale=0.5)

@@ -106,7 +106,7 @@ CASES = {  # name: (H, Hkv, params, causal, padded)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_and_gradients_equal_the_dense_oracle(case, monkeypatch):
-    monkeypatch.setattr(GK, "CHUNK_ELEMENTS", 3000)  # several attention chunks
+    monkeypatch.setattr(GK, "CSR_EDGES", 300)  # several attention chunks
     monkeypatch.setattr(TB, "GATE_ELEMENTS", 1000)  # several gate chunks
     H, Hkv, params, causal, padded = CASES[case]
     N = 47  # no multiple of any block
@@ -210,7 +210,7 @@ k, v = (torch.randn(1, 1, 16384, 16, requires_grad=True) for _ in range(2))
 def test_block_plan_on_given_keys_equals_the_oracle(monkeypatch):
     """The same selection as whole key blocks for ``given_keys_apply`` (the path other
     selection mechanisms build on), per query head under GQA, with padding."""
-    monkeypatch.setattr(GK, "CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(GK, "CSR_EDGES", 300)
     params = dict(block=6, topk=2, gate="bound", sink_tokens=8, window=7)
     q, k, v = _qkv(2, 4, 2, 41)
     kpm = torch.rand(2, 41, generator=torch.Generator().manual_seed(4)) > 0.2

@@ -8,7 +8,9 @@ Both are PyTorch kernels that read each edge's key row from the key table direct
 - :func:`sddmm_into`: out[e] = alpha * a_i . b_j for every edge e = (i, j) of the CSR
   pattern (``torch.sparse.sampled_addmm``, in place);
 - :func:`bag_sum`: out[r] = sum_{e in row r} w[e] table[idx[e]] (``embedding_bag``, mode
-  sum with per-sample weights, written into a given output).
+  sum with per-sample weights, written into a given output);
+- :func:`key_major`: the same edges in key-major order, for the backward's bag sums into
+  key rows.
 """
 
 from __future__ import annotations
@@ -49,3 +51,14 @@ def bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, w: Tensor, out: Tensor 
     _bag_sum_into(table, idx, offsets, False, 0, False, w, True, -1,
                   out0=out, out1=aux[0], out2=aux[1], out3=aux[2])
     return out
+
+
+def key_major(col: Tensor, nk: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The edges of a pattern with ``width`` slots per row (col [R * width] keys in [0, nk)),
+    in key-major order: (perm [E] edge ids, each edge's row [E], rowptr over keys [nk + 1]).
+    For the transposed bag sums of a backward (dK, dV). The stable sort runs on int32 keys
+    (about 1.8x faster than int64 on the CPU)."""
+    perm = torch.argsort(col.to(torch.int32) if nk < 2 ** 31 else col, stable=True)
+    rowptr = torch.zeros(nk + 1, dtype=torch.long, device=col.device)
+    torch.cumsum(torch.bincount(col, minlength=nk), 0, out=rowptr[1:])
+    return perm, perm // width, rowptr

@@ -5,7 +5,7 @@ A *lightning indexer* scores every (query t, key s) pair cheaply,
     I(t, s) = sum_j w_{t,j} ReLU(q^I_{t,j} . k^I_s),      j = 1 .. Hi index heads,
 
 and each query attends, with one exact softmax (:func:`longattn.ops.given_keys.
-given_keys_attention`), to its ``topk`` highest-scored visible tokens (ties to the lower
+given_keys_apply`), to its ``topk`` highest-scored visible tokens (ties to the lower
 position; causal: s <= t). The selection is shared by every head and is not
 differentiated. Here the indexer reads the attention layer's own tensors (the module gets
 q, k, v only): q^I_t = (concatenated query heads of t) W_q [H*D -> Hi*Di], the weights
@@ -35,9 +35,9 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
-from longattn.ops._csr import bag_sum, sddmm_into
+from longattn.ops._csr import bag_sum, key_major, sddmm_into
 from longattn.ops.dense import full_attention
-from longattn.ops.given_keys import given_keys_attention
+from longattn.ops.given_keys import SlotPlan, given_keys_apply
 from longattn.ops.nsa import register_learned_select, top_indices
 from longattn.registry import Param
 
@@ -98,6 +98,21 @@ def _chunk(B: int, Hi: int, Nq: int, Nk: int) -> int:
     return max(1, min(Nq, INDEX_ELEMENTS // max(1, B * (Hi + 4) * Nk)))
 
 
+def _hide(sc: Tensor, c0: int, c1: int, Nq: int, Nk: int, causal: bool, key_padding_mask: Tensor | None) -> None:
+    """-inf, in place, where query rows c0..c1 may not see the key of sc [B, C, hi]: padding,
+    and (causal) keys after the row's position, which lie in the last C columns only."""
+    hi = sc.shape[-1]
+    if key_padding_mask is not None:
+        sc.masked_fill_(~key_padding_mask[:, None, :hi], float("-inf"))
+    if causal:
+        off = Nk - Nq
+        lo = max(0, c0 + off + 1)  # every key before lo is visible to every row of the chunk
+        if lo < hi:
+            pos = torch.arange(c0, c1, device=sc.device) + off
+            late = torch.arange(lo, hi, device=sc.device)[None, :] > pos[:, None]
+            sc[..., lo:hi].masked_fill_(late, float("-inf"))
+
+
 def select_tokens(qi: Tensor, ki: Tensor, wi: Tensor, *, topk: int, causal: bool,
                   key_padding_mask: Tensor | None) -> Tensor:
     """The ``topk`` best visible tokens per query: long [B, Nq, min(topk, Nk)] (in no set
@@ -111,8 +126,8 @@ def select_tokens(qi: Tensor, ki: Tensor, wi: Tensor, *, topk: int, causal: bool
             c1 = min(Nq, c0 + C)
             hi = min(Nk, c1 + Nk - Nq) if causal else Nk  # causal: no key past the chunk's last row
             sc = index_scores(qi[:, c0:c1], ki[:, :hi], wi[:, c0:c1])
-            vis = _visible(c0, c1, Nq, Nk, causal, key_padding_mask, qi.device)[..., :hi]
-            top = top_indices(sc, vis, topk)
+            _hide(sc, c0, c1, Nq, Nk, causal, key_padding_mask)
+            top = top_indices(sc, None, topk)
             out[:, c0:c1] = F.pad(top, (0, out.shape[-1] - top.shape[-1]), value=-1)
     return out
 
@@ -167,19 +182,26 @@ def _row_softmax(x: Tensor, ok: Tensor) -> Tensor:
 
 
 def _sparse_kl_rows(q: Tensor, k: Tensor, qi: Tensor, ki: Tensor, wi: Tensor, col: Tensor, ok: Tensor,
-                    b: int, c0: int, c1: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    b: int, c0: int, c1: int, scale: float, weights: Tensor | None,
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """KL summed over rows c0..c1 of batch row b and its gradients wrt (qi rows, ki, wi rows):
     sampled products over the rows' slots (no gathered copy), written by hand:
-    dKL/dI = softmax(I) - p; I = sum_j w_j relu(r_j), r_j = qi_j . ki."""
+    dKL/dI = softmax(I) - p; I = sum_j w_j relu(r_j), r_j = qi_j . ki. The main attention's
+    p comes from ``weights`` [B, Nq, T] (its weights summed over heads, as the forward
+    recorded them) or, if None, from the sampled products q_h . k_j here."""
     C, T = ok.shape
-    H, Hkv, Hi = q.shape[1], k.shape[1], qi.shape[2]
-    offs = torch.arange(0, C * T + 1, T, device=q.device)
-    buf = q.new_empty(C * T)
-    target = q.new_zeros(C, T)
-    for h in range(H):
-        s = sddmm_into(buf, offs, col, q[b, h, c0:c1], k[b, h // (H // Hkv)], scale).view(C, T)
-        target += _row_softmax(s, ok)
-    target /= target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
+    Hi = qi.shape[2]
+    offs = torch.arange(0, C * T + 1, T, device=qi.device)
+    if weights is None:
+        target = q.new_zeros(C, T)
+        H, Hkv = q.shape[1], k.shape[1]
+        buf = q.new_empty(C * T)
+        for h in range(H):
+            s = sddmm_into(buf, offs, col, q[b, h, c0:c1], k[b, h // (H // Hkv)], scale).view(C, T)
+            target += _row_softmax(s, ok)
+    else:
+        target = torch.where(ok, weights[b, c0:c1].to(qi.dtype), 0)
+    target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
     qj = qi[b, c0:c1].transpose(0, 1).contiguous()  # [Hi, C, Di]
     r = torch.stack([sddmm_into(q.new_empty(C * T), offs, col, qj[j], ki[b], 1.0).view(C, T)
                      for j in range(Hi)])  # [Hi, C, T]
@@ -191,11 +213,9 @@ def _sparse_kl_rows(q: Tensor, k: Tensor, qi: Tensor, ki: Tensor, wi: Tensor, co
     dI = torch.where(ok.any(-1, keepdim=True), dI, 0)
     dwi = (dI.unsqueeze(0) * torch.relu(r)).sum(-1).T  # [C, Hi]
     dr = dI.unsqueeze(0) * wi[b, c0:c1].T.unsqueeze(-1) * (r > 0)  # [Hi, C, T]
-    perm = torch.argsort(col, stable=True)
-    trow = torch.zeros(ki.shape[1] + 1, dtype=torch.long, device=q.device)
-    torch.cumsum(torch.bincount(col, minlength=ki.shape[1]), 0, out=trow[1:])
+    perm, rows, trow = key_major(col, ki.shape[1], T)
     dqi = torch.stack([bag_sum(ki[b], col, offs, dr[j].reshape(-1)) for j in range(Hi)], 1)  # [C, Hi, Di]
-    dki = sum(bag_sum(qj[j], perm // T, trow, dr[j].reshape(-1).index_select(0, perm)) for j in range(Hi))
+    dki = sum(bag_sum(qj[j], rows, trow, dr[j].reshape(-1).index_select(0, perm)) for j in range(Hi))
     return kl, dqi, dki, dwi
 
 
@@ -205,7 +225,7 @@ class _SparseIndexerKL(torch.autograd.Function):
     scales it). q, k: the main attention's (no gradient)."""
 
     @staticmethod
-    def forward(ctx, qi, ki, wi, q, k, idx, vis_fn, scale):  # type: ignore[override]
+    def forward(ctx, qi, ki, wi, q, k, idx, vis_fn, scale, weights):  # type: ignore[override]
         B, Nq = idx.shape[:2]
         C = max(1, min(Nq, CSR_ROWS_EDGES // max(1, idx.shape[-1])))
         total = qi.new_zeros(())
@@ -214,7 +234,7 @@ class _SparseIndexerKL(torch.autograd.Function):
             c1 = min(Nq, c0 + C)
             for b in range(B):
                 col, ok = _sparse_rows(idx, vis_fn, c0, c1, b)
-                kl, gq, gk, gw = _sparse_kl_rows(q, k, qi, ki, wi, col, ok, b, c0, c1, scale)
+                kl, gq, gk, gw = _sparse_kl_rows(q, k, qi, ki, wi, col, ok, b, c0, c1, scale, weights)
                 total += kl
                 dqi[b, c0:c1] = gq
                 dki[b] += gk
@@ -225,12 +245,13 @@ class _SparseIndexerKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         dqi, dki, dwi = ctx.saved_tensors
-        return dqi * g, dki * g, dwi * g, None, None, None, None, None
+        return dqi * g, dki * g, dwi * g, None, None, None, None, None, None
 
 
 def indexer_loss(
     q: Tensor, k: Tensor, qi: Tensor, ki: Tensor, wi: Tensor, *, indices: Tensor | None = None,
     causal: bool = False, key_padding_mask: Tensor | None = None, scale: float | None = None,
+    attention_weights: Tensor | None = None,
 ) -> Tensor:
     """The DSA indexer loss: mean over query rows of KL(p_t || softmax(I_t)) (a scalar).
 
@@ -238,6 +259,9 @@ def indexer_loss(
     qi, ki, wi from :func:`index_inputs` (the gradient flows to the indexer weights).
     ``indices`` [B, Nq, T] (-1 = empty): the sparse stage, KL over each row's selected
     tokens; None: the warm-up, KL over every visible token (causal, key padding).
+    ``attention_weights`` [B, Nq, T] (sparse stage only): the main attention's weights on
+    the slots of ``indices``, summed over heads (recorded by its forward through
+    ``SlotPlan.weights``); None: computed here from q and k.
     Sparse: sampled products over the selected slots only (no gathered copy), the gradient
     to qi, ki, wi written by hand, O(Nq * T * (H * D + Hi * Di)). Warm-up: chunks of rows
     under activation checkpointing, memory one chunk ([chunk, Nk] scores), never Nq x Nk,
@@ -252,7 +276,7 @@ def indexer_loss(
         def vis_fn(c0: int, c1: int) -> Tensor:
             return _visible(c0, c1, Nq, Nk, causal, key_padding_mask, q.device)
 
-        total = _SparseIndexerKL.apply(qi, ki, wi, qd.to(work), kd.to(work), indices, vis_fn, s)
+        total = _SparseIndexerKL.apply(qi, ki, wi, qd.to(work), kd.to(work), indices, vis_fn, s, attention_weights)
         return total / (B * Nq)
     C = max(1, _chunk(B, max(qi.shape[2], H), Nq, Nk))
     total = qi.new_zeros(())
@@ -300,16 +324,30 @@ def dsa_forward(
     Inputs already checked."""
     qi, ki, wi = index_inputs(q, k, weights)
     idx = None
+    weights = None
     if warmup:
         out = full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     else:
         idx = select_tokens(qi, ki, wi, topk=topk, causal=causal, key_padding_mask=key_padding_mask)
-        out = given_keys_attention(q, k, v, idx, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        weights = qi.new_zeros(idx.shape) if with_loss else None
+        out = _attend_selected(q, k, v, idx, default_scale(scale, q.shape[-1]), weights)
     loss = None
     if with_loss:
         loss = indexer_loss(q, k, qi, ki, wi, indices=idx, causal=causal, key_padding_mask=key_padding_mask,
-                            scale=scale)
+                            scale=scale, attention_weights=weights)
     return out, loss
+
+
+def _attend_selected(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, weights: Tensor | None) -> Tensor:
+    """Exact attention of each query over its selected tokens idx [B, Nq, T] (-1 = none;
+    distinct and visible by construction of :func:`select_tokens`, so no sort or mask is
+    needed), one list for every head; the forward adds the weights summed over heads into
+    ``weights`` [B, Nq, T] when given."""
+    ok = idx >= 0
+    safe = idx.clamp(min=0)
+    plan = SlotPlan(lambda c0, c1: (safe[:, None, None, c0:c1], ok[:, None, None, c0:c1]), idx.shape[-1],
+                    shared=True, weights=weights)
+    return given_keys_apply(q, k, v, plan, scale=scale)
 
 
 def dsa_attention(

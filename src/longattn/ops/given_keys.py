@@ -12,22 +12,27 @@ in a row counts once), less the ones causality or key padding hide; -1 marks an 
 slot; ``sinks`` (optional, one logit per head) join the denominator only (learned
 sinks, as gpt-oss); without them a row that sees nothing gives zeros.
 
-How it runs: queries are taken in chunks; for a chunk, the listed key and value rows
-are gathered ([chunk, topk, D], bounded), scores are batched matmuls of each query
-against its own gathered keys, the softmax is computed in fp32 (fp16/bf16 inputs), and
-the output written. The backward (written by hand, :func:`given_keys_bwd`) recomputes
-the chunk's scores from the saved log-sum-exp and scatters dK, dV into the key rows
-with ``index_add_``. Memory O(Nq * topk) (plus a bounded chunk), never Nq x Nk; time
-O(Nq * topk * D) per head. Grouped KV heads read kv head h // (H / Hkv) directly: K
-and V are never repeated. :mod:`longattn.ops.graph` is the CSR alternative for
-arbitrary edge lists.
+How it runs: queries are taken in chunks of about ``CSR_EDGES`` slots. A chunk's key
+lists (one for every head, one per kv head, or one per query head) are CSR patterns with
+the same number of slots in every row (a slot that is not valid points at key 0 with
+weight 0). Per query head, the scores are one sampled product
+(``torch.sparse.sampled_addmm``: q_i . k_j only at the listed pairs) against the head's
+key table, the softmax runs over [chunk, slots] in fp32, and the output is one weighted
+bag sum of value rows (``embedding_bag``): no gathered [chunk, topk, D] copy is written
+and one head's key table stays in the cache (:mod:`longattn.ops._csr`, shared with
+``graph``). The backward (written by hand, :func:`given_keys_bwd`) recomputes the scores
+from the saved log-sum-exp; dQ is a bag sum of key rows, dK and dV bag sums of query and
+dO rows over the same slots in key-major order. Memory O(Nq * topk) (plus a bounded
+chunk), never Nq x Nk; time O(Nq * topk * D) per head. Grouped KV heads read kv head
+h // (H / Hkv) directly: K and V are never repeated. :mod:`longattn.ops.graph` is the
+alternative for arbitrary edge lists (any number of edges per query).
 
 Selection mechanisms that describe their keys chunk by chunk (no [Nq, topk] index
-tensor at all), possibly as whole key blocks (``granule``: one copy per block instead of
-one per key, e.g. :func:`longattn.ops.topk_blocks.block_plan`), use :class:`SlotPlan`
-and :func:`given_keys_apply` directly. Where many queries read the same key blocks, the
+tensor at all), possibly as whole key blocks (``granule``, e.g.
+:func:`longattn.ops.topk_blocks.block_plan`), use :class:`SlotPlan` and
+:func:`given_keys_apply` directly. Where many queries read the same key blocks, the
 key-block-major engine of :mod:`longattn.ops.topk_blocks` is faster (a [64, D] x
-[D, block] matmul per tile instead of one gathered [topk, D] block per query).
+[D, block] matmul per tile).
 """
 
 from __future__ import annotations
@@ -35,18 +40,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-
 import torch
 from torch import Tensor
 
 from longattn.ops._checks import check_key_padding_mask, check_qkv, default_scale
-from longattn.ops._csr import bag_sum, sddmm_into
+from longattn.ops._csr import bag_sum, key_major, sddmm_into
 
-#: elements of gathered keys + values (and scores) one chunk may hold (~64 MiB in fp32)
-CHUNK_ELEMENTS = 1 << 24
-
-#: edges (query, key slot) one chunk of the shared-list path holds (its CSR pattern and
-#: per-head scores: ~16 MiB of int64 indices and 8 MiB per float buffer)
+#: slots (query, key) one chunk holds (its CSR pattern and per-head scores: ~16 MiB of
+#: int64 indices and 8 MiB per float buffer)
 CSR_EDGES = 1 << 21
 
 
@@ -59,8 +60,7 @@ class SlotPlan:
     granule g is keys g * granule ... g * granule + granule - 1; granule 1: key
     positions) in [0, ceil(Nk / granule)), ``valid`` bool [B, Gi, Rg, c1 - c0,
     width * granule], one flag per key of each slot (False: ignored; keys past Nk must
-    be False). Whole granules are gathered at once (one copy of granule * D numbers:
-    faster than key by key). Gi is 1 (one list for every kv head) or Hkv;
+    be False). A granule's keys become granule consecutive slots. Gi is 1 (one list for every kv head) or Hkv;
     Rg is 1 (one list per kv head group) or H / Hkv (one list per query head, then Gi
     must be Hkv). Valid slots of one row must name distinct keys (each key counted
     once): the plan's maker guarantees it. ``shared``: Gi = Rg = 1 (one list per query
@@ -72,6 +72,9 @@ class SlotPlan:
     per_query_head: bool = False
     granule: int = 1
     shared: bool = False
+    #: shared lists only: the forward adds each slot's attention weight, summed over the
+    #: heads, into this [B, Nq, width * granule] tensor (what DSA's indexer loss learns from)
+    weights: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -104,49 +107,9 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan) -> _Geom:
     return _Geom(B, Hkv, Rg, R // Rg, Nq, Nk, D, Dv, plan.granule)
 
 
-def _chunk_rows(g: _Geom, width: int, chunk: int | None, budget: int | None = None) -> int:
-    if chunk is not None:
-        return max(1, int(chunk))
-    width = width * g.G
-    per_row = g.B * g.Hkv * g.Rg * width * (g.D + g.Dv) + 3 * g.B * g.H * width
-    return max(1, min(g.Nq, (CHUNK_ELEMENTS if budget is None else budget) // max(per_row, 1)))
-
-
-def _shared_lists(plan: SlotPlan, Nq: int) -> bool:
-    """Whether ``plan`` gives one key list per query for every head (Gi = Rg = 1): then
-    the token-major path gathers each key once for all kv heads (rows of Hkv * D numbers)."""
-    return plan.shared and not plan.per_query_head and Nq > 0
-
-
-def _granules(x: Tensor, g: _Geom) -> Tensor:
-    """[B, Hkv, Nk, d] -> [B * Hkv * ng, G * d] (keys padded with zeros to ng * G)."""
-    pad = g.ng * g.G - g.Nk
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.reshape(g.B * g.Hkv * g.ng, g.G * x.shape[-1])
-
-
-def _gather(flat: Tensor, idx: Tensor, g: _Geom) -> tuple[Tensor, Tensor]:
-    """Granules of ``flat`` [B * Hkv * ng, G * d] at ``idx`` [B, Gi, Rg, C, T] ->
-    keys [B, Hkv, Rg, C, T * G, d] and the flat granule numbers (for the scatter)."""
-    base = (torch.arange(g.B, device=idx.device)[:, None] * g.Hkv
-            + torch.arange(g.Hkv, device=idx.device)[None, :]) * g.ng
-    rows = (base[:, :, None, None, None] + idx).expand(g.B, g.Hkv, *idx.shape[2:])
-    out = flat.index_select(0, rows.reshape(-1)).view(*rows.shape[:-1], -1, flat.shape[1] // g.G)
-    return out, rows
-
-
-def _sink_view(sinks: Tensor | None, g: _Geom) -> Tensor | None:
-    """sinks [H] -> [1, Hkv, Rg, 1, R2] (query head h = (g * Rg + rg) * R2 + r2)."""
-    if sinks is None:
-        return None
-    return sinks.view(1, g.Hkv, g.Rg, 1, g.R2)
-
-
-def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float) -> Tensor:
-    """qc [B, Hkv, Rg, C, R2, D], kg [B, Hkv, Rg, C, T, D] -> masked scores [.., C, R2, T]."""
-    s = torch.matmul(qc, kg.transpose(-1, -2)) * scale
-    return s.masked_fill(~valid.unsqueeze(-2), float("-inf"))
+def _check_weights(plan: SlotPlan) -> None:
+    if plan.weights is not None and not (plan.shared and not plan.per_query_head):
+        raise ValueError("SlotPlan.weights is recorded for shared lists only (shared=True)")
 
 
 def _csr_rows(g: _Geom, width: int, chunk: int | None) -> int:
@@ -156,41 +119,48 @@ def _csr_rows(g: _Geom, width: int, chunk: int | None) -> int:
     return max(1, min(g.Nq, CSR_EDGES // max(1, width * g.G)))
 
 
-def _slot_keys(idx: Tensor, valid: Tensor, b: int, g: _Geom) -> tuple[Tensor, Tensor]:
-    """Row b of a shared plan's chunk (idx [B, 1, 1, C, T] granules, valid [B, 1, 1, C, T G])
-    as key positions col [C * T * G] (0 where the slot is not valid) and ok [C, T * G]."""
-    i = idx[b, 0, 0]
+def _slot_keys(idx: Tensor, valid: Tensor, b: int, gi: int, rg: int, g: _Geom) -> tuple[Tensor, Tensor]:
+    """List (b, gi, rg) of a plan's chunk (idx [B, Gi, Rg, C, T] granules, valid [B, Gi, Rg,
+    C, T G]) as key positions col [C * T * G] (0 where the slot is not valid) and ok [C, T G]."""
+    i = idx[b, gi, rg]
     if g.G > 1:
         i = (i.unsqueeze(-1) * g.G + torch.arange(g.G, device=i.device)).flatten(-2)
-    ok = valid[b, 0, 0]
+    ok = valid[b, gi, rg]
     return torch.where(ok, i, torch.zeros_like(i)).reshape(-1), ok
 
 
-def _transposed_csr(col: Tensor, nk: int, W: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The chunk's edges in key-major order: (perm [E] edge ids, their query rows [E],
-    rowptr over keys [nk + 1])."""
-    perm = torch.argsort(col, stable=True)
-    trow = torch.zeros(nk + 1, dtype=torch.long, device=col.device)
-    torch.cumsum(torch.bincount(col, minlength=nk), 0, out=trow[1:])
-    return perm, perm // W, trow
+def _lists(idx: Tensor, g: _Geom) -> list[tuple[int, int, list[int]]]:
+    """(gi, rg, query heads reading that list) for the lists of a plan's chunk: one list for
+    every head (Gi = 1), one per kv head (its R query heads), or one per query head."""
+    Gi = idx.shape[1]
+    if Gi == 1 and idx.shape[2] == 1:
+        return [(0, 0, list(range(g.H)))]
+    R = g.Rg * g.R2
+    return [(gi, rg, [gi * R + rg * g.R2 + r2 for r2 in range(g.R2)]) for gi in range(Gi) for rg in range(g.Rg)]
 
 
-def _fwd_shared(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan, g: _Geom, *, scale: float,
-                sinks: Tensor | None, chunk: int | None) -> tuple[Tensor, Tensor]:
-    """:func:`given_keys_fwd` for one key list per query shared by every head (Gi = Rg = 1).
+def _lse_at(h: int, g: _Geom) -> tuple[int, int, int]:
+    """(kv head, rg, r2) of query head h in the ``lse`` layout [B, Hkv, Rg, Nq, R2]."""
+    return h // (g.Rg * g.R2), (h // g.R2) % g.Rg, h % g.R2
 
-    Each chunk's slots become one CSR pattern with W = width * G slots in every row (a slot
-    that is not valid points at key 0 and gets weight 0); per head, the scores are one
-    sampled product (:func:`~longattn.ops._csr.sddmm_into`) against the head's key table,
-    the softmax runs over [C, W], and the output is one weighted bag sum of value rows
+
+def _csr_fwd(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan, g: _Geom, *, scale: float,
+             sinks: Tensor | None, chunk: int | None) -> tuple[Tensor, Tensor]:
+    """:func:`given_keys_fwd` as sparse kernels.
+
+    Each list of a chunk (one for every head, per kv head, or per query head) becomes one
+    CSR pattern with W = width * G slots in every row (a slot that is not valid points at
+    key 0 and gets weight 0); per query head, the scores are one sampled product
+    (:func:`~longattn.ops._csr.sddmm_into`) against its kv head's key table, the softmax
+    runs over [C, W], and the output is one weighted bag sum of value rows
     (:func:`~longattn.ops._csr.bag_sum`). No gathered [C, W, D] copy is made and one
-    head's key table stays in the cache. Same outputs and ``lse`` layout as the general path.
+    head's key table stays in the cache.
     """
     work = torch.promote_types(q.dtype, torch.float32)
     W = plan.width * g.G
     C = _csr_rows(g, plan.width, chunk)
     out = q.new_empty(g.B, g.H, g.Nq, g.Dv)
-    lse = torch.empty(g.B, g.Hkv, 1, g.Nq, g.R2, dtype=work, device=q.device)
+    lse = torch.empty(g.B, g.Hkv, g.Rg, g.Nq, g.R2, dtype=work, device=q.device)
     sink = None if sinks is None else sinks.to(work)
     offs = torch.arange(0, C * W + 1, W, device=q.device)
     s = torch.empty(C * W, dtype=work, device=q.device)
@@ -199,32 +169,37 @@ def _fwd_shared(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan, g: _Geom, *, sc
         n = c1 - c0
         idx, valid = plan.fn(c0, c1)
         for b in range(g.B):
-            col, ok = _slot_keys(idx, valid, b, g)
-            for h in range(g.H):
-                kvh = h // g.R2
-                sh = sddmm_into(s[: n * W], offs[: n + 1], col, q[b, h, c0:c1].to(work), k[b, kvh].to(work), scale)
-                sh = sh.view(n, W).masked_fill_(~ok, float("-inf"))
-                m = sh.amax(-1)
-                if sink is not None:
-                    m = torch.maximum(m, sink[h])
-                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                p = torch.exp(sh.sub_(m[:, None]))
-                den = p.sum(-1)
-                if sink is not None:
-                    den = den + torch.exp(sink[h] - m)
-                p.div_(den.clamp_min(torch.finfo(work).tiny)[:, None])
-                out[b, h, c0:c1] = bag_sum(v[b, kvh].to(work), col, offs[: n + 1], p.view(-1))
-                lse[b, kvh, 0, c0:c1, h % g.R2] = torch.where(den > 0, m + torch.log(den), torch.full_like(m, float("inf")))
+            for gi, rg, heads in _lists(idx, g):
+                col, ok = _slot_keys(idx, valid, b, gi, rg, g)
+                for h in heads:
+                    kvh, hr, r2 = _lse_at(h, g)
+                    sh = sddmm_into(s[: n * W], offs[: n + 1], col, q[b, h, c0:c1].to(work),
+                                    k[b, kvh].to(work), scale)
+                    sh = sh.view(n, W).masked_fill_(~ok, float("-inf"))
+                    m = sh.amax(-1)
+                    if sink is not None:
+                        m = torch.maximum(m, sink[h])
+                    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                    p = torch.exp(sh.sub_(m[:, None]))
+                    den = p.sum(-1)
+                    if sink is not None:
+                        den = den + torch.exp(sink[h] - m)
+                    p.div_(den.clamp_min(torch.finfo(work).tiny)[:, None])
+                    if plan.weights is not None:
+                        plan.weights[b, c0:c1] += p
+                    out[b, h, c0:c1] = bag_sum(v[b, kvh].to(work), col, offs[: n + 1], p.view(-1))
+                    lse[b, kvh, hr, c0:c1, r2] = torch.where(den > 0, m + torch.log(den),
+                                                             torch.full_like(m, float("inf")))
     return out, lse
 
 
-def _bwd_shared(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, plan: SlotPlan,
-                g: _Geom, *, scale: float, sinks: Tensor | None, chunk: int | None,
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`given_keys_bwd` for shared key lists (see :func:`_fwd_shared`): per chunk and
-    head, p = exp(s - lse) from the sampled product again, dP = dO . v_j another, dQ a bag
-    sum of key rows; dK and dV bag sums of query and dO rows over the chunk's edges in
-    key-major order (one argsort per chunk and batch row, shared by every head)."""
+def _csr_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, plan: SlotPlan,
+             g: _Geom, *, scale: float, sinks: Tensor | None, chunk: int | None,
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`given_keys_bwd` as sparse kernels (see :func:`_csr_fwd`): per chunk and head,
+    p = exp(s - lse) from the sampled product again, dP = dO . v_j another, dQ a bag sum of
+    key rows; dK and dV bag sums of query and dO rows over the list's edges in key-major
+    order (one argsort per list and chunk, shared by the heads that read it)."""
     work = torch.promote_types(q.dtype, torch.float32)
     W = plan.width * g.G
     C = _csr_rows(g, plan.width, chunk)
@@ -241,23 +216,24 @@ def _bwd_shared(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout:
         n = c1 - c0
         idx, valid = plan.fn(c0, c1)
         for b in range(g.B):
-            col, ok = _slot_keys(idx, valid, b, g)
-            perm, trows, trow = _transposed_csr(col, g.Nk, W)
-            for h in range(g.H):
-                kvh = h // g.R2
-                qh, kt, vt = q[b, h, c0:c1].to(work), k[b, kvh].to(work), v[b, kvh].to(work)
-                doh = dout[b, h, c0:c1].to(work).contiguous()  # (an expanded dO would take the slow bag path)
-                delta = (doh * out[b, h, c0:c1].to(work)).sum(-1)
-                lc = lse[b, kvh, 0, c0:c1, h % g.R2]
-                sh = sddmm_into(s[: n * W], offs[: n + 1], col, qh, kt, scale).view(n, W)
-                p = torch.exp(sh.masked_fill_(~ok, float("-inf")).sub_(lc[:, None]))
-                dph = sddmm_into(dp[: n * W], offs[: n + 1], col, doh, vt, 1.0).view(n, W)
-                ds = dph.sub_(delta[:, None]).mul_(p).view(-1)
-                dq[b, h, c0:c1] = (bag_sum(kt, col, offs[: n + 1], ds) * scale).to(dq.dtype)
-                dv[b, kvh] += bag_sum(doh, trows, trow, p.view(-1).index_select(0, perm))
-                dk[b, kvh] += bag_sum(qh, trows, trow, ds.index_select(0, perm)).mul_(scale)
-                if dsink is not None:
-                    dsink[h] -= (torch.exp(sink[h] - lc) * delta).sum()
+            for gi, rg, heads in _lists(idx, g):
+                col, ok = _slot_keys(idx, valid, b, gi, rg, g)
+                perm, trows, trow = key_major(col, g.Nk, W)
+                for h in heads:
+                    kvh, hr, r2 = _lse_at(h, g)
+                    qh, kt, vt = q[b, h, c0:c1].to(work), k[b, kvh].to(work), v[b, kvh].to(work)
+                    doh = dout[b, h, c0:c1].to(work).contiguous()  # (an expanded dO would take the slow bag path)
+                    delta = (doh * out[b, h, c0:c1].to(work)).sum(-1)
+                    lc = lse[b, kvh, hr, c0:c1, r2]
+                    sh = sddmm_into(s[: n * W], offs[: n + 1], col, qh, kt, scale).view(n, W)
+                    p = torch.exp(sh.masked_fill_(~ok, float("-inf")).sub_(lc[:, None]))
+                    dph = sddmm_into(dp[: n * W], offs[: n + 1], col, doh, vt, 1.0).view(n, W)
+                    ds = dph.sub_(delta[:, None]).mul_(p).view(-1)
+                    dq[b, h, c0:c1] = (bag_sum(kt, col, offs[: n + 1], ds) * scale).to(dq.dtype)
+                    dv[b, kvh] += bag_sum(doh, trows, trow, p.view(-1).index_select(0, perm))
+                    dk[b, kvh] += bag_sum(qh, trows, trow, ds.index_select(0, perm)).mul_(scale)
+                    if dsink is not None:
+                        dsink[h] -= (torch.exp(sink[h] - lc) * delta).sum()
     dsinks = None if dsink is None else dsink.to(sinks.dtype)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
 
@@ -270,37 +246,12 @@ def given_keys_fwd(
 
     q [B, H, Nq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv]; sinks [H] or None. ``lse``
     [B, Hkv, Rg, Nq, R2] fp32 is the log of each row's denominator (+inf for a row with
-    nothing: no key, no sink). Work O(Nq * width * D) per head, memory one chunk.
+    nothing: no key, no sink). Work O(Nq * width * D) per head, memory one chunk
+    (``chunk`` query rows; None: about ``CSR_EDGES`` slots). See :func:`_csr_fwd`.
     """
     g = _geometry(q, k, v, plan)
-    if _shared_lists(plan, g.Nq):
-        return _fwd_shared(q, k, v, plan, g, scale=scale, sinks=sinks, chunk=chunk)
-    work = torch.promote_types(q.dtype, torch.float32)
-    C = _chunk_rows(g, plan.width, chunk)
-    kf, vf = _granules(k, g), _granules(v, g)
-    qv = q.view(g.B, g.Hkv, g.Rg, g.R2, g.Nq, g.D)
-    out = q.new_empty(g.B, g.Hkv, g.Rg, g.R2, g.Nq, g.Dv)
-    lse = torch.empty(g.B, g.Hkv, g.Rg, g.Nq, g.R2, dtype=work, device=q.device)
-    sink = _sink_view(sinks, g)
-    for c0 in range(0, g.Nq, C):
-        c1 = min(g.Nq, c0 + C)
-        idx, valid = plan.fn(c0, c1)
-        kg, _ = _gather(kf, idx, g)
-        vg, _ = _gather(vf, idx, g)
-        qc = qv[:, :, :, :, c0:c1].transpose(3, 4).to(work)
-        s = _scores(qc, kg.to(work), valid, scale)
-        m = s.amax(-1)
-        if sink is not None:
-            m = torch.maximum(m, sink.to(work))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m.unsqueeze(-1))
-        den = p.sum(-1)
-        if sink is not None:
-            den = den + torch.exp(sink.to(work) - m)
-        o = torch.matmul(p, vg.to(work)) / den.clamp_min(torch.finfo(work).tiny).unsqueeze(-1)
-        out[:, :, :, :, c0:c1] = o.transpose(3, 4).to(out.dtype)
-        lse[:, :, :, c0:c1] = torch.where(den > 0, m + torch.log(den), torch.full_like(m, float("inf")))
-    return out.view(g.B, g.H, g.Nq, g.Dv), lse
+    _check_weights(plan)
+    return _csr_fwd(q, k, v, plan, g, scale=scale, sinks=sinks, chunk=chunk)
 
 
 def given_keys_bwd(
@@ -309,47 +260,12 @@ def given_keys_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Backward of :func:`given_keys_fwd`: (dq, dk, dv, dsinks), in the inputs' dtypes.
 
-    Per chunk: p = exp(s - lse) recomputed, dV += p^T dO and dK += dS^T q scattered into
-    the key rows (``index_add_``), dS = p (dO . v_j - dO . o), dQ = dS K; a sink's
-    gradient is -sum_i p_sink,i (dO_i . o_i). Memory: fp32 dK, dV accumulators + one chunk.
+    Per chunk: p = exp(s - lse) recomputed, dV += p^T dO and dK += dS^T q as bag sums
+    over the key-major edges, dS = p (dO . v_j - dO . o), dQ = dS K; a sink's gradient
+    is -sum_i p_sink,i (dO_i . o_i). Memory: fp32 dK, dV accumulators + one chunk.
     """
     g = _geometry(q, k, v, plan)
-    if _shared_lists(plan, g.Nq):
-        return _bwd_shared(q, k, v, out, lse, dout, plan, g, scale=scale, sinks=sinks, chunk=chunk)
-    work = torch.promote_types(q.dtype, torch.float32)
-    C = _chunk_rows(g, plan.width, chunk)
-    kf, vf = _granules(k, g), _granules(v, g)
-    qv = q.view(g.B, g.Hkv, g.Rg, g.R2, g.Nq, g.D)
-    dov = dout.reshape(g.B, g.Hkv, g.Rg, g.R2, g.Nq, g.Dv)
-    ov = out.view(g.B, g.Hkv, g.Rg, g.R2, g.Nq, g.Dv)
-    dq = torch.empty(g.B, g.Hkv, g.Rg, g.R2, g.Nq, g.D, dtype=q.dtype, device=q.device)
-    dkf = torch.zeros(kf.shape, dtype=work, device=k.device)
-    dvf = torch.zeros(vf.shape, dtype=work, device=v.device)
-    sink = _sink_view(sinks, g)
-    dsink = torch.zeros(g.Hkv, g.Rg, g.R2, dtype=work, device=q.device) if sink is not None else None
-    for c0 in range(0, g.Nq, C):
-        c1 = min(g.Nq, c0 + C)
-        idx, valid = plan.fn(c0, c1)
-        kg, rows = _gather(kf, idx, g)
-        vg, _ = _gather(vf, idx, g)
-        kg, vg = kg.to(work), vg.to(work)
-        qc = qv[:, :, :, :, c0:c1].transpose(3, 4).to(work)
-        doc = dov[:, :, :, :, c0:c1].transpose(3, 4).to(work)
-        delta = (doc * ov[:, :, :, :, c0:c1].transpose(3, 4).to(work)).sum(-1)  # [B, Hkv, Rg, C, R2]
-        lc = lse[:, :, :, c0:c1]
-        p = torch.exp(_scores(qc, kg, valid, scale) - lc.unsqueeze(-1))
-        ds = p * (torch.matmul(doc, vg.transpose(-1, -2)) - delta.unsqueeze(-1))
-        dq[:, :, :, :, c0:c1] = (torch.matmul(ds, kg) * scale).transpose(3, 4).to(dq.dtype)
-        flat = rows.reshape(-1)
-        dvf.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(-1, g.G * g.Dv))
-        dkf.index_add_(0, flat, (torch.matmul(ds.transpose(-1, -2), qc) * scale).reshape(-1, g.G * g.D))
-        if sink is not None:
-            psink = torch.exp(sink.to(work) - lc)
-            dsink -= (psink * delta).sum((0, 3))
-    dsinks = None if dsink is None else dsink.reshape(-1).to(sinks.dtype)
-    dk = dkf.view(g.B, g.Hkv, g.ng * g.G, g.D)[:, :, : g.Nk]
-    dv = dvf.view(g.B, g.Hkv, g.ng * g.G, g.Dv)[:, :, : g.Nk]
-    return dq.view(g.B, g.H, g.Nq, g.D), dk.to(k.dtype), dv.to(v.dtype), dsinks
+    return _csr_bwd(q, k, v, out, lse, dout, plan, g, scale=scale, sinks=sinks, chunk=chunk)
 
 
 def lse_autograd_function(

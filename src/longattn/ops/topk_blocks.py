@@ -39,8 +39,9 @@ How it runs, never building Nq x Nk:
    plus one bounded chunk of tiles.
 
 :func:`block_plan` gives the same key set as whole-block slots for
-:func:`longattn.ops.given_keys.given_keys_apply` (query-major, one gather per query:
-the path other selection mechanisms build on; ~5x slower here at N = 4096).
+:func:`longattn.ops.given_keys.given_keys_apply` (query-major sparse kernels: the path
+other selection mechanisms build on; 1.4x slower here, forward at N = 4096 with 9 query
+heads over 3 kv heads).
 """
 
 from __future__ import annotations
