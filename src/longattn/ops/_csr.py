@@ -56,9 +56,12 @@ def bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, w: Tensor, out: Tensor 
 def key_major(col: Tensor, nk: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """The edges of a pattern with ``width`` slots per row (col [R * width] keys in [0, nk)),
     in key-major order: (perm [E] edge ids, each edge's row [E], rowptr over keys [nk + 1]).
-    For the transposed bag sums of a backward (dK, dV). The stable sort runs on int32 keys
-    (about 1.8x faster than int64 on the CPU)."""
-    perm = torch.argsort(col.to(torch.int32) if nk < 2 ** 31 else col, stable=True)
+    For the transposed bag sums of a backward (dK, dV). The stable sort runs on the
+    narrowest integer type that holds the keys (int16 sorts 2M keys about 3x faster than
+    int64 on the CPU, int32 1.8x)."""
+    narrow = torch.int16 if nk <= 2 ** 15 else torch.int32 if nk <= 2 ** 31 else torch.int64
+    perm = torch.argsort(col.to(narrow), stable=True)
     rowptr = torch.zeros(nk + 1, dtype=torch.long, device=col.device)
     torch.cumsum(torch.bincount(col, minlength=nk), 0, out=rowptr[1:])
     return perm, perm // width, rowptr
+
