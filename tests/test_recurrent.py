@@ -64,6 +64,20 @@ def _close(a, b, tol=1e-10, what="output"):
     assert err < tol, f"{what} differs by {err:g}"
 
 
+def _match_with_gradients(got, ref, inputs):
+    """(o, final state) equal to the reference's, and so are the gradients of a random
+    weighting of both wrt every input (q, k, v, g|gamma, beta, initial_state)."""
+    (o, s), (ro, rs) = got, ref
+    _close(o, ro)
+    _close(s, rs, what="final state")
+    wo, ws = torch.randn_like(o), torch.randn_like(s)
+    ga = torch.autograd.grad((o * wo).sum() + (s * ws).sum(), inputs)
+    gb = torch.autograd.grad((ro * wo).sum() + (rs * ws).sum(), inputs)
+    names = ["q", "k", "v", "g|gamma", "beta"][: len(inputs) - 1] + ["initial_state"]
+    for name, a, b in zip(names, ga, gb):
+        _close(a, b, what=f"d{name}")
+
+
 # ----------------------------------------------------------------------- chunked == reference
 @pytest.mark.parametrize("N,chunk", [(37, 16), (130, 64)])
 @pytest.mark.parametrize("kind", MEMBERS)
@@ -74,13 +88,7 @@ def test_chunked_equals_the_float64_recurrence_with_gradients(kind, N, chunk):
     s0.requires_grad_()
     o, s = CHUNKED[kind](*ins, initial_state=s0, output_final_state=True, chunk_size=chunk)
     ro, rs = _reference(kind, *ins[:3], ins[3:], s0)
-    _close(o, ro)
-    _close(s, rs, what="final state")
-    wo, ws = torch.randn_like(o), torch.randn_like(s)
-    ga = torch.autograd.grad((o * wo).sum() + (s * ws).sum(), ins + [s0])
-    gb = torch.autograd.grad((ro * wo).sum() + (rs * ws).sum(), ins + [s0])
-    for name, a, b in zip(["q", "k", "v", "g|gamma", "beta"][: len(ins)] + ["initial_state"], ga, gb):
-        _close(a, b, what=f"d{name}")
+    _match_with_gradients((o, s), (ro, rs), ins + [s0])
 
 
 @pytest.mark.parametrize("kind", ["gated_delta", "kda", "ssd"])
@@ -104,13 +112,7 @@ def test_head_slices_with_l2norm_packing_and_gqa_equal_the_float64_recurrence(ki
     resets = torch.zeros(2, 45, dtype=torch.bool)
     resets[0, 20] = True
     ro, rs = _reference(kind, norm(ins[0]), norm(ins[1]), ins[2], ins[3:], s0, scale=0.7, resets=resets)
-    _close(o, ro)
-    _close(s, rs, what="final state")
-    wo, ws = torch.randn_like(o), torch.randn_like(s)
-    ga = torch.autograd.grad((o * wo).sum() + (s * ws).sum(), ins + [s0])
-    gb = torch.autograd.grad((ro * wo).sum() + (rs * ws).sum(), ins + [s0])
-    for name, a, b in zip(["q", "k", "v", "g", "beta"][: len(ins)] + ["initial_state"], ga, gb):
-        _close(a, b, what=f"d{name}")
+    _match_with_gradients((o, s), (ro, rs), ins + [s0])
 
 
 def test_forward_saves_only_its_inputs_for_the_backward():
