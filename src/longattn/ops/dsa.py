@@ -163,13 +163,19 @@ def _loss_chunk(qi: Tensor, wi: Tensor, ki: Tensor, q: Tensor, k: Tensor, vis: T
     return _kl_rows(logits, target, vis)
 
 
-def _sparse_rows(idx: Tensor, vis_fn, c0: int, c1: int, b: int) -> tuple[Tensor, Tensor]:
+def _sparse_rows(idx: Tensor, see: tuple[int, bool, Tensor | None], c0: int, c1: int, b: int,
+                 ) -> tuple[Tensor, Tensor]:
     """Slots of rows c0..c1 of batch row b as (col [C * T], ok [C, T]): -1 slots and keys
-    the query may not see are not ok (and point at key 0)."""
+    the query may not see are not ok (and point at key 0). ``see`` = (Nk - Nq, causal,
+    key_padding_mask): visibility of the slots themselves, O(C T)."""
+    off, causal, kpm = see
     i = idx[b, c0:c1]
     safe = i.clamp(min=0)
-    vis = vis_fn(c0, c1)
-    ok = (i >= 0) & vis[min(b, vis.shape[0] - 1)].gather(1, safe)
+    ok = i >= 0
+    if causal:
+        ok &= safe <= (torch.arange(c0, c1, device=i.device) + off)[:, None]
+    if kpm is not None:
+        ok &= kpm[b][safe]
     return torch.where(ok, safe, torch.zeros_like(safe)).reshape(-1), ok
 
 
@@ -225,7 +231,7 @@ class _SparseIndexerKL(torch.autograd.Function):
     scales it). q, k: the main attention's (no gradient)."""
 
     @staticmethod
-    def forward(ctx, qi, ki, wi, q, k, idx, vis_fn, scale, weights):  # type: ignore[override]
+    def forward(ctx, qi, ki, wi, q, k, idx, see, scale, weights):  # type: ignore[override]
         B, Nq = idx.shape[:2]
         C = max(1, min(Nq, CSR_ROWS_EDGES // max(1, idx.shape[-1])))
         total = qi.new_zeros(())
@@ -233,7 +239,7 @@ class _SparseIndexerKL(torch.autograd.Function):
         for c0 in range(0, Nq, C):
             c1 = min(Nq, c0 + C)
             for b in range(B):
-                col, ok = _sparse_rows(idx, vis_fn, c0, c1, b)
+                col, ok = _sparse_rows(idx, see, c0, c1, b)
                 kl, gq, gk, gw = _sparse_kl_rows(q, k, qi, ki, wi, col, ok, b, c0, c1, scale, weights)
                 total += kl
                 dqi[b, c0:c1] = gq
@@ -273,10 +279,8 @@ def indexer_loss(
     qd, kd = q.detach(), k.detach()
     work = qi.dtype
     if indices is not None:
-        def vis_fn(c0: int, c1: int) -> Tensor:
-            return _visible(c0, c1, Nq, Nk, causal, key_padding_mask, q.device)
-
-        total = _SparseIndexerKL.apply(qi, ki, wi, qd.to(work), kd.to(work), indices, vis_fn, s, attention_weights)
+        see = (Nk - Nq, causal, None if key_padding_mask is None else key_padding_mask.to(q.device))
+        total = _SparseIndexerKL.apply(qi, ki, wi, qd.to(work), kd.to(work), indices, see, s, attention_weights)
         return total / (B * Nq)
     C = max(1, _chunk(B, max(qi.shape[2], H), Nq, Nk))
     total = qi.new_zeros(())

@@ -38,7 +38,7 @@ key-block-major engine of :mod:`longattn.ops.topk_blocks` is faster (a [64, D] x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -164,33 +164,46 @@ def _csr_fwd(q: Tensor, k: Tensor, v: Tensor, plan: SlotPlan, g: _Geom, *, scale
     sink = None if sinks is None else sinks.to(work)
     offs = torch.arange(0, C * W + 1, W, device=q.device)
     s = torch.empty(C * W, dtype=work, device=q.device)
+    kw, vw = k.to(work), v.to(work)  # (no copy in float32: the tables are read in place)
+    for b, c0, c1, heads, col, ok in _chunk_lists(plan, g, C):
+        n = c1 - c0
+        for h in heads:
+            kvh, hr, r2 = _lse_at(h, g)
+            sh = _masked_scores(s, offs, col, ok, q[b, h, c0:c1].to(work), kw[b, kvh], scale)
+            m = sh.amax(-1)
+            if sink is not None:
+                m = torch.maximum(m, sink[h])
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            p = torch.exp(sh.sub_(m[:, None]))
+            den = p.sum(-1)
+            if sink is not None:
+                den = den + torch.exp(sink[h] - m)
+            p.div_(den.clamp_min(torch.finfo(work).tiny)[:, None])
+            if plan.weights is not None:
+                plan.weights[b, c0:c1] += p
+            out[b, h, c0:c1] = bag_sum(vw[b, kvh], col, offs[: n + 1], p.view(-1))
+            lse[b, kvh, hr, c0:c1, r2] = torch.where(den > 0, m + torch.log(den), torch.full_like(m, float("inf")))
+    return out, lse
+
+
+def _chunk_lists(plan: SlotPlan, g: _Geom, C: int) -> Iterator[tuple[int, int, int, list[int], Tensor, Tensor]]:
+    """(b, c0, c1, query heads, col, ok) for every chunk of C query rows, batch row and key
+    list of ``plan`` (see :func:`_slot_keys`, :func:`_lists`)."""
     for c0 in range(0, g.Nq, C):
         c1 = min(g.Nq, c0 + C)
-        n = c1 - c0
         idx, valid = plan.fn(c0, c1)
         for b in range(g.B):
             for gi, rg, heads in _lists(idx, g):
-                col, ok = _slot_keys(idx, valid, b, gi, rg, g)
-                for h in heads:
-                    kvh, hr, r2 = _lse_at(h, g)
-                    sh = sddmm_into(s[: n * W], offs[: n + 1], col, q[b, h, c0:c1].to(work),
-                                    k[b, kvh].to(work), scale)
-                    sh = sh.view(n, W).masked_fill_(~ok, float("-inf"))
-                    m = sh.amax(-1)
-                    if sink is not None:
-                        m = torch.maximum(m, sink[h])
-                    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                    p = torch.exp(sh.sub_(m[:, None]))
-                    den = p.sum(-1)
-                    if sink is not None:
-                        den = den + torch.exp(sink[h] - m)
-                    p.div_(den.clamp_min(torch.finfo(work).tiny)[:, None])
-                    if plan.weights is not None:
-                        plan.weights[b, c0:c1] += p
-                    out[b, h, c0:c1] = bag_sum(v[b, kvh].to(work), col, offs[: n + 1], p.view(-1))
-                    lse[b, kvh, hr, c0:c1, r2] = torch.where(den > 0, m + torch.log(den),
-                                                             torch.full_like(m, float("inf")))
-    return out, lse
+                yield (b, c0, c1, heads, *_slot_keys(idx, valid, b, gi, rg, g))
+
+
+def _masked_scores(buf: Tensor, offs: Tensor, col: Tensor, ok: Tensor, qh: Tensor, kt: Tensor,
+                   scale: float) -> Tensor:
+    """scale * q_i . k_j at the chunk's slots (one sampled product into ``buf``), -inf where a
+    slot is not valid: [n, W]."""
+    n, W = ok.shape
+    sh = sddmm_into(buf[: n * W], offs[: n + 1], col, qh, kt, scale).view(n, W)
+    return sh.masked_fill_(~ok, float("-inf"))
 
 
 def _csr_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, plan: SlotPlan,
@@ -211,29 +224,24 @@ def _csr_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Te
     offs = torch.arange(0, C * W + 1, W, device=q.device)
     s = torch.empty(C * W, dtype=work, device=q.device)
     dp = torch.empty(C * W, dtype=work, device=q.device)
-    for c0 in range(0, g.Nq, C):
-        c1 = min(g.Nq, c0 + C)
+    kw, vw = k.to(work), v.to(work)  # (no copy in float32)
+    for b, c0, c1, heads, col, ok in _chunk_lists(plan, g, C):
         n = c1 - c0
-        idx, valid = plan.fn(c0, c1)
-        for b in range(g.B):
-            for gi, rg, heads in _lists(idx, g):
-                col, ok = _slot_keys(idx, valid, b, gi, rg, g)
-                perm, trows, trow = key_major(col, g.Nk, W)
-                for h in heads:
-                    kvh, hr, r2 = _lse_at(h, g)
-                    qh, kt, vt = q[b, h, c0:c1].to(work), k[b, kvh].to(work), v[b, kvh].to(work)
-                    doh = dout[b, h, c0:c1].to(work).contiguous()  # (an expanded dO would take the slow bag path)
-                    delta = (doh * out[b, h, c0:c1].to(work)).sum(-1)
-                    lc = lse[b, kvh, hr, c0:c1, r2]
-                    sh = sddmm_into(s[: n * W], offs[: n + 1], col, qh, kt, scale).view(n, W)
-                    p = torch.exp(sh.masked_fill_(~ok, float("-inf")).sub_(lc[:, None]))
-                    dph = sddmm_into(dp[: n * W], offs[: n + 1], col, doh, vt, 1.0).view(n, W)
-                    ds = dph.sub_(delta[:, None]).mul_(p).view(-1)
-                    dq[b, h, c0:c1] = (bag_sum(kt, col, offs[: n + 1], ds) * scale).to(dq.dtype)
-                    dv[b, kvh] += bag_sum(doh, trows, trow, p.view(-1).index_select(0, perm))
-                    dk[b, kvh] += bag_sum(qh, trows, trow, ds.index_select(0, perm)).mul_(scale)
-                    if dsink is not None:
-                        dsink[h] -= (torch.exp(sink[h] - lc) * delta).sum()
+        perm, trows, trow = key_major(col, g.Nk, W)  # one sort per list, for every head reading it
+        for h in heads:
+            kvh, hr, r2 = _lse_at(h, g)
+            qh = q[b, h, c0:c1].to(work)
+            doh = dout[b, h, c0:c1].to(work).contiguous()  # (an expanded dO would take the slow bag path)
+            delta = (doh * out[b, h, c0:c1].to(work)).sum(-1)
+            lc = lse[b, kvh, hr, c0:c1, r2]
+            p = torch.exp(_masked_scores(s, offs, col, ok, qh, kw[b, kvh], scale).sub_(lc[:, None]))
+            dph = sddmm_into(dp[: n * W], offs[: n + 1], col, doh, vw[b, kvh], 1.0).view(n, W)
+            ds = dph.sub_(delta[:, None]).mul_(p).view(-1)
+            dq[b, h, c0:c1] = (bag_sum(kw[b, kvh], col, offs[: n + 1], ds) * scale).to(dq.dtype)
+            dv[b, kvh] += bag_sum(doh, trows, trow, p.view(-1).index_select(0, perm))
+            dk[b, kvh] += bag_sum(qh, trows, trow, ds.index_select(0, perm)).mul_(scale)
+            if dsink is not None:
+                dsink[h] -= (torch.exp(sink[h] - lc) * delta).sum()
     dsinks = None if dsink is None else dsink.to(sinks.dtype)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
 
