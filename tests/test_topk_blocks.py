@@ -17,11 +17,11 @@ from longattn.testing import assert_no_causal_leak, assert_padding_no_leak, peak
 D64 = torch.float64
 
 
-def _qkv(B, H, Hkv, N, D=6, seed=0, Nq=None):
+def _qkv(B, H, Hkv, N, D=6, seed=0, Nq=None, Dv=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Nq or N, D, generator=g, dtype=D64).requires_grad_()
     k = torch.randn(B, Hkv, N, D, generator=g, dtype=D64).requires_grad_()
-    v = torch.randn(B, Hkv, N, D, generator=g, dtype=D64).requires_grad_()
+    v = torch.randn(B, Hkv, N, Dv or D, generator=g, dtype=D64).requires_grad_()
     return q, k, v
 
 
@@ -93,7 +93,7 @@ def _check(out, ref, inputs, tol=1e-10):
         assert err < tol, f"d{name} differs by {err:g}"
 
 
-CASES = {  # name: (H, Hkv, params, causal, padded)
+CASES = {  # name: (H, Hkv, params, causal, padded); value heads of 5 (D = 6), 8 in the first case
     "mean": (4, 2, dict(block=7, topk=2), True, True),
     "bound": (4, 2, dict(block=7, topk=2, gate="bound"), True, True),
     "mean_shared_sinks_window": (4, 2, dict(block=5, topk=3, sink_tokens=3, window=6, shared=True), True, False),
@@ -108,13 +108,31 @@ CASES = {  # name: (H, Hkv, params, causal, padded)
 def test_outputs_and_gradients_equal_the_dense_oracle(case, monkeypatch):
     monkeypatch.setattr(GK, "CSR_EDGES", 300)  # several attention chunks
     monkeypatch.setattr(TB, "GATE_ELEMENTS", 1000)  # several gate chunks
+    monkeypatch.setattr(TB, "TILE_ELEMENTS", 1)  # one tile per flash call: every row merged across calls
     H, Hkv, params, causal, padded = CASES[case]
     N = 47  # no multiple of any block
-    q, k, v = _qkv(2, H, Hkv, N)
+    q, k, v = _qkv(2, H, Hkv, N, Dv=8 if case == "mean" else 5)
     kpm = (torch.rand(2, N, generator=torch.Generator().manual_seed(1)) > 0.25) if padded else None
     out = longattn.attention(q, k, v, "topk_blocks", causal=causal, key_padding_mask=kpm, **params)
     ref = _dense(q, k, v, _oracle_mask(q, k, causal=causal, kpm=kpm, **params), kpm)
     _check(out, ref, (q, k, v))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inference_in_row_runs_equals_the_dense_oracle(case, monkeypatch):
+    # without autograd the rows run in runs of one block each (CALL_PAIRS = 1), over one
+    # copy of the key blocks; learned sinks included
+    monkeypatch.setattr(TB, "CALL_PAIRS", 1)
+    monkeypatch.setattr(TB, "TILE_ELEMENTS", 1)
+    H, Hkv, params, causal, padded = CASES[case]
+    N = 47
+    q, k, v = _qkv(2, H, Hkv, N, Dv=8 if case == "mean" else 5, seed=3)
+    kpm = (torch.rand(2, N, generator=torch.Generator().manual_seed(2)) > 0.25) if padded else None
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(4), dtype=D64)
+    with torch.no_grad():
+        out = longattn.attention(q, k, v, "topk_blocks", causal=causal, key_padding_mask=kpm, sinks=sinks, **params)
+        ref = _dense(q, k, v, _oracle_mask(q, k, causal=causal, kpm=kpm, **params), kpm, sinks=sinks)
+    assert (out - ref).abs().max().item() < 1e-10
 
 
 def test_ties_go_to_the_lower_block():

@@ -30,13 +30,18 @@ How it runs, never building Nq x Nk:
    [chunk, Nk / block] per head for chunks of queries, :func:`top_blocks` ->
    [Nq, topk] block numbers per head (or per kv-head group).
 2. Attention, key-block-major (MoBA's layout, :func:`make_tiles`): every (query row,
-   key block) pair is sorted by key block and each block's queries are cut into tiles
-   of 64 rows; a tile is one [64, D] x [D, block] matmul against a key block read in
-   place (no per-query key gather). Forward in two passes over the tiles (each pair's
-   log-sum-exp merged per row, then exp(s - lse) v added into the rows); the backward,
-   written by hand (:func:`tiles_bwd`), scatters dQ into rows and dK, dV into key
-   blocks. Time O(Nq * (topk + 1) * block * D) per head, memory O(Nq * topk) indices
-   plus one bounded chunk of tiles.
+   key block) pair is sorted by (needs a mask, key block), and each key block's rows are
+   cut into tiles of 256 rows; a batch of tiles is one call of PyTorch's fused CPU flash
+   kernel ([256, D] queries against one [block, D] key block each, no mask for the
+   *plain* tiles, whose rows see the whole block; a mask for the own block under
+   causality and for sink and window keys). Each tile row's (output, log-sum-exp) is
+   folded into its query row by a running log-sum-exp merge (:func:`tiles_fwd`); the
+   backward (:func:`tiles_bwd`) runs the flash backward per batch, given each row's
+   merged output and log-sum-exp, and scatters dQ into rows and dK, dV into key blocks.
+   Without autograd (:func:`_infer`) the rows run in runs of about :data:`CALL_PAIRS`
+   pairs over one copy of the key blocks, which bounds the temporaries. Time
+   O(Nq * (topk + 1) * block * D) per head, memory O(Nq * topk) indices plus one bounded
+   batch of tiles.
 
 :func:`block_plan` gives the same key set as whole-block slots for
 :func:`longattn.ops.given_keys.given_keys_apply` (query-major sparse kernels: the path
@@ -47,17 +52,21 @@ heads over 3 kv heads).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
+from longattn.ops._softmax import additive_mask, kernels, pad_head_dim, work_dtype
 from longattn.ops.given_keys import SlotPlan, check_sinks, lse_autograd_function, visible_slots
 from longattn.registry import Mechanism, Param, register
 
 #: gate scores one chunk of queries may hold (elements)
 GATE_ELEMENTS = 1 << 22
+#: at most this many queries per gate chunk (under causality, smaller chunks skip more later blocks)
+GATE_ROWS = 1024
 #: scores (and gathered rows) one chunk of tiles may hold (elements)
 TILE_ELEMENTS = 1 << 22
 
@@ -114,52 +123,64 @@ def top_blocks(scores: Tensor, candidate: Tensor, topk: int) -> Tensor:
     if K == 0:
         return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
     s = scores.masked_fill(~candidate, float("-inf"))
-    thr = s.topk(K, -1).values[..., -1:]
-    above = (s > thr) & candidate
-    tie = (s == thr) & candidate
-    need = K - above.sum(-1, keepdim=True)
-    if bool((tie.sum(-1, keepdim=True) > need).any()):  # more equal to the k-th than places left
-        tie = tie & (tie.cumsum(-1) <= need)
-    chosen = above | tie
-    ar = torch.arange(nb, device=s.device)
-    order = torch.where(chosen, ar, ar + nb).topk(K, -1, largest=False).values
-    return torch.where(order < nb, order, torch.full_like(order, -1))
+    vals, idx = s.topk(min(K + 1, nb), -1)
+    if K < nb and bool((vals[..., K - 1] == vals[..., K]).any()):
+        # a tie at the k-th score (rare with real scores): the lowest-indexed blocks equal to it
+        thr = vals[..., K - 1 : K]
+        above = (s > thr) & candidate
+        tie = (s == thr) & candidate
+        tie = tie & (tie.cumsum(-1) <= K - above.sum(-1, keepdim=True))
+        ar = torch.arange(nb, device=s.device)
+        idx = torch.where(above | tie, ar, ar + nb).topk(K, -1, largest=False).values
+    else:  # topk's first K blocks are the chosen ones; non-candidates among them go last
+        idx = torch.where(vals[..., :K] == float("-inf"), idx[..., :K] + nb, idx[..., :K]).sort(-1).values
+    return torch.where(idx < nb, idx, torch.full_like(idx, -1))
 
 
 def select_blocks(
     q: Tensor, k: Tensor, *, block: int, topk: int, gate: str, shared: bool, causal: bool,
-    key_padding_mask: Tensor | None,
+    key_padding_mask: Tensor | None, offset: int | None = None, summaries: tuple[Tensor, ...] | None = None,
 ) -> Tensor:
     """Selected key blocks per query: long [B, Hkv, Rg, Nq, min(topk, nb)], -1 = none.
 
     Rg = 1 when ``shared`` (or H == Hkv) else H / Hkv. Gate scores are computed in
-    chunks of queries ([chunk, nb] per head, never Nq x Nk), no gradient.
+    chunks of queries ([chunk, nb] per head, never Nq x Nk), no gradient; under
+    causality a chunk scores only the blocks before its last query's block (about half
+    the gate work). ``offset``: the position of q's first row (default Nk - Nq, the last
+    rows); ``summaries``: :func:`block_summaries` of k, when the caller keeps them.
     """
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     R = H // Hkv
-    *summ, nonempty = block_summaries(k, block, key_padding_mask, gate)
+    offset = Nk - Nq if offset is None else offset
+    *summ, nonempty = summaries or block_summaries(k, block, key_padding_mask, gate)
     nb = nonempty.shape[-1]
     Rg = 1 if shared else R
-    out = torch.empty(B, Hkv, Rg, Nq, min(topk, nb), dtype=torch.long, device=q.device)
-    C = max(1, GATE_ELEMENTS // max(1, B * H * nb))
+    K = min(topk, nb)
+    out = torch.full((B, Hkv, Rg, Nq, K), -1, dtype=torch.long, device=q.device)
+    C = max(1, min(GATE_ROWS, GATE_ELEMENTS // max(1, B * H * nb)))
     work = summ[0].dtype
     qv = q.detach().view(B, Hkv, R, Nq, D)
-    blocks = torch.arange(nb, device=q.device)
     for c0 in range(0, Nq, C):
         c1 = min(Nq, c0 + C)
-        sc = _gate_scores(qv[:, :, :, c0:c1].to(work), tuple(summ), gate)
+        own = (torch.arange(c0, c1, device=q.device) + offset) // block
+        cols = min(nb, (c1 - 1 + offset) // block) if causal else nb  # blocks any row of the chunk may pick
+        if cols == 0 or K == 0:
+            continue
+        sc = _gate_scores(qv[:, :, :, c0:c1].to(work), tuple(s[:, :, :cols] for s in summ), gate)
         if shared:
             sc = sc.sum(2, keepdim=True)
-        own = (torch.arange(c0, c1, device=q.device) + (Nk - Nq)) // block
+        blocks = torch.arange(cols, device=q.device)
         cand = blocks < own[:, None] if causal else blocks != own[:, None]
-        cand = cand & nonempty.view(B, 1, 1, 1, nb)
-        out[:, :, :, c0:c1] = top_blocks(sc, cand, topk)
+        cand = cand & nonempty[..., :cols].view(B, 1, 1, 1, cols)
+        top = top_blocks(sc, cand, topk)
+        out[:, :, :, c0:c1, : top.shape[-1]] = top
     return out
 
 
 def block_slots(
     sel: Tensor, rows: Tensor, *, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
+    offset: int | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """The key blocks query rows ``rows`` [C] read: (blk, keep) [B, Hkv, Rg, C, T], and K + 1.
 
@@ -173,14 +194,18 @@ def block_slots(
     S, W = min(sink_tokens, Nk), min(window, Nk)
     ns, nw = -(-S // block), -(-max(W - 1, 0) // block)
     dev = sel.device
-    own = (rows + (Nk - Nq)) // block
+    own = (rows + (Nk - Nq if offset is None else offset)) // block  # row r is position offset + r
     extra = torch.cat([own[:, None], torch.arange(ns, device=dev).expand(C, ns),
                        own[:, None] - torch.arange(1, nw + 1, device=dev)], -1)
     blk = torch.cat([sel, extra.expand(B, Hkv, Rg, C, 1 + ns + nw)], -1)
     T = blk.shape[-1]
-    earlier = torch.ones(T, T, dtype=torch.bool, device=dev).tril(-1)  # [t, u]: u < t
-    first = ~((blk.unsqueeze(-1) == blk.unsqueeze(-2)) & earlier).any(-1)
-    return blk, (blk >= 0) & first, K + 1
+    # the selected blocks differ from each other and from the own block (never a candidate):
+    # only the sink and window slots can repeat an earlier slot
+    earlier = torch.ones(T, T, dtype=torch.bool, device=dev).tril(-1)[K + 1:]  # [t, u]: u < t
+    again = ((blk[..., K + 1:, None] == blk.unsqueeze(-2)) & earlier).any(-1)
+    keep = blk >= 0
+    keep[..., K + 1:] &= ~again
+    return blk, keep, K + 1
 
 
 def block_plan(
@@ -214,13 +239,20 @@ def block_plan(
     return SlotPlan(fn, width, per_query_head=Rg > 1, granule=block, shared=sel.shape[1] == 1 and Rg == 1)
 
 
+def _sink_rows(sinks: Tensor | None, B: int, Nq: int, work: torch.dtype) -> Tensor | None:
+    return None if sinks is None else sinks.to(work).view(1, -1, 1).expand(B, -1, Nq).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Work grouped by key block: tile t is up to M query rows against key block kb[t].
 
     qrow [n, M]: rows of q as [B * H * Nq, D] (0 where not ``live``); pos [n, M]: their
     positions; whole [n, M]: every key of the block counts (else only sink and window
-    keys); kb [n]: rows of the key blocks [B * Hkv * nb, block * D]; batch [n].
+    keys); kb [n]: rows of the key blocks [B * Hkv * nb, block * D]; batch [n]. The first
+    ``n_plain`` tiles are *plain*: each live row sees every key of the block, so they run
+    without a mask; the rest (own blocks under causality, sink and window keys, the last
+    block past Nk) carry one.
     """
 
     qrow: Tensor
@@ -236,10 +268,11 @@ class Tiles:
     window: int
     causal: bool
     elements: int = 0  # work elements one batch of tiles may hold (0: TILE_ELEMENTS)
+    n_plain: int = 0
 
 
 def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int,
-           window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+           window: int, offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every (query row, key block) pair of :func:`block_slots`, each [P]: the row of q as
     [B * H * Nq, D], the row of the key blocks [B * Hkv * nb, block * D], the query's
     position, and whether the whole block counts (else only its sink and window keys)."""
@@ -247,159 +280,210 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
     R2 = H // (Hkv * Rg)
     dev = sel.device
     blk, keep, n_whole = block_slots(sel, torch.arange(Nq, device=dev), Nq=Nq, Nk=Nk, block=block,
-                                     sink_tokens=sink_tokens, window=window)
-    ar = [torch.arange(n, device=dev) for n in (B, Hkv, Rg, Nq, blk.shape[-1], R2)]
-    b_, g_, rg_, i_, s_, r2_ = torch.meshgrid(*ar, indexing="ij")  # views, nothing allocated
-    m = keep.unsqueeze(-1).expand_as(b_)
-    b_, g_, i_ = b_[m], g_[m], i_[m]
-    qrow = (b_ * H + (g_ * Rg + rg_[m]) * R2 + r2_[m]) * Nq + i_
-    kb = (b_ * Hkv + g_) * -(-Nk // block) + blk.unsqueeze(-1).expand(*blk.shape, R2)[m]
-    return qrow, kb, i_ + (Nk - Nq), s_[m] < n_whole
+                                     sink_tokens=sink_tokens, window=window, offset=offset)
+    T = blk.shape[-1]
+    at = keep.reshape(-1).nonzero().squeeze(1)  # kept slots of [B, Hkv, Rg, Nq, T], in order
+    s_, i_, unit = at % T, (at // T) % Nq, at // (T * Nq)  # unit: (b, g, rg)
+    b_, g_ = unit // (Hkv * Rg), (unit // Rg) % Hkv
+    head0 = (b_ * Hkv * Rg + (unit % (Hkv * Rg))) * R2  # first query head of the unit, batch included
+    qrow = ((head0[:, None] + torch.arange(R2, device=dev)) * Nq + i_[:, None]).reshape(-1)
+    kb = ((b_ * Hkv + g_) * -(-Nk // block) + blk.reshape(-1)[at]).repeat_interleave(R2)
+    return qrow, kb, (i_ + offset).repeat_interleave(R2), (s_ < n_whole).repeat_interleave(R2)
 
 
 def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
-               causal: bool, rows_per_tile: int = 64, elements: int = 0) -> Tiles:
-    """The pairs of :func:`_pairs` sorted by key block, each block's queries cut into
-    tiles of ``rows_per_tile`` rows (no Python loop). O(P log P) for P pairs.
-    ``elements``: the work one batch of tiles may hold (0: :data:`TILE_ELEMENTS`); a caller
-    that keeps more of its own tensors alive (``nsa``) asks for less."""
+               causal: bool, rows_per_tile: int = 256, elements: int = 0, offset: int | None = None) -> Tiles:
+    """The pairs of :func:`_pairs` sorted by (needs a mask, key block), each run of one key
+    block cut into tiles of ``rows_per_tile`` rows (no Python loop). O(P log P) for P
+    pairs. A pair needs no mask when the whole block counts, lies inside Nk and (causal)
+    ends at or before the query. ``elements``: the work one batch of tiles may hold (0:
+    :data:`TILE_ELEMENTS`); a caller that keeps more of its own tensors alive (``nsa``)
+    asks for less. ``offset``: the position of the first query row (default Nk - Nq)."""
     B, Hkv = sel.shape[:2]
     nb, dev = -(-Nk // block), sel.device
-    qrow, kb, pos, whole = _pairs(sel, H=H, Nq=Nq, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window)
-    kb, order = torch.sort(kb, stable=True)
-    counts = torch.bincount(kb, minlength=B * Hkv * nb)
-    per = (counts + rows_per_tile - 1) // rows_per_tile  # tiles per key block
-    rank = torch.arange(kb.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[kb]
-    where = ((torch.cumsum(per, 0) - per)[kb] + rank // rows_per_tile, rank % rows_per_tile)
+    nkb = B * Hkv * nb
+    qrow, kb, pos, whole = _pairs(sel, H=H, Nq=Nq, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window,
+                                  offset=Nk - Nq if offset is None else offset)
+    end = (kb % nb + 1) * block  # one past the block's last key
+    plain = whole & (end <= Nk) & ((end <= pos + 1) if causal else True)
+    seg, order = torch.sort(kb + nkb * (~plain).long(), stable=True)
+    counts = torch.bincount(seg, minlength=2 * nkb)
+    per = (counts + rows_per_tile - 1) // rows_per_tile  # tiles per (class, key block)
+    rank = torch.arange(seg.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[seg]
+    where = ((torch.cumsum(per, 0) - per)[seg] + rank // rows_per_tile, rank % rows_per_tile)
     n = int(per.sum())
 
     def grid(x: Tensor, fill: int | bool) -> Tensor:
         return torch.full((n, rows_per_tile), fill, dtype=x.dtype, device=dev).index_put_(where, x)
 
-    tile_kb = torch.repeat_interleave(torch.arange(B * Hkv * nb, device=dev), per)
+    tile_kb = torch.repeat_interleave(torch.arange(2 * nkb, device=dev), per) % nkb
     return Tiles(qrow=grid(qrow[order], 0), live=grid(torch.ones_like(whole), False),
                  pos=grid(pos[order], 0), whole=grid(whole[order], False), kb=tile_kb,
                  batch=tile_kb // (Hkv * nb), nb=nb, block=block, Nk=Nk, sink_tokens=sink_tokens,
-                 window=window, causal=causal, elements=elements)
+                 window=window, causal=causal, elements=elements, n_plain=int(per[:nkb].sum()))
 
 
-def _tile_scores(tl: Tiles, sl: slice, qf: Tensor, kblk: Tensor, kpm: Tensor | None, scale: float,
-                 work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Masked scores [n, M, block] of tiles ``sl``, their queries [n, M, D] and key blocks
-    [n, block, D] (work dtype)."""
-    qrow, kb = tl.qrow[sl], tl.kb[sl]
-    n, M = qrow.shape
-    qt = qf.index_select(0, qrow.reshape(-1)).view(n, M, -1).to(work)
-    kt = kblk.index_select(0, kb).view(n, tl.block, -1).to(work)
+def _tile_visibility(tl: Tiles, sl: slice, kpm: Tensor | None) -> Tensor:
+    """bool [n, M, block]: which keys of its block each row of tiles ``sl`` sees."""
+    kb, pos, whole, live = tl.kb[sl], tl.pos[sl], tl.whole[sl], tl.live[sl]
     t = ((kb % tl.nb) * tl.block)[:, None] + torch.arange(tl.block, device=kb.device)  # [n, block]
-    pos, whole = tl.pos[sl], tl.whole[sl]
     # last visible key of each row: itself (causal), else the last key (whole blocks) or
     # the last sink or window key (partial blocks)
     last = pos if tl.causal else torch.where(whole, tl.Nk - 1, pos.clamp(min=tl.sink_tokens - 1))
     t3 = t.unsqueeze(1)
-    vis = t3 <= torch.where(tl.live[sl], torch.clamp(last, max=tl.Nk - 1), -1).unsqueeze(-1)
-    if not bool(whole[tl.live[sl]].all()):  # sink and window keys of the partial rows
+    vis = t3 <= torch.where(live, torch.clamp(last, max=tl.Nk - 1), -1).unsqueeze(-1)
+    if not bool(whole[live].all()):  # sink and window keys of the partial rows
         p3 = pos.unsqueeze(-1)
         vis = vis & (whole.unsqueeze(-1) | (t3 < tl.sink_tokens) | (t3 > p3 - tl.window))
     if kpm is not None:
         real = F.pad(kpm, (0, tl.nb * tl.block - tl.Nk)).reshape(-1)
         vis = vis & real[tl.batch[sl, None] * (tl.nb * tl.block) + t].unsqueeze(1)
-    s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
-    return s.masked_fill(~vis, float("-inf")), qt, kt
+    return vis
 
 
-def _key_blocks(x: Tensor, nb: int, block: int) -> Tensor:
-    """[B, Hkv, Nk, d] -> [B * Hkv * nb, block * d] (zero-padded to nb * block keys)."""
-    x = F.pad(x, (0, 0, 0, nb * block - x.shape[2]))
+def _key_blocks(x: Tensor, nb: int, block: int, dtype: torch.dtype) -> Tensor:
+    """[B, Hkv, Nk, d] -> [B * Hkv * nb, block * d] in ``dtype`` (zero-padded to nb * block
+    keys; a view of ``x`` when it needs neither padding nor a cast)."""
+    x = x.to(dtype)
+    if nb * block != x.shape[2]:
+        x = F.pad(x, (0, 0, 0, nb * block - x.shape[2]))
     return x.reshape(-1, block * x.shape[-1])
 
 
-def _tile_chunk(tl: Tiles, D: int, Dv: int) -> int:
-    M = tl.qrow.shape[1]
-    return max(1, (tl.elements or TILE_ELEMENTS) // (4 * M * tl.block + (M + 2 * tl.block) * (D + Dv)))
+def _pad_last(x: Tensor, size: int) -> Tensor:
+    """x zero-padded along its last dim to ``size`` (x itself when it has that size)."""
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
-def _sink_rows(sinks: Tensor | None, B: int, Nq: int, work: torch.dtype) -> Tensor | None:
-    return None if sinks is None else sinks.to(work).view(1, -1, 1).expand(B, -1, Nq).reshape(-1)
+def _tile_batches(tl: Tiles, D: int, kpm: Tensor | None, work: torch.dtype,
+                  ) -> Iterator[tuple[slice, Tensor | None, Tensor | None]]:
+    """(slice of tiles, additive mask [n, 1, M, block] or None, alive [n, M] or None) per
+    batch: the plain tiles without a mask (unless keys are padded), then the others."""
+    n, M = tl.qrow.shape
+    C = max(1, (tl.elements or TILE_ELEMENTS) // (M * (6 * D + 2 * tl.block) + 4 * tl.block * D))  # backward: 6 [M, D]
+    n_plain = 0 if kpm is not None else tl.n_plain
+    for a, b in ((0, n_plain), (n_plain, n)):
+        for c in range(a, b, C):
+            sl = slice(c, min(b, c + C))
+            if a == 0 and n_plain:
+                yield sl, None, None
+            else:
+                vis = _tile_visibility(tl, sl, kpm)
+                yield sl, additive_mask(vis, work).unsqueeze(1), vis.any(-1)
+
+
+def _fold_pairs(O: Tensor, Mx: Tensor, Tot: Tensor, rows: Tensor, o: Tensor, lse: Tensor) -> None:
+    """Fold softmax parts (o [P, Dv], lse [P]) of rows ``rows`` [P] (a row may repeat) into
+    the running maximum Mx [R], weight total Tot [R] and weighted sum O [R, Dv] (in place):
+    only the rows whose maximum grows are rescaled."""
+    new = Mx.scatter_reduce(0, rows, lse, "amax")
+    grown = torch.nonzero((new > Mx) & torch.isfinite(Mx)).flatten()
+    if grown.numel():
+        f = torch.exp(Mx[grown] - new[grown])
+        Tot[grown] *= f
+        O.index_copy_(0, grown, O.index_select(0, grown) * f[:, None])
+    Mx.copy_(new)
+    ref = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    w = torch.exp(lse - ref[rows])
+    Tot.index_add_(0, rows, w)
+    O.index_add_(0, rows, o * w[:, None])
 
 
 def tiles_fwd(q: Tensor, k: Tensor, v: Tensor, tl: Tiles, *, scale: float, sinks: Tensor | None,
               key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Forward over the tiles: (out [B, H, Nq, Dv], lse [B * H * Nq] fp32+).
+    """Forward over the tiles: (out [B, H, Nq, Dv], lse [B * H * Nq] fp32+, +inf for a row
+    that sees nothing).
 
-    Two passes over the tiles (flash-style, batched [M, D] x [D, block] matmuls): the
-    first gives each (query row, key block) pair its log-sum-exp, merged per row with
-    the sink; the second adds exp(s - lse) v into the rows (``index_add_``)."""
+    One fused flash call per batch of tiles ([M, D] queries against one [block, D] key
+    block each, no mask for the plain tiles), each tile row's (output, log-sum-exp)
+    folded into its query row by a running log-sum-exp merge, then the sink."""
+    Dv = v.shape[-1]
+    q, k, v = pad_head_dim(q, k, v)  # the flash kernel takes one head size
+    work = work_dtype(q.dtype)
+    kblk, vblk = _key_blocks(k, tl.nb, tl.block, work), _key_blocks(v, tl.nb, tl.block, work)
+    return _attend_tiles(q, kblk, vblk, tl, Dv, scale=scale, sinks=sinks, key_padding_mask=key_padding_mask)
+
+
+def _attend_tiles(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, Dv: int, *, scale: float,
+                  sinks: Tensor | None, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`tiles_fwd` given the key and value blocks (:func:`_key_blocks`, work dtype,
+    head size D of q): (out [B, H, Nq, Dv] in q's dtype, lse [B * H * Nq])."""
     B, H, Nq, D = q.shape
-    Dv, work = v.shape[-1], torch.promote_types(q.dtype, torch.float32)
-    qf, kblk, vblk = q.reshape(-1, D), _key_blocks(k, tl.nb, tl.block), _key_blocks(v, tl.nb, tl.block)
-    n, M = tl.qrow.shape
-    C = _tile_chunk(tl, D, Dv)
-    item = torch.empty(n, M, dtype=work, device=q.device)
-    for c in range(0, n, C):
-        s, _, _ = _tile_scores(tl, slice(c, c + C), qf, kblk, key_padding_mask, scale, work)
-        mx = s.amax(-1)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        item[c : c + C] = mx + torch.log(torch.exp(s - mx.unsqueeze(-1)).sum(-1))
-    rows, il = tl.qrow.reshape(-1), item.reshape(-1)
-    mx = torch.full((B * H * Nq,), float("-inf"), dtype=work, device=q.device).scatter_reduce_(0, rows, il, "amax")
+    work = kblk.dtype
+    fwd, _ = kernels(q.device)
+    R = B * H * Nq  # row R: where the tiles' empty rows go
+    qf = q.reshape(-1, D)
+    O = torch.zeros(R + 1, D, dtype=work, device=q.device)
+    Mx = torch.full((R + 1,), float("-inf"), dtype=work, device=q.device)
+    Tot = torch.zeros(R + 1, dtype=work, device=q.device)
+    M = tl.qrow.shape[1]
+    for sl, mask, alive in _tile_batches(tl, D, key_padding_mask, work):
+        qrow, kb = tl.qrow[sl], tl.kb[sl]
+        n = len(kb)
+        qt = qf.index_select(0, qrow.reshape(-1)).to(work).view(n, 1, M, D)
+        kt, vt = kblk.index_select(0, kb).view(n, 1, tl.block, D), vblk.index_select(0, kb).view(n, 1, tl.block, D)
+        o, lse = fwd(qt, kt, vt, 0.0, False, attn_mask=mask, scale=scale)
+        lse = lse.view(n, M).to(work)
+        if alive is not None:
+            lse = lse.masked_fill(~alive, float("-inf"))
+        rows = torch.where(tl.live[sl], qrow, R).reshape(-1)
+        _fold_pairs(O, Mx, Tot, rows, o.reshape(-1, D).to(work), lse.reshape(-1))
+    mx, tot, O = Mx[:R], Tot[:R], O[:R, :Dv]
     sink = _sink_rows(sinks, B, Nq, work)
     if sink is not None:
-        mx = torch.maximum(mx, sink)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    tot = torch.zeros_like(mx).index_add_(0, rows, torch.exp(il - mx[rows]))
-    if sink is not None:
-        tot = tot + torch.exp(sink - mx)
+        new = torch.maximum(mx, sink)
+        f = torch.where(torch.isfinite(mx), torch.exp(mx - new), torch.zeros_like(mx))
+        O, tot, mx = O * f[:, None], tot * f + torch.exp(sink - new), new
     lse = torch.where(tot > 0, mx + torch.log(tot), torch.full_like(mx, float("inf")))
-    out = torch.zeros(B * H * Nq, Dv, dtype=work, device=q.device)
-    for c in range(0, n, C):
-        sl = slice(c, c + C)
-        s, _, _ = _tile_scores(tl, sl, qf, kblk, key_padding_mask, scale, work)
-        r = tl.qrow[sl].reshape(-1)
-        p = torch.exp(s - lse[r].view(*s.shape[:2], 1))
-        vt = vblk.index_select(0, tl.kb[sl]).view(s.shape[0], tl.block, Dv).to(work)
-        out.index_add_(0, r, torch.matmul(p, vt).reshape(-1, Dv))
+    out = O / torch.where(tot > 0, tot, torch.ones_like(tot))[:, None]
     return out.view(B, H, Nq, Dv).to(q.dtype), lse
 
 
 def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, tl: Tiles, *,
               scale: float, sinks: Tensor | None, key_padding_mask: Tensor | None,
               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Backward of :func:`tiles_fwd`: (dq, dk, dv, dsinks). One pass over the tiles:
-    p = exp(s - lse), dV += p^T dO, dS = p (dO v^T - dO . o), dQ += dS K, dK += dS^T Q
-    (scattered into query rows and key blocks with ``index_add_``)."""
-    B, H, Nq, D = q.shape
+    """Backward of :func:`tiles_fwd`: (dq, dk, dv, dsinks). One fused flash backward per
+    batch of tiles, given each row's merged output and log-sum-exp (so each tile's
+    gradient is that of the one softmax over all of the row's keys); dQ is scattered into
+    query rows and dK, dV into key blocks with ``index_add_``."""
+    B, H, Nq, D0 = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    work = torch.promote_types(q.dtype, torch.float32)
-    qf, kblk, vblk = q.reshape(-1, D), _key_blocks(k, tl.nb, tl.block), _key_blocks(v, tl.nb, tl.block)
-    dof = dout.reshape(-1, Dv).to(work)
-    delta = (dof * out.reshape(-1, Dv).to(work)).sum(-1)
-    dq = torch.zeros(B * H * Nq, D, dtype=work, device=q.device)
-    dkb = torch.zeros(kblk.shape, dtype=work, device=k.device)
-    dvb = torch.zeros(vblk.shape, dtype=work, device=v.device)
-    n, C = tl.qrow.shape[0], _tile_chunk(tl, D, Dv)
-    for c in range(0, n, C):
-        sl = slice(c, c + C)
-        s, qt, kt = _tile_scores(tl, sl, qf, kblk, key_padding_mask, scale, work)
-        r, kb = tl.qrow[sl].reshape(-1), tl.kb[sl]
-        shape = (*s.shape[:2], 1)
-        p = torch.exp(s - lse[r].view(shape))
-        dot = dof.index_select(0, r).view(*s.shape[:2], Dv)
-        vt = vblk.index_select(0, kb).view(s.shape[0], tl.block, Dv).to(work)
-        dvb.index_add_(0, kb, torch.matmul(p.transpose(-1, -2), dot).reshape(len(kb), -1))
-        ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - delta[r].view(shape))
-        dq.index_add_(0, r, (torch.matmul(ds, kt) * scale).reshape(-1, D))
-        dkb.index_add_(0, kb, (torch.matmul(ds.transpose(-1, -2), qt) * scale).reshape(len(kb), -1))
+    work = work_dtype(q.dtype)
+    _, bwd = kernels(q.device)
+    R = B * H * Nq
+    q, k, v = pad_head_dim(q, k, v)  # the flash kernel takes one head size
+    D = q.shape[-1]
+    qf = q.reshape(-1, D)
+    kblk, vblk = _key_blocks(k, tl.nb, tl.block, work), _key_blocks(v, tl.nb, tl.block, work)
+    of = _pad_last(out.reshape(-1, Dv).to(work), D)
+    dof = _pad_last(dout.reshape(-1, Dv).to(work), D)
+    lb = lse.to(work)
+    dq = torch.zeros(R, D, dtype=work, device=q.device)
+    dkb, dvb = torch.zeros_like(kblk), torch.zeros_like(vblk)
+    M = tl.qrow.shape[1]
+    for sl, mask, _ in _tile_batches(tl, D, key_padding_mask, work):
+        qrow, kb, live = tl.qrow[sl], tl.kb[sl], tl.live[sl]
+        n, r = len(kb), qrow.reshape(-1)
+        qt = qf.index_select(0, r).to(work).view(n, 1, M, D)
+        gt = (dof.index_select(0, r) * live.reshape(-1, 1)).view(n, 1, M, D)  # empty rows: no gradient
+        ot = of.index_select(0, r).view(n, 1, M, D)
+        lt = lb.index_select(0, r).view(n, 1, M)
+        kt, vt = kblk.index_select(0, kb).view(n, 1, tl.block, D), vblk.index_select(0, kb).view(n, 1, tl.block, D)
+        gq, gk, gv = bwd(gt, qt, kt, vt, ot, lt, 0.0, False, attn_mask=mask, scale=scale)
+        dq.index_add_(0, r, gq.reshape(-1, D).to(work))
+        dkb.index_add_(0, kb, gk.reshape(n, -1).to(work))
+        dvb.index_add_(0, kb, gv.reshape(n, -1).to(work))
     dsinks = None
     sink = _sink_rows(sinks, B, Nq, work)
     if sink is not None:
-        dsinks = (-(torch.exp(sink - lse) * delta)).view(B, H, Nq).sum((0, 2)).to(sinks.dtype)
-    dk = dkb.view(B, Hkv, -1, D)[:, :, :Nk].to(k.dtype)
-    dv = dvb.view(B, Hkv, -1, Dv)[:, :, :Nk].to(v.dtype)
-    return dq.view(B, H, Nq, D).to(q.dtype), dk, dv, dsinks
+        delta = (dof * of).sum(-1)
+        dsinks = (-(torch.exp(sink - lb) * delta)).view(B, H, Nq).sum((0, 2)).to(sinks.dtype)
+    dk = dkb.view(B, Hkv, -1, D)[:, :, :Nk, :D0].to(k.dtype)
+    dv = dvb.view(B, Hkv, -1, D)[:, :, :Nk, :Dv].to(v.dtype)
+    return dq[:, :D0].reshape(B, H, Nq, D0).to(q.dtype), dk, dv, dsinks
 
 
-#: the autograd wrapper of :func:`tiles_fwd` / :func:`tiles_bwd` (tiles not differentiated):
+
 #: ``TopkBlocksFunction.apply(q, k, v, sinks, tiles, scale, key_padding_mask)``
 TopkBlocksFunction = lse_autograd_function("TopkBlocksFunction", tiles_fwd, tiles_bwd, "key_padding_mask")
 
@@ -451,8 +535,47 @@ def topk_blocks_attention(
     _check_params(block, topk, gate, sink_tokens, window, shared)
     sink = check_sinks(sinks, d.H)
     s = default_scale(scale, d.D)
-    sel = select_blocks(q, k, block=block, topk=topk, gate=gate, shared=shared or d.H == d.Hkv,
-                        causal=causal, key_padding_mask=key_padding_mask)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    if not grad:
+        return _infer(q, k, v, key_padding_mask, sink, s, causal, block, topk, gate, sink_tokens, window, shared)
+    sel = select_blocks(q, k, block=block, topk=topk, gate=gate, shared=shared or d.H == d.Hkv, causal=causal,
+                        key_padding_mask=key_padding_mask)
     tiles = make_tiles(sel, H=d.H, Nq=d.Nq, Nk=d.Nk, block=block, sink_tokens=sink_tokens, window=window,
                        causal=causal)
     return TopkBlocksFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sink, tiles, s, key_padding_mask)
+
+
+#: (query row, key block) pairs one inference call handles at a time (see _rows_per_call)
+CALL_PAIRS = 1 << 17
+
+
+def _rows_per_call(H: int, Nk: int, block: int, topk: int, sink_tokens: int, window: int) -> int:
+    """Query rows per inference run: about :data:`CALL_PAIRS` pairs over the H heads, a
+    multiple of ``block``."""
+    slots = min(topk, -(-Nk // block)) + 1 + -(-sink_tokens // block) + -(-max(window - 1, 0) // block)
+    return max(block, CALL_PAIRS // (H * slots) // block * block)
+
+
+def _infer(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, sinks: Tensor | None, scale: float, causal: bool,
+           block: int, topk: int, gate: str, sink_tokens: int, window: int, shared: bool) -> Tensor:
+    """The forward without autograd (checked inputs): [B, H, Nq, Dv]. The query rows run in
+    runs of :func:`_rows_per_call` rows against one copy of the key blocks and their
+    summaries, which bounds the selection's and the tiles' temporaries."""
+    B, H, Nq, _ = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v = pad_head_dim(q, k, v)  # the flash kernel takes one head size
+    work, nb = work_dtype(q.dtype), -(-Nk // block)
+    summ = block_summaries(k, block, kpm, gate)
+    kblk, vblk = _key_blocks(k, nb, block, work), _key_blocks(v, nb, block, work)
+    out = torch.empty(B, H, Nq, Dv, dtype=q.dtype, device=q.device)
+    rows = _rows_per_call(H, Nk, block, topk, sink_tokens, window)
+    for r0 in range(0, Nq, rows):
+        r1, offset = min(Nq, r0 + rows), Nk - Nq + r0
+        qr = q[:, :, r0:r1].contiguous()
+        sel = select_blocks(qr, k, block=block, topk=topk, gate=gate, shared=shared or H == Hkv, causal=causal,
+                            key_padding_mask=kpm, offset=offset, summaries=summ)
+        tiles = make_tiles(sel, H=H, Nq=r1 - r0, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window,
+                           causal=causal, offset=offset)
+        out[:, :, r0:r1] = _attend_tiles(qr, kblk, vblk, tiles, Dv, scale=scale, sinks=sinks,
+                                         key_padding_mask=kpm)[0]
+    return out
