@@ -9,8 +9,9 @@ writes the eval report (``eval.md``, ``eval.json``, plots) under ``--out/CASE``:
   ``topk_blocks`` settings at 4096 (~N/8 keys within 8 %, ~N/4 within 3.5 %).
 - ``passkey``: passkey retrieval at 1024 tokens, depths 0.1 .. 0.9, ``topk_blocks``
   (block 32, topk 4, 4 sinks: <= 164 keys) against ``local`` with the same budget.
-- ``prefill``: whole-model prefill at 8192 tokens, time and peak memory (no passkey,
-  one decode step), ``topk_blocks`` against sdpa; ``--repeat`` runs in one process.
+- ``prefill``: whole-model prefill at 8192 tokens (``--length``), ``topk_blocks`` against
+  sdpa, each in its own process: time (median of ``--repeat``) under the default
+  allocator, peak memory of the live tensors under the strict one.
 - ``extrapolate``: ``local`` (512 keys) + 4 sinks at 4096 and 16384 (twice the
   model's 8192 trained positions) next to sdpa.
 - ``generate``: greedy generation with :class:`SinkWindowCache` (4 sinks, 511 recent
@@ -32,6 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,7 +44,7 @@ import torch
 
 from longattn.evaluation import EvalConfig, evaluate, load_model, load_text, write_report
 from longattn.evaluation.loading import tokenize
-from longattn.evaluation.timing import _cache_argument, cache_mib, cache_of
+from longattn.evaluation.timing import _cache_argument, cache_mib, cache_of, measure
 from longattn.integrations.transformers import SinkWindowCache, register
 
 SINKS = "global_idx=(0,1,2,3)"
@@ -82,10 +86,41 @@ def case_passkey(out: Path, model: Any, tok: Any, text: str, args: argparse.Name
 
 
 def case_prefill(out: Path, model: Any, tok: Any, text: str, args: argparse.Namespace) -> None:
-    """prefill of 8192 tokens, time and peak memory, ``--repeat`` runs."""
-    for i in range(args.repeat):
-        _eval(out, f"prefill_{i}", model, tok, text, mechanisms=args.mechanisms or PREFILL, lengths=(8192,),
-              passkey_lengths=(), decode_tokens=1)
+    """prefill of 8192 tokens (a generation's prefill: the KV cache filled, one logit row):
+    each mechanism in its own process, timed under glibc's default allocator (``--repeat``
+    calls, median) and its peak taken in another process under the strict allocator (every
+    buffer above 64 KiB mapped afresh and returned: the live tensors' peak, not what the
+    allocator kept; see docs/engine.md)."""
+    rows = []
+    for spec in ["sdpa", *(args.mechanisms or PREFILL)]:
+        row = {"mechanism": spec}
+        for allocator, env in (("default", {}), ("strict", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+            cmd = [sys.executable, __file__, "prefill-one", "--spec", spec, "--length", str(args.length),
+                   "--repeat", str(args.repeat if allocator == "default" else 1)]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=True)
+            one = json.loads(res.stdout.strip().splitlines()[-1])
+            row.update({"seconds": one["seconds"], "all_seconds": one["all_seconds"]} if allocator == "default"
+                       else {"peak_mib": one["peak_mib"], "strict_seconds": one["seconds"]})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    _write(out / f"prefill{args.tag}.json", {"length": args.length, "rows": rows})
+
+
+def case_prefill_one(out: Path, model: Any, tok: Any, text: str, args: argparse.Namespace) -> None:
+    """(in a child of ``prefill``) one mechanism's prefill: time and peak, one JSON line."""
+    from longattn.evaluation.loading import attn_implementation, parse_mechanism
+
+    ids = tokenize(tok, text, args.length)[None]
+    model.set_attn_implementation(attn_implementation(parse_mechanism(args.spec)))
+    times, peak = [], None
+    with torch.inference_mode():
+        model(input_ids=ids[:, :64], use_cache=False, logits_to_keep=1)  # warm-up
+        for i in range(args.repeat):
+            _, secs, mib = measure(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+            times.append(secs)
+            peak = mib if i == 0 else peak
+    print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "peak_mib": peak}))
 
 
 def case_extrapolate(out: Path, model: Any, tok: Any, text: str, args: argparse.Namespace) -> None:
@@ -152,7 +187,8 @@ def _write(path: Path, res: dict[str, Any]) -> None:
 
 
 CASES: dict[str, Callable[..., None]] = {
-    "ppl": case_ppl, "passkey": case_passkey, "prefill": case_prefill, "extrapolate": case_extrapolate,
+    "ppl": case_ppl, "passkey": case_passkey, "prefill": case_prefill, "prefill-one": case_prefill_one,
+    "extrapolate": case_extrapolate,
     "generate": case_generate, "recompute": case_recompute,
 }
 
@@ -165,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--mechanisms", type=lambda s: [m for m in s.split(";") if m], default=None,
                    help="override the case's mechanism specs, ';'-separated (sdpa is always run)")
     p.add_argument("--tag", default="", help="suffix of the report directory (runs of one case)")
-    p.add_argument("--repeat", type=int, default=1, help="prefill: runs in this process")
+    p.add_argument("--repeat", type=int, default=3, help="prefill: timed calls per mechanism (median)")
+    p.add_argument("--length", type=int, default=8192, help="prefill: tokens")
+    p.add_argument("--spec", default="sdpa", help="prefill-one: the mechanism spec")
     p.add_argument("--prompt", type=int, default=512, help="generate/recompute: prompt tokens")
     p.add_argument("--window", type=int, default=511, help="generate/recompute: recent keys kept")
     p.add_argument("--new", type=int, default=4096, help="generate/recompute: new tokens")
@@ -173,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.case == "prefill":  # every mechanism in child processes
+        CASES[args.case](args.out, None, None, "", args)
+        return
     model, tok = load_model()
     CASES[args.case](args.out, model, tok, load_text(), args)
 

@@ -225,6 +225,20 @@ k, v = (torch.randn(1, 1, 16384, 16, requires_grad=True) for _ in range(2))
     assert peak < 500, f"peak {peak:.0f} MiB: something quadratic was built"
 
 
+def test_inference_memory_at_16k_stays_in_row_runs():
+    # without autograd, N = 16384, 4 query heads over 2 kv heads, sinks: one N x N fp32 score
+    # matrix per head is 1 GiB; the row runs hold about CALL_PAIRS pairs at a time
+    setup = """
+import longattn
+q = torch.randn(1, 4, 16384, 32)
+k, v = (torch.randn(1, 2, 16384, 32) for _ in range(2))
+"""
+    run = ("with torch.no_grad():\n"
+           "    out = longattn.attention(q, k, v, 'topk_blocks', causal=True, block=64, topk=8, sink_tokens=4)")
+    peak = peak_memory_mb(setup, run)
+    assert peak < 200, f"peak {peak:.0f} MiB: something quadratic was built"
+
+
 def test_block_plan_on_given_keys_equals_the_oracle(monkeypatch):
     """The same selection as whole key blocks for ``given_keys_apply`` (the path other
     selection mechanisms build on), per query head under GQA, with padding."""

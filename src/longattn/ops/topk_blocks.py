@@ -86,7 +86,16 @@ def block_summaries(k: Tensor, block: int, key_padding_mask: Tensor | None, gate
     B, Hkv, Nk, D = k.shape
     nb = -(-Nk // block)
     work = torch.promote_types(k.dtype, torch.float32)
-    kp = F.pad(k.detach().to(work), (0, 0, 0, nb * block - Nk)).view(B, Hkv, nb, block, D)
+    pad = nb * block - Nk
+    kp = k.detach().to(work)
+    kp = (F.pad(kp, (0, 0, 0, pad)) if pad else kp).view(B, Hkv, nb, block, D)
+    if key_padding_mask is None and (gate == "mean" or pad == 0):  # no mask needed (padded keys are 0)
+        nonempty = torch.ones(B, 1, nb, dtype=torch.bool, device=k.device)
+        if gate == "bound":
+            return kp.amax(3), kp.amin(3), nonempty
+        count = torch.full((nb, 1), float(block), dtype=work, device=k.device)
+        count[-1] = block - pad
+        return kp.sum(3) / count, nonempty
     real = torch.arange(nb * block, device=k.device) < Nk
     real = real.view(1, nb * block).expand(B, nb * block)
     if key_padding_mask is not None:
@@ -294,7 +303,8 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
 def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
                causal: bool, rows_per_tile: int = 256, elements: int = 0, offset: int | None = None) -> Tiles:
     """The pairs of :func:`_pairs` sorted by (needs a mask, key block), each run of one key
-    block cut into tiles of ``rows_per_tile`` rows (no Python loop). O(P log P) for P
+    block cut into tiles of ``rows_per_tile`` rows (fewer, a multiple of 8, when no key
+    block has that many: decode steps) (no Python loop). O(P log P) for P
     pairs. A pair needs no mask when the whole block counts, lies inside Nk and (causal)
     ends at or before the query. ``elements``: the work one batch of tiles may hold (0:
     :data:`TILE_ELEMENTS`); a caller that keeps more of its own tensors alive (``nsa``)
@@ -308,6 +318,7 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
     plain = whole & (end <= Nk) & ((end <= pos + 1) if causal else True)
     seg, order = torch.sort(kb + nkb * (~plain).long(), stable=True)
     counts = torch.bincount(seg, minlength=2 * nkb)
+    rows_per_tile = max(1, min(rows_per_tile, -(-int(counts.max()) // 8) * 8)) if seg.numel() else 1
     per = (counts + rows_per_tile - 1) // rows_per_tile  # tiles per (class, key block)
     rank = torch.arange(seg.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[seg]
     where = ((torch.cumsum(per, 0) - per)[seg] + rank // rows_per_tile, rank % rows_per_tile)
@@ -546,7 +557,7 @@ def topk_blocks_attention(
 
 
 #: (query row, key block) pairs one inference call handles at a time (see _rows_per_call)
-CALL_PAIRS = 1 << 17
+CALL_PAIRS = 1 << 18
 
 
 def _rows_per_call(H: int, Nk: int, block: int, topk: int, sink_tokens: int, window: int) -> int:
