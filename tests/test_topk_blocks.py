@@ -135,6 +135,24 @@ def test_inference_in_row_runs_equals_the_dense_oracle(case, monkeypatch):
     assert (out - ref).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("Nq", [48, 12])
+@pytest.mark.parametrize("params", [dict(block=6, topk=2, sink_tokens=3), dict(block=6, topk=3, window=8, shared=True)])
+def test_own_blocks_apart_equal_the_dense_oracle(Nq, params, monkeypatch):
+    # whole query blocks aligned to the key blocks (48 keys, blocks of 6; the last 12 rows
+    # bottom-right): the own blocks run as one causal call beside the tiles
+    monkeypatch.setattr(TB, "TILE_ELEMENTS", 1)
+    q, k, v = _qkv(2, 4, 2, 48, Nq=Nq, Dv=5, seed=7)
+    sel = TB.select_blocks(q, k, gate="mean", causal=True, key_padding_mask=None,
+                           **{n: params.get(n, False) for n in ("block", "topk", "shared")})
+    tiles = TB.make_tiles(sel, H=4, Nq=Nq, Nk=48, block=6, sink_tokens=params.get("sink_tokens", 0),
+                          window=params.get("window", 0), causal=True, own_apart=True)
+    assert tiles.own_first == (48 - Nq) // 6  # the path under test is taken
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(8), dtype=D64, requires_grad=True)
+    out = longattn.attention(q, k, v, "topk_blocks", causal=True, sinks=sinks, **params)
+    ref = _dense(q, k, v, _oracle_mask(q, k, causal=True, **params), sinks=sinks)
+    _check(out, ref, (q, k, v, sinks))
+
+
 def test_ties_go_to_the_lower_block():
     # query 39 (own block 4), topk=2: block 3 gates highest, blocks 0, 1, 2 hold the same
     # keys (equal gates): blocks 3 and 0 are selected

@@ -33,8 +33,11 @@ How it runs, never building Nq x Nk:
    key block) pair is sorted by (needs a mask, key block), and each key block's rows are
    cut into tiles of 256 rows; a batch of tiles is one call of PyTorch's fused CPU flash
    kernel ([256, D] queries against one [block, D] key block each, no mask for the
-   *plain* tiles, whose rows see the whole block; a mask for the own block under
-   causality and for sink and window keys). Each tile row's (output, log-sum-exp) is
+   *plain* tiles, whose rows see the whole block; a mask for sink and window keys). Under
+   causality, with whole query blocks aligned to the key blocks and no key padding, the
+   own blocks run apart as one causal call (the R query heads' rows of a query block
+   against their own key block, one broadcast mask); otherwise they are masked tiles.
+   Each tile row's (output, log-sum-exp) is
    folded into its query row by a running log-sum-exp merge (:func:`tiles_fwd`); the
    backward (:func:`tiles_bwd`) runs the flash backward per batch, given each row's
    merged output and log-sum-exp, and scatters dQ into rows and dK, dV into key blocks.
@@ -261,7 +264,8 @@ class Tiles:
     keys); kb [n]: rows of the key blocks [B * Hkv * nb, block * D]; batch [n]. The first
     ``n_plain`` tiles are *plain*: each live row sees every key of the block, so they run
     without a mask; the rest (own blocks under causality, sink and window keys, the last
-    block past Nk) carry one.
+    block past Nk) carry one. With ``own_first >= 0`` the own blocks are not in the tiles
+    (:func:`_own_blocks`).
     """
 
     qrow: Tensor
@@ -278,10 +282,12 @@ class Tiles:
     causal: bool
     elements: int = 0  # work elements one batch of tiles may hold (0: TILE_ELEMENTS)
     n_plain: int = 0
+    own_first: int = -1  # >= 0: the own blocks are left out of the tiles and run as one causal call;
+    # query row r (a multiple of ``block`` rows from position own_first * block) owns block own_first + r // block
 
 
 def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int,
-           window: int, offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+           window: int, offset: int, own: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every (query row, key block) pair of :func:`block_slots`, each [P]: the row of q as
     [B * H * Nq, D], the row of the key blocks [B * Hkv * nb, block * D], the query's
     position, and whether the whole block counts (else only its sink and window keys)."""
@@ -291,6 +297,8 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
     blk, keep, n_whole = block_slots(sel, torch.arange(Nq, device=dev), Nq=Nq, Nk=Nk, block=block,
                                      sink_tokens=sink_tokens, window=window, offset=offset)
     T = blk.shape[-1]
+    if not own:  # the own blocks run apart
+        keep[..., n_whole - 1] = False
     at = keep.reshape(-1).nonzero().squeeze(1)  # kept slots of [B, Hkv, Rg, Nq, T], in order
     s_, i_, unit = at % T, (at // T) % Nq, at // (T * Nq)  # unit: (b, g, rg)
     b_, g_ = unit // (Hkv * Rg), (unit // Rg) % Hkv
@@ -301,19 +309,25 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
 
 
 def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
-               causal: bool, rows_per_tile: int = 256, elements: int = 0, offset: int | None = None) -> Tiles:
+               causal: bool, rows_per_tile: int = 256, elements: int = 0, offset: int | None = None,
+               own_apart: bool = False) -> Tiles:
     """The pairs of :func:`_pairs` sorted by (needs a mask, key block), each run of one key
     block cut into tiles of ``rows_per_tile`` rows (fewer, a multiple of 8, when no key
     block has that many: decode steps) (no Python loop). O(P log P) for P
     pairs. A pair needs no mask when the whole block counts, lies inside Nk and (causal)
     ends at or before the query. ``elements``: the work one batch of tiles may hold (0:
     :data:`TILE_ELEMENTS`); a caller that keeps more of its own tensors alive (``nsa``)
-    asks for less. ``offset``: the position of the first query row (default Nk - Nq)."""
+    asks for less. ``offset``: the position of the first query row (default Nk - Nq).
+    ``own_apart``: under causality, with whole query blocks aligned to the key blocks
+    (and no key padding, which the caller knows), leave the own blocks out of the tiles:
+    they run as one causal call (:func:`_own_blocks`)."""
     B, Hkv = sel.shape[:2]
     nb, dev = -(-Nk // block), sel.device
     nkb = B * Hkv * nb
+    offset = Nk - Nq if offset is None else offset
+    apart = own_apart and causal and offset % block == 0 and Nq % block == 0 and Nq > 0
     qrow, kb, pos, whole = _pairs(sel, H=H, Nq=Nq, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window,
-                                  offset=Nk - Nq if offset is None else offset)
+                                  offset=offset, own=not apart)
     end = (kb % nb + 1) * block  # one past the block's last key
     plain = whole & (end <= Nk) & ((end <= pos + 1) if causal else True)
     seg, order = torch.sort(kb + nkb * (~plain).long(), stable=True)
@@ -331,7 +345,8 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
     return Tiles(qrow=grid(qrow[order], 0), live=grid(torch.ones_like(whole), False),
                  pos=grid(pos[order], 0), whole=grid(whole[order], False), kb=tile_kb,
                  batch=tile_kb // (Hkv * nb), nb=nb, block=block, Nk=Nk, sink_tokens=sink_tokens,
-                 window=window, causal=causal, elements=elements, n_plain=int(per[:nkb].sum()))
+                 window=window, causal=causal, elements=elements, n_plain=int(per[:nkb].sum()),
+                 own_first=offset // block if apart else -1)
 
 
 def _tile_visibility(tl: Tiles, sl: slice, kpm: Tensor | None) -> Tensor:
@@ -400,6 +415,36 @@ def _fold_pairs(O: Tensor, Mx: Tensor, Tot: Tensor, rows: Tensor, o: Tensor, lse
     O.index_add_(0, rows, o * w[:, None])
 
 
+def _own_queries(x: Tensor, B: int, Hkv: int, block: int) -> Tensor:
+    """Rows [B, H, Nq, d] -> [B * Hkv * nqb, 1, R * block, d]: per kv head and query block,
+    the block's rows of the kv head's R query heads (a copy; :func:`_own_rows` undoes it)."""
+    _, H, Nq, d = x.shape
+    x = x.reshape(B, Hkv, H // Hkv, Nq // block, block, d).transpose(2, 3)
+    return x.reshape(-1, 1, (H // Hkv) * block, d)
+
+
+def _own_rows(x: Tensor, B: int, Hkv: int, H: int, block: int) -> Tensor:
+    """Inverse of :func:`_own_queries`: [B * Hkv * nqb, 1, R * block, ...] -> rows
+    [B * H * Nq, ...] in query-row order."""
+    tail = x.shape[3:]
+    x = x.reshape(B, Hkv, -1, H // Hkv, block, *tail).transpose(2, 3)
+    return x.reshape(-1, *tail)
+
+
+def _own_keys(blocks: Tensor, tl: Tiles, B: int, Hkv: int, nqb: int) -> Tensor:
+    """Key blocks [B * Hkv * nb, block * d] -> the own blocks of the nqb query blocks,
+    [B * Hkv * nqb, 1, block, d] (a view when it can be)."""
+    x = blocks.view(B, Hkv, tl.nb, tl.block, -1)[:, :, tl.own_first : tl.own_first + nqb]
+    return x.reshape(B * Hkv * nqb, 1, tl.block, x.shape[-1])
+
+
+def _own_mask(R: int, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The causal mask of a query block's R heads against its own key block, additive,
+    [1, 1, R * block, block] (broadcast over the batch of blocks)."""
+    vis = torch.ones(block, block, dtype=torch.bool, device=device).tril().repeat(R, 1)
+    return additive_mask(vis, dtype).view(1, 1, R * block, block)
+
+
 def tiles_fwd(q: Tensor, k: Tensor, v: Tensor, tl: Tiles, *, scale: float, sinks: Tensor | None,
               key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Forward over the tiles: (out [B, H, Nq, Dv], lse [B * H * Nq] fp32+, +inf for a row
@@ -427,6 +472,14 @@ def _attend_tiles(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, Dv: int, *, 
     O = torch.zeros(R + 1, D, dtype=work, device=q.device)
     Mx = torch.full((R + 1,), float("-inf"), dtype=work, device=q.device)
     Tot = torch.zeros(R + 1, dtype=work, device=q.device)
+    if tl.own_first >= 0:  # the own blocks first: every row's first part, so nothing to merge yet
+        Hkv = kblk.shape[0] // (B * tl.nb)
+        ko, vo = (_own_keys(x, tl, B, Hkv, Nq // tl.block) for x in (kblk, vblk))
+        o, lse = fwd(_own_queries(q, B, Hkv, tl.block).to(work), ko, vo, 0.0, False,
+                     attn_mask=_own_mask(H // Hkv, tl.block, work, q.device), scale=scale)
+        O[:R] = _own_rows(o, B, Hkv, H, tl.block)
+        Mx[:R] = _own_rows(lse.unsqueeze(-1), B, Hkv, H, tl.block)[:, 0]
+        Tot[:R] = 1.0
     M = tl.qrow.shape[1]
     for sl, mask, alive in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb = tl.qrow[sl], tl.kb[sl]
@@ -471,6 +524,15 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     lb = lse.to(work)
     dq = torch.zeros(R, D, dtype=work, device=q.device)
     dkb, dvb = torch.zeros_like(kblk), torch.zeros_like(vblk)
+    if tl.own_first >= 0:
+        nqb, R_ = Nq // tl.block, H // Hkv
+        rows = [_own_queries(x.view(B, H, Nq, -1), B, Hkv, tl.block) for x in (dof, of, lb[:, None])]
+        gq, gk, gv = bwd(rows[0], _own_queries(q, B, Hkv, tl.block).to(work), _own_keys(kblk, tl, B, Hkv, nqb),
+                         _own_keys(vblk, tl, B, Hkv, nqb), rows[1], rows[2][..., 0], 0.0, False,
+                         attn_mask=_own_mask(R_, tl.block, work, q.device), scale=scale)
+        dq += _own_rows(gq, B, Hkv, H, tl.block).to(work)
+        for acc, g in ((dkb, gk), (dvb, gv)):
+            acc.view(B, Hkv, tl.nb, -1)[:, :, tl.own_first : tl.own_first + nqb] += g.to(work).view(B, Hkv, nqb, -1)
     M = tl.qrow.shape[1]
     for sl, mask, _ in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb, live = tl.qrow[sl], tl.kb[sl], tl.live[sl]
@@ -552,7 +614,7 @@ def topk_blocks_attention(
     sel = select_blocks(q, k, block=block, topk=topk, gate=gate, shared=shared or d.H == d.Hkv, causal=causal,
                         key_padding_mask=key_padding_mask)
     tiles = make_tiles(sel, H=d.H, Nq=d.Nq, Nk=d.Nk, block=block, sink_tokens=sink_tokens, window=window,
-                       causal=causal)
+                       causal=causal, own_apart=key_padding_mask is None)
     return TopkBlocksFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sink, tiles, s, key_padding_mask)
 
 
@@ -586,7 +648,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, sinks: Tensor | 
         sel = select_blocks(qr, k, block=block, topk=topk, gate=gate, shared=shared or H == Hkv, causal=causal,
                             key_padding_mask=kpm, offset=offset, summaries=summ)
         tiles = make_tiles(sel, H=H, Nq=r1 - r0, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window,
-                           causal=causal, offset=offset)
+                           causal=causal, offset=offset, own_apart=kpm is None)
         out[:, :, r0:r1] = _attend_tiles(qr, kblk, vblk, tiles, Dv, scale=scale, sinks=sinks,
                                          key_padding_mask=kpm)[0]
     return out
