@@ -101,6 +101,9 @@ CASES = {  # name: (H, Hkv, params, causal, padded); value heads of 5 (D = 6), 8
     "mha_sinks_window": (2, 2, dict(block=9, topk=1, sink_tokens=4, window=11), True, False),
     "not_causal": (4, 2, dict(block=6, topk=2, window=4, sink_tokens=2), False, True),
     "not_causal_wide_sinks": (2, 1, dict(block=4, topk=1, window=9, sink_tokens=11, gate="bound"), False, False),
+    "sinks_no_window": (4, 2, dict(block=5, topk=2, sink_tokens=7), True, False),
+    "sinks_no_window_padded": (4, 2, dict(block=5, topk=2, sink_tokens=3), True, True),
+    "not_causal_sinks": (2, 1, dict(block=4, topk=1, sink_tokens=6, gate="bound"), False, False),
 }
 
 

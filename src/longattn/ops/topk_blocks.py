@@ -36,7 +36,9 @@ How it runs, never building Nq x Nk:
    *plain* tiles, whose rows see the whole block; a mask for sink and window keys). Under
    causality, with whole query blocks aligned to the key blocks and no key padding, the
    own blocks run apart as one causal call (the R query heads' rows of a query block
-   against their own key block, one broadcast mask); otherwise they are masked tiles.
+   against their own key block, one broadcast mask), and without a window the sink keys
+   of blocks a row does not count whole run as one dense [Nq, sink_tokens] part;
+   otherwise they are masked tiles.
    Each tile row's (output, log-sum-exp) is
    folded into its query row by a running log-sum-exp merge (:func:`tiles_fwd`); the
    backward (:func:`tiles_bwd`) runs the flash backward per batch, given each row's
@@ -265,7 +267,8 @@ class Tiles:
     ``n_plain`` tiles are *plain*: each live row sees every key of the block, so they run
     without a mask; the rest (own blocks under causality, sink and window keys, the last
     block past Nk) carry one. With ``own_first >= 0`` the own blocks are not in the tiles
-    (:func:`_own_blocks`).
+    (:func:`_own_queries`), and with ``sink_vis`` the partial sink blocks are not either
+    (:func:`_sink_scores`).
     """
 
     qrow: Tensor
@@ -284,10 +287,11 @@ class Tiles:
     n_plain: int = 0
     own_first: int = -1  # >= 0: the own blocks are left out of the tiles and run as one causal call;
     # query row r (a multiple of ``block`` rows from position own_first * block) owns block own_first + r // block
+    sink_vis: Tensor | None = None  # [B, Hkv, Rg, Nq, S]: the sink keys run apart (dense), which each row sees there
 
 
 def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int,
-           window: int, offset: int, own: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+           window: int, offset: int, own: bool = True, sinks: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every (query row, key block) pair of :func:`block_slots`, each [P]: the row of q as
     [B * H * Nq, D], the row of the key blocks [B * Hkv * nb, block * D], the query's
     position, and whether the whole block counts (else only its sink and window keys)."""
@@ -299,6 +303,8 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
     T = blk.shape[-1]
     if not own:  # the own blocks run apart
         keep[..., n_whole - 1] = False
+    if not sinks:  # the sink blocks that no row counts whole run apart (no window: only sink keys)
+        keep[..., n_whole : n_whole + -(-min(sink_tokens, Nk) // block)] = False
     at = keep.reshape(-1).nonzero().squeeze(1)  # kept slots of [B, Hkv, Rg, Nq, T], in order
     s_, i_, unit = at % T, (at // T) % Nq, at // (T * Nq)  # unit: (b, g, rg)
     b_, g_ = unit // (Hkv * Rg), (unit // Rg) % Hkv
@@ -318,16 +324,18 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
     ends at or before the query. ``elements``: the work one batch of tiles may hold (0:
     :data:`TILE_ELEMENTS`); a caller that keeps more of its own tensors alive (``nsa``)
     asks for less. ``offset``: the position of the first query row (default Nk - Nq).
-    ``own_apart``: under causality, with whole query blocks aligned to the key blocks
-    (and no key padding, which the caller knows), leave the own blocks out of the tiles:
-    they run as one causal call (:func:`_own_blocks`)."""
+    ``own_apart`` (the caller knows no key is padded): under causality, with whole query
+    blocks aligned to the key blocks, leave the own blocks out of the tiles, to run as one
+    causal call (:func:`_own_queries`); without a window, leave out the sink keys of the
+    blocks a row does not count whole, to run as one dense part (:func:`_sink_scores`)."""
     B, Hkv = sel.shape[:2]
     nb, dev = -(-Nk // block), sel.device
     nkb = B * Hkv * nb
     offset = Nk - Nq if offset is None else offset
     apart = own_apart and causal and offset % block == 0 and Nq % block == 0 and Nq > 0
+    sinks_apart = own_apart and window == 0 and sink_tokens > 0
     qrow, kb, pos, whole = _pairs(sel, H=H, Nq=Nq, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window,
-                                  offset=offset, own=not apart)
+                                  offset=offset, own=not apart, sinks=not sinks_apart)
     end = (kb % nb + 1) * block  # one past the block's last key
     plain = whole & (end <= Nk) & ((end <= pos + 1) if causal else True)
     seg, order = torch.sort(kb + nkb * (~plain).long(), stable=True)
@@ -346,7 +354,8 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
                  pos=grid(pos[order], 0), whole=grid(whole[order], False), kb=tile_kb,
                  batch=tile_kb // (Hkv * nb), nb=nb, block=block, Nk=Nk, sink_tokens=sink_tokens,
                  window=window, causal=causal, elements=elements, n_plain=int(per[:nkb].sum()),
-                 own_first=offset // block if apart else -1)
+                 own_first=offset // block if apart else -1,
+                 sink_vis=_sink_visibility(sel, Nk, block, sink_tokens, offset, causal) if sinks_apart else None)
 
 
 def _tile_visibility(tl: Tiles, sl: slice, kpm: Tensor | None) -> Tensor:
@@ -445,6 +454,46 @@ def _own_mask(R: int, block: int, dtype: torch.dtype, device: torch.device) -> T
     return additive_mask(vis, dtype).view(1, 1, R * block, block)
 
 
+def _sink_visibility(sel: Tensor, Nk: int, block: int, sink_tokens: int, offset: int, causal: bool) -> Tensor:
+    """bool [B, Hkv, Rg, Nq, S]: which of the first S = min(sink_tokens, Nk) keys each row
+    sees as a sink key: those of blocks it does not count whole (neither selected nor its
+    own), and under causality none after it."""
+    Nq, S = sel.shape[3], min(sink_tokens, Nk)
+    t = torch.arange(S, device=sel.device)
+    pos = torch.arange(Nq, device=sel.device) + offset
+    whole = (sel.unsqueeze(-1) == (t // block)).any(-2) | ((pos // block)[:, None] == t // block)
+    vis = ~whole
+    if causal:
+        vis = vis & (t <= pos[:, None])
+    return vis
+
+
+def _sink_scores(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, scale: float, kpm: Tensor | None,
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sink part's masked scores [B, Hkv, R, Nq, S] of q [B, H, Nq, D] (work dtype),
+    its keys and values [B, Hkv, 1, S, D] (views) and its visibility."""
+    B, H, Nq, D = q.shape
+    S = tl.sink_vis.shape[-1]
+    Hkv = kblk.shape[0] // (B * tl.nb)
+    ks, vs = (x.view(B, Hkv, 1, tl.nb * tl.block, D)[..., :S, :] for x in (kblk, vblk))
+    vis = tl.sink_vis if kpm is None else tl.sink_vis & kpm[:, None, None, None, :S]
+    s = torch.matmul(q.view(B, Hkv, H // Hkv, Nq, D), ks.transpose(-1, -2)) * scale
+    return s.masked_fill(~vis, float("-inf")), ks, vs, vis
+
+
+def _sink_part(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, scale: float, kpm: Tensor | None,
+               ) -> tuple[Tensor, Tensor]:
+    """(out rows [B * H * Nq, D], lse rows): the softmax over each row's sink keys alone
+    (lse -inf and out 0 where it sees none)."""
+    s, _, vs, _ = _sink_scores(q, kblk, vblk, tl, scale, kpm)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    z = p.sum(-1, keepdim=True)
+    o = torch.matmul(p, vs) / z.clamp_min(torch.finfo(z.dtype).tiny)
+    return o.reshape(-1, q.shape[-1]), (m + torch.log(z)).reshape(-1)
+
+
 def tiles_fwd(q: Tensor, k: Tensor, v: Tensor, tl: Tiles, *, scale: float, sinks: Tensor | None,
               key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Forward over the tiles: (out [B, H, Nq, Dv], lse [B * H * Nq] fp32+, +inf for a row
@@ -480,6 +529,9 @@ def _attend_tiles(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, Dv: int, *, 
         O[:R] = _own_rows(o, B, Hkv, H, tl.block)
         Mx[:R] = _own_rows(lse.unsqueeze(-1), B, Hkv, H, tl.block)[:, 0]
         Tot[:R] = 1.0
+    if tl.sink_vis is not None:
+        o, lse = _sink_part(q.to(work), kblk, vblk, tl, scale, key_padding_mask)
+        _fold_pairs(O, Mx, Tot, torch.arange(R, device=q.device), o, lse)
     M = tl.qrow.shape[1]
     for sl, mask, alive in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb = tl.qrow[sl], tl.kb[sl]
@@ -501,6 +553,22 @@ def _attend_tiles(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, Dv: int, *, 
     lse = torch.where(tot > 0, mx + torch.log(tot), torch.full_like(mx, float("inf")))
     out = O / torch.where(tot > 0, tot, torch.ones_like(tot))[:, None]
     return out.view(B, H, Nq, Dv).to(q.dtype), lse
+
+
+def _sink_bwd(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, scale: float, kpm: Tensor | None, of: Tensor,
+              dof: Tensor, lse: Tensor, dq: Tensor, dkb: Tensor, dvb: Tensor) -> None:
+    """Add the sink part's gradients into dq [B * H * Nq, D] and the key and value blocks,
+    given each row's merged output ``of``, its gradient ``dof`` and log-sum-exp ``lse``."""
+    B, H, Nq, D = q.shape
+    Hkv, S = kblk.shape[0] // (B * tl.nb), tl.sink_vis.shape[-1]
+    s, ks, vs, vis = _sink_scores(q, kblk, vblk, tl, scale, kpm)
+    shape = (B, Hkv, H // Hkv, Nq)
+    p = torch.exp(s - lse.view(*shape, 1)).masked_fill(~vis, 0.0)
+    g, o = dof.view(*shape, D), of.view(*shape, D)
+    ds = p * (torch.matmul(g, vs.transpose(-1, -2)) - (g * o).sum(-1, keepdim=True))
+    dq += (torch.matmul(ds, ks) * scale).reshape(-1, D)
+    dkb.view(B, Hkv, -1, D)[:, :, :S] += torch.einsum("bgrns,bgrnd->bgsd", ds, q.view(*shape, D)) * scale
+    dvb.view(B, Hkv, -1, D)[:, :, :S] += torch.einsum("bgrns,bgrnd->bgsd", p, g)
 
 
 def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, tl: Tiles, *,
@@ -533,6 +601,8 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
         dq += _own_rows(gq, B, Hkv, H, tl.block).to(work)
         for acc, g in ((dkb, gk), (dvb, gv)):
             acc.view(B, Hkv, tl.nb, -1)[:, :, tl.own_first : tl.own_first + nqb] += g.to(work).view(B, Hkv, nqb, -1)
+    if tl.sink_vis is not None:
+        _sink_bwd(q.to(work), kblk, vblk, tl, scale, key_padding_mask, of, dof, lb, dq, dkb, dvb)
     M = tl.qrow.shape[1]
     for sl, mask, _ in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb, live = tl.qrow[sl], tl.kb[sl], tl.live[sl]
