@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
-from longattn.ops._softmax import additive_mask, kernels, pad_head_dim, work_dtype
+from longattn.ops._softmax import additive_mask, kernels, pad_head_dim, tile_backward, tile_forward, work_dtype
 from longattn.ops.given_keys import SlotPlan, check_sinks, lse_autograd_function, visible_slots
 from longattn.registry import Mechanism, Param, register
 
@@ -192,6 +192,11 @@ def select_blocks(
     return out
 
 
+def _extra_slots(Nk: int, block: int, sink_tokens: int, window: int) -> tuple[int, int]:
+    """(sink blocks, window blocks before the own one) of :func:`block_slots`."""
+    return -(-min(sink_tokens, Nk) // block), -(-max(min(window, Nk) - 1, 0) // block)
+
+
 def block_slots(
     sel: Tensor, rows: Tensor, *, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
     offset: int | None = None,
@@ -205,8 +210,7 @@ def block_slots(
     once. T = K + 1 + ceil(sink_tokens / block) + ceil((window - 1) / block).
     """
     B, Hkv, Rg, C, K = sel.shape
-    S, W = min(sink_tokens, Nk), min(window, Nk)
-    ns, nw = -(-S // block), -(-max(W - 1, 0) // block)
+    ns, nw = _extra_slots(Nk, block, sink_tokens, window)
     dev = sel.device
     own = (rows + (Nk - Nq if offset is None else offset)) // block  # row r is position offset + r
     extra = torch.cat([own[:, None], torch.arange(ns, device=dev).expand(C, ns),
@@ -249,7 +253,7 @@ def block_plan(
                                  key_padding_mask=key_padding_mask)
         return blk.clamp(min=0), valid
 
-    width = K + 1 + -(-S // block) + -(-max(W - 1, 0) // block)
+    width = K + 1 + sum(_extra_slots(Nk, block, sink_tokens, window))
     return SlotPlan(fn, width, per_query_head=Rg > 1, granule=block, shared=sel.shape[1] == 1 and Rg == 1)
 
 
@@ -268,7 +272,7 @@ class Tiles:
     without a mask; the rest (own blocks under causality, sink and window keys, the last
     block past Nk) carry one. With ``own_first >= 0`` the own blocks are not in the tiles
     (:func:`_own_queries`), and with ``sink_vis`` the partial sink blocks are not either
-    (:func:`_sink_scores`).
+    (:func:`_sink_operands`). Both assume no padded key.
     """
 
     qrow: Tensor
@@ -304,7 +308,7 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
     if not own:  # the own blocks run apart
         keep[..., n_whole - 1] = False
     if not sinks:  # the sink blocks that no row counts whole run apart (no window: only sink keys)
-        keep[..., n_whole : n_whole + -(-min(sink_tokens, Nk) // block)] = False
+        keep[..., n_whole : n_whole + _extra_slots(Nk, block, sink_tokens, window)[0]] = False
     at = keep.reshape(-1).nonzero().squeeze(1)  # kept slots of [B, Hkv, Rg, Nq, T], in order
     s_, i_, unit = at % T, (at // T) % Nq, at // (T * Nq)  # unit: (b, g, rg)
     b_, g_ = unit // (Hkv * Rg), (unit // Rg) % Hkv
@@ -327,7 +331,7 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
     ``own_apart`` (the caller knows no key is padded): under causality, with whole query
     blocks aligned to the key blocks, leave the own blocks out of the tiles, to run as one
     causal call (:func:`_own_queries`); without a window, leave out the sink keys of the
-    blocks a row does not count whole, to run as one dense part (:func:`_sink_scores`)."""
+    blocks a row does not count whole, to run as one dense part (:func:`_sink_operands`)."""
     B, Hkv = sel.shape[:2]
     nb, dev = -(-Nk // block), sel.device
     nkb = B * Hkv * nb
@@ -397,14 +401,14 @@ def _tile_batches(tl: Tiles, D: int, kpm: Tensor | None, work: torch.dtype,
     n, M = tl.qrow.shape
     C = max(1, (tl.elements or TILE_ELEMENTS) // (M * (6 * D + 2 * tl.block) + 4 * tl.block * D))  # backward: 6 [M, D]
     n_plain = 0 if kpm is not None else tl.n_plain
-    for a, b in ((0, n_plain), (n_plain, n)):
+    for a, b, masked in ((0, n_plain, False), (n_plain, n, True)):
         for c in range(a, b, C):
             sl = slice(c, min(b, c + C))
-            if a == 0 and n_plain:
+            if not masked:
                 yield sl, None, None
-            else:
-                vis = _tile_visibility(tl, sl, kpm)
-                yield sl, additive_mask(vis, work).unsqueeze(1), vis.any(-1)
+                continue
+            vis = _tile_visibility(tl, sl, kpm)
+            yield sl, additive_mask(vis, work).unsqueeze(1), vis.any(-1)
 
 
 def _fold_pairs(O: Tensor, Mx: Tensor, Tot: Tensor, rows: Tensor, o: Tensor, lse: Tensor) -> None:
@@ -468,30 +472,20 @@ def _sink_visibility(sel: Tensor, Nk: int, block: int, sink_tokens: int, offset:
     return vis
 
 
-def _sink_scores(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, scale: float, kpm: Tensor | None,
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The sink part's masked scores [B, Hkv, R, Nq, S] of q [B, H, Nq, D] (work dtype),
-    its keys and values [B, Hkv, 1, S, D] (views) and its visibility."""
+def _sink_operands(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles) -> tuple[Tensor, Tensor, Tensor]:
+    """The sink part as tile-kernel operands: q [B, H, Nq, D] viewed [B, Hkv, R, Nq, D],
+    the first S keys and values [B, Hkv, 1, S, D] (views of the blocks)."""
     B, H, Nq, D = q.shape
     S = tl.sink_vis.shape[-1]
     Hkv = kblk.shape[0] // (B * tl.nb)
     ks, vs = (x.view(B, Hkv, 1, tl.nb * tl.block, D)[..., :S, :] for x in (kblk, vblk))
-    vis = tl.sink_vis if kpm is None else tl.sink_vis & kpm[:, None, None, None, :S]
-    s = torch.matmul(q.view(B, Hkv, H // Hkv, Nq, D), ks.transpose(-1, -2)) * scale
-    return s.masked_fill(~vis, float("-inf")), ks, vs, vis
+    return q.view(B, Hkv, H // Hkv, Nq, D), ks, vs
 
 
-def _sink_part(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, scale: float, kpm: Tensor | None,
-               ) -> tuple[Tensor, Tensor]:
-    """(out rows [B * H * Nq, D], lse rows): the softmax over each row's sink keys alone
-    (lse -inf and out 0 where it sees none)."""
-    s, _, vs, _ = _sink_scores(q, kblk, vblk, tl, scale, kpm)
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    z = p.sum(-1, keepdim=True)
-    o = torch.matmul(p, vs) / z.clamp_min(torch.finfo(z.dtype).tiny)
-    return o.reshape(-1, q.shape[-1]), (m + torch.log(z)).reshape(-1)
+def _check_unpadded(tl: Tiles, kpm: Tensor | None) -> None:
+    """The own-block and sink parts run apart only for unpadded keys (``own_apart``)."""
+    if kpm is not None and (tl.own_first >= 0 or tl.sink_vis is not None):
+        raise ValueError("key_padding_mask given for tiles made with own_apart=True, which assumes no padded key")
 
 
 def tiles_fwd(q: Tensor, k: Tensor, v: Tensor, tl: Tiles, *, scale: float, sinks: Tensor | None,
@@ -503,6 +497,7 @@ def tiles_fwd(q: Tensor, k: Tensor, v: Tensor, tl: Tiles, *, scale: float, sinks
     block each, no mask for the plain tiles), each tile row's (output, log-sum-exp)
     folded into its query row by a running log-sum-exp merge, then the sink."""
     Dv = v.shape[-1]
+    _check_unpadded(tl, key_padding_mask)
     q, k, v = pad_head_dim(q, k, v)  # the flash kernel takes one head size
     work = work_dtype(q.dtype)
     kblk, vblk = _key_blocks(k, tl.nb, tl.block, work), _key_blocks(v, tl.nb, tl.block, work)
@@ -529,9 +524,10 @@ def _attend_tiles(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, Dv: int, *, 
         O[:R] = _own_rows(o, B, Hkv, H, tl.block)
         Mx[:R] = _own_rows(lse.unsqueeze(-1), B, Hkv, H, tl.block)[:, 0]
         Tot[:R] = 1.0
-    if tl.sink_vis is not None:
-        o, lse = _sink_part(q.to(work), kblk, vblk, tl, scale, key_padding_mask)
-        _fold_pairs(O, Mx, Tot, torch.arange(R, device=q.device), o, lse)
+    if tl.sink_vis is not None:  # one softmax over each row's sink keys (lse -inf where it sees none)
+        o, lse = tile_forward(*_sink_operands(q.to(work), kblk, vblk, tl), 0.0, False, attn_mask=tl.sink_vis,
+                              scale=scale)
+        _fold_pairs(O, Mx, Tot, torch.arange(R, device=q.device), o.reshape(-1, D), lse.reshape(-1))
     M = tl.qrow.shape[1]
     for sl, mask, alive in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb = tl.qrow[sl], tl.kb[sl]
@@ -555,22 +551,6 @@ def _attend_tiles(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, Dv: int, *, 
     return out.view(B, H, Nq, Dv).to(q.dtype), lse
 
 
-def _sink_bwd(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, scale: float, kpm: Tensor | None, of: Tensor,
-              dof: Tensor, lse: Tensor, dq: Tensor, dkb: Tensor, dvb: Tensor) -> None:
-    """Add the sink part's gradients into dq [B * H * Nq, D] and the key and value blocks,
-    given each row's merged output ``of``, its gradient ``dof`` and log-sum-exp ``lse``."""
-    B, H, Nq, D = q.shape
-    Hkv, S = kblk.shape[0] // (B * tl.nb), tl.sink_vis.shape[-1]
-    s, ks, vs, vis = _sink_scores(q, kblk, vblk, tl, scale, kpm)
-    shape = (B, Hkv, H // Hkv, Nq)
-    p = torch.exp(s - lse.view(*shape, 1)).masked_fill(~vis, 0.0)
-    g, o = dof.view(*shape, D), of.view(*shape, D)
-    ds = p * (torch.matmul(g, vs.transpose(-1, -2)) - (g * o).sum(-1, keepdim=True))
-    dq += (torch.matmul(ds, ks) * scale).reshape(-1, D)
-    dkb.view(B, Hkv, -1, D)[:, :, :S] += torch.einsum("bgrns,bgrnd->bgsd", ds, q.view(*shape, D)) * scale
-    dvb.view(B, Hkv, -1, D)[:, :, :S] += torch.einsum("bgrns,bgrnd->bgsd", p, g)
-
-
 def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, tl: Tiles, *,
               scale: float, sinks: Tensor | None, key_padding_mask: Tensor | None,
               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -580,6 +560,7 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     query rows and dK, dV into key blocks with ``index_add_``."""
     B, H, Nq, D0 = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    _check_unpadded(tl, key_padding_mask)
     work = work_dtype(q.dtype)
     _, bwd = kernels(q.device)
     R = B * H * Nq
@@ -602,7 +583,14 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
         for acc, g in ((dkb, gk), (dvb, gv)):
             acc.view(B, Hkv, tl.nb, -1)[:, :, tl.own_first : tl.own_first + nqb] += g.to(work).view(B, Hkv, nqb, -1)
     if tl.sink_vis is not None:
-        _sink_bwd(q.to(work), kblk, vblk, tl, scale, key_padding_mask, of, dof, lb, dq, dkb, dvb)
+        qs, ks, vs = _sink_operands(q.to(work), kblk, vblk, tl)
+        shape = qs.shape
+        gq, gk, gv = tile_backward(dof.view(shape), qs, ks, vs, of.view(shape), lb.view(shape[:-1]), 0.0, False,
+                                   attn_mask=tl.sink_vis, scale=scale)
+        S = ks.shape[-2]
+        dq += gq.reshape(-1, D)
+        dkb.view(B, Hkv, -1, D)[:, :, :S] += gk.sum(2)
+        dvb.view(B, Hkv, -1, D)[:, :, :S] += gv.sum(2)
     M = tl.qrow.shape[1]
     for sl, mask, _ in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb, live = tl.qrow[sl], tl.kb[sl], tl.live[sl]
@@ -626,7 +614,7 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     return dq[:, :D0].reshape(B, H, Nq, D0).to(q.dtype), dk, dv, dsinks
 
 
-
+#: the autograd wrapper of :func:`tiles_fwd` / :func:`tiles_bwd` (tiles not differentiated):
 #: ``TopkBlocksFunction.apply(q, k, v, sinks, tiles, scale, key_padding_mask)``
 TopkBlocksFunction = lse_autograd_function("TopkBlocksFunction", tiles_fwd, tiles_bwd, "key_padding_mask")
 
@@ -695,7 +683,7 @@ CALL_PAIRS = 1 << 18
 def _rows_per_call(H: int, Nk: int, block: int, topk: int, sink_tokens: int, window: int) -> int:
     """Query rows per inference run: about :data:`CALL_PAIRS` pairs over the H heads, a
     multiple of ``block``."""
-    slots = min(topk, -(-Nk // block)) + 1 + -(-sink_tokens // block) + -(-max(window - 1, 0) // block)
+    slots = min(topk, -(-Nk // block)) + 1 + sum(_extra_slots(Nk, block, sink_tokens, window))
     return max(block, CALL_PAIRS // (H * slots) // block * block)
 
 
