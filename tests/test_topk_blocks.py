@@ -187,6 +187,87 @@ def test_decode_rows_equal_the_full_call_and_learned_sinks():
     _check(out, ref, (q, k, v, sinks))
 
 
+@pytest.mark.parametrize("gate", ["mean", "bound"])
+def test_kept_summaries_grow_as_the_summaries_of_all_keys(gate):
+    # keys arrive in runs of 1 to 20 (some padded): after each, the kept summaries equal
+    # those of all keys so far; a changed last key, fewer keys or another batch start over
+    g = torch.Generator().manual_seed(11)
+    k = torch.randn(2, 3, 90, 5, generator=g, dtype=D64)
+    kpm = torch.rand(2, 90, generator=g) > 0.3
+    kept, n = TB.KeySummaries(7, gate), 0
+    for run in (1, 4, 7, 13, 1, 1, 20, 6, 37):
+        n += run
+        got = kept.update(k[:, :, :n], kpm[:, :n])
+        want = TB.block_summaries(k[:, :, :n], 7, kpm[:, :n], gate)
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), n
+    k2 = k.clone()
+    k2[:, :, 89] += 1.0
+    for keys, mask in ((k2, kpm), (k[:, :, :40], kpm[:, :40]), (k[:1], kpm[:1])):
+        got = kept.update(keys, mask)
+        assert all(torch.equal(a, b) for a, b in zip(got, TB.block_summaries(keys, 7, mask, gate)))
+
+
+def _causal_cases():
+    return [c for c in CASES if CASES[c][3]]
+
+
+@pytest.mark.parametrize("case", _causal_cases())
+def test_decode_steps_over_kept_summaries_equal_the_dense_oracle(case):
+    # a cache that grows by 1 or 3 tokens per step, its summaries kept (KeySummaries):
+    # each step (the gathered-keys path) equals the oracle's rows, learned sinks included
+    H, Hkv, params, _, padded = CASES[case]
+    N = 47
+    q, k, v = _qkv(2, H, Hkv, N, Dv=5, seed=9)
+    kpm = (torch.rand(2, N, generator=torch.Generator().manual_seed(6)) > 0.25) if padded else None
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(4), dtype=D64)
+    kept = registry.get("topk_blocks").key_state({"block": params["block"], "gate": params.get("gate", "mean")})
+    t0 = 5
+    with torch.no_grad():
+        while t0 < N:
+            t1 = min(N, t0 + (1 if t0 % 2 else 3))
+            m = None if kpm is None else kpm[:, :t1]
+            qs, ks, vs = q[:, :, t0:t1], k[:, :, :t1], v[:, :, :t1]
+            out = longattn.attention(qs, ks, vs, "topk_blocks", causal=True, key_padding_mask=m, sinks=sinks,
+                                     key_state=kept, **params)
+            ref = _dense(qs, ks, vs, _oracle_mask(qs, ks, kpm=m, **params), m, sinks=sinks)
+            assert (out - ref).abs().max().item() < 1e-10, (t0, t1)
+            assert kept.length == t1
+            t0 = t1
+
+
+def test_a_decode_step_summarises_only_the_blocks_its_keys_touch(monkeypatch):
+    # with kept summaries a step summarises at most one block plus its new keys; without,
+    # all of them
+    seen = []
+    summarise = TB.block_summaries
+    monkeypatch.setattr(TB, "block_summaries", lambda k, *a: seen.append(k.shape[2]) or summarise(k, *a))
+    q, k, v = _qkv(1, 4, 2, 300)
+    kept = TB.KeySummaries(16, "mean")
+    with torch.no_grad():
+        for t in range(200, 300):
+            longattn.attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], "topk_blocks", causal=True,
+                               block=16, topk=2, key_state=kept)
+        assert seen[0] == 201 and max(seen[1:]) <= 16 and len(seen) == 100
+        seen.clear()
+        longattn.attention(q[:, :, -1:], k, v, "topk_blocks", causal=True, block=16, topk=2)
+        assert seen == [300]
+
+
+def test_kept_summaries_are_refused_where_they_do_not_fit():
+    q, k, v = _qkv(1, 2, 1, 30)
+    with pytest.raises(ValueError, match="key_state keeps summaries of block=8"):
+        longattn.attention(q, k, v, "topk_blocks", causal=True, block=6, key_state=TB.KeySummaries(8))
+    with pytest.raises(TypeError, match="key_state must be a KeySummaries"):
+        longattn.attention(q, k, v, "topk_blocks", causal=True, key_state={})
+    with pytest.raises(ValueError, match="key_state is not supported by mechanism 'local'"):
+        longattn.attention(q, k, v, "local", causal=True, key_state=TB.KeySummaries(8))
+    with pytest.raises(ValueError, match="segment_ids"):
+        longattn.attention(q, k, v, "topk_blocks", causal=True, key_state=TB.KeySummaries(64),
+                           segment_ids=torch.zeros(1, 30, dtype=torch.long))
+    with pytest.raises(ValueError, match="gate must be one of"):
+        TB.KeySummaries(8, "max")
+
+
 def test_packed_documents_equal_each_document_alone():
     q, k, v = _qkv(1, 2, 1, 60)
     seg = torch.tensor([[0] * 23 + [1] * 30 + [2] * 7])

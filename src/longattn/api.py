@@ -26,11 +26,17 @@ Call = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 def bind(spec: Mechanism, params: Mapping[str, Any], *, causal: bool, scale: float | None,
-         sinks: Tensor | None = None, softcap: float | None = None) -> Call:
+         sinks: Tensor | None = None, softcap: float | None = None, key_state: Any = None) -> Call:
     """``spec.fn`` with everything but q, k, v and the key mask bound: the ``call`` that
     :func:`run` takes. ``params`` are the full parameters (:meth:`Mechanism.resolve`);
-    ``sinks``/``softcap`` are refused (ValueError) where ``spec`` lacks them."""
+    ``sinks``/``softcap``/``key_state`` are refused (ValueError) where ``spec`` lacks them."""
     terms = spec.score_terms(sinks=sinks, softcap=softcap)
+    if key_state is not None:
+        if spec.key_state is None:
+            able = [s.name for s in specs() if s.key_state is not None]
+            raise ValueError(f"key_state is not supported by mechanism {spec.name!r}; mechanisms that keep "
+                             f"state beside a KV cache: {able}")
+        terms["key_state"] = key_state
 
     def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
         return spec.fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, **params, **terms)
@@ -78,7 +84,7 @@ def build(name: str, *, heads: int, head_dim: int, **params: Any) -> nn.Module:
 def attention(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "local", *, causal: bool = False,
               key_padding_mask: Tensor | None = None, scale: float | None = None,
               segment_ids: Tensor | None = None, sinks: Tensor | None = None,
-              softcap: float | None = None, **params: Any) -> Tensor:
+              softcap: float | None = None, key_state: Any = None, **params: Any) -> Tensor:
     """Attention of ``q`` over ``k``/``v`` with the registered ``mechanism``.
 
     Args:
@@ -100,6 +106,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "local", *, caus
             (gpt-oss's ``s_aux``; differentiable). Mechanisms with ``sinks``.
         softcap: float c > 0: scores s -> c tanh(s / c) before the softmax (Gemma-2).
             Mechanisms with ``softcap``. Others raise a ValueError for either.
+        key_state: the state a KV cache keeps for this mechanism beside ``k``
+            (``registry.get(mechanism).key_state(params)``, e.g. ``topk_blocks``' block
+            summaries): k must be that cache's keys, the earlier ones unchanged; the
+            state is updated with the new ones. Not with ``segment_ids``.
         **params: the mechanism's parameters; unknown ones raise TypeError.
 
     Returns:
@@ -107,7 +117,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "local", *, caus
     """
     spec = get(mechanism)
     full = spec.resolve(params, causal=causal)
-    call = bind(spec, full, causal=causal, scale=scale, sinks=sinks, softcap=softcap)
+    if key_state is not None and segment_ids is not None:
+        raise ValueError("key_state (state kept beside one KV cache) cannot be used with segment_ids: packed "
+                         "documents are separate key sequences")
+    call = bind(spec, full, causal=causal, scale=scale, sinks=sinks, softcap=softcap, key_state=key_state)
     return run(spec, call, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                segment_ids=segment_ids, params=full)
 

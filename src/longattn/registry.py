@@ -117,6 +117,10 @@ class Mechanism:
             (affine state maps per rank); ``""``: not sharded.
         window_params: the (before, after) parameters of a sliding window, which a
             model's ``sliding_window`` fills in when not given; None: no window.
+        key_state: ``(params) -> state``: builds the state a KV cache keeps beside its
+            keys for this mechanism (``topk_blocks``: :class:`~longattn.ops.topk_blocks.KeySummaries`,
+            the block summaries), which ``fn`` takes as ``key_state=`` on calls over that
+            cache's keys and updates with the new ones; None: nothing to keep.
         paper: the reference, e.g. ``"Beltagy et al. 2020, Longformer"``.
         summary: one line for tables.
         module: builder of an ``nn.Module`` for learned mechanisms.
@@ -150,6 +154,7 @@ class Mechanism:
     dynamo_traced: str = ""
     sequence_parallel: str = ""
     window_params: tuple[str, str] | None = None
+    key_state: Callable[[Mapping[str, Any]], Any] | None = None
     paper: str = ""
     summary: str = ""
     module: Callable[..., nn.Module] | None = None
