@@ -299,3 +299,37 @@ def test_recurrent_state_with_short_conv_equals_parallel(name):
             head = prefill(m, x[:, :cut], cache)
             tail = torch.stack([decode_step(m, x[:, t], cache, t) for t in range(cut, 21)], dim=1)
             torch.testing.assert_close(torch.cat((head, tail), 1), m(x), rtol=1e-9, atol=1e-9)
+
+
+def test_topk_blocks_steps_keep_block_summaries_and_equal_parallel(monkeypatch):
+    """topk_blocks (a real selection: 4 blocks of 5 before the last query, top 2, one sink
+    token) decodes through a PatternCache that keeps its block summaries: token-by-token
+    logits equal the parallel forward, and no step summarises more than one block and
+    its new key."""
+    need("topk_blocks")
+    from longattn.ops import topk_blocks as TB
+
+    m = lm("topk_blocks", {"block": 5, "topk": 2, "sink_tokens": 1}, kv_heads=2)
+    assert supports_cache(m)
+    seen = []
+    summarise = TB.block_summaries
+    monkeypatch.setattr(TB, "block_summaries", lambda k, *a: seen.append(k.shape[2]) or summarise(k, *a))
+    x = torch.randint(0, 17, (2, 23))
+    with torch.no_grad():
+        steps = incremental_logits(m, x)
+        assert seen and max(seen) <= 5
+        torch.testing.assert_close(steps, m(x), rtol=1e-9, atol=1e-9)
+    cache = init_cache(m)
+    prefill(m, torch.randint(0, 17, (1, 12)), cache)
+    state = cache[0][0]
+    assert state.key_state.length == state.t == 12 and state.k.shape[2] == 12
+
+
+@pytest.mark.parametrize("name,params", [("nsa", {"block": 4, "topk": 2, "window": 3}), ("dsa", {"topk": 5})])
+def test_learned_selection_decodes_over_a_kv_cache_equal_to_parallel(name, params):
+    """nsa and dsa (select family, bottom-right paths) decode over a PatternCache:
+    token-by-token logits equal the parallel forward, generation keeps a cache."""
+    need(name)
+    m = lm(name, params, kv_heads=2)
+    assert supports_cache(m)
+    check_incremental(m, 23)

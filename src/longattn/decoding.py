@@ -28,9 +28,12 @@ family         (:class:`RecurrentState`,                                constant
                the prompt's final state
                from the chunked forward
 every other    KV cache, the new query     O(keys it sees * D): a       O(t * D)
-exact pattern  through the engine's        window or a few blocks,
-               bottom-right causal path    not t
-               (:class:`PatternCache`)
+exact pattern; through the mechanism's     window or a few blocks,
+select family  bottom-right causal path    not t; ``topk_blocks``
+(nsa, dsa,     (:class:`PatternCache`),    adds O(t / block * D)
+topk_blocks)   with ``topk_blocks``'       for its gate
+               block summaries kept
+               beside it
 =============  ==========================  ===========================  ==============
 
 Grouped KV heads (``kv_heads``) are cached at their own count: the caches hold
@@ -377,31 +380,67 @@ class PatternCache(DecodeState):
     """Every key and value so far; the new query goes through the mechanism's own
     bottom-right causal path (query = the last position), which touches only the keys
     that query can see: a step of a 512-key window costs the window at any t. Exact:
-    the same pattern as the parallel forward (random blocks are prefix-stable)."""
+    the same pattern as the parallel forward (random blocks are prefix-stable). The keys
+    and values live in buffers that double when full (amortised O(D) per appended
+    token, not a copy of the whole cache per step); a mechanism with a registry
+    ``key_state`` (``topk_blocks``: its block summaries) also keeps that state here and
+    gets it on every step."""
 
     def __init__(self, group: HeadGroup, alibi_slopes: Tensor | None = None) -> None:
         super().__init__(group, alibi_slopes)
         if alibi_slopes is not None:
             raise ValueError(f"mechanism {group.name!r} takes no ALiBi bias; no decoding state with alibi")
         self.group = group
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        self.t = 0
+        make = group.spec.key_state
+        self.key_state = None if make is None else make({**group.spec.defaults(), **group.params})
+
+    @property
+    def k(self) -> Tensor | None:
+        """The keys so far [B, h_kv, t, D] (a view of the buffer)."""
+        return None if self._k is None else self._k[:, :, : self.t]
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.t]
+
+    def _append(self, k: Tensor, v: Tensor) -> None:
+        n = k.shape[2]
+        if self._k is None or self.t + n > self._k.shape[2]:
+            cap = max(self.t + n, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+            grown = [x.new_empty(*x.shape[:2], cap, x.shape[3]) for x in (k, v)]
+            if self._k is not None:
+                grown[0][:, :, : self.t] = self.k
+                grown[1][:, :, : self.t] = self.v
+            self._k, self._v = grown
+        self._k[:, :, self.t : self.t + n] = k
+        self._v[:, :, self.t : self.t + n] = v
+        self.t += n
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        return self.group(q, self.k, self.v, causal=True, key_padding_mask=None)
+        self._append(k, v)
+        extra = {} if self.key_state is None else {"key_state": self.key_state}
+        return self.group(q, self.k, self.v, causal=True, key_padding_mask=None, **extra)
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+        return 0 if self._k is None else self._k[:, :, : self.t].nbytes + self._v[:, :, : self.t].nbytes
+
+
+#: registry families whose mechanisms decode over a :class:`PatternCache` (those with a
+#: bottom-right causal path): the exact patterns, and select-then-attend (``topk_blocks``
+#: with its kept block summaries, ``nsa``, ``dsa``)
+CACHE_FAMILIES = ("pattern", "select")
 
 
 def _register_pattern_states() -> None:
-    """A :class:`PatternCache` for every exact pattern mechanism without its own state."""
+    """A :class:`PatternCache` for every mechanism of :data:`CACHE_FAMILIES` with a
+    bottom-right path and without its own state."""
     from longattn import registry
 
     for spec in registry.specs():
-        if spec.family == "pattern" and spec.bottom_right and spec.name not in DECODE_STATES:
+        if spec.family in CACHE_FAMILIES and spec.bottom_right and spec.name not in DECODE_STATES:
             DECODE_STATES[spec.name] = PatternCache
 
 

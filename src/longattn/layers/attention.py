@@ -157,12 +157,14 @@ class HeadGroup(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                 key_padding_mask: Tensor | None, bias: Tensor | None = None,
                 global_idx: tuple[int, ...] = (), shift: int = 0, segment_ids: Tensor | None = None,
-                alibi_slopes: Tensor | None = None, **call_params: Any) -> Tensor:
+                alibi_slopes: Tensor | None = None, key_state: Any = None, **call_params: Any) -> Tensor:
         """q [B, h, Nq, D]; k, v [B, h_kv, Nk, .] (grouped KV heads when h_kv < h);
         ``segment_ids`` [B, N]: packed documents (mechanisms with ``packed``).
         ``bias``: a score bias for the whole call ([1|B, h, Nq, Nk]); ``alibi_slopes``
         [h]: ALiBi built inside every call the mechanism makes, at that call's length
-        (each packed document gets its own Nd x Nd bias, positions from its first token)."""
+        (each packed document gets its own Nd x Nd bias, positions from its first token).
+        ``key_state``: the state a KV cache keeps beside k for this mechanism (the
+        registry's ``key_state``; :class:`longattn.decoding.PatternCache` passes it)."""
         if global_idx and self.global_mode is None:
             raise ValueError(f"mechanism {self.name!r} cannot make positions global")
         if bias is not None and alibi_slopes is not None:
@@ -189,14 +191,15 @@ class HeadGroup(nn.Module):
             user = params.get(pname)
             if global_idx or shift:
                 params[pname] = tuple(global_idx) + tuple(i + shift for i in _as_index_tuple(user))
-        fn = self.spec.fn
         if torch.compiler.is_compiling() and alibi_slopes is None:  # one custom op (longattn.ops.custom)
+            # (a key_state only spares recomputation: the op recomputes, same result)
             return custom.attention(q, k, v, self.name, causal=causal, key_padding_mask=key_padding_mask,
                                     segment_ids=segment_ids, **params)
+        bound, fn = api.bind(self.spec, params, causal=causal, scale=None, key_state=key_state), self.spec.fn
 
         def call(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None) -> Tensor:
             if alibi_slopes is None:
-                return fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **params)
+                return bound(q, k, v, kpm)
             bias = alibi_bias(alibi_slopes, q.shape[2], k.shape[2], device=q.device).to(q.dtype)
             return with_document_arguments(
                 lambda: fn(q, k, v, causal=causal, key_padding_mask=kpm, scale=None, **{**params, "bias": bias}))
