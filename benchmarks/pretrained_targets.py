@@ -44,7 +44,7 @@ import torch
 
 from longattn.evaluation import EvalConfig, evaluate, load_model, load_text, write_report
 from longattn.evaluation.loading import tokenize
-from longattn.evaluation.timing import _cache_argument, cache_mib, cache_of, measure
+from longattn.evaluation.timing import cache_argument, cache_mib, cache_of, measure
 from longattn.integrations.transformers import SinkWindowCache, register
 
 SINKS = "global_idx=(0,1,2,3)"
@@ -139,7 +139,7 @@ def case_generate(out: Path, model: Any, tok: Any, text: str, args: argparse.Nam
     """bounded generation; cache MiB every 32 steps; teacher-forced check."""
     ids = tokenize(tok, text, args.prompt)[None]
     cache = _local_with_cache(model, 4, args.window)
-    arg, trace, new = _cache_argument(model), [], []
+    arg, trace, new = cache_argument(model), [], []
     t0 = time.perf_counter()
     with torch.inference_mode():
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{arg: cache}).logits[0, -1]
@@ -172,7 +172,7 @@ def case_recompute(out: Path, model: Any, tok: Any, text: str, args: argparse.Na
     with torch.inference_mode():
         for key, extra in (("cached", {"cache": None}), ("recomputed", {"use_cache": False})):
             if key == "cached":
-                extra = {_cache_argument(model): _local_with_cache(model, 4, args.window)}
+                extra = {cache_argument(model): _local_with_cache(model, 4, args.window)}
             t = time.perf_counter()
             res[key] = model.generate(ids, **kw, **extra)[0, ids.shape[1]:].tolist()
             res[f"{key}_s"] = time.perf_counter() - t

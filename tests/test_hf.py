@@ -222,3 +222,35 @@ def test_topk_blocks_covering_every_block_equals_sdpa_and_cached_generate_equals
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for a, b in zip(runs[0].scores, runs[1].scores):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_key_state_cache_keeps_topk_block_summaries_and_generates_as_recomputation(monkeypatch):
+    """KeyStateCache: greedy generation with topk_blocks (left padding, GQA) equals
+    recomputation without a cache, tokens and scores; every layer keeps one
+    KeySummaries as long as the sequence, and after the prompt no step summarises more
+    than one block and its new key."""
+    from longattn.integrations.transformers import KeyStateCache
+    from longattn.ops import topk_blocks as TB
+
+    model = _model("llama").double()
+    x = _tokens(N=37)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    model.set_attn_implementation(register("topk_blocks", block=8, topk=2, sink_tokens=1))
+    seen = []
+    summarise = TB.block_summaries
+    monkeypatch.setattr(TB, "block_summaries", lambda k, *a: seen.append(k.shape[2]) or summarise(k, *a))
+    cache = KeyStateCache(config=model.config)
+    kw = dict(attention_mask=mask, max_new_tokens=11, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    kept = model.generate(x, cache=cache, **kw)
+    assert seen[:2] == [37, 37] and max(seen[2:]) <= 8  # the prompt, then one block at most
+    again = model.generate(x, use_cache=False, **kw)
+    assert torch.equal(kept.sequences, again.sequences)
+    for a, b in zip(kept.scores, again.scores):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    for layer in range(2):
+        (state,) = cache.key_states(layer).values()
+        assert isinstance(state, TB.KeySummaries) and state.length == 37 + 10
+    cache.crop(-3)
+    assert not cache.key_states(0)

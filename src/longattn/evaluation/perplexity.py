@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from longattn.evaluation.timing import cache_argument
+
 
 @dataclass
 class WindowScore:
@@ -28,9 +30,11 @@ class WindowScore:
     output: Any
 
 
-def score_window(model: Any, ids: Tensor, start: int | None = None, *, use_cache: bool = True) -> WindowScore:
+def score_window(model: Any, ids: Tensor, start: int | None = None, *, use_cache: bool = True,
+                 cache: Any = None) -> WindowScore:
     """Run ``ids`` [L] (or [1, L]) through the causal LM ``model`` and sum the NLL of
-    the targets ``ids[start:]`` (default ``start = L // 2``).
+    the targets ``ids[start:]`` (default ``start = L // 2``); ``cache``: the KV cache
+    object to fill (default: the model's own, when ``use_cache``).
 
     Cost: one forward of L tokens, logits for L - start + 1 positions. The last logit
     row (the prediction after the window) is kept in ``output.logits`` for decoding."""
@@ -42,7 +46,8 @@ def score_window(model: Any, ids: Tensor, start: int | None = None, *, use_cache
     start = n // 2 if start is None else start
     if not 1 <= start < n:
         raise ValueError(f"start must be in [1, {n - 1}] for a window of {n} tokens, got {start}")
-    out = model(input_ids=ids, use_cache=use_cache, logits_to_keep=n - start + 1)
+    given = {} if cache is None else {cache_argument(model): cache}
+    out = model(input_ids=ids, use_cache=use_cache, logits_to_keep=n - start + 1, **given)
     logits = out.logits[0, :-1]  # predictions for positions start .. n-1, in fp32 at least
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logits.shape[0] != n - start:

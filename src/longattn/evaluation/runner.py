@@ -23,7 +23,7 @@ from longattn.bench.harness import machine_info
 import longattn.evaluation.loading as loading
 from longattn.evaluation.passkey import build_prompt, make_key, retrieved
 from longattn.evaluation.perplexity import perplexity, score_window, windows
-from longattn.evaluation.timing import cache_mib, cache_of, greedy_decode, measure
+from longattn.evaluation.timing import cache_argument, cache_mib, cache_of, greedy_decode, measure
 
 SCHEMA = "longattn.eval"
 
@@ -74,14 +74,16 @@ def mechanism_specs(texts: Sequence[str]) -> list[loading.MechanismSpec]:
     return unique
 
 
-def _perplexity_case(model: Any, tokens: torch.Tensor, length: int, cfg: EvalConfig) -> dict[str, Any]:
+def _perplexity_case(model: Any, tokens: torch.Tensor, length: int, cfg: EvalConfig,
+                     spec: loading.MechanismSpec) -> dict[str, Any]:
     device = torch.device(cfg.device)
     rec: dict[str, Any] = {"length": length, "windows": cfg.windows}
     nll, count = 0.0, 0
     for i, ids in enumerate(windows(tokens, length, cfg.windows)):
         ids = ids.to(device)
         if i == 0:
-            score, rec["prefill_s"], rec["peak_mb"] = measure(lambda: score_window(model, ids), device)
+            cache = loading.new_cache(model, spec)
+            score, rec["prefill_s"], rec["peak_mb"] = measure(lambda: score_window(model, ids, cache=cache), device)
             cache = cache_of(score.output)
             _, seconds = greedy_decode(model, cache, score.output.logits[0, -1], cfg.decode_tokens + 1, device)
             rec["decode_tok_s"] = cfg.decode_tokens / seconds if seconds > 0 else None
@@ -95,10 +97,13 @@ def _perplexity_case(model: Any, tokens: torch.Tensor, length: int, cfg: EvalCon
     return rec
 
 
-def _passkey_case(model: Any, tokenizer: Any, length: int, depth: float, cfg: EvalConfig) -> dict[str, Any]:
+def _passkey_case(model: Any, tokenizer: Any, length: int, depth: float, cfg: EvalConfig,
+                  spec: loading.MechanismSpec) -> dict[str, Any]:
     prompt = build_prompt(loading.encoder(tokenizer), length, depth, make_key(length, depth, cfg.seed))
     ids = torch.tensor([prompt.ids], device=cfg.device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = loading.new_cache(model, spec)
+    given = {} if cache is None else {cache_argument(model): cache}
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **given)
     new, _ = greedy_decode(model, cache_of(out), out.logits[0, -1], cfg.passkey_tokens, cfg.device)
     text = tokenizer.decode(new)
     return {"length": length, "depth": depth, "key": prompt.key, "generated": text,
@@ -121,8 +126,8 @@ def _run_mechanism(model: Any, tokenizer: Any, tokens: torch.Tensor, spec: loadi
               logits_to_keep=1)  # warm-up: one-time costs out of the timings
         for kind, n, depth in _cases(cfg):
             bar.set_postfix_str(f"{spec.label} {kind} {n}" + ("" if depth is None else f"@{depth}"))
-            rec = (_perplexity_case(model, tokens, n, cfg) if kind == "perplexity"
-                   else _passkey_case(model, tokenizer, n, depth, cfg))
+            rec = (_perplexity_case(model, tokens, n, cfg, spec) if kind == "perplexity"
+                   else _passkey_case(model, tokenizer, n, depth, cfg, spec))
             found[kind].append({"mechanism": spec.label, **rec})
             bar.update(1)
         return found, None

@@ -52,8 +52,9 @@ def measure(step: Callable[[], T], device: torch.device | str = "cpu") -> tuple[
 
 def _cache_like(obj: Any) -> bool:
     """A transformers object, or a subclass of one (a cache or cache layer defined
-    elsewhere, e.g. :class:`longattn.integrations.transformers.SinkWindowCache`)."""
-    return any(c.__module__.startswith("transformers") for c in type(obj).__mro__)
+    elsewhere, e.g. :class:`longattn.integrations.transformers.SinkWindowCache`), or a
+    longattn object a cache holds (``topk_blocks``' kept block summaries)."""
+    return any(c.__module__.startswith(("transformers", "longattn")) for c in type(obj).__mro__)
 
 
 def _tensors(obj: Any, seen: set[int]) -> list[Tensor]:
@@ -90,7 +91,7 @@ def cache_of(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _cache_argument(model: Any) -> str:
+def cache_argument(model: Any) -> str:
     """The name under which ``model.forward`` takes the cache."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -108,7 +109,7 @@ def greedy_decode(model: Any, cache: Any, next_logits: Tensor, steps: int,
     token = int(next_logits.reshape(-1, next_logits.shape[-1])[-1].argmax())
     tokens = [token]
     seconds = 0.0
-    arg = _cache_argument(model)
+    arg = cache_argument(model)
     for _ in range(steps - 1):
         x = torch.tensor([[token]], device=device)
         _sync(device)

@@ -69,6 +69,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from longattn import api, registry
 from longattn.integrations.sink_positions import SINK_POSITIONS, check_choice, local_with_cache_sinks, rope_shift
@@ -76,7 +77,7 @@ from longattn import compile_ops as custom
 
 try:  # only when used: longattn itself never needs transformers
     from transformers import AttentionInterface
-    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
     from transformers.masking_utils import (
         AttentionMaskInterface,
         bidirectional_mask_function,
@@ -627,12 +628,32 @@ def _attention_function(choices: dict[str, _Choice]) -> Callable:
                                  f"Nk={nk}: longattn honours them on causal full-attention layers only")
             out = _prefix_lm(run, query, key, value, groups, name, call, scores, scaling, family)
             return out.transpose(1, 2).contiguous(), None
+        state = None if run is not api.attention or segments is not None else _key_state(key, spec, call)
+        extra = {} if state is None else {"key_state": state}
         out = run(query, key, value, name, causal=causal, key_padding_mask=kpm, scale=scaling,
-                  segment_ids=segments, **call, **scores)
+                  segment_ids=segments, **call, **scores, **extra)
         return out.transpose(1, 2).contiguous(), None
 
     attention.__name__ = "longattn_attention"
     return attention
+
+
+#: keys tensor a :class:`KeyStateLayer` returned -> that layer's mechanism states (by the
+#: tensor's identity, held weakly: an entry goes with the tensor)
+_KEY_STATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _key_state(key: Tensor, spec: registry.Mechanism, call: dict[str, Any]) -> Any:
+    """The state the cache layer behind ``key`` keeps for this mechanism and parameters
+    (made on first use), or None: the mechanism keeps none, or ``key`` did not come
+    from a :class:`KeyStateLayer` (then the mechanism recomputes what it needs)."""
+    states = _KEY_STATES.get(key) if spec.key_state is not None else None
+    if states is None:
+        return None
+    sig = (spec.name, _key(tuple(sorted(call.items()))))
+    if sig not in states:
+        states[sig] = spec.key_state({**spec.defaults(), **call})
+    return states[sig]
 
 
 def _cache_sinks_attention(before: int, sinks: int, base: Callable) -> Callable:
@@ -764,3 +785,68 @@ class SinkWindowCache(Cache):
     def stored_length(self, layer_idx: int = 0) -> int:
         """Keys held by layer ``layer_idx`` now (<= sinks + window)."""
         return self.layers[layer_idx].stored_length()
+
+
+class KeyStateLayer(DynamicLayer):
+    """One full-attention layer of :class:`KeyStateCache`: HF's growing KV cache, plus
+    the state each mechanism keeps beside its keys (the registry's ``key_state``), one
+    per mechanism and parameters, dropped whenever the keys change other than by growth
+    (reset, crop, beam reorder, batch changes)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.states: dict[tuple[str, str], Any] = {}
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Append the new keys/values (as :class:`DynamicLayer`) and mark the returned keys
+        as this layer's, so the attention finds the states."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        _KEY_STATES[keys] = self.states
+        return keys, values
+
+    def reset(self) -> None:
+        self.states.clear()
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.states.clear()
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.states.clear()
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.states.clear()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.states.clear()
+        super().batch_select_indices(indices)
+
+
+class KeyStateCache(DynamicCache):
+    """HF's ``DynamicCache`` whose full-attention layers also keep each mechanism's state
+    beside the keys (:class:`KeyStateLayer`), updated with every new token instead of
+    recomputed from all keys: for ``topk_blocks``, the block summaries of its gate
+    (:class:`longattn.ops.topk_blocks.KeySummaries`), so a decode step costs
+    O(N / block * D) for the gate plus O((topk + 1) * block * D) for the attention, not
+    O(N * D). The keys and values themselves are HF's; tokens equal those generated with a
+    plain ``DynamicCache`` (tested).
+
+        >>> cache = KeyStateCache(config=model.config)
+        >>> model.generate(**inputs, cache=cache)   # ``past_key_values=`` before transformers 5.40
+
+    Sliding-window layers keep HF's own layer. Args: ``config`` (optional, as
+    ``DynamicCache``: without it every layer is a :class:`KeyStateLayer`)."""
+
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        if config is None:
+            self.layer_class_to_replicate = KeyStateLayer
+        self.layers = [KeyStateLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+    def key_states(self, layer_idx: int = 0) -> dict[tuple[str, str], Any]:
+        """The mechanism states layer ``layer_idx`` keeps now (empty before its first use)."""
+        layer = self.layers[layer_idx]
+        return layer.states if isinstance(layer, KeyStateLayer) else {}
