@@ -21,16 +21,16 @@ summaries beside the cache's. Measured on the repository's 2-core CPU VM (AVX2, 
 2 threads; timings move by 10-30 % between runs), one run:
 
         N   SDPA us   recomputed us   kept us   summaries MiB   KV cache MiB
-     4096       588            1919      1470            0.05           6.00
-     8192      1332            2506      1753            0.09          12.00
-    16384      4123            3959      1995            0.19          24.00
-    32768      9881            6650      1916            0.38          48.00
-    65536     19352           34598      2302            0.75          96.00
+     4096       352            1283      1085            0.05           6.00
+     8192       774            1637      1160            0.09          12.00
+    16384      3534            3211      1332            0.19          24.00
+    32768      7604            5165      1813            0.38          48.00
+    65536     17189           26345      1747            0.75          96.00
 
-The kept step stays within 1.5-2.3 ms from 4K to 64K keys (the gather and the softmax
-over about 580 keys per head, and some 150 small tensor operations); SDPA's grows with
-N and passes it near 12K keys. The summaries are 1/128 of the KV cache (block 64,
-means; buffers grow by doubling).
+(``--repeats 100``.) The kept step stays within 1.1-1.8 ms from 4K to 64K keys (the
+gather and the softmax over about 580 keys per head, and some 100 small tensor
+operations); SDPA's grows with N and passes it between 8K and 16K keys. The summaries
+are 1/128 of the KV cache (block 64, means; buffers grow by doubling).
 """
 
 from __future__ import annotations

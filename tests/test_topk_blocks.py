@@ -211,13 +211,15 @@ def _causal_cases():
     return [c for c in CASES if CASES[c][3]]
 
 
+@pytest.mark.parametrize("Dv", [6, 5])
 @pytest.mark.parametrize("case", _causal_cases())
-def test_decode_steps_over_kept_summaries_equal_the_dense_oracle(case):
+def test_decode_steps_over_kept_summaries_equal_the_dense_oracle(case, Dv):
     # a cache that grows by 1 or 3 tokens per step, its summaries kept (KeySummaries):
-    # each step (the gathered-keys path) equals the oracle's rows, learned sinks included
+    # each step (the gathered-keys path: the fused kernel when Dv == D, else plain tiles)
+    # equals the oracle's rows, learned sinks and rows that see nothing included
     H, Hkv, params, _, padded = CASES[case]
     N = 47
-    q, k, v = _qkv(2, H, Hkv, N, Dv=5, seed=9)
+    q, k, v = _qkv(2, H, Hkv, N, Dv=Dv, seed=9)
     kpm = (torch.rand(2, N, generator=torch.Generator().manual_seed(6)) > 0.25) if padded else None
     sinks = torch.randn(H, generator=torch.Generator().manual_seed(4), dtype=D64)
     kept = registry.get("topk_blocks").key_state({"block": params["block"], "gate": params.get("gate", "mean")})
@@ -233,6 +235,17 @@ def test_decode_steps_over_kept_summaries_equal_the_dense_oracle(case):
             assert (out - ref).abs().max().item() < 1e-10, (t0, t1)
             assert kept.length == t1
             t0 = t1
+
+
+@pytest.mark.parametrize("Dv", [8, 5])
+def test_a_decode_step_that_sees_no_key_gives_zeros(Dv):
+    q, k, v = _qkv(1, 4, 2, 30, D=8, Dv=Dv)
+    kpm = torch.zeros(1, 30, dtype=torch.bool)  # every key padded
+    for sinks in (None, torch.zeros(4, dtype=D64)):
+        with torch.no_grad():
+            out = longattn.attention(q[:, :, -2:], k, v, "topk_blocks", causal=True, key_padding_mask=kpm,
+                                     block=8, topk=2, sink_tokens=1, sinks=sinks, key_state=TB.KeySummaries(8))
+        assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_a_decode_step_summarises_only_the_blocks_its_keys_touch(monkeypatch):

@@ -897,13 +897,21 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, kpm: Tensor | None, 
     work = work_dtype(q.dtype)
     qg = q.reshape(B, Hkv, Rg, R2, Nq, D).transpose(3, 4).to(work)  # [B, Hkv, Rg, Nq, R2, D]
 
-    def gather(x: Tensor) -> Tensor:  # the rows of x at tok: [B, Hkv, Rg, Nq, L, d]
+    def gather(x: Tensor) -> Tensor:  # the rows of x at tok: [B * Hkv * Rg * Nq * L, d]
         table, at = _row_table(x)
         rows = (at.view(B, Hkv, 1, 1, 1) + tok * _row_step(x)).reshape(-1)
-        return table.index_select(0, rows).to(work).view(B, Hkv, Rg, Nq, L, -1)
+        return table.index_select(0, rows).to(work)
 
-    o, lse = tile_forward(qg, gather(k), gather(v), 0.0, False, attn_mask=valid.unsqueeze(-2), scale=scale)
-    o = o.transpose(3, 4).reshape(B, H, Nq, -1)
+    n = B * Hkv * Rg * Nq
+    qg, kg, vg, vis = qg.reshape(n, 1, R2, D), gather(k).view(n, 1, L, D), gather(v).view(n, 1, L, -1), valid
+    if vg.shape[-1] == D:  # the fused kernel (one head size); a row that sees nothing gets 0 and lse -inf
+        o, lse = kernels(q.device)[0](qg, kg, vg, 0.0, False, attn_mask=additive_mask(vis, work).view(n, 1, 1, L),
+                                      scale=scale)
+        alive = vis.any(-1).view(n, 1, 1)
+        o, lse = o.masked_fill(~alive[..., None], 0.0), lse.to(work).masked_fill(~alive, float("-inf"))
+    else:
+        o, lse = tile_forward(qg, kg, vg, 0.0, False, attn_mask=vis.view(n, 1, 1, L), scale=scale)
+    o = o.view(B, Hkv, Rg, Nq, R2, -1).transpose(3, 4).reshape(B, H, Nq, -1)
     if sinks is not None:
-        o, _ = add_sinks(o, lse.transpose(3, 4).reshape(B, H, Nq, 1), sinks)
+        o, _ = add_sinks(o, lse.view(B, Hkv, Rg, Nq, R2).transpose(3, 4).reshape(B, H, Nq, 1), sinks)
     return o.to(q.dtype)
