@@ -96,6 +96,9 @@ CASES = {
                                    pad=True, shared=False),
     "no_window": dict(N=41, H=2, Hkv=2, block=6, stride=6, topk=1, window=0, causal=True, pad=False,
                       shared=True),
+    # whole blocks, no padding: the selected branch runs its own blocks and its first block apart
+    "aligned_own_blocks_apart": dict(N=48, H=4, Hkv=2, block=8, stride=8, topk=2, window=3, causal=True, pad=False,
+                                     shared=False),
 }
 
 

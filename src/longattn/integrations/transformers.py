@@ -801,7 +801,8 @@ class KeyStateLayer(DynamicLayer):
         """Append the new keys/values (as :class:`DynamicLayer`) and mark the returned keys
         as this layer's, so the attention finds the states."""
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        _KEY_STATES[keys] = self.states
+        if not torch.compiler.is_compiling():  # a compiled model's attention recomputes (one custom op)
+            _KEY_STATES[keys] = self.states
         return keys, values
 
     def reset(self) -> None:

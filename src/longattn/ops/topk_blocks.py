@@ -521,11 +521,22 @@ def _own_rows(x: Tensor, B: int, Hkv: int, H: int, block: int) -> Tensor:
     return x.reshape(-1, *tail)
 
 
-def _own_keys(blocks: Tensor, tl: Tiles, B: int, Hkv: int, nqb: int) -> Tensor:
-    """Key blocks [B * Hkv * nb, block * d] -> the own blocks of the nqb query blocks,
-    [B * Hkv * nqb, 1, block, d] (a view when it can be)."""
-    x = blocks.view(B, Hkv, tl.nb, tl.block, -1)[:, :, tl.own_first : tl.own_first + nqb]
-    return x.reshape(B * Hkv * nqb, 1, tl.block, x.shape[-1])
+def _own_keys(blocks: Tensor, tl: Tiles, B: int, Hkv: int, c0: int, c1: int) -> Tensor:
+    """Key blocks [B * Hkv * nb, block * d] -> the own blocks of query blocks c0 .. c1 - 1,
+    [B * Hkv * (c1 - c0), 1, block, d] (a view when it can be)."""
+    x = blocks.view(B, Hkv, tl.nb, tl.block, -1)[:, :, tl.own_first + c0 : tl.own_first + c1]
+    return x.reshape(-1, 1, tl.block, x.shape[-1])
+
+
+def _own_chunks(tl: Tiles, B: int, H: int, Nq: int, D: int) -> Iterator[tuple[int, int, slice]]:
+    """(c0, c1, their query rows) for runs of whole query blocks of the own-block part,
+    each holding about a batch of tiles' elements (the backward gathers five [rows, D]
+    operands in its layout), so that the part's temporaries stay bounded."""
+    nqb = Nq // tl.block
+    C = max(1, (tl.elements or TILE_ELEMENTS) // (6 * B * H * tl.block * D))
+    for c0 in range(0, nqb, C):
+        c1 = min(nqb, c0 + C)
+        yield c0, c1, slice(c0 * tl.block, c1 * tl.block)
 
 
 def _own_mask(R: int, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -557,6 +568,15 @@ def _sink_operands(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles) -> tuple[Te
     Hkv = kblk.shape[0] // (B * tl.nb)
     ks, vs = (x.view(B, Hkv, 1, tl.nb * tl.block, D)[..., :S, :] for x in (kblk, vblk))
     return q.view(B, Hkv, H // Hkv, Nq, D), ks, vs
+
+
+def _sink_row_chunks(tl: Tiles, R: int) -> Iterator[slice]:
+    """Query-row ranges of the dense sink part (R = B * H * Nq rows in all), each with
+    about a batch of tiles' elements of scores, so that the part's temporaries (the
+    backward keeps several [rows, S] tensors) stay as bounded as the tiles'."""
+    Nq, S = tl.sink_vis.shape[-2:]
+    C = max(1, (tl.elements or TILE_ELEMENTS) // (2 * max(1, R // max(1, Nq)) * max(1, S)))
+    return (slice(r0, min(Nq, r0 + C)) for r0 in range(0, Nq, C))
 
 
 def _check_unpadded(tl: Tiles, kpm: Tensor | None) -> None:
@@ -595,16 +615,21 @@ def _attend_tiles(q: Tensor, kblk: Tensor, vblk: Tensor, tl: Tiles, Dv: int, *, 
     Tot = torch.zeros(R + 1, dtype=work, device=q.device)
     if tl.own_first >= 0:  # the own blocks first: every row's first part, so nothing to merge yet
         Hkv = kblk.shape[0] // (B * tl.nb)
-        ko, vo = (_own_keys(x, tl, B, Hkv, Nq // tl.block) for x in (kblk, vblk))
-        o, lse = fwd(_own_queries(q, B, Hkv, tl.block).to(work), ko, vo, 0.0, False,
-                     attn_mask=_own_mask(H // Hkv, tl.block, work, q.device), scale=scale)
-        O[:R] = _own_rows(o, B, Hkv, H, tl.block)
-        Mx[:R] = _own_rows(lse.unsqueeze(-1), B, Hkv, H, tl.block)[:, 0]
+        mask = _own_mask(H // Hkv, tl.block, work, q.device)
+        O4, M3 = O[:R].view(B, H, Nq, D), Mx[:R].view(B, H, Nq)
+        for c0, c1, r in _own_chunks(tl, B, H, Nq, D):
+            ko, vo = (_own_keys(x, tl, B, Hkv, c0, c1) for x in (kblk, vblk))
+            o, lse = fwd(_own_queries(q[:, :, r], B, Hkv, tl.block).to(work), ko, vo, 0.0, False, attn_mask=mask,
+                         scale=scale)
+            O4[:, :, r] = _own_rows(o, B, Hkv, H, tl.block).view(B, H, -1, D)
+            M3[:, :, r] = _own_rows(lse.unsqueeze(-1), B, Hkv, H, tl.block).view(B, H, -1)
         Tot[:R] = 1.0
     if tl.sink_vis is not None:  # one softmax over each row's sink keys (lse -inf where it sees none)
-        o, lse = tile_forward(*_sink_operands(q.to(work), kblk, vblk, tl), 0.0, False, attn_mask=tl.sink_vis,
-                              scale=scale)
-        _fold_pairs(O, Mx, Tot, torch.arange(R, device=q.device), o.reshape(-1, D), lse.reshape(-1))
+        qs, ks, vs = _sink_operands(q.to(work), kblk, vblk, tl)
+        at = torch.arange(R, device=q.device).view(qs.shape[:-1])
+        for sl in _sink_row_chunks(tl, R):
+            o, lse = tile_forward(qs[..., sl, :], ks, vs, 0.0, False, attn_mask=tl.sink_vis[..., sl, :], scale=scale)
+            _fold_pairs(O, Mx, Tot, at[..., sl].reshape(-1), o.reshape(-1, D), lse.reshape(-1))
     M = tl.qrow.shape[1]
     for sl, mask, alive in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb = tl.qrow[sl], tl.kb[sl]
@@ -651,23 +676,30 @@ def tiles_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     dq = torch.zeros(R, D, dtype=work, device=q.device)
     dkb, dvb = torch.zeros_like(kblk), torch.zeros_like(vblk)
     if tl.own_first >= 0:
-        nqb, R_ = Nq // tl.block, H // Hkv
-        rows = [_own_queries(x.view(B, H, Nq, -1), B, Hkv, tl.block) for x in (dof, of, lb[:, None])]
-        gq, gk, gv = bwd(rows[0], _own_queries(q, B, Hkv, tl.block).to(work), _own_keys(kblk, tl, B, Hkv, nqb),
-                         _own_keys(vblk, tl, B, Hkv, nqb), rows[1], rows[2][..., 0], 0.0, False,
-                         attn_mask=_own_mask(R_, tl.block, work, q.device), scale=scale)
-        dq += _own_rows(gq, B, Hkv, H, tl.block).to(work)
-        for acc, g in ((dkb, gk), (dvb, gv)):
-            acc.view(B, Hkv, tl.nb, -1)[:, :, tl.own_first : tl.own_first + nqb] += g.to(work).view(B, Hkv, nqb, -1)
+        mask = _own_mask(H // Hkv, tl.block, work, q.device)
+        dq4, do4, o4, l4 = dq.view(B, H, Nq, D), dof.view(B, H, Nq, D), of.view(B, H, Nq, D), lb.view(B, H, Nq, 1)
+        for c0, c1, r in _own_chunks(tl, B, H, Nq, D):
+
+            def own(x: Tensor) -> Tensor:  # rows r of x [B, H, Nq, d] in the own-block layout
+                return _own_queries(x[:, :, r], B, Hkv, tl.block)
+
+            gq, gk, gv = bwd(own(do4), own(q).to(work), _own_keys(kblk, tl, B, Hkv, c0, c1),
+                             _own_keys(vblk, tl, B, Hkv, c0, c1), own(o4), own(l4)[..., 0], 0.0, False,
+                             attn_mask=mask, scale=scale)
+            dq4[:, :, r] += _own_rows(gq, B, Hkv, H, tl.block).view(B, H, -1, D).to(work)
+            for acc, g in ((dkb, gk), (dvb, gv)):
+                acc.view(B, Hkv, tl.nb, -1)[:, :, tl.own_first + c0 : tl.own_first + c1] += g.to(work).view(
+                    B, Hkv, c1 - c0, -1)
     if tl.sink_vis is not None:
         qs, ks, vs = _sink_operands(q.to(work), kblk, vblk, tl)
-        shape = qs.shape
-        gq, gk, gv = tile_backward(dof.view(shape), qs, ks, vs, of.view(shape), lb.view(shape[:-1]), 0.0, False,
-                                   attn_mask=tl.sink_vis, scale=scale)
-        S = ks.shape[-2]
-        dq += gq.reshape(-1, D)
-        dkb.view(B, Hkv, -1, D)[:, :, :S] += gk.sum(2)
-        dvb.view(B, Hkv, -1, D)[:, :, :S] += gv.sum(2)
+        shape, S = qs.shape, ks.shape[-2]
+        do_, o_, l_, dq_ = dof.view(shape), of.view(shape), lb.view(shape[:-1]), dq.view(shape)
+        for sl in _sink_row_chunks(tl, R):
+            gq, gk, gv = tile_backward(do_[..., sl, :], qs[..., sl, :], ks, vs, o_[..., sl, :], l_[..., sl], 0.0,
+                                       False, attn_mask=tl.sink_vis[..., sl, :], scale=scale)
+            dq_[..., sl, :] += gq
+            dkb.view(B, Hkv, -1, D)[:, :, :S] += gk.sum(2)
+            dvb.view(B, Hkv, -1, D)[:, :, :S] += gv.sum(2)
     M = tl.qrow.shape[1]
     for sl, mask, _ in _tile_batches(tl, D, key_padding_mask, work):
         qrow, kb, live = tl.qrow[sl], tl.kb[sl], tl.live[sl]
