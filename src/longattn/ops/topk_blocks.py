@@ -35,10 +35,10 @@ How it runs, never building Nq x Nk:
    kernel ([256, D] queries against one [block, D] key block each, no mask for the
    *plain* tiles, whose rows see the whole block; a mask for sink and window keys). Under
    causality, with whole query blocks aligned to the key blocks and no key padding, the
-   own blocks run apart as one causal call (the R query heads' rows of a query block
-   against their own key block, one broadcast mask), and without a window the sink keys
-   of blocks a row does not count whole run as one dense [Nq, sink_tokens] part;
-   otherwise they are masked tiles.
+   own blocks run apart as causal flash calls (the R query heads' rows of a query block
+   against their own key block, one broadcast mask, a few query blocks per call), and
+   without a window the sink keys of blocks a row does not count whole run as one dense
+   [Nq, sink_tokens] part (in runs of rows); otherwise they are masked tiles.
    Each tile row's (output, log-sum-exp) is
    folded into its query row by a running log-sum-exp merge (:func:`tiles_fwd`); the
    backward (:func:`tiles_bwd`) runs the flash backward per batch, given each row's
@@ -366,7 +366,7 @@ class Tiles:
     causal: bool
     elements: int = 0  # work elements one batch of tiles may hold (0: TILE_ELEMENTS)
     n_plain: int = 0
-    own_first: int = -1  # >= 0: the own blocks are left out of the tiles and run as one causal call;
+    own_first: int = -1  # >= 0: the own blocks are left out of the tiles and run as causal calls;
     # query row r (a multiple of ``block`` rows from position own_first * block) owns block own_first + r // block
     sink_vis: Tensor | None = None  # [B, Hkv, Rg, Nq, S]: the sink keys run apart (dense), which each row sees there
 
