@@ -254,3 +254,22 @@ def test_key_state_cache_keeps_topk_block_summaries_and_generates_as_recomputati
         assert isinstance(state, TB.KeySummaries) and state.length == 37 + 10
     cache.crop(-3)
     assert not cache.key_states(0)
+
+
+def test_topk_blocks_with_key_state_cache_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of an HF Llama running topk_blocks over a
+    KeyStateCache (topk_blocks runs as one custom op; the cache keeps no state while
+    compiled): the prompt's logits and two decode steps equal eager."""
+    from longattn.integrations.transformers import KeyStateCache
+
+    model = _model("llama").double().eval()
+    model.set_attn_implementation(register("topk_blocks", block=8, topk=2, sink_tokens=1))
+    x = _tokens(B=1, N=37)
+    with torch.no_grad():
+        runs = []
+        for m in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+            torch._dynamo.reset()
+            cache = KeyStateCache(config=model.config)
+            runs.append([m(x, cache=cache).logits] + [m(x[:, i:i + 1], cache=cache).logits for i in (3, 9)])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)

@@ -768,7 +768,7 @@ def _kept_summaries(key_state: object, k: Tensor, kpm: Tensor | None, block: int
     ),
     family="select", exact=False, causal=True, cross=False, subquadratic=True,
     gqa=True, bottom_right=True, packed=True, **_LEARNED_SINKS,
-    key_state=lambda params: KeySummaries(params["block"], params["gate"]),
+    key_state=lambda params: KeySummaries(params["block"], params["gate"]), compile_recompute=True,
     paper="Lu et al. 2025, MoBA; Tang et al. 2024, Quest; Yuan et al. 2025, NSA (shared selection)",
     summary="own block + top-k gated earlier key blocks (+ sinks, window), one exact softmax",
 )
