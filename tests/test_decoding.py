@@ -320,7 +320,9 @@ def test_topk_blocks_steps_keep_block_summaries_and_equal_parallel(monkeypatch):
         assert seen and max(seen) <= 5
         torch.testing.assert_close(steps, m(x), rtol=1e-9, atol=1e-9)
     cache = init_cache(m)
-    prefill(m, torch.randint(0, 17, (1, 12)), cache)
+    prompt = torch.randint(0, 17, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(prefill(m, prompt, cache), m(prompt), rtol=1e-9, atol=1e-9)  # one call
     state = cache[0][0]
     assert state.key_state.length == state.t == 12 and state.k.shape[2] == 12
 

@@ -424,6 +424,11 @@ class PatternCache(DecodeState):
         extra = {} if self.key_state is None else {"key_state": self.key_state}
         return self.group(q, self.k, self.v, causal=True, key_padding_mask=None, **extra)
 
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: int = 0) -> Tensor:
+        """The whole prompt in one bottom-right causal call (its rows are those token by
+        token would give), not T steps."""
+        return self.step(q, k, v, pos)
+
     def nbytes(self) -> int:
         return 0 if self._k is None else self._k[:, :, : self.t].nbytes + self._v[:, :, : self.t].nbytes
 
