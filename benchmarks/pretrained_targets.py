@@ -96,7 +96,7 @@ def case_prefill(out: Path, model: Any, tok: Any, text: str, args: argparse.Name
         row = {"mechanism": spec}
         for allocator, env in (("default", {}), ("strict", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
             cmd = [sys.executable, __file__, "prefill-one", "--spec", spec, "--length", str(args.length),
-                   "--repeat", str(args.repeat if allocator == "default" else 1)]
+                   "--repeat", str(args.repeat if allocator == "default" else 1), "--padded", str(args.padded)]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=True)
             one = json.loads(res.stdout.strip().splitlines()[-1])
@@ -112,12 +112,18 @@ def case_prefill_one(out: Path, model: Any, tok: Any, text: str, args: argparse.
     from longattn.evaluation.loading import attn_implementation, parse_mechanism
 
     ids = tokenize(tok, text, args.length)[None]
+    batch: dict[str, torch.Tensor] = {"input_ids": ids}
+    if args.padded:  # a batch of two prompts, the second left-padded by --padded tokens
+        mask = torch.ones(2, args.length, dtype=torch.long)
+        mask[1, : args.padded] = 0
+        second = torch.cat([torch.zeros(args.padded, dtype=ids.dtype), ids[0, : args.length - args.padded]])
+        batch = {"input_ids": torch.stack([ids[0], second]), "attention_mask": mask}
     model.set_attn_implementation(attn_implementation(parse_mechanism(args.spec)))
     times, peak = [], None
     with torch.inference_mode():
         model(input_ids=ids[:, :64], use_cache=False, logits_to_keep=1)  # warm-up
         for i in range(args.repeat):
-            _, secs, mib = measure(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+            _, secs, mib = measure(lambda: model(**batch, use_cache=True, logits_to_keep=1))
             times.append(secs)
             peak = mib if i == 0 else peak
     print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "peak_mib": peak}))
@@ -203,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tag", default="", help="suffix of the report directory (runs of one case)")
     p.add_argument("--repeat", type=int, default=3, help="prefill: timed calls per mechanism (median)")
     p.add_argument("--length", type=int, default=8192, help="prefill: tokens")
+    p.add_argument("--padded", type=int, default=0,
+                   help="prefill: a batch of two prompts, the second left-padded by this many tokens (0: one prompt)")
     p.add_argument("--spec", default="sdpa", help="prefill-one: the mechanism spec")
     p.add_argument("--prompt", type=int, default=512, help="generate/recompute: prompt tokens")
     p.add_argument("--window", type=int, default=511, help="generate/recompute: recent keys kept")

@@ -328,7 +328,7 @@ def nsa_attention(
                _block_valid(key_padding_mask, block, stride, nc), _block_valid(key_padding_mask, block, block, nb))
     o_cmp, blocks = _Compressed.apply(q.contiguous(), kc.contiguous(), vc.contiguous(), sel)
     tiles = make_tiles(blocks, H=d.H, Nq=d.Nq, Nk=d.Nk, block=block, sink_tokens=block, window=0, causal=causal,
-                       elements=SELECT_ELEMENTS, own_apart=key_padding_mask is None)
+                       elements=SELECT_ELEMENTS, own_apart=key_padding_mask is None, key_padding_mask=key_padding_mask)
     o_slc = TopkBlocksFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), None, tiles, s, key_padding_mask)
     g = torch.sigmoid(torch.einsum("bhnd,hdg->bhng", q, w["gate_w"].to(q.dtype))
                       + w["gate_b"].to(q.dtype)[None, :, None, :])

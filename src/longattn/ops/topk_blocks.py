@@ -369,6 +369,7 @@ class Tiles:
     own_first: int = -1  # >= 0: the own blocks are left out of the tiles and run as causal calls;
     # query row r (a multiple of ``block`` rows from position own_first * block) owns block own_first + r // block
     sink_vis: Tensor | None = None  # [B, Hkv, Rg, Nq, S]: the sink keys run apart (dense), which each row sees there
+    padding_checked: bool = False  # the plain tiles hold no padded key (make_tiles had the key padding)
 
 
 def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int,
@@ -397,7 +398,7 @@ def _pairs(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: in
 
 def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
                causal: bool, rows_per_tile: int = 256, elements: int = 0, offset: int | None = None,
-               own_apart: bool = False) -> Tiles:
+               own_apart: bool = False, key_padding_mask: Tensor | None = None) -> Tiles:
     """The pairs of :func:`_pairs` sorted by (needs a mask, key block), each run of one key
     block cut into tiles of ``rows_per_tile`` rows (fewer, a multiple of 8, when no key
     block has that many: decode steps) (no Python loop). O(P log P) for P
@@ -408,7 +409,10 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
     ``own_apart`` (the caller knows no key is padded): under causality, with whole query
     blocks aligned to the key blocks, leave the own blocks out of the tiles, to run as one
     causal call (:func:`_own_queries`); without a window, leave out the sink keys of the
-    blocks a row does not count whole, to run as one dense part (:func:`_sink_operands`)."""
+    blocks a row does not count whole, to run as one dense part (:func:`_sink_operands`).
+    ``key_padding_mask`` (the padding the tiles will run with): a pair over a key block
+    that holds a padded key needs a mask, the others stay plain (else, with padding,
+    every tile takes a mask)."""
     B, Hkv = sel.shape[:2]
     nb, dev = -(-Nk // block), sel.device
     nkb = B * Hkv * nb
@@ -419,6 +423,9 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
                                   offset=offset, own=not apart, sinks=not sinks_apart)
     end = (kb % nb + 1) * block  # one past the block's last key
     plain = whole & (end <= Nk) & ((end <= pos + 1) if causal else True)
+    if key_padding_mask is not None:  # only blocks of real keys stay plain
+        real = F.pad(key_padding_mask, (0, nb * block - Nk), value=True).view(B, 1, nb, block).all(-1)
+        plain = plain & real.expand(B, Hkv, nb).reshape(-1)[kb]
     seg, order = torch.sort(kb + nkb * (~plain).long(), stable=True)
     counts = torch.bincount(seg, minlength=2 * nkb)
     rows_per_tile = max(1, min(rows_per_tile, -(-int(counts.max()) // 8) * 8)) if seg.numel() else 1
@@ -435,7 +442,7 @@ def make_tiles(sel: Tensor, *, H: int, Nq: int, Nk: int, block: int, sink_tokens
                  pos=grid(pos[order], 0), whole=grid(whole[order], False), kb=tile_kb,
                  batch=tile_kb // (Hkv * nb), nb=nb, block=block, Nk=Nk, sink_tokens=sink_tokens,
                  window=window, causal=causal, elements=elements, n_plain=int(per[:nkb].sum()),
-                 own_first=offset // block if apart else -1,
+                 own_first=offset // block if apart else -1, padding_checked=key_padding_mask is not None,
                  sink_vis=_sink_visibility(sel, Nk, block, sink_tokens, offset, causal) if sinks_apart else None)
 
 
@@ -477,7 +484,7 @@ def _tile_batches(tl: Tiles, D: int, kpm: Tensor | None, work: torch.dtype,
     batch: the plain tiles without a mask (unless keys are padded), then the others."""
     n, M = tl.qrow.shape
     C = max(1, (tl.elements or TILE_ELEMENTS) // (M * (6 * D + 2 * tl.block) + 4 * tl.block * D))  # backward: 6 [M, D]
-    n_plain = 0 if kpm is not None else tl.n_plain
+    n_plain = 0 if kpm is not None and not tl.padding_checked else tl.n_plain
     for a, b, masked in ((0, n_plain, False), (n_plain, n, True)):
         for c in range(a, b, C):
             sl = slice(c, min(b, c + C))
@@ -801,7 +808,7 @@ def topk_blocks_attention(
     sel = select_blocks(q, k, block=block, topk=topk, gate=gate, shared=shared or d.H == d.Hkv, causal=causal,
                         key_padding_mask=key_padding_mask, summaries=summ)
     tiles = make_tiles(sel, H=d.H, Nq=d.Nq, Nk=d.Nk, block=block, sink_tokens=sink_tokens, window=window,
-                       causal=causal, own_apart=key_padding_mask is None)
+                       causal=causal, own_apart=key_padding_mask is None, key_padding_mask=key_padding_mask)
     return TopkBlocksFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sink, tiles, s, key_padding_mask)
 
 
@@ -842,7 +849,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, sinks: Tensor | 
         sel = select_blocks(qs[:, :, r0:r1], k, block=block, topk=topk, gate=gate, shared=shared or H == Hkv,
                             causal=causal, key_padding_mask=kpm, offset=offset, summaries=summ)
         tiles = make_tiles(sel, H=H, Nq=r1 - r0, Nk=Nk, block=block, sink_tokens=sink_tokens, window=window,
-                           causal=causal, offset=offset, own_apart=kpm is None)
+                           causal=causal, offset=offset, own_apart=kpm is None, key_padding_mask=kpm)
         out[:, :, r0:r1] = _attend_tiles(qr, kblk, vblk, tiles, Dv, scale=scale, sinks=sinks,
                                          key_padding_mask=kpm)[0]
     return out
