@@ -11,7 +11,9 @@ writes the eval report (``eval.md``, ``eval.json``, plots) under ``--out/CASE``:
   (block 32, topk 4, 4 sinks: <= 164 keys) against ``local`` with the same budget.
 - ``prefill``: whole-model prefill at 8192 tokens (``--length``), ``topk_blocks`` against
   sdpa, each in its own process: time (median of ``--repeat``) under the default
-  allocator, peak memory of the live tensors under the strict one.
+  allocator, peak memory of the live tensors under the strict one. ``--padded P``: a
+  batch of two prompts, the second left-padded by P tokens (HF's sdpa then gets a
+  [2, 1, N, N] mask; longattn gets the 2-D padding mask).
 - ``extrapolate``: ``local`` (512 keys) + 4 sinks at 4096 and 16384 (twice the
   model's 8192 trained positions) next to sdpa.
 - ``generate``: greedy generation with :class:`SinkWindowCache` (4 sinks, 511 recent
