@@ -395,7 +395,7 @@ class PatternCache(DecodeState):
         self._v: Tensor | None = None
         self.t = 0
         make = group.spec.key_state
-        self.key_state = None if make is None else make({**group.spec.defaults(), **group.params})
+        self.key_state = None if make is None else make(self.params)
 
     @property
     def k(self) -> Tensor | None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from longattn.evaluation.timing import cache_argument
+from longattn.evaluation.timing import cache_kwargs
 
 
 @dataclass
@@ -46,8 +46,7 @@ def score_window(model: Any, ids: Tensor, start: int | None = None, *, use_cache
     start = n // 2 if start is None else start
     if not 1 <= start < n:
         raise ValueError(f"start must be in [1, {n - 1}] for a window of {n} tokens, got {start}")
-    given = {} if cache is None else {cache_argument(model): cache}
-    out = model(input_ids=ids, use_cache=use_cache, logits_to_keep=n - start + 1, **given)
+    out = model(input_ids=ids, use_cache=use_cache, logits_to_keep=n - start + 1, **cache_kwargs(model, cache))
     logits = out.logits[0, :-1]  # predictions for positions start .. n-1, in fp32 at least
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logits.shape[0] != n - start:

@@ -23,7 +23,7 @@ from longattn.bench.harness import machine_info
 import longattn.evaluation.loading as loading
 from longattn.evaluation.passkey import build_prompt, make_key, retrieved
 from longattn.evaluation.perplexity import perplexity, score_window, windows
-from longattn.evaluation.timing import cache_argument, cache_mib, cache_of, greedy_decode, measure
+from longattn.evaluation.timing import cache_kwargs, cache_mib, cache_of, greedy_decode, measure
 
 SCHEMA = "longattn.eval"
 
@@ -101,9 +101,7 @@ def _passkey_case(model: Any, tokenizer: Any, length: int, depth: float, cfg: Ev
                   spec: loading.MechanismSpec) -> dict[str, Any]:
     prompt = build_prompt(loading.encoder(tokenizer), length, depth, make_key(length, depth, cfg.seed))
     ids = torch.tensor([prompt.ids], device=cfg.device)
-    cache = loading.new_cache(model, spec)
-    given = {} if cache is None else {cache_argument(model): cache}
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **given)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, loading.new_cache(model, spec)))
     new, _ = greedy_decode(model, cache_of(out), out.logits[0, -1], cfg.passkey_tokens, cfg.device)
     text = tokenizer.decode(new)
     return {"length": length, "depth": depth, "key": prompt.key, "generated": text,

@@ -97,6 +97,11 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``cache`` as the keyword ``model.forward`` takes it ({} for None: the model's own)."""
+    return {} if cache is None else {cache_argument(model): cache}
+
+
 def greedy_decode(model: Any, cache: Any, next_logits: Tensor, steps: int,
                   device: torch.device | str = "cpu") -> tuple[list[int], float]:
     """Greedy-decode ``steps`` tokens over ``cache`` (the prefill's :func:`cache_of`),

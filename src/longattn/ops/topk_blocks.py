@@ -855,31 +855,20 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, sinks: Tensor | 
     return out
 
 
-def _row_step(x: Tensor) -> int:
-    """The table-row distance between consecutive positions of x [B, Hkv, N, d] in
-    :func:`_row_table` (1 when the table is a copy)."""
-    d = x.shape[-1]
-    return x.stride(2) // d if _rows_in_place(x) else 1
-
-
-def _rows_in_place(x: Tensor) -> bool:
-    d = x.shape[-1]
-    return x.stride(3) == 1 and all(x.stride(i) % d == 0 or x.shape[i] == 1 for i in range(3))
-
-
-def _row_table(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [B, Hkv, N, d] as a table of rows [M, d] and the table row of each head's
-    position 0 [B, Hkv] (position t of head (b, g) is row at[b, g] + t * :func:`_row_step`).
-    In place (a strided view of x's storage, no copy) when every stride is a multiple of
-    d, as in a KV cache; else a copy."""
+def _row_table(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """x [B, Hkv, N, d] as a table of rows [M, d], the table row of each head's position 0
+    [B, Hkv], and the row distance between positions: position t of head (b, g) is row
+    at[b, g] + t * step. In place (a strided view of x's storage, no copy) when every
+    stride is a multiple of d, as in a KV cache; else a copy (step 1)."""
     B, Hkv, N, d = x.shape
     dev = x.device
-    if not _rows_in_place(x):
-        return x.reshape(-1, d), (torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(Hkv, device=dev)) * N
+    if x.stride(3) != 1 or any(x.stride(i) % d and x.shape[i] > 1 for i in range(3)):
+        at = (torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(Hkv, device=dev)) * N
+        return x.reshape(-1, d), at, 1
     s0, s1, s2 = (x.stride(i) // d if x.shape[i] > 1 else 0 for i in range(3))
     rows = (B - 1) * s0 + (Hkv - 1) * s1 + (N - 1) * s2 + 1
     at = torch.arange(B, device=dev)[:, None] * s0 + torch.arange(Hkv, device=dev) * s1
-    return x.as_strided((rows, d), (d, 1)), at
+    return x.as_strided((rows, d), (d, 1)), at, s2
 
 
 def _causal_row_keys(sel: Tensor, *, Nq: int, Nk: int, block: int, sink_tokens: int, window: int,
@@ -937,8 +926,8 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, kpm: Tensor | None, 
     qg = q.reshape(B, Hkv, Rg, R2, Nq, D).transpose(3, 4).to(work)  # [B, Hkv, Rg, Nq, R2, D]
 
     def gather(x: Tensor) -> Tensor:  # the rows of x at tok: [B * Hkv * Rg * Nq * L, d]
-        table, at = _row_table(x)
-        rows = (at.view(B, Hkv, 1, 1, 1) + tok * _row_step(x)).reshape(-1)
+        table, at, step = _row_table(x)
+        rows = (at.view(B, Hkv, 1, 1, 1) + tok * step).reshape(-1)
         return table.index_select(0, rows).to(work)
 
     n = B * Hkv * Rg * Nq
