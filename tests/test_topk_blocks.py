@@ -10,6 +10,7 @@ import torch
 
 import longattn
 from longattn import registry
+from longattn.ops import block_tiles as BT
 from longattn.ops import given_keys as GK
 from longattn.ops import topk_blocks as TB
 from longattn.testing import assert_no_causal_leak, assert_padding_no_leak, peak_memory_mb
@@ -111,7 +112,7 @@ CASES = {  # name: (H, Hkv, params, causal, padded); value heads of 5 (D = 6), 8
 def test_outputs_and_gradients_equal_the_dense_oracle(case, monkeypatch):
     monkeypatch.setattr(GK, "CSR_EDGES", 300)  # several attention chunks
     monkeypatch.setattr(TB, "GATE_ELEMENTS", 1000)  # several gate chunks
-    monkeypatch.setattr(TB, "TILE_ELEMENTS", 1)  # one tile per flash call: every row merged across calls
+    monkeypatch.setattr(BT, "TILE_ELEMENTS", 1)  # one tile per flash call: every row merged across calls
     H, Hkv, params, causal, padded = CASES[case]
     N = 47  # no multiple of any block
     q, k, v = _qkv(2, H, Hkv, N, Dv=8 if case == "mean" else 5)
@@ -126,7 +127,7 @@ def test_inference_in_row_runs_equals_the_dense_oracle(case, monkeypatch):
     # without autograd the rows run in runs of one block each (CALL_PAIRS = 1), over one
     # copy of the key blocks; learned sinks included
     monkeypatch.setattr(TB, "CALL_PAIRS", 1)
-    monkeypatch.setattr(TB, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(BT, "TILE_ELEMENTS", 1)
     H, Hkv, params, causal, padded = CASES[case]
     N = 47
     q, k, v = _qkv(2, H, Hkv, N, Dv=8 if case == "mean" else 5, seed=3)
@@ -143,7 +144,7 @@ def test_inference_in_row_runs_equals_the_dense_oracle(case, monkeypatch):
 def test_own_blocks_apart_equal_the_dense_oracle(Nq, params, monkeypatch):
     # whole query blocks aligned to the key blocks (48 keys, blocks of 6; the last 12 rows
     # bottom-right): the own blocks run as one causal call beside the tiles
-    monkeypatch.setattr(TB, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(BT, "TILE_ELEMENTS", 1)
     q, k, v = _qkv(2, 4, 2, 48, Nq=Nq, Dv=5, seed=7)
     sel = TB.select_blocks(q, k, gate="mean", causal=True, key_padding_mask=None,
                            **{n: params.get(n, False) for n in ("block", "topk", "shared")})

@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longattn.ops._checks import check_bool, check_int, check_qkv, default_scale
+from longattn.ops.block_tiles import TopkBlocksFunction, make_tiles
 from longattn.ops.sparse import local_attention
-from longattn.ops.topk_blocks import TopkBlocksFunction, make_tiles, top_blocks
+from longattn.ops.topk_blocks import top_blocks
 from longattn.registry import Param, register
 
 #: compressed scores (and probabilities) one chunk of queries may hold (elements)
 SCORE_ELEMENTS = 1 << 21
-#: work of one batch of selected-block tiles (half of topk_blocks' TILE_ELEMENTS: nsa keeps its
+#: work of one batch of selected-block tiles (half of block_tiles' TILE_ELEMENTS: nsa keeps its
 #: compressed and window branches alive meanwhile; at N=16384, H=8, D=64 the peak of forward +
 #: backward goes from 516 to 506 MiB)
 SELECT_ELEMENTS = 1 << 21
