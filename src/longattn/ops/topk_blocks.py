@@ -29,20 +29,11 @@ How it runs, never building Nq x Nk:
 1. Selection (:func:`select_blocks`): block summaries (mean, or max/min), gate scores
    [chunk, Nk / block] per head for chunks of queries, :func:`top_blocks` ->
    [Nq, topk] block numbers per head (or per kv-head group).
-2. Attention, key-block-major (MoBA's layout; :mod:`longattn.ops.block_tiles`, shared
-   with ``nsa``'s selected branch): every (query row, key block) pair is sorted by
-   (needs a mask, key block), and each key block's rows are cut into tiles of 256 rows;
-   a batch of tiles is one call of PyTorch's fused CPU flash kernel ([256, D] queries
-   against one [block, D] key block each, no mask for the *plain* tiles, whose rows see the whole block; a mask for sink and window keys). Under
-   causality, with whole query blocks aligned to the key blocks and no key padding, the
-   own blocks run apart as causal flash calls (the R query heads' rows of a query block
-   against their own key block, one broadcast mask, a few query blocks per call), and
-   without a window the sink keys of blocks a row does not count whole run as one dense
-   [Nq, sink_tokens] part (in runs of rows); otherwise they are masked tiles.
-   Each tile row's (output, log-sum-exp) is
-   folded into its query row by a running log-sum-exp merge (:func:`tiles_fwd`); the
-   backward (:func:`tiles_bwd`) runs the flash backward per batch, given each row's
-   merged output and log-sum-exp, and scatters dQ into rows and dK, dV into key blocks.
+2. Attention, key-block-major (MoBA's layout), on the tile engine of
+   :mod:`longattn.ops.block_tiles` (shared with ``nsa``'s selected branch): the (query
+   row, key block) pairs sorted by key block and cut into tiles for PyTorch's fused CPU
+   flash kernel, most without a mask; the own blocks and the sink keys apart where
+   causality, alignment and no padding allow; the tile rows merged by log-sum-exp.
    Without autograd (:func:`_infer`) the rows run in runs of about :data:`CALL_PAIRS`
    pairs over one copy of the key blocks, which bounds the temporaries. Time
    O(Nq * (topk + 1) * block * D) per head, memory O(Nq * topk) indices plus one bounded
